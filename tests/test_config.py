@@ -1,0 +1,45 @@
+"""Config: YAML instances validate, overrides apply, bad input names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from annotator.config import ConfigError, load_config
+from tests.support import REPO, run_pipeline
+
+
+def test_demo_and_production_configs_validate():
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.generation.model == "builtin:smollm2-135m-instruct"
+    assert demo.generation.num_gpus == 0
+    prod = load_config(REPO / "configs" / "production-gpu.yaml")
+    assert prod.generation.num_gpus >= 1
+    assert prod.input.paths[0].startswith("hf://datasets/")
+
+
+def test_override_sets_one_field_with_yaml_typing():
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=["generation.temperature=0.2", "input.limit=7"])
+    assert cfg.generation.temperature == 0.2
+    assert cfg.input.limit == 7
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError, match=r"generation\.temprature: unknown field"):
+        load_config(REPO / "configs" / "demo.yaml", overrides=["generation.temprature=0.2"])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"selection\.bad_threshold: .*less than or equal to 5.*\(got 9\)"):
+        load_config(REPO / "configs" / "demo.yaml", overrides=["selection.bad_threshold=9"])
+
+
+def test_output_inside_input_refused():
+    with pytest.raises(ConfigError, match="output.path"):
+        load_config(base={"input": {"paths": ["/data/x"]}, "output": {"path": "/data/x"}})
+
+
+def test_cli_reports_bad_field_and_exits_2():
+    proc = run_pipeline("--config", "configs/demo.yaml", "--set", "selection.mode=everything", timeout=120)
+    assert proc.returncode == 2
+    assert "selection.mode" in proc.stderr
+    assert "token_matched" in proc.stderr  # the allowed values are listed
