@@ -78,7 +78,7 @@ def reflection_schema(*, max_chars: int) -> dict:
             "analysis": text,
             "reflection_1p": text,
             "reflection_3p": text,
-            "citations": {"type": "array", "items": {"type": "string", "enum": ids}, "maxItems": 4},
+            "citations": {"type": "array", "items": {"type": "string", "enum": ids}, "minItems": 1, "maxItems": 3},
         },
         "required": ["analysis", "reflection_1p", "reflection_3p", "citations"],
         "additionalProperties": False,
