@@ -40,14 +40,24 @@ class InputConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    backend: Literal["fasttext"] = Field("fasttext", description="Safety scorer implementation.")
-    model_path: str = Field(
-        "classifiers/models/safety-fasttext-v1.ftz", description="Path of the fastText safety model (relative to the repo root or absolute)."
+    backend: Literal["fasttext", "transformers"] = Field(
+        "fasttext", description="Safety scorer: a fastText model file, or any 6-label transformers sequence classifier."
+    )
+    model: str = Field(
+        "classifiers/models/safety-fasttext-v1.ftz",
+        description="fastText: model file. transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
     version: str = Field("safety-fasttext-v1", description="Version string recorded in `safety_model` for every document.")
-    batch_size: int = Field(1024, ge=1, description="Documents per scoring batch.")
+    batch_size: int = Field(1024, ge=1, description="Documents per scoring batch handed to one actor.")
     concurrency: int = Field(1, ge=1, description="Scoring actors (one model load each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per scoring actor (transformers backend).")
+    max_length: int = Field(2048, ge=8, description="transformers: inputs are cut at this many tokens (and at the model's limit).")
+    micro_batch_size: int = Field(32, ge=1, description="transformers: texts per forward pass, sorted by length.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers on GPU: weights dtype (auto = bfloat16); CPU always runs float32."
+    )
+    trust_remote_code: bool = Field(False, description="transformers: allow model code from the Hub. Off unless set here.")
 
 
 class SelectionConfig(_Section):
@@ -59,6 +69,9 @@ class SelectionConfig(_Section):
         ),
     )
     bad_threshold: int = Field(3, ge=0, le=5, description="A document with safety_score >= this counts as bad.")
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="A bad score whose safety_confidence is below this does not count as bad."
+    )
     matched_token_ratio: float = Field(
         1.0, gt=0, description="token_matched: tokens of sampled non-bad documents per token of bad documents."
     )

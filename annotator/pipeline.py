@@ -17,7 +17,7 @@ from annotator import __version__
 from annotator.config import RunConfig
 from annotator.generation import NoReflections, ReflectionGenerator
 from annotator.reader import NormalizeColumns, read_corpus
-from annotator.safety import FastTextSafetyScorer
+from annotator.safety import build_scorer
 from annotator.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.stages import Resources, Stage, apply_stages, check_chain
 from annotator.tokens import TokenCounter
@@ -43,11 +43,13 @@ def prepare_output(path: Path, *, overwrite: bool) -> None:
 
 
 def scoring_stages(cfg: RunConfig) -> list[Stage]:
-    res = Resources(num_cpus=cfg.classifier.num_cpus, concurrency=cfg.classifier.concurrency, batch_size=cfg.classifier.batch_size)
+    c = cfg.classifier
+    cpu = Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size)
+    scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
         NormalizeColumns(cfg.input),
-        TokenCounter(tokenizer=cfg.generation.tokenizer or cfg.generation.model, resources=res),
-        FastTextSafetyScorer(model_path=cfg.classifier.model_path, version=cfg.classifier.version, resources=res),
+        TokenCounter(tokenizer=cfg.generation.tokenizer or cfg.generation.model, resources=cpu),
+        build_scorer(c, resources=scorer),
     ]
 
 

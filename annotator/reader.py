@@ -44,11 +44,36 @@ def content_id(text: str) -> str:
     return "sha1-" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def decode_text_column(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None]]:
+    """A string column and a note per row: null text becomes "" (noted), bytes that are not
+    UTF-8 are decoded with U+FFFD replacements (noted)."""
+    notes: list[str | None] = []
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        texts = []
+        for raw in column.to_pylist():
+            if raw is None:
+                texts.append("")
+                notes.append("null_text")
+                continue
+            try:
+                texts.append(raw.decode("utf-8"))
+                notes.append(None)
+            except UnicodeDecodeError:
+                texts.append(raw.decode("utf-8", errors="replace"))
+                notes.append("invalid_utf8_replaced")
+        return pa.array(texts, pa.string()), notes
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise InputError(f"input.text_column has type {column.type}, expected string (or binary holding UTF-8)")
+    notes = ["null_text" if v is None else None for v in column.to_pylist()] if column.null_count else [None] * len(column)
+    return pc.fill_null(column.cast(pa.string()), "").combine_chunks(), notes
+
+
 class NormalizeColumns(Stage):
-    """Renames the configured text/id columns to `text`/`doc_id` and derives missing ids."""
+    """Renames the configured text/id columns to `text`/`doc_id`, derives missing ids, and
+    records input problems that were repaired in `input_note`."""
 
     name = "normalize"
-    adds = ("doc_id", "text")
+    adds = ("doc_id", "text", "input_note")
 
     def __init__(self, cfg: InputConfig):
         self.text_column = cfg.text_column
@@ -57,16 +82,15 @@ class NormalizeColumns(Stage):
         self.resources = Resources(num_cpus=0.5, batch_size=4096)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        text = batch.column(self.text_column)
-        if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-            raise InputError(f"input.text_column {self.text_column!r} has type {text.type}, expected string")
-        text = pc.fill_null(text.cast(pa.string()), "")
+        text, notes = decode_text_column(batch.column(self.text_column))
         if self.id_column and self.id_column in batch.column_names:
             ids = pc.cast(batch.column(self.id_column), pa.string())
         else:
             ids = pa.array([content_id(t) for t in text.to_pylist()], pa.string())
-        rest = [c for c in batch.column_names if c not in (self.text_column, self.id_column, "doc_id", "text")]
-        return pa.table([ids, text] + [batch.column(c) for c in rest], names=["doc_id", "text"] + rest)
+        rest = [c for c in batch.column_names if c not in (self.text_column, self.id_column, *self.adds)]
+        return pa.table(
+            [ids, text, pa.array(notes, pa.string())] + [batch.column(c) for c in rest], names=[*self.adds, *rest]
+        )
 
 
 def read_corpus(cfg: InputConfig):
@@ -75,9 +99,12 @@ def read_corpus(cfg: InputConfig):
 
     files = expand_paths(cfg.paths)
     ds = ray.data.read_parquet(files)
-    schema_names = ds.schema().names
-    if cfg.text_column not in schema_names:
-        raise InputError(f"input.text_column {cfg.text_column!r} is not a column of the input; columns: {schema_names}")
+    schema = ds.schema()
+    if cfg.text_column not in schema.names:
+        raise InputError(f"input.text_column {cfg.text_column!r} is not a column of the input; columns: {schema.names}")
+    text_type = schema.types[schema.names.index(cfg.text_column)]
+    if not any(check(text_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
+        raise InputError(f"input.text_column {cfg.text_column!r} has type {text_type}, expected string (or binary holding UTF-8)")
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds

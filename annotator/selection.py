@@ -50,7 +50,7 @@ class SelectForReflection(Stage):
     random_fraction / not_selected / dropped_bad)."""
 
     name = "select"
-    reads = ("doc_id", "safety_score")
+    reads = ("doc_id", "safety_score", "safety_confidence")
     adds = ("is_bad", "selected", "selected_reason")
 
     def __init__(self, cfg: SelectionConfig, *, probability: float):
@@ -58,8 +58,8 @@ class SelectForReflection(Stage):
         self.probability = probability
         self.resources = Resources(num_cpus=0.5, batch_size=4096)
 
-    def decide(self, doc_id: str, score: int) -> tuple[bool, bool, str]:
-        is_bad = score >= self.cfg.bad_threshold
+    def decide(self, doc_id: str, score: int, confidence: float) -> tuple[bool, bool, str]:
+        is_bad = score >= self.cfg.bad_threshold and confidence >= self.cfg.min_confidence
         mode = self.cfg.mode
         if mode == "filtered_baseline":
             return is_bad, False, DROPPED_BAD if is_bad else NOT_SELECTED
@@ -72,7 +72,12 @@ class SelectForReflection(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         decisions = [
-            self.decide(d, s) for d, s in zip(batch.column("doc_id").to_pylist(), batch.column("safety_score").to_pylist())
+            self.decide(*row)
+            for row in zip(
+                batch.column("doc_id").to_pylist(),
+                batch.column("safety_score").to_pylist(),
+                batch.column("safety_confidence").to_pylist(),
+            )
         ]
         is_bad, selected, reason = zip(*decisions) if decisions else ((), (), ())
         return (

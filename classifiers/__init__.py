@@ -1,0 +1,1 @@
+"""Safety classifier tooling: training, evaluation and distillation commands, and model files."""

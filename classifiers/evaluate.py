@@ -1,0 +1,64 @@
+"""Evaluate a safety scorer on labelled Parquet (`text` plus `label` or `harmful`, 1 = harmful).
+
+    python classifiers/evaluate.py --data ../shared/data/safety/dev.parquet \
+        [--backend fasttext --model classifiers/models/safety-fasttext-v1.ftz] [--threshold 3]
+
+Prints precision/recall/F1 of bad (score >= threshold) vs harmful, AUROC, and the score histogram.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from annotator.config import ClassifierConfig  # noqa: E402
+from annotator.safety import build_scorer  # noqa: E402
+from annotator.safety_eval import label_metrics, score_texts  # noqa: E402
+from annotator.stages import Resources  # noqa: E402
+
+LABEL_COLUMNS = ("label", "harmful")
+
+
+def read_labelled(path: str) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(path)
+    label_col = next((c for c in LABEL_COLUMNS if c in table.column_names), None)
+    if "text" not in table.column_names or label_col is None:
+        raise SystemExit(f"error: {path} needs a `text` column and one of {LABEL_COLUMNS}; it has {table.column_names}")
+    labels = np.array(table.column(label_col).to_pylist(), dtype=float)
+    if np.isnan(labels).any() or not set(np.unique(labels)) <= {0.0, 1.0}:
+        raise SystemExit(f"error: {path}: column {label_col!r} must hold 0/1 (or true/false) with no nulls")
+    return table.column("text").to_pylist(), labels.astype(int)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--backend", default="fasttext", choices=["fasttext", "transformers"])
+    ap.add_argument("--model", default=ClassifierConfig.model_fields["model"].default)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--threshold", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    texts, labels = read_labelled(args.data)
+    cfg = ClassifierConfig(backend=args.backend, model=args.model, version=Path(args.model).name, max_length=args.max_length)
+    scorer = build_scorer(cfg, resources=Resources())
+    scorer.setup()
+    scores, probs = score_texts(scorer, texts)
+    metrics = label_metrics(scores, probs, labels, threshold=args.threshold)
+    print(f"model {args.model} on {args.data} ({metrics['n']} rows), bad = score >= {args.threshold}")
+    print(f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
+          f"accuracy {metrics['accuracy']:.4f}  AUROC {metrics['auroc']:.4f}")
+    print("score histogram: " + "  ".join(f"{s}: {n}" for s, n in metrics["score_histogram"].items()))
+    print(json.dumps(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
