@@ -60,9 +60,12 @@ def test_parse_reply_drops_unknown_citations_and_rejects_empty():
     assert parse_reply('{"analysis": "trunc', tokenizer=tok, max_tokens=128) == (None, "unparseable_json")
 
 
-def _select(cfg: SelectionConfig, totals: TokenTotals, ids, scores):
+def _select(cfg: SelectionConfig, totals: TokenTotals, ids, scores, confidence=None):
     stage = SelectForReflection(cfg, probability=sample_probability(cfg, totals))
-    out = stage.process(pa.table({"doc_id": ids, "safety_score": pa.array(scores, pa.int8())}))
+    confidence = np.ones(len(ids)) if confidence is None else confidence
+    out = stage.process(pa.table({
+        "doc_id": ids, "safety_score": pa.array(scores, pa.int8()), "safety_confidence": pa.array(confidence, pa.float32()),
+    }))
     return out.to_pydict()
 
 
@@ -97,3 +100,11 @@ def test_random_fraction_and_filtered_baseline():
     base = _select(SelectionConfig(mode="filtered_baseline"), totals, ids, scores)
     assert not any(base["selected"])
     assert base["selected_reason"].count("dropped_bad") == 2000
+
+
+def test_min_confidence_turns_unsure_bad_scores_into_not_bad():
+    ids = ["a", "b", "c"]
+    totals = TokenTotals(documents={}, tokens={})
+    out = _select(SelectionConfig(mode="random_fraction", fraction=0.0, min_confidence=0.6), totals, ids, [4, 4, 0],
+                  confidence=[0.9, 0.4, 0.9])
+    assert out["is_bad"] == [True, False, False]
