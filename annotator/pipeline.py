@@ -128,6 +128,13 @@ def run(cfg: RunConfig, *, log=print) -> dict:
         ),
         **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
     }
+    gen = stats["generation_tokens"]
+    gen_seconds = max(1e-9, stats["stage_seconds"].get("generate", 0.0))
+    stats["generation_throughput"] = {
+        "output_tokens_per_second": round(gen["output"] / gen_seconds, 1),
+        "prompt_tokens_per_second": round(gen["prompt"] / gen_seconds, 1),
+        "prefix_cache_hit_rate": round(gen["cached_prompt"] / gen["prompt"], 4) if gen["prompt"] else None,
+    }
     stats["config"] = cfg.model_dump(mode="json")
     stats["versions"] = _versions()
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")

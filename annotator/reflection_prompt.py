@@ -83,3 +83,28 @@ def reflection_schema(*, max_chars: int) -> dict:
         "required": ["analysis", "reflection_1p", "reflection_3p", "citations"],
         "additionalProperties": False,
     }
+
+
+ANNOTATION_PROMPT_VERSION = "annotate-v1"
+
+
+def annotation_system_prompt(keys: list[str]) -> str:
+    return (
+        "You label web documents with short semantic annotations. Reply with JSON only, one short value "
+        f"(a few words, lowercase) for each of these keys: {', '.join(keys)}. "
+        "For entities give the main named entities separated by commas, or none."
+    )
+
+
+def annotation_user_prompt(document_head: str) -> str:
+    return f"Document:\n<<<\n{document_head}\n>>>\nWrite your JSON annotations."
+
+
+def annotation_schema(keys: list[str], *, max_chars: int) -> dict:
+    value = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    return {
+        "type": "object",
+        "properties": {k: value for k in keys},
+        "required": list(keys),
+        "additionalProperties": False,
+    }

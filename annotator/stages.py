@@ -24,6 +24,7 @@ class Resources:
     num_gpus: float = 0.0
     concurrency: int = 1
     batch_size: int | None = 1024
+    max_in_flight: int | None = None
 
 
 class Stage:
@@ -82,11 +83,24 @@ class _StageActor:
         return _timed(self.stage, batch)
 
 
+# Stateless stages that still load something (a small model) do it once per worker process:
+# each task receives a fresh copy of the stage, so the loaded copy is kept here by its identity.
+_READY: dict[str, Stage] = {}
+
+
+def _setup_key(stage: Stage) -> str:
+    """Identity of a stage's settings; loaded state lives in attributes starting with '_'."""
+    public = sorted((k, repr(v)) for k, v in vars(stage).items() if not k.startswith("_"))
+    return f"{type(stage).__module__}.{type(stage).__qualname__}{public}"
+
+
 def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
-    if not getattr(stage, "_ready", False):
+    key = _setup_key(stage)
+    ready = _READY.get(key)
+    if ready is None:
         stage.setup()
-        stage._ready = True
-    return _timed(stage, batch)
+        ready = _READY[key] = stage
+    return _timed(ready, batch)
 
 
 def apply_stages(ds, stages: Iterable[Stage]):
@@ -102,7 +116,7 @@ def apply_stages(ds, stages: Iterable[Stage]):
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_kwargs={"stage": stage},
-                compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+                compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
                 **common,
             )
         else:

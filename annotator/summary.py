@@ -30,8 +30,12 @@ def format_summary(stats: dict, *, output: str) -> str:
         f"safety:      score histogram {dict(sorted(stats['score_histogram'].items()))}",
         f"selected:    {stats['selected_documents']} documents, {stats['selected_tokens']} tokens, by reason {stats['selected_by_reason']}",
         f"reflections: {status.get('ok', 0)} written, {sum(failed.values())} failed {failed or ''}".rstrip(),
+        f"generation:  {stats['generation_tokens']['output']} output tokens, {stats['generation_throughput']['output_tokens_per_second']} "
+        f"tokens/s per replica, prefix-cache hit rate {stats['generation_throughput']['prefix_cache_hit_rate']}",
         f"time:        {stats['wall_seconds']['total']}s wall; documents/s {stats['documents_per_second']}",
     ]
+    if stats.get("annotation_status", {}).get("ok") or any(k.startswith("failed") for k in stats.get("annotation_status", {})):
+        lines.insert(5, f"annotations: {stats['annotation_status']}")
     sample = sample_reflection(output)
     if sample:
         lines.append(f"sample:      [{sample['doc_id']}, score {sample['safety_score']}, {sample['selected_reason']}] {sample['reflection_1p']}")

@@ -74,6 +74,10 @@ def shard_stats(batch: pa.Table, *, written: pa.Table) -> dict:
         for c in batch.column_names
         if c.startswith(TIMING_PREFIX)
     }
+    def total(col: str) -> int:
+        return int(pc.sum(batch.column(col)).as_py() or 0) if col in batch.column_names else 0
+
+    citations = Counter(c for cs in batch.column("citations").to_pylist() if cs for c in cs)
     return {
         "documents_in": batch.num_rows,
         "documents_out": written.num_rows,
@@ -83,6 +87,15 @@ def shard_stats(batch: pa.Table, *, written: pa.Table) -> dict:
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
         "selected_tokens": int(pc.sum(pc.if_else(selected, tokens, 0)).as_py() or 0),
         "reflection_status": dict(status),
+        "annotation_status": dict(Counter(batch.column("annotation_status").to_pylist())),
+        "canary_type": dict(Counter(c for c in batch.column("canary_type").to_pylist() if c)),
+        "citations_by_section": dict(citations),
+        "citations_dropped": total("citations_dropped"),
+        "generation_tokens": {
+            "prompt": total("gen_prompt_tokens"),
+            "cached_prompt": total("gen_cached_prompt_tokens"),
+            "output": total("gen_output_tokens"),
+        },
         "stage_seconds": timing,
     }
 
@@ -105,7 +118,10 @@ class ShardWriter(Stage):
     """Writes each incoming block as one zstd Parquet shard and emits one stats row."""
 
     name = "write"
-    reads = ("doc_id", "text", "safety_score", "selected", "selected_reason", "reflection_status", "token_length")
+    reads = (
+        "doc_id", "text", "safety_score", "selected", "selected_reason", "token_length", "reflection_status",
+        "annotation_status", "canary_type", "citations", "citations_dropped",
+    )
     adds = ("shard", "stats_json")
 
     def __init__(self, *, out_dir: str, compression: str):

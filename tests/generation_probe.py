@@ -1,0 +1,41 @@
+"""Runs one ReflectionGenerator on real documents and writes its output (a file, because vLLM's
+engine starts subprocesses that need a real __main__ module).
+
+    python tests/generation_probe.py CONFIG_JSON DOCS_PARQUET OUT_PARQUET
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow.parquet as pq  # noqa: E402
+
+
+def main() -> None:
+    import vllm
+
+    from annotator.config import GenerationConfig
+    from annotator.generation import ReflectionGenerator
+
+    loads = []
+    original_init = vllm.LLM.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(kwargs.get("model"))
+        original_init(self, *args, **kwargs)
+
+    vllm.LLM.__init__ = counting_init
+    cfg = GenerationConfig.model_validate(json.loads(sys.argv[1]))
+    stage = ReflectionGenerator(cfg)
+    stage.setup()
+    out = stage.process(pq.read_table(sys.argv[2]))
+    pq.write_table(out, sys.argv[3])
+    Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.max_prefix_tokens}))
+
+
+if __name__ == "__main__":
+    main()
