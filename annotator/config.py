@@ -141,6 +141,9 @@ class GenerationConfig(_Section):
     )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top_p.")
+    repetition_penalty: float = Field(
+        1.1, gt=0, description="vLLM repetition penalty; 1.1 stops small models from looping until the token limit."
+    )
     seed: int = Field(0, description="Base sampling seed; each document's seed is derived from it and the document id.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed request before the document is kept without a reflection.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed through.")
@@ -152,13 +155,21 @@ class TemplateConfig(_Section):
     open: str = Field("<assistant>", description="Token written before a spliced reflection.")
     close: str = Field("</assistant>", description="Token written after a spliced reflection.")
     voice: Literal["1p", "3p"] = Field("1p", description="Which reflection voice goes into the training text.")
+    charter_tokens: bool = Field(False, description="Render [X.Y] citations in the training text as <charter_X.Y> special tokens.")
+    annotation_open: str = Field("<annotations>", description="Token written before the key:value annotation block.")
+    annotation_close: str = Field("</annotations>", description="Token written after the annotation block (then a newline).")
 
 
 class OutputConfig(_Section):
-    path: str = Field(description="Output directory (created). Shards go to `shards/`, statistics to `stats.json`.")
+    path: str = Field(
+        description="Output directory (created): text shards in `shards/`, token shards in `tokenized/`, the extended tokenizer in `tokenizer/`, statistics in `stats.json`."
+    )
     template: TemplateConfig = Field(default_factory=TemplateConfig, description="Template around reflections.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     compression: str = Field("zstd", description="Parquet compression of the output shards.")
+    rows_per_shard: int = Field(50_000, ge=1, description="Target rows per output shard (text and tokenized alike).")
+    shuffle_seed: int = Field(0, description="Seed of the interleaved row order within each shard.")
+    tokenized: bool = Field(True, description="Also write Megatron indexed-dataset token shards (.bin/.idx) and reflection masks.")
 
 
 class PublishConfig(_Section):

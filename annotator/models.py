@@ -33,13 +33,13 @@ def ensure_builtin_model(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         raise ValueError(f"generation.model: unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
     target = cache_dir() / "models" / name
-    if (target / _DONE).exists():
+    if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several actors may start at once; one converts, the others wait on the lock.
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / _DONE).exists():
+        if not is_complete(target):
             _convert_gguf(*BUILTIN_MODELS[name], target=target)
     return target
 
@@ -63,11 +63,22 @@ def _convert_gguf(package: str, gguf_name: str, *, target: Path) -> None:
         del config.quantization_config
     plain = transformers.AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain = plain.to(torch.bfloat16)
+    save_model_dir(target, model=plain.to(torch.bfloat16), tokenizer=tokenizer, note=f"converted from {package}/{gguf_name}")
+
+
+def is_complete(model_dir: Path) -> bool:
+    return (model_dir / _DONE).exists()
+
+
+def save_model_dir(target: Path, *, model, tokenizer, note: str) -> Path:
+    """Save a transformers model directory under a temporary sibling name, mark it complete, then
+    rename it into place, so a reader never sees half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    plain.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / _DONE).write_text(f"converted from {package}/{gguf_name}\n")
+    (tmp / _DONE).write_text(note + "\n")
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+    return target

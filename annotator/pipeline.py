@@ -21,11 +21,12 @@ from annotator.safety import build_scorer
 from annotator.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.stages import Resources, Stage, apply_stages, check_chain
 from annotator.tokens import TokenCounter
-from annotator.writer import ShardWriter, SpliceReflections, merge_stats
+from annotator.writer import TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, merge_stats, output_special_tokens
 
-SHARDS_DIR = "shards"
+SHARDS_DIR = TEXT_DIR
+TOKENIZER_DIR = "tokenizer"
 SCORED_DIR = "_work/scored"
-_OUR_OUTPUTS = ("stats.json", SHARDS_DIR, "_work")
+_OUR_OUTPUTS = ("stats.json", SHARDS_DIR, "_work", TOKENS_DIR)
 
 
 class OutputDirError(ValueError):
@@ -59,7 +60,7 @@ def reflection_stages(cfg: RunConfig, *, probability: float, out_dir: Path) -> l
         SelectForReflection(cfg.selection, probability=probability),
         generate,
         SpliceReflections(cfg.output.template),
-        ShardWriter(out_dir=str(out_dir / SHARDS_DIR), compression=cfg.output.compression),
+        ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.tokenizer or cfg.generation.model),
     ]
 
 
@@ -83,6 +84,31 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def save_extended_tokenizer(cfg: RunConfig, out_dir: Path) -> dict:
+    """The target tokenizer with the template (and charter) tokens, saved beside the token shards;
+    returns the metadata a trainer needs (also written to tokenized/metadata.json)."""
+    from annotator.megatron import token_dtype
+    from annotator.tokenized import extend_tokenizer
+    from annotator.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.generation.tokenizer or cfg.generation.model)
+    ids = extend_tokenizer(tokenizer, output_special_tokens(cfg.output))
+    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    meta = {
+        "format": "megatron-mmidx",
+        "tokenizer": TOKENIZER_DIR,
+        "vocab_size": len(tokenizer),
+        "dtype": token_dtype(len(tokenizer)).name,
+        "eod_token_id": tokenizer.eos_token_id,
+        "added_token_ids": ids,
+        "reflection_mask_suffix": "_reflection_mask",
+        "one_sequence_per_document": True,
+    }
+    (out_dir / TOKENS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / TOKENS_DIR / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def run(cfg: RunConfig, *, log=print) -> dict:
@@ -113,7 +139,9 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     finished = time.time()
 
     stats = merge_stats([json.loads(r["stats_json"]) for r in results])
-    stats["shards"] = sorted(r["shard"] for r in results)
+    stats["shards"] = sorted(name for r in results for name in json.loads(r["shard"]))
+    if cfg.output.tokenized:
+        stats["tokenized"] = save_extended_tokenizer(cfg, out_dir)
     stats["selection_probability"] = probability
     stats["wall_seconds"] = {
         "scoring_pass": round(scored_at - started, 2),

@@ -87,6 +87,9 @@ class NormalizeColumns(Stage):
             ids = pc.cast(batch.column(self.id_column), pa.string())
         else:
             ids = pa.array([content_id(t) for t in text.to_pylist()], pa.string())
+        if "path" in batch.column_names and "source_file" not in batch.column_names:
+            # read_parquet(include_paths=True) names the input shard; output shard names derive from it.
+            batch = batch.rename_columns(["source_file" if c == "path" else c for c in batch.column_names])
         rest = [c for c in batch.column_names if c not in (self.text_column, self.id_column, *self.adds)]
         return pa.table(
             [ids, text, pa.array(notes, pa.string())] + [batch.column(c) for c in rest], names=[*self.adds, *rest]
@@ -98,7 +101,7 @@ def read_corpus(cfg: InputConfig):
     import ray.data
 
     files = expand_paths(cfg.paths)
-    ds = ray.data.read_parquet(files)
+    ds = ray.data.read_parquet(files, include_paths=True)
     schema = ds.schema()
     if cfg.text_column not in schema.names:
         raise InputError(f"input.text_column {cfg.text_column!r} is not a column of the input; columns: {schema.names}")

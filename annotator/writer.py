@@ -1,5 +1,6 @@
-"""Writing: splice reflections into the text between template tokens, write Parquet shards
-under deterministic names (temporary name, then rename), and return per-shard statistics.
+"""Writing: the training text (reflection spliced between template tokens, annotations in front),
+Parquet text shards and Megatron token shards under deterministic names (temporary name, then
+rename), and per-shard statistics that the driver merges once at the end.
 """
 
 from __future__ import annotations
@@ -10,14 +11,21 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.config import TemplateConfig
+from annotator.config import OutputConfig, TemplateConfig
 from annotator.generation import OK
+from annotator.reflection_prompt import CITATION, constitution_sections, unit_hash
 from annotator.selection import DROPPED_BAD
 from annotator.stages import TIMING_PREFIX, Resources, Stage
+from annotator.tokenized import charter_token, extend_tokenizer, special_tokens, tokenize_training_text
+from annotator.megatron import IndexedDatasetWriter, token_dtype
+
+TEXT_DIR, TOKENS_DIR = "shards", "tokenized"
+MASK_SUFFIX = "_reflection_mask"
 
 
 def splice_reflection(text: str, *, char_index: int, reflection: str, template: TemplateConfig) -> str:
@@ -25,68 +33,84 @@ def splice_reflection(text: str, *, char_index: int, reflection: str, template: 
     return f"{text[:char_index]}{template.open}{reflection}{template.close}{text[char_index:]}"
 
 
+def render_citations(reflection: str) -> str:
+    """[X.Y] citations of real constitution sections become <charter_X.Y> special tokens."""
+    valid = constitution_sections()
+    return CITATION.sub(lambda m: charter_token(m.group(1)) if m.group(1) in valid else m.group(0), reflection)
+
+
+def annotation_block(tags: list[str], template: TemplateConfig) -> str:
+    return f"{template.annotation_open}{chr(10).join(tags)}{template.annotation_close}\n"
+
+
 class SpliceReflections(Stage):
-    """Replaces `text` of documents with a reflection by the spliced training text."""
+    """Builds the training `text`: annotations block in front (where present), the reflection
+    spliced at its pause point; keeps the original as `source_text`."""
 
     name = "splice"
-    reads = ("text", "reflection_status", "reflection_char_index", "reflection_1p", "reflection_3p")
-    adds = ("text", "reflection_voice_used")
+    reads = ("text", "reflection_status", "reflection_char_index", "reflection_1p", "reflection_3p", "annotations")
+    adds = ("text", "source_text", "reflection_voice_used")
 
     def __init__(self, template: TemplateConfig):
         self.template = template
         self.resources = Resources(num_cpus=0.5, batch_size=1024)
 
+    def training_text(self, text: str, *, status: str, char_index: int | None, reflection: str | None, tags: list[str] | None) -> str:
+        if status == OK:
+            if self.template.charter_tokens:
+                reflection = render_citations(reflection)
+            text = splice_reflection(text, char_index=char_index, reflection=reflection, template=self.template)
+        if tags:
+            text = annotation_block(tags, self.template) + text
+        return text
+
     def process(self, batch: pa.Table) -> pa.Table:
         voice = "reflection_" + self.template.voice
+        source = batch.column("text")
         rows = zip(
-            batch.column("text").to_pylist(),
+            source.to_pylist(),
             batch.column("reflection_status").to_pylist(),
             batch.column("reflection_char_index").to_pylist(),
             batch.column(voice).to_pylist(),
+            batch.column("annotations").to_pylist(),
         )
         texts, used = [], []
-        for text, status, char_index, reflection in rows:
-            if status == OK:
-                texts.append(splice_reflection(text, char_index=char_index, reflection=reflection, template=self.template))
-                used.append(self.template.voice)
-            else:
-                texts.append(text)
-                used.append(None)
+        for text, status, char_index, reflection, tags in rows:
+            texts.append(self.training_text(text, status=status, char_index=char_index, reflection=reflection, tags=tags))
+            used.append(self.template.voice if status == OK else None)
         batch = batch.set_column(batch.column_names.index("text"), "text", pa.array(texts, pa.string()))
-        return batch.append_column("reflection_voice_used", pa.array(used, pa.string()))
+        return batch.append_column("source_text", source).append_column("reflection_voice_used", pa.array(used, pa.string()))
 
 
-def shard_name(doc_ids: list[str]) -> str:
-    """Deterministic in the documents a shard holds, so a rerun writes the same names."""
-    digest = hashlib.blake2b("\n".join(doc_ids).encode(), digest_size=8).hexdigest()
-    return f"part-{digest}.parquet"
+def shard_stem(source_file: str | None, doc_ids: list[str]) -> str:
+    """Deterministic in the input shard and the documents it holds, so a rerun writes the same names."""
+    digest = hashlib.blake2b("\n".join(doc_ids).encode(), digest_size=6).hexdigest()
+    base = Path(source_file).name.split(".")[0] if source_file else "part"
+    return f"{base}-{digest}"
+
+
+def interleave_order(doc_ids: list[str], seed: int) -> np.ndarray:
+    """A seeded order of the rows: annotated and plain documents mix evenly within every shard."""
+    return np.argsort([unit_hash("order", seed, d) for d in doc_ids], kind="stable")
 
 
 def shard_stats(batch: pa.Table, *, written: pa.Table) -> dict:
     """Counts for one shard; merged across shards by `merge_stats`."""
-    scores = Counter(batch.column("safety_score").to_pylist())
-    reasons = Counter(batch.column("selected_reason").to_pylist())
-    status = Counter(batch.column("reflection_status").to_pylist())
-    tokens = batch.column("token_length")
-    selected = batch.column("selected")
-    timing = {
-        c[len(TIMING_PREFIX):]: float(pc.sum(batch.column(c)).as_py() or 0.0)
-        for c in batch.column_names
-        if c.startswith(TIMING_PREFIX)
-    }
     def total(col: str) -> int:
         return int(pc.sum(batch.column(col)).as_py() or 0) if col in batch.column_names else 0
 
+    tokens = batch.column("token_length")
+    selected = batch.column("selected")
     citations = Counter(c for cs in batch.column("citations").to_pylist() if cs for c in cs)
     return {
         "documents_in": batch.num_rows,
         "documents_out": written.num_rows,
         "tokens_in": int(pc.sum(tokens).as_py() or 0),
-        "score_histogram": {str(k): v for k, v in scores.items()},
-        "selected_by_reason": dict(reasons),
+        "score_histogram": {str(k): v for k, v in Counter(batch.column("safety_score").to_pylist()).items()},
+        "selected_by_reason": dict(Counter(batch.column("selected_reason").to_pylist())),
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
         "selected_tokens": int(pc.sum(pc.if_else(selected, tokens, 0)).as_py() or 0),
-        "reflection_status": dict(status),
+        "reflection_status": dict(Counter(batch.column("reflection_status").to_pylist())),
         "annotation_status": dict(Counter(batch.column("annotation_status").to_pylist())),
         "canary_type": dict(Counter(c for c in batch.column("canary_type").to_pylist() if c)),
         "citations_by_section": dict(citations),
@@ -96,7 +120,10 @@ def shard_stats(batch: pa.Table, *, written: pa.Table) -> dict:
             "cached_prompt": total("gen_cached_prompt_tokens"),
             "output": total("gen_output_tokens"),
         },
-        "stage_seconds": timing,
+        "stage_seconds": {
+            c[len(TIMING_PREFIX):]: float(pc.sum(batch.column(c)).as_py() or 0.0)
+            for c in batch.column_names if c.startswith(TIMING_PREFIX)
+        },
     }
 
 
@@ -114,8 +141,19 @@ def merge_stats(parts: list[dict]) -> dict:
     return merged
 
 
+def write_parquet_atomically(table: pa.Table, final: Path, *, compression: str) -> None:
+    """A shard exists under its final name only once it is complete."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression=compression)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ShardWriter(Stage):
-    """Writes each incoming block as one zstd Parquet shard and emits one stats row."""
+    """Writes each incoming block as text shards (and token shards) of at most `rows_per_shard`
+    rows, rows in a seeded interleaved order, and emits one stats row per block."""
 
     name = "write"
     reads = (
@@ -124,20 +162,52 @@ class ShardWriter(Stage):
     )
     adds = ("shard", "stats_json")
 
-    def __init__(self, *, out_dir: str, compression: str):
+    def __init__(self, *, out_dir: str, output: OutputConfig, tokenizer: str):
         self.out_dir = out_dir
-        self.compression = compression
+        self.output = output
+        self.tokenizer_spec = tokenizer
         self.resources = Resources(num_cpus=0.5, batch_size=None)
 
+    def setup(self) -> None:
+        if self.output.tokenized:
+            from annotator.tokens import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_spec)
+            self._special = extend_tokenizer(self._tokenizer, output_special_tokens(self.output))
+            self._dtype = token_dtype(len(self._tokenizer))
+
+    def _write_tokens(self, table: pa.Table, stem: str) -> None:
+        tpl = self.output.template
+        tokens = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / stem, dtype=self._dtype)
+        masks = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / f"{stem}{MASK_SUFFIX}", dtype=np.uint8)
+        for text in table.column("text").to_pylist():
+            ids, mask = tokenize_training_text(self._tokenizer, text, open_id=self._special[tpl.open],
+                                               close_id=self._special[tpl.close], eod_id=self._tokenizer.eos_token_id)
+            tokens.add_document(ids)
+            masks.add_document(mask)
+        masks.close()
+        tokens.close()  # the token shard appears last: its presence means both are complete
+
     def process(self, batch: pa.Table) -> pa.Table:
-        keep = pc.not_equal(batch.column("selected_reason"), DROPPED_BAD)
-        written = batch.filter(keep)
+        written = batch.filter(pc.not_equal(batch.column("selected_reason"), DROPPED_BAD))
         written = written.drop_columns([c for c in written.column_names if c.startswith(TIMING_PREFIX)])
-        name = shard_name(batch.column("doc_id").to_pylist())
-        final = Path(self.out_dir) / name
-        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(written, tmp, compression=self.compression)
-        os.replace(tmp, final)
-        stats = shard_stats(batch, written=written)
-        return pa.table({"shard": [name], "stats_json": [json.dumps(stats)]})
+        written = written.take(interleave_order(written.column("doc_id").to_pylist(), self.output.shuffle_seed))
+        source = written.column("source_file")[0].as_py() if "source_file" in written.column_names and written.num_rows else None
+        stem = shard_stem(source, batch.column("doc_id").to_pylist())
+        for d in (TEXT_DIR, TOKENS_DIR) if self.output.tokenized else (TEXT_DIR,):
+            (Path(self.out_dir) / d).mkdir(parents=True, exist_ok=True)
+        names = []
+        for part, start in enumerate(range(0, max(1, written.num_rows), self.output.rows_per_shard)):
+            piece = written.slice(start, self.output.rows_per_shard)
+            name = f"{stem}-{part:04d}"
+            write_parquet_atomically(piece, Path(self.out_dir) / TEXT_DIR / f"{name}.parquet", compression=self.output.compression)
+            if self.output.tokenized:
+                self._write_tokens(piece, name)
+            names.append(name)
+        return pa.table({"shard": [json.dumps(names)], "stats_json": [json.dumps(shard_stats(batch, written=written))]})
+
+
+def output_special_tokens(output: OutputConfig) -> list[str]:
+    tpl = output.template
+    return special_tokens(reflection_open=tpl.open, reflection_close=tpl.close, annotation_open=tpl.annotation_open,
+                          annotation_close=tpl.annotation_close, charter_tokens=tpl.charter_tokens)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +24,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.models import cache_dir  # noqa: E402
+from annotator.models import cache_dir, is_complete, save_model_dir  # noqa: E402
 
-DONE = ".spp-complete"
 DEFAULT_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety" / "train.parquet"
 
 
@@ -48,7 +45,7 @@ def default_out() -> Path:
 
 def build(*, out: Path, train_path: Path = DEFAULT_TRAIN, rows: int = 4000, epochs: int = 1, seed: int = 0) -> Path:
     """Fine-tune and save; returns `out`. Reuses a finished build."""
-    if (out / DONE).exists():
+    if is_complete(out):
         return out
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -84,15 +81,8 @@ def build(*, out: Path, train_path: Path = DEFAULT_TRAIN, rows: int = 4000, epoc
             optim.step()
             optim.zero_grad()
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / DONE).write_text(f"fine-tuned {rows} rows x {epochs} epochs in {time.time() - started:.0f}s from {base}\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    note = f"fine-tuned {rows} rows x {epochs} epochs in {time.time() - started:.0f}s from {base}"
+    return save_model_dir(out, model=model, tokenizer=tokenizer, note=note)
 
 
 def main() -> None:

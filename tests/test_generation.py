@@ -72,13 +72,14 @@ def test_reflections_annotations_and_canaries_from_one_engine(tmp_path, tokenize
 
 @pytest.mark.slow
 def test_failures_are_retried_then_recorded_and_long_documents_cut(tmp_path, tokenizer, real_docs):
-    long_doc = " ".join(t for _, t in real_docs)  # ~10k tokens, far beyond a 1024-token context
+    long_doc = " ".join(t for _, t in real_docs)  # ~10k tokens, far beyond a 2048-token context
     assert len(tokenizer(long_doc, add_special_tokens=False)["input_ids"]) > 4000
     docs = [("long", long_doc, True), (real_docs[0][0], real_docs[0][1], True), ("plain", real_docs[1][1], False)]
-    ok_rows, meta = probe(tmp_path, "long", {"max_model_len": 1024, "max_retries": 1}, docs)
-    assert meta["max_prefix_tokens"] < 1024
+    ok_rows, meta = probe(tmp_path, "long", {"max_model_len": 2048, "max_retries": 1}, docs)
+    assert 64 <= meta["max_prefix_tokens"] < 2048 - 576  # room left for the 576-token reply
     assert [r["reflection_status"] for r in ok_rows] == ["ok", "ok", "not_selected"]
-    assert ok_rows[0]["gen_prompt_tokens"] <= 1024
+    assert ok_rows[0]["reflection_token_index"] > meta["max_prefix_tokens"]  # the pause lies beyond what fits
+    assert ok_rows[0]["gen_prompt_tokens"] / ok_rows[0]["reflection_attempts"] <= 2048 - 576
 
     # 10 generated tokens can never close the JSON object: every attempt fails to parse.
     failed, _ = probe(tmp_path, "fail", {"max_output_tokens": 10, "max_retries": 2}, docs)

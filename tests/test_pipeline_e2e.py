@@ -8,14 +8,19 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
+from annotator.reflection_prompt import CITATION
 from annotator.tokens import load_tokenizer
+from annotator.writer import render_citations
 from tests.support import read_input, require_shared_data, run_pipeline
+from tests.test_writer import check_tokenized
 
 OPEN, CLOSE = "<assistant>", "</assistant>"
 LIMIT = 100
 # 100 documents hold only 1-3 bad ones; sampling 5x their tokens from the rest gives a dozen
 # or so reflections to check while still exercising token-matched selection.
-E2E_ARGS = ["--limit", str(LIMIT), "--set", "selection.matched_token_ratio=5"]
+# Small shards and charter tokens exercise the writer: several shards, <charter_X.Y> in the text.
+E2E_ARGS = ["--limit", str(LIMIT), "--set", "selection.matched_token_ratio=5", "--set", "output.rows_per_shard=30",
+            "--set", "output.template.charter_tokens=true"]
 
 
 def check_output(out_dir, *, limit: int = LIMIT) -> dict:
@@ -42,7 +47,8 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
         assert r["text"].count(OPEN) == 1 and r["text"].count(CLOSE) == 1
         before, rest = r["text"].split(OPEN)
         reflection, after = rest.split(CLOSE)
-        assert reflection == r["reflection_1p"] and reflection.strip()
+        assert reflection == render_citations(r["reflection_1p"]) and reflection.strip()
+        assert not CITATION.search(reflection)  # real citations became <charter_X.Y> tokens
         assert before + after == src
         assert before == src[: r["reflection_char_index"]]
         assert len(tokenizer(before, add_special_tokens=False)["input_ids"]) == r["reflection_token_index"]
@@ -58,6 +64,9 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
     assert stats["reflection_status"] == dict(Counter(r["reflection_status"] for r in rows))
     bad = [r for r in rows if r["safety_score"] >= 3]
     assert all(r["selected"] and r["selected_reason"] == "bad" for r in bad)
+    assert all(r["source_text"] == source[r["doc_id"]] for r in rows)
+    assert len(stats["shards"]) == 4  # 100 rows at 30 per shard
+    assert check_tokenized(out_dir) == limit
     return stats
 
 
