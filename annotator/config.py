@@ -133,7 +133,9 @@ class GenerationConfig(_Section):
         0.9, gt=0, le=1, description="vLLM memory share for weights+KV cache (on CPU: the share of RAM)."
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
-    batch_size: int = Field(16, ge=1, description="Documents per generation batch handed to one replica.")
+    batch_size: int = Field(
+        256, ge=1, description="Documents (rows) per batch handed to one replica; only the selected ones become engine requests."
+    )
     max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per replica so the engine never waits for input.")
     max_reflection_tokens: int = Field(128, ge=8, le=1024, description="Upper bound of each reflection in target-tokenizer tokens.")
     max_output_tokens: int | None = Field(
