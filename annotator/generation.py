@@ -55,7 +55,7 @@ REFLECTION_COLUMNS = {
     "reflection_attempts": pa.int8(),
     "canary_type": pa.string(),
     "prompt_version": pa.string(),
-    "generator_model": pa.string(),
+    "model": pa.string(),  # the generator that wrote the reflection
     "annotations": pa.list_(pa.string()),
     "annotation_status": pa.string(),
     # Engine usage summed over this row's requests (retries included), for throughput and cache stats.
@@ -293,7 +293,7 @@ class ReflectionGenerator(Stage):
                 out["reflection_char_index"][i] = pause.char_index
                 out["reflection_position"][i] = pause.fraction
                 out["prompt_version"][i] = PROMPT_VERSION
-                out["generator_model"][i] = self.cfg.model
+                out["model"][i] = self.cfg.model
                 canary = self._canary(ids[i])
                 if canary:
                     out["canary_type"][i], canaries[i] = canary

@@ -53,7 +53,7 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
         assert before == src[: r["reflection_char_index"]]
         assert len(tokenizer(before, add_special_tokens=False)["input_ids"]) == r["reflection_token_index"]
         assert len(tokenizer(reflection, add_special_tokens=False)["input_ids"]) <= 128
-        assert r["prompt_version"] == "reflect-v1"
+        assert r["prompt_version"] == "reflect-v1" and r["model"] == "builtin:smollm2-135m-instruct"
 
     # stats.json agrees with what was written
     assert stats["score_histogram"] == {str(k): v for k, v in Counter(r["safety_score"] for r in rows).items()}
