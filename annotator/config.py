@@ -152,6 +152,11 @@ class GenerationConfig(_Section):
     annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
     canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary facts in reflections.")
 
+    @property
+    def target_tokenizer(self) -> str:
+        """The tokenizer the shards are tokenized with: `tokenizer`, else the generator's."""
+        return self.tokenizer or self.model
+
 
 class TemplateConfig(_Section):
     open: str = Field("<assistant>", description="Token written before a spliced reflection.")

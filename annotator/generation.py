@@ -186,7 +186,7 @@ class ReflectionGenerator(Stage):
             raise RuntimeError("generation needs vLLM: install the `cpu` extra (CPU) or the `gpu` extra (CUDA)") from err
 
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.tokenizer = load_tokenizer(cfg.target_tokenizer)
         engine_kwargs = dict(
             model=resolve_model(cfg.model),
             dtype=cfg.dtype,

@@ -21,7 +21,7 @@ from annotator.safety import build_scorer
 from annotator.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.stages import Resources, Stage, apply_stages, check_chain
 from annotator.tokens import TokenCounter
-from annotator.writer import TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, merge_stats, output_special_tokens
+from annotator.writer import MASK_SUFFIX, TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, load_extended_tokenizer, merge_stats
 
 SHARDS_DIR = TEXT_DIR
 TOKENIZER_DIR = "tokenizer"
@@ -49,7 +49,7 @@ def scoring_stages(cfg: RunConfig) -> list[Stage]:
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
         NormalizeColumns(cfg.input),
-        TokenCounter(tokenizer=cfg.generation.tokenizer or cfg.generation.model, resources=cpu),
+        TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=cpu),
         build_scorer(c, resources=scorer),
     ]
 
@@ -60,7 +60,7 @@ def reflection_stages(cfg: RunConfig, *, probability: float, out_dir: Path) -> l
         SelectForReflection(cfg.selection, probability=probability),
         generate,
         SpliceReflections(cfg.output.template),
-        ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.tokenizer or cfg.generation.model),
+        ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.target_tokenizer),
     ]
 
 
@@ -90,11 +90,8 @@ def save_extended_tokenizer(cfg: RunConfig, out_dir: Path) -> dict:
     """The target tokenizer with the template (and charter) tokens, saved beside the token shards;
     returns the metadata a trainer needs (also written to tokenized/metadata.json)."""
     from annotator.megatron import token_dtype
-    from annotator.tokenized import extend_tokenizer
-    from annotator.tokens import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.generation.tokenizer or cfg.generation.model)
-    ids = extend_tokenizer(tokenizer, output_special_tokens(cfg.output))
+    tokenizer, ids = load_extended_tokenizer(cfg.generation.target_tokenizer, cfg.output)
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
     meta = {
         "format": "megatron-mmidx",
@@ -103,7 +100,7 @@ def save_extended_tokenizer(cfg: RunConfig, out_dir: Path) -> dict:
         "dtype": token_dtype(len(tokenizer)).name,
         "eod_token_id": tokenizer.eos_token_id,
         "added_token_ids": ids,
-        "reflection_mask_suffix": "_reflection_mask",
+        "reflection_mask_suffix": MASK_SUFFIX,
         "one_sequence_per_document": True,
     }
     (out_dir / TOKENS_DIR).mkdir(parents=True, exist_ok=True)

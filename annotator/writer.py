@@ -170,10 +170,7 @@ class ShardWriter(Stage):
 
     def setup(self) -> None:
         if self.output.tokenized:
-            from annotator.tokens import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_spec)
-            self._special = extend_tokenizer(self._tokenizer, output_special_tokens(self.output))
+            self._tokenizer, self._special = load_extended_tokenizer(self.tokenizer_spec, self.output)
             self._dtype = token_dtype(len(self._tokenizer))
 
     def _write_tokens(self, table: pa.Table, stem: str) -> None:
@@ -205,6 +202,14 @@ class ShardWriter(Stage):
                 self._write_tokens(piece, name)
             names.append(name)
         return pa.table({"shard": [json.dumps(names)], "stats_json": [json.dumps(shard_stats(batch, written=written))]})
+
+
+def load_extended_tokenizer(spec: str, output: OutputConfig) -> tuple[object, dict[str, int]]:
+    """The target tokenizer with this output's special tokens added, and their ids."""
+    from annotator.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)
+    return tokenizer, extend_tokenizer(tokenizer, output_special_tokens(output))
 
 
 def output_special_tokens(output: OutputConfig) -> list[str]:
