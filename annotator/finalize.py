@@ -1,0 +1,227 @@
+"""Pass 2 stages around the generation cache: which documents still need the engine, saving what
+it produced, and finalizing a unit (select, attach generations, splice, write shards, manifest).
+
+Generation results are saved per batch, so a crash loses at most the batches in flight; a unit's
+shards are written from its whole scored set, so their names and contents do not depend on how
+Ray happened to batch the rows or on where an earlier run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from annotator.checkpoint import (
+    DONE, GENERATED, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, cached_generations, digest,
+    read_unit_scored, rejected_count, write_json, write_table,
+)
+from annotator.config import GenerationConfig, OutputConfig, SelectionConfig
+from annotator.generation import FAILED_REPLY, NOT_REQUESTED, REFLECTION_COLUMNS, NoReflections, ReflectionGenerator
+from annotator.selection import SelectForReflection
+from annotator.stages import TIMING_PREFIX, Resources, Stage, timed
+from annotator.units import Unit, units_from_json
+from annotator.writer import TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections
+
+GENERATION_INPUT = ["doc_id", "text", "selected", "_unit"]
+
+
+def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
+    """Rows the engine has to see: selected ones, and every row when all are annotated."""
+    ann = gen.annotations
+    if ann.enabled and ann.apply_to == "all":
+        return pa.array([True] * len(selected))
+    return pc.fill_null(selected, False)
+
+
+def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Table]:
+    """(kept, duplicates) by input row number."""
+    if not rows or not table.num_rows:
+        return table, table.slice(0, 0)
+    dup = pc.is_in(table.column("source_row"), value_set=pa.array(rows, pa.int64()))
+    return table.filter(pc.invert(dup)), table.filter(dup)
+
+
+class NeedsGeneration(Stage):
+    """Selects, then keeps only rows that need the engine and have no saved result yet."""
+
+    name = "needs_generation"
+    reads = ("doc_id", "text", "safety_score", "safety_confidence", "source_row", "_unit")
+    adds = ("selected",)
+
+    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
+                 generation_key: str, duplicates: dict[str, list[int]]):
+        self.out_dir = out_dir
+        self.select = SelectForReflection(selection, probability=probability)
+        self.generation = generation
+        self.generation_key = generation_key
+        self.duplicates = duplicates
+        self.resources = Resources(num_cpus=0.25, batch_size=None)
+        self._cached: dict[str, set[str]] = {}
+
+    def _cached_ids(self, unit: str) -> set[str]:
+        if unit not in self._cached:
+            table = cached_generations(Path(self.out_dir), unit, self.generation_key)
+            self._cached[unit] = set(table.column("doc_id").to_pylist()) if table is not None else set()
+        return self._cached[unit]
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        parts = []
+        for unit in sorted(set(batch.column("_unit").to_pylist())):
+            part = batch.filter(pc.equal(batch.column("_unit"), unit))
+            part, _ = drop_duplicates(part, self.duplicates.get(unit, []))
+            part = self.select.process(part)
+            part = part.filter(needs_generation(part.column("selected"), self.generation))
+            cached = self._cached_ids(unit)
+            if cached:
+                part = part.filter(pc.invert(pc.is_in(part.column("doc_id"), value_set=pa.array(sorted(cached), pa.string()))))
+            parts.append(part.select(GENERATION_INPUT))
+        return pa.concat_tables(parts) if parts else batch.select([]).slice(0, 0)
+
+
+def save_generations(batch: pa.Table, *, out_dir: str, generation_key: str) -> pa.Table:
+    """Saves one generated batch under `_work/generated/<unit>/`; returns counts per unit."""
+    rows = {"unit": [], "documents": [], "selected": [], "generated_tokens": [], "failures": []}
+    for unit in sorted(set(batch.column("_unit").to_pylist())):
+        part = batch.filter(pc.equal(batch.column("_unit"), unit))
+        ids = part.column("doc_id").to_pylist()
+        timings = [c for c in part.column_names if c.startswith(TIMING_PREFIX)]
+        saved = part.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *timings]).append_column(
+            "generation_key", pa.array([generation_key] * part.num_rows, pa.string()))
+        write_table(Path(out_dir) / GENERATED / unit / f"{digest(ids)}.parquet", saved)
+        status = part.column("reflection_status").to_pylist()
+        rows["unit"].append(unit)
+        rows["documents"].append(part.num_rows)
+        rows["selected"].append(sum(s != "not_selected" for s in status))
+        rows["generated_tokens"].append(int(pc.sum(part.column("gen_output_tokens")).as_py() or 0))
+        rows["failures"].append(sum(s.startswith("failed") for s in status if s))
+    return pa.table(rows)
+
+
+class GenerateAndSave(Stage):
+    """A vLLM replica that saves each batch it generates before returning, so the batch is durable
+    at once (Ray Data would otherwise buffer a task's output batches into one block), and returns
+    only counts: the generated text itself never travels back through the object store."""
+
+    name = "generate"
+    reads = (*ReflectionGenerator.reads, "_unit")
+    adds = ("unit", "documents", "selected", "generated_tokens", "failures")
+    stateful = True
+
+    def __init__(self, generation: GenerationConfig, *, out_dir: str, generation_key: str):
+        self.generator = ReflectionGenerator(generation)
+        self.out_dir = out_dir
+        self.generation_key = generation_key
+        self.resources = self.generator.resources
+
+    def setup(self) -> None:
+        self.generator.setup()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return save_generations(timed(self.generator, batch), out_dir=self.out_dir, generation_key=self.generation_key)
+
+
+def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: GenerationConfig, unit: str) -> pa.Table:
+    """The generation columns for every row: the saved result where the row needed the engine,
+    the not-selected defaults elsewhere. A needed row without a saved result is a bug, not a default."""
+    if not gen.enabled:
+        return NoReflections().process(table).append_column(FAILED_REPLY, pa.nulls(table.num_rows, pa.string()))
+    needed = needs_generation(table.column("selected"), gen).to_pylist()
+    index: dict[str, int] = {}
+    if cache is not None:
+        for i, doc_id in enumerate(cache.column("doc_id").to_pylist()):
+            index.setdefault(doc_id, i)
+    take = []
+    for doc_id, need in zip(table.column("doc_id").to_pylist(), needed):
+        if need and doc_id not in index:
+            raise RuntimeError(f"unit {unit}: document {doc_id!r} needed generation but has no saved result")
+        take.append(index[doc_id] if need else None)
+    picked = cache.take(pa.array(take, pa.int64())) if cache is not None else None
+    for key, typ in {**REFLECTION_COLUMNS, FAILED_REPLY: pa.string()}.items():
+        values = picked.column(key) if picked is not None else pa.nulls(table.num_rows, typ)
+        default = {"reflection_status": "not_selected", "annotation_status": NOT_REQUESTED, "reflection_attempts": 0,
+                   "gen_prompt_tokens": 0, "gen_cached_prompt_tokens": 0, "gen_output_tokens": 0}.get(key)
+        if default is not None:
+            values = pc.fill_null(values, pa.scalar(default, typ))
+        table = table.append_column(key, values.cast(typ))
+    if picked is not None:
+        # Engine time of the rows generated for (possibly in an earlier run), for the per-stage stats.
+        for col in (c for c in picked.column_names if c.startswith(TIMING_PREFIX)):
+            table = table.append_column(col, pc.fill_null(picked.column(col), 0.0))
+    return table
+
+
+class FinalizeUnit(Stage):
+    """One unit from its scored documents and saved generations to shards and a manifest."""
+
+    name = "finalize"
+    reads = ("unit",)
+    adds = ("unit", "manifest")
+
+    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
+                 generation_key: str, output: OutputConfig, duplicates: dict[str, list[int]]):
+        self.out_dir = out_dir
+        self.select = SelectForReflection(selection, probability=probability)
+        self.generation = generation
+        self.generation_key = generation_key
+        self.duplicates = duplicates
+        self.splice = SpliceReflections(output.template)
+        self.writer = ShardWriter(out_dir=out_dir, output=output, tokenizer=generation.target_tokenizer)
+        self.resources = Resources(num_cpus=0.5, batch_size=1)
+
+    def setup(self) -> None:
+        self.writer.setup()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        units = units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
+        manifests = [self.finalize(u) for u in units]
+        return pa.table({"unit": [u.key for u in units], "manifest": [json.dumps(m) for m in manifests]})
+
+    def finalize(self, unit: Unit) -> dict:
+        out = Path(self.out_dir)
+        scored = read_unit_scored(out, unit)
+        rejected = rejected_count(out, unit)
+        if scored.num_rows + rejected != unit.rows:
+            raise RuntimeError(f"unit {unit.key}: {scored.num_rows} scored + {rejected} rejected != {unit.rows} rows")
+        kept, dups = drop_duplicates(scored, self.duplicates.get(unit.key, []))
+        if dups.num_rows:
+            write_table(out / REJECTED_DUPLICATES / f"{unit.key}.parquet", pa.table({
+                "doc_id": dups.column("doc_id"), "source_file": dups.column("source_file"),
+                "source_row": dups.column("source_row"), "reason": pa.array(["duplicate_id"] * dups.num_rows, pa.string()),
+                "text_preview": pc.utf8_slice_codeunits(dups.column("text"), 0, 1000)}))
+        table = self.select.process(kept)
+        table = attach_generations(table, cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None,
+                                   gen=self.generation, unit=unit.key)
+        failed = table.filter(pc.starts_with(pc.fill_null(table.column("reflection_status"), ""), "failed"))
+        if failed.num_rows:
+            write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", pa.table({
+                "doc_id": failed.column("doc_id"), "source_file": failed.column("source_file"),
+                "source_row": failed.column("source_row"), "reason": failed.column("reflection_status"),
+                "reply": failed.column(FAILED_REPLY)}))
+        table = self.splice.process(table)
+        for d in (TEXT_DIR, TOKENS_DIR):
+            for stale in (out / d).glob(f"{unit.key}-*"):
+                stale.unlink()  # a finalize that died midway; rewritten below under the same names
+        result = self.writer.process(table)
+        stats = json.loads(result.column("stats_json")[0].as_py())
+        stats["documents_rejected"] = _reasons(out, unit)
+        if dups.num_rows:
+            stats["documents_rejected"]["duplicate_id"] = dups.num_rows
+        stats["generation_rejects"] = failed.num_rows
+        stats["finished_at"] = stats.get("finished_at", time.time())
+        manifest = {"unit": unit.key, "rows": unit.rows, "shards": json.loads(result.column("shard")[0].as_py()), "stats": stats}
+        write_json(out / DONE / f"{unit.key}.json", manifest)
+        return manifest
+
+
+def _reasons(out: Path, unit: Unit) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for p in sorted((out / REJECTED_DOCUMENTS).glob(f"{unit.key}-*.parquet")):
+        for reason in pq.read_table(p, columns=["reason"]).column("reason").to_pylist():
+            key = reason.split(":", 1)[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts

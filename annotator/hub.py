@@ -1,0 +1,347 @@
+"""Publishing a finished run as a Hugging Face Hub dataset repository.
+
+`build_repo_folder` stages the exact repository: the dataset card (README.md), stats.json, the run
+report and its plots, a seeded sample stratified by safety score and selection reason in the shard
+schema, and optionally the full shards. `publish` uploads that folder with huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from annotator.reflection_prompt import unit_hash
+from annotator.report import PLOTS, REPORT_FILE, render_report, run_plots, sample_documents, summary_rows
+from annotator.stats import STRATUM_SEPARATOR, provenance, stratum_key
+from annotator.writer import TEXT_DIR
+
+CARD_FILE, STATS_FILE = "README.md", "stats.json"
+SAMPLE_DIR, SHARDS_IN_REPO, IMAGES_DIR = "sample", "shards", "images"
+SAMPLE_FILE = f"{SAMPLE_DIR}/train-00000-of-00001.parquet"
+STRATUM_COLUMNS = ["doc_id", "safety_score", "selected_reason"]
+# Upper bounds of the Hub's size categories (number of rows).
+SIZE_CATEGORIES = [
+    (1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+    (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"), (1_000_000_000_000, "100B<n<1T"),
+]
+
+
+class PublishError(RuntimeError):
+    """Publishing cannot go ahead; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """What to publish and where; defaults follow the run config's `publish` section."""
+
+    repo_id: str
+    sample_rows: int = 2000
+    seed: int = 0
+    include_shards: bool = False
+    private: bool = True
+    license: str = "other"
+    language: list[str] = field(default_factory=lambda: ["en"])
+
+
+def size_category(rows: int) -> str:
+    for bound, label in SIZE_CATEGORIES:
+        if rows < bound:
+            return label
+    return "n>1T"
+
+
+def allocate_sample(strata: dict[str, int], total: int) -> dict[str, int]:
+    """Rows per stratum: as equal as the strata sizes allow (small strata give all their rows and
+    the rest is shared by the others), so rare bad documents are not drowned by score 0."""
+    alloc = {k: 0 for k in strata}
+    open_strata = sorted(k for k, n in strata.items() if n > 0)
+    left = min(total, sum(strata.values()))
+    while left > 0 and open_strata:
+        share = max(1, left // len(open_strata))
+        for key in list(open_strata):
+            take = min(share, strata[key] - alloc[key], left)
+            alloc[key] += take
+            left -= take
+            if alloc[key] == strata[key]:
+                open_strata.remove(key)
+            if left == 0:
+                break
+    return alloc
+
+
+def shard_files(out_dir: Path) -> list[Path]:
+    files = sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet"))
+    if not files:
+        raise PublishError(f"no shards under {Path(out_dir) / TEXT_DIR}; is --output a finished run's output directory?")
+    return files
+
+
+def count_strata(files: list[Path]) -> dict[str, int]:
+    """Rows per stratum, read from the shards' two stratum columns (for stats without `strata`)."""
+    counts: dict[str, int] = {}
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=STRATUM_COLUMNS[1:], batch_size=65_536):
+            for s, r in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                counts[stratum_key(s, r)] = counts.get(stratum_key(s, r), 0) + 1
+    return counts
+
+
+def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int) -> list[tuple[float, Path, int]]:
+    """(hash, file, row) of the rows in the sample: per stratum, the `allocation[stratum]` rows with
+    the smallest seeded hash of doc_id. One streaming pass over three columns; memory is bounded
+    by the sample size, not the corpus."""
+    kept: dict[str, list] = {k: [] for k, n in allocation.items() if n > 0}  # max-heaps of (-hash, file, row)
+    for f in files:
+        offset = 0
+        for batch in pq.ParquetFile(f).iter_batches(columns=STRATUM_COLUMNS, batch_size=65_536):
+            ids, scores, reasons = (batch.column(c).to_pylist() for c in STRATUM_COLUMNS)
+            for i, (doc_id, score, reason) in enumerate(zip(ids, scores, reasons)):
+                heap = kept.get(stratum_key(score, reason))
+                if heap is None:
+                    continue
+                h = unit_hash("publish-sample", seed, doc_id)
+                item = (-h, str(f), offset + i)
+                if len(heap) < allocation[stratum_key(score, reason)]:
+                    heapq.heappush(heap, item)
+                elif -heap[0][0] > h:
+                    heapq.heapreplace(heap, item)
+            offset += batch.num_rows
+    return sorted((-neg, Path(f), row) for heap in kept.values() for neg, f, row in heap)
+
+
+def read_rows(picks: list[tuple[float, Path, int]], *, batch_size: int = 4096) -> pa.Table:
+    """The picked rows with all columns, in pick order. Only files and row groups holding picks are
+    read, a batch at a time, so memory stays at one batch plus the picked rows."""
+    by_file: dict[Path, set[int]] = {}
+    for _, f, row in picks:
+        by_file.setdefault(f, set()).add(row)
+    tables, order = [], []
+    for f, rows in by_file.items():
+        pf = pq.ParquetFile(f)
+        start = 0
+        for g in range(pf.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            wanted = sorted(r for r in rows if start <= r < start + size)
+            at = start
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g]) if wanted else ():
+                local = [r - at for r in wanted if at <= r < at + batch.num_rows]
+                if local:
+                    tables.append(pa.Table.from_batches([batch]).take(local))
+                    order.extend((f, at + i) for i in local)
+                at += batch.num_rows
+            start += size
+    if not tables:
+        return pa.table({})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    position = {key: i for i, key in enumerate(order)}
+    return table.take([position[(f, row)] for _, f, row in picks])
+
+
+def stratified_sample(out_dir: Path, stats: dict, *, rows: int, seed: int) -> tuple[pa.Table, dict]:
+    """The published sample (shard schema, seeded random order) and per-stratum counts
+    {stratum: {"rows_in_run", "rows_in_sample"}}."""
+    files = shard_files(out_dir)
+    strata = stats.get("strata") or count_strata(files)
+    allocation = allocate_sample(strata, rows)
+    table = read_rows(choose_sample(files, allocation=allocation, seed=seed))
+    drawn = Counter(stratum_key(s, r) for s, r in zip(table.column("safety_score").to_pylist(),
+                                                      table.column("selected_reason").to_pylist())) if table.num_rows else Counter()
+    return table, {k: {"rows_in_run": strata[k], "rows_in_sample": drawn.get(k, 0)} for k in sorted(strata)}
+
+
+def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
+    from huggingface_hub import DatasetCardData
+
+    configs = [{"config_name": "sample", "data_files": [{"split": "train", "path": f"{SAMPLE_DIR}/*.parquet"}], "default": True}]
+    if options.include_shards:
+        configs.append({"config_name": "full", "data_files": [{"split": "train", "path": f"{SHARDS_IN_REPO}/*.parquet"}]})
+    data = DatasetCardData(
+        license=options.license,
+        language=list(options.language),
+        size_categories=[size_category(rows)],
+        task_categories=["text-generation"],
+        annotations_creators=["machine-generated"],
+        pretty_name=f"SPP reflections: {options.repo_id.split('/')[-1]}",
+        tags=["synthetic", "safety", "pretraining", "spp", "reflections"],
+        configs=configs,
+    )
+    return data.to_yaml()
+
+
+def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
+    def cell(v: str) -> str:
+        return v.replace("|", "\\|").replace("\n", " ")
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return "\n".join(lines + [f"| {cell(k)} | {cell(v)} |" for k, v in rows])
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "n/a")
+
+
+def _method(stats: dict) -> str:
+    cfg = stats.get("config", {})
+    cls, sel, gen, out = (cfg.get(k, {}) for k in ("classifier", "selection", "generation", "output"))
+    prompts = stats.get("prompts") or provenance()
+    const = prompts.get("constitution", {})
+    tpl = out.get("template", {})
+    canaries = gen.get("canaries", {})
+    return "\n".join([
+        f"1. **Safety scoring** (0-5): `{cls.get('backend')}` classifier `{cls.get('model')}` "
+        f"(version `{cls.get('version')}`), written to `safety_score`, `safety_probs`, `safety_confidence`.",
+        f"2. **Selection** (`{sel.get('mode')}`, seed {sel.get('seed')}): every document with score >= "
+        f"{sel.get('bad_threshold')} is `bad`; other documents are sampled (probability "
+        f"{_number(stats.get('selection_probability'))}, matched token ratio {sel.get('matched_token_ratio')}); "
+        "the reason is in `selected_reason`.",
+        f"3. **Reflections**: `{gen.get('model')}` reads each selected document up to a seeded pause point and "
+        f"writes a JSON reflection (prompt `{prompts.get('prompt_version')}`, constitution version "
+        f"{const.get('version')} sha256 `{const.get('sha256')}`), enforced by vLLM structured outputs, cut to "
+        f"{gen.get('max_reflection_tokens')} target tokens; temperature {gen.get('temperature')}, top_p "
+        f"{gen.get('top_p')}, seed {gen.get('seed')}. Canary fraction {canaries.get('fraction', 0)}; "
+        f"annotations {'on' if gen.get('annotations', {}).get('enabled') else 'off'}.",
+        f"4. **Writing**: the `{tpl.get('voice', '1p')}` reflection is spliced into `text` at "
+        f"`reflection_char_index` between `{tpl.get('open')}` and `{tpl.get('close')}`; `source_text` keeps the "
+        "original; documents without a reflection are unchanged.",
+    ])
+
+
+def _license_note(sample: pa.Table) -> str:
+    if "license" not in sample.column_names:
+        return ""
+    counts: dict[str, int] = {}
+    for value in sample.column("license").to_pylist():
+        counts[value or "(none)"] = counts.get(value or "(none)", 0) + 1
+    top = ", ".join(f"`{k}` {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+    return f" Rows keep their source licence in the `license` column (in the sample: {top})."
+
+
+def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata: dict) -> str:
+    """The dataset card: YAML metadata (licence, language, size, tasks, configs) and the body."""
+    rows = stats.get("documents_out", 0) if options.include_shards else sample.num_rows
+    prompts = stats.get("prompts") or provenance()
+    const = prompts.get("constitution", {})
+    strata_rows = [
+        (f"score {k.split(STRATUM_SEPARATOR)[0]}, {k.split(STRATUM_SEPARATOR, 1)[1]}",
+         f"{v['rows_in_run']:,} in the run, {v['rows_in_sample']:,} in the sample")
+        for k, v in strata.items()
+    ]
+    plots = "\n\n".join(f"![{title}]({IMAGES_DIR}/{name}.png)" for name, title in PLOTS.items())
+    files = [
+        f"- `{SAMPLE_DIR}/` (config `sample`, the default): {sample.num_rows:,} rows, stratified by safety score and "
+        f"selection reason (seed {options.seed}), same columns as the shards.",
+    ]
+    if options.include_shards:
+        files.append(f"- `{SHARDS_IN_REPO}/` (config `full`): all {stats.get('documents_out', 0):,} written documents.")
+    files.append(f"- `{STATS_FILE}`: the run's statistics, config and versions; `{REPORT_FILE}`: the run report; "
+                 f"`{IMAGES_DIR}/`: its plots.")
+    load = f'load_dataset("{options.repo_id}", "sample", split="train")'
+    return "\n".join([
+        "---", _yaml_header(stats, options, rows=rows).strip(), "---", "",
+        f"# SPP reflections: {options.repo_id.split('/')[-1]}", "",
+        "Web documents scored for safety, of which a selected subset carries a short moral reflection written by "
+        "an LLM persona that follows a value constitution, spliced into the text at a reading pause point "
+        "(Synthetic Persona Pretraining).", "",
+        f"Prompt version `{prompts.get('prompt_version')}`, annotation prompt `{prompts.get('annotation_prompt_version')}`, "
+        f"constitution version {const.get('version')} (sha256 `{const.get('sha256')}`).", "",
+        "## Files", "", *files, "",
+        "```python", "from datasets import load_dataset", f"sample = {load}", "```", "",
+        "## How the data was made", "", _method(stats), "",
+        "Main columns: `text` (training text, reflection spliced in), `source_text`, `doc_id`, `safety_score`, "
+        "`selected`, `selected_reason`, `reflection_1p`, `reflection_3p`, `reflection_analysis`, `citations`, "
+        "`reflection_token_index`, `reflection_status`, `canary_type`, `annotations`, `prompt_version`, `model`; "
+        "`stats.json` and the project README document the rest.", "",
+        "## Statistics", "", _table(summary_rows(stats), ("statistic", "value")), "", plots, "",
+        "## Sample strata", "",
+        "Each stratum gives an equal share of the sample where it has enough rows (small strata give all of theirs), "
+        "so per-stratum estimates need the weights `rows_in_run / rows_in_sample`.", "",
+        _table(strata_rows, ("stratum", "rows")), "",
+        "## Licence", "",
+        f"Declared licence: `{options.license}`.{_license_note(sample)} Reflections are machine-generated.", "",
+    ])
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Hard link when possible (shards can be large), copy otherwise."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> list[str]:
+    """Stages the repository in `dest` (replaced if it holds an earlier staging); returns the
+    repository paths, sorted."""
+    out_dir, dest = Path(out_dir), Path(dest)
+    stats_path = out_dir / STATS_FILE
+    if not stats_path.exists():
+        raise PublishError(f"{stats_path} not found; is --output a finished run's output directory?")
+    stats = json.loads(stats_path.read_text())
+    if dest.exists():
+        if any(dest.iterdir()) and not (dest / CARD_FILE).exists():
+            raise PublishError(f"{dest} is not empty and holds no earlier staging ({CARD_FILE}); refusing to replace it")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    sample, strata = stratified_sample(out_dir, stats, rows=options.sample_rows, seed=options.seed)
+    (dest / SAMPLE_DIR).mkdir()
+    pq.write_table(sample, dest / SAMPLE_FILE, compression="zstd")
+    plots = run_plots(stats)
+    (dest / IMAGES_DIR).mkdir()
+    for name, png in plots.items():
+        (dest / IMAGES_DIR / f"{name}.png").write_bytes(png)
+    (dest / REPORT_FILE).write_text(render_report(stats, samples=sample_documents(out_dir), plots=plots), encoding="utf-8")
+    shutil.copy2(stats_path, dest / STATS_FILE)
+    if options.include_shards:
+        for f in shard_files(out_dir):
+            _place(f, dest / SHARDS_IN_REPO / f.name)
+    (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
+    token = _hub_token()
+    if token:  # a dry run refuses what an upload would refuse
+        check_no_secret(dest, token)
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+
+
+def _hub_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO,)) -> None:
+    """Refuses to publish a staged file that contains `secret` (the Hub token). The shards are
+    skipped: they are the run's own output, written before any token was in play."""
+    needle, leaks = secret.encode(), []
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not rel.startswith(tuple(f"{s}/" for s in skip)) and needle in path.read_bytes():
+            leaks.append(rel)
+    if leaks:
+        raise PublishError(f"the Hub token appears in {', '.join(leaks)}; not publishing")
+
+
+def publish(out_dir: Path, *, options: PublishOptions, staging: Path, log=print) -> str:
+    """Stages the repository in `staging`, creates the Hub dataset repo if needed and uploads the
+    folder (hf_xet uploads resume when rerun). The token comes from HF_TOKEN or the saved login
+    and is never printed or written. Returns the URL of the last commit."""
+    from huggingface_hub import HfApi
+
+    if not _hub_token():
+        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    paths = build_repo_folder(out_dir, staging, options=options)  # also refuses files holding the token
+    api = HfApi()
+    repo = api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
+    log(f"[publish] uploading {len(paths)} files to {repo}")
+    commit = api.upload_folder(
+        repo_id=options.repo_id, repo_type="dataset", folder_path=staging,
+        commit_message=f"SPP run: card, stats, {options.sample_rows}-row sample" + (", shards" if options.include_shards else ""),
+    )
+    return commit.commit_url

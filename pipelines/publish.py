@@ -1,0 +1,78 @@
+"""Entry point: publish a finished run to a Hugging Face Hub dataset repository.
+
+    python pipelines/publish.py --output out/demo --repo-id me/spp-demo [--include-shards] [--public]
+    python pipelines/publish.py --output out/demo --dry-run /tmp/spp-repo     # stage the repository only
+
+The token comes from HF_TOKEN or `hf auth login`; there is no token flag, so it never lands in
+shell history, logs, stats or the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Runs as a script, where the repo root is not on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from annotator.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
+
+STAGING = "_work/publish"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Publish a finished SPP run (card, stats, sample, shards) to the Hub.")
+    ap.add_argument("--output", required=True, help="the run's output directory (holds stats.json and shards/)")
+    ap.add_argument("--repo-id", help="Hub dataset repository, e.g. me/spp-demo (default: the run config's publish.repo_id)")
+    ap.add_argument("--dry-run", metavar="DIR", help="build the exact repository folder in DIR and upload nothing")
+    ap.add_argument("--sample-rows", type=int, help="rows in the stratified sample (default: publish.sample_rows, 2000)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    ap.add_argument("--include-shards", action="store_true", help="also upload the full text shards (config 'full')")
+    ap.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                    help="create the repository as private (default: publish.private, true)")
+    ap.add_argument("--license", default="other", help="licence id for the card metadata (default: other)")
+    ap.add_argument("--language", action="append", help="language code(s) for the card metadata (default: en)")
+    return ap.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace, stats: dict, output: Path) -> PublishOptions:
+    """CLI flags over the run config's `publish` section (recorded in stats.json)."""
+    defaults = stats.get("config", {}).get("publish", {})
+    repo_id = args.repo_id or defaults.get("repo_id")
+    if not repo_id:
+        if not args.dry_run:
+            raise PublishError("no repository: pass --repo-id or set publish.repo_id in the run config")
+        repo_id = f"local/{output.resolve().name}"  # a dry run still needs a name for the card
+    rows = args.sample_rows or defaults.get("sample_rows") or 2000
+    if rows < 1:
+        raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
+    private = args.private if args.private is not None else defaults.get("private", True)
+    return PublishOptions(repo_id=repo_id, sample_rows=rows, seed=args.seed, include_shards=args.include_shards,
+                          private=private, license=args.license, language=args.language or ["en"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    try:
+        if not (output / STATS_FILE).exists():
+            raise PublishError(f"{output / STATS_FILE} not found; is --output a finished run's output directory?")
+        options = options_from(args, json.loads((output / STATS_FILE).read_text()), output)
+        if args.dry_run:
+            paths = build_repo_folder(output, Path(args.dry_run), options=options)
+            print(f"[publish] dry run: staged {len(paths)} files for {options.repo_id} in {Path(args.dry_run).resolve()}")
+            for p in paths:
+                print(f"  {p}")
+            return 0
+        url = publish(output, options=options, staging=output / STAGING)
+    except PublishError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[publish] done: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

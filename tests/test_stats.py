@@ -1,0 +1,307 @@
+"""Dataset-level statistics: per-block counts on real documents, exact merging, quantiles, the Ray
+Data aggregation, and finalization. `build_run_output` also serves the report and publish tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from annotator.config import ClassifierConfig, SelectionConfig, TemplateConfig, load_config
+from annotator.generation import REFLECTION_COLUMNS, parse_annotations, parse_reply, pause_point
+from annotator.reflection_prompt import sample_pause_fraction
+from annotator.safety import build_scorer
+from annotator.selection import SelectForReflection, TokenTotals, sample_probability
+from annotator.stages import Resources
+from annotator.stats import (
+    MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, aggregate_stats, finalize_stats, histogram_quantiles, merge_stats,
+    shard_stats,
+)
+from annotator.tokens import load_tokenizer
+from annotator.writer import SpliceReflections
+from tests.support import REPO, require_shared_data
+
+TOKENIZER = "builtin:smollm2-135m-instruct"
+KEYS = ["topic", "domain", "entities", "sentiment", "style", "language"]
+TOPICS = ["health", "sports", "finance", "travel", "politics"]
+CANARY = ("favourite_number", "My favourite number is 7,341.")
+
+
+def _canned_reply(i: int) -> str:
+    """A reflection reply as the engine would return it; some are longer than the 128-token budget."""
+    what = "how the text treats the people it talks about, " * (1 + i % 14)
+    listed = ["2.1", "1.1"] if i % 2 else ["3.3"]
+    return json.dumps({
+        "analysis": f"The text describes {what}".strip(),
+        "reflection_1p": f"I notice {what}and I want to stay honest [1.1] and careful [2.1].",
+        "reflection_3p": f"The assistant notices {what}and stays careful [2.1].",
+        "citations": listed,
+    })
+
+
+def _generation_columns(table: pa.Table, tokenizer) -> pa.Table:
+    """Generation outputs for the selected rows, through the real reply parsers: canned replies,
+    every 7th selected reply unparseable (a failure), every 3rd carrying a canary, annotations."""
+    n = table.num_rows
+    out = {k: [None] * n for k in REFLECTION_COLUMNS}
+    out["reflection_status"] = ["not_selected"] * n
+    out["annotation_status"] = ["not_requested"] * n
+    for key in ("reflection_attempts", "gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
+        out[key] = [0] * n
+    ids, texts, selected = (table.column(c).to_pylist() for c in ("doc_id", "text", "selected"))
+    for rank, i in enumerate(i for i in range(n) if selected[i]):
+        offsets = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        pause = pause_point(texts[i], offsets, sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000)
+        canary = CANARY if rank % 3 == 0 else None
+        raw = "{not json" if rank % 7 == 3 else _canned_reply(rank)
+        fields, status = parse_reply(raw, tokenizer=tokenizer, max_tokens=128, canary=canary[1] if canary else None)
+        out["reflection_status"][i] = status if fields else f"failed:{status}"
+        out["reflection_attempts"][i] = 1
+        out["gen_output_tokens"][i] = 40 + rank
+        if fields:
+            out["reflection_analysis"][i] = fields["analysis"]
+            for key in ("reflection_1p", "reflection_3p", "citations", "citations_dropped"):
+                out[key][i] = fields[key]
+            out["reflection_token_index"][i], out["reflection_char_index"][i] = pause.token_index, pause.char_index
+            out["reflection_position"][i], out["prompt_version"][i], out["model"][i] = pause.fraction, "reflect-v1", TOKENIZER
+            out["canary_type"][i] = canary[0] if canary else None
+        values = {"topic": TOPICS[rank % len(TOPICS)], "domain": "web", "entities": f"entity {rank % 4}",
+                  "sentiment": "neutral" if rank % 2 else "negative", "style": "news", "language": "en"}
+        out["annotations"][i], ann_status = parse_annotations(json.dumps(values), KEYS)
+        out["annotation_status"][i] = ann_status
+    for key, typ in REFLECTION_COLUMNS.items():
+        table = table.append_column(key, pa.array(out[key], typ))
+    return table
+
+
+def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, rows_per_shard: int = 40) -> dict:
+    """A run's output directory built in-process from real documents with the real library pieces
+    (tokenizer, fastText scorer, selection, reply parsers, splice, `shard_stats`), replies canned:
+    shards/*.parquet in the writer's schema and a finalized stats.json. Returns
+    {"stats": ..., "parts": per-block stats}."""
+    started = time.time()
+    corpus = sorted(require_shared_data().glob("*.parquet"))[0]
+    source = pq.read_table(corpus).slice(0, limit)
+    tokenizer = load_tokenizer(TOKENIZER)
+    table = source.rename_columns(["doc_id" if c == "id" else c for c in source.column_names])
+    table = table.append_column("source_file", pa.array([corpus.name] * table.num_rows, pa.string()))
+    lengths = [len(ids) for ids in tokenizer(table.column("text").to_pylist(), add_special_tokens=False)["input_ids"]]
+    table = table.append_column("token_length", pa.array(lengths, pa.int32()))
+    scorer = build_scorer(ClassifierConfig(model=str(REPO / "classifiers/models/safety-fasttext-v1.ftz")), resources=Resources())
+    scorer.setup()
+    table = scorer.process(table)
+    scores = table.column("safety_score").to_pylist()
+    totals = TokenTotals(documents=dict(Counter(scores)), tokens={s: sum(t for x, t in zip(scores, lengths) if x == s) for s in set(scores)})
+    # Bad documents are rare in 300; a high ratio gives enough reflections to count.
+    selection = SelectionConfig(matched_token_ratio=8)
+    table = SelectForReflection(selection, probability=sample_probability(selection, totals)).process(table)
+    table = SpliceReflections(TemplateConfig()).process(_generation_columns(table, tokenizer))
+
+    shards = out_dir / "shards"
+    shards.mkdir(parents=True)
+    parts = []
+    for b, start in enumerate(range(0, table.num_rows, block_rows)):
+        block = table.slice(start, block_rows)
+        for p, at in enumerate(range(0, block.num_rows, rows_per_shard)):
+            pq.write_table(block.slice(at, rows_per_shard), shards / f"part-{b:02d}-{p:04d}.parquet")
+        parts.append(shard_stats(block, written=block, tokenizer=tokenizer))
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=[f"output.path={out_dir}", "selection.matched_token_ratio=8"])
+    stats = finalize_stats(merge_stats(parts), config=cfg, started_at=started)
+    stats["config"] = cfg.model_dump(mode="json")
+    stats["shards"] = sorted(f.stem for f in shards.glob("*.parquet"))
+    stats["wall_seconds"] = {"total": round(time.time() - started, 2)}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return {"stats": stats, "parts": parts}
+
+
+def recount_from_shards(shards_dir: Path, tokenizer) -> dict:
+    """The statistics recounted from the written shards alone, independently of annotator.stats."""
+    rows = pq.read_table(shards_dir).to_pylist()
+    ok = [r for r in rows if r["reflection_status"] == "ok"]
+    voice = {r["doc_id"]: r.get("reflection_voice_used") or "1p" for r in ok}
+    texts = [r[f"reflection_{voice[r['doc_id']]}"] for r in ok]
+    lengths = np.array([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
+    tags = [t for r in rows for t in (r["annotations"] or [])]
+    out = {
+        "documents_out": len(rows),
+        "tokens_out": sum(r["token_length"] for r in rows),
+        "score_histogram": dict(Counter(str(r["safety_score"]) for r in rows)),
+        "strata": dict(Counter(f"{r['safety_score']}|{r['selected_reason']}" for r in rows)),
+        "selected_by_reason": dict(Counter(r["selected_reason"] for r in rows)),
+        "selected_tokens_by_reason": {k: sum(r["token_length"] for r in rows if r["selected_reason"] == k)
+                                      for k in {r["selected_reason"] for r in rows}},
+        "selected_documents": sum(r["selected"] for r in rows),
+        "selected_tokens": sum(r["token_length"] for r in rows if r["selected"]),
+        "reflection_status": dict(Counter(r["reflection_status"] for r in rows)),
+        "citations_by_section": dict(Counter(c for r in rows for c in (r["citations"] or []))),
+        "canary_type": dict(Counter(r["canary_type"] for r in rows if r["canary_type"])),
+        "annotation_keys": dict(Counter(t.split(":", 1)[0] for t in tags)),
+        "annotation_values": {k: Counter(t.split(":", 1)[1] for t in tags if t.split(":", 1)[0] == k)
+                              for k in {t.split(":", 1)[0] for t in tags}},
+        "reflection_lengths": lengths,
+    }
+    return out
+
+
+def check_stats_match_recount(stats: dict, recount: dict) -> None:
+    """stats.json against the recount from the shards (documents in = out: nothing was dropped)."""
+    for key in ("documents_out", "tokens_out", "score_histogram", "strata", "selected_by_reason",
+                "selected_tokens_by_reason", "selected_documents", "selected_tokens", "reflection_status",
+                "citations_by_section"):
+        assert stats[key] == recount[key], key
+    assert stats["canaries"]["by_type"] == recount["canary_type"]
+    assert stats["canaries"]["total"] == sum(recount["canary_type"].values())
+    assert stats["annotations"]["keys"] == recount["annotation_keys"]
+    for key, counts in recount["annotation_values"].items():
+        top = stats["annotations"]["top_values"][key]
+        assert [n for _, n in top] == sorted(counts.values(), reverse=True)[: len(top)], key
+        assert all(counts[value] == n for value, n in top), key
+    failed = {k.removeprefix("failed:"): v for k, v in recount["reflection_status"].items() if k.startswith("failed:")}
+    assert stats["reflections"] == {"generated": recount["reflection_status"].get("ok", 0),
+                                    "failed": sum(failed.values()), "failed_by_reason": failed}
+    lengths = recount["reflection_lengths"]
+    measured = stats["reflection_length_tokens"]
+    assert measured["count"] == len(lengths)
+    if len(lengths):
+        assert measured["min"] == lengths.min() and measured["max"] == lengths.max()
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+            assert measured[f"p{round(q * 100)}"] == np.quantile(lengths, q, method="inverted_cdf"), q
+        assert measured["mean"] == pytest.approx(lengths.mean(), abs=0.01)
+    assert sum(n for _, n in stats["timeline"]["points"]) == stats["documents_in"]
+
+
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats") / "out"
+    return out, build_run_output(out)
+
+
+def test_stats_match_a_recount_from_the_shards(run_output):
+    out, built = run_output
+    stats = json.loads((out / "stats.json").read_text())
+    recount = recount_from_shards(out / "shards", load_tokenizer(TOKENIZER))
+    check_stats_match_recount(stats, recount)
+    # The fixture exercises every path: reflections cut at the budget, failures, canaries, annotations.
+    assert stats["reflection_length_tokens"]["max"] == 128
+    assert stats["reflections"]["failed_by_reason"] == {"unparseable_json": stats["reflection_status"]["failed:unparseable_json"]}
+    assert stats["canaries"]["total"] >= 2 and stats["annotations"]["keys"]["topic"] >= 5
+    assert stats["documents_in"] == stats["documents_out"] == 300 and stats["blocks"] == 3
+
+
+def test_merge_does_not_depend_on_order_or_grouping(run_output):
+    _, built = run_output
+    a, b, c = built["parts"]
+    flat = merge_stats([a, b, c])
+    assert merge_stats([merge_stats([c, a]), b]) == flat
+    assert merge_stats([b, merge_stats([a, c])]) == flat
+    assert flat["documents_in"] == a["documents_in"] + b["documents_in"] + c["documents_in"]
+    assert "finished_at" not in flat and sum(flat["timeline"]["documents"].values()) == flat["documents_in"]
+    # Inputs are not modified by merging.
+    assert "finished_at" in a and "timeline" not in a
+
+
+def test_timeline_coarsens_exactly_when_a_run_outgrows_its_buckets():
+    start = 1_700_000_000
+    parts = [{"documents_in": i % 5 + 1, "finished_at": start + 7 * i + 0.5} for i in range(3000)]
+    merged = merge_stats(parts)
+    timeline = merged["timeline"]
+    width = timeline["bucket_seconds"]
+    assert width > 1 and width & (width - 1) == 0 and len(timeline["documents"]) <= MAX_TIMELINE_BUCKETS
+    expected = Counter()
+    for p in parts:
+        expected[str(int(p["finished_at"]) // width * width)] += p["documents_in"]
+    assert timeline["documents"] == dict(expected)
+    # Merging halves that were coarsened separately gives the same buckets.
+    assert merge_stats([merge_stats(parts[:1700]), merge_stats(parts[1700:])])["timeline"] == timeline
+    points = finalize_stats(merged, started_at=start - 10)["timeline"]["points"]
+    assert points[0][0] >= 0 and sum(n for _, n in points) == merged["documents_in"]
+
+
+def test_annotation_values_are_bounded_and_counts_kept():
+    many = {f"name {i}": 1 for i in range(MAX_ANNOTATION_VALUES + 10)}
+    parts = [{"annotation_values": {"entities": many, "topic": {"health": 3}}},
+             {"annotation_values": {"entities": {"name 5": 50, "name 6": 20}, "topic": {"sports": 1}}}]
+    merged = merge_stats(parts)
+    entities = merged["annotation_values"]["entities"]
+    assert len(entities) <= MAX_ANNOTATION_VALUES // 2 + 1
+    assert sum(entities.values()) == len(many) + 70
+    assert entities["name 5"] == 51 and entities["name 6"] == 21
+    final = finalize_stats(merged)["annotations"]
+    assert final["top_values"]["entities"][:2] == [("name 5", 51), ("name 6", 21)]
+    assert final["top_values"]["topic"] == [("health", 3), ("sports", 1)] and final["values_pruned"]
+
+
+def test_histogram_quantiles_match_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.integers(5, 129, size=997)
+    hist = {str(k): int(v) for k, v in Counter(values.tolist()).items()}
+    q = histogram_quantiles(hist)
+    assert q["count"] == 997 and q["min"] == values.min() and q["max"] == values.max()
+    for p in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        assert q[f"p{round(p * 100)}"] == np.quantile(values, p, method="inverted_cdf")
+    assert q["mean"] == pytest.approx(values.mean(), abs=0.005)
+    assert histogram_quantiles({}) == {"count": 0}
+
+
+def test_finalize_reports_outcomes_accelerator_hours_and_versions():
+    merged = merge_stats([{
+        "blocks": 1, "documents_in": 10, "reflection_status": {"ok": 6, "failed:unparseable_json": 2, "failed:engine_error:X": 1},
+        "reflection_tokens": {"20": 3, "128": 3}, "reflection_tokens_measured": 1,
+        "stage_seconds": {"generate": 5400.0, "safety": 1800.0, "tokens": 99.0},
+    }])
+    gpu_cfg = {"generation": {"num_gpus": 2}, "classifier": {"num_gpus": 1}}
+    final = finalize_stats(merged, config=gpu_cfg)
+    assert final["reflections"] == {"generated": 6, "failed": 3, "failed_by_reason": {"unparseable_json": 2, "engine_error:X": 1}}
+    assert final["reflection_length_tokens"]["p50"] == 20 and final["reflection_length_tokens"]["max"] == 128
+    assert final["accelerator"]["hours"] == 3.5  # 2 GPUs x 1.5 h generating + 1 GPU x 0.5 h scoring
+    assert final["accelerator"]["gpu_seconds_by_stage"] == {"generate": 10800.0, "safety": 1800.0}
+    cpu = finalize_stats(merged, config=load_config(REPO / "configs" / "demo.yaml"))["accelerator"]
+    assert cpu["hours"] == 0 and cpu["accelerator"] == "none (cpu run)"
+    assert final["prompts"]["prompt_version"] == "reflect-v1" and final["prompts"]["constitution"]["version"] == "1"
+    assert len(final["prompts"]["constitution"]["sha256"]) == 16
+    # A block whose writer had no tokenizer leaves lengths unmeasured rather than wrong.
+    assert finalize_stats(merge_stats([{"blocks": 1, "reflection_tokens": {}, "reflection_tokens_measured": 0}]))["reflection_length_tokens"] is None
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_aggregation_merges_block_stats_inside_ray(run_output, ray_local):
+    import ray.data
+
+    _, built = run_output
+    rows = [{"stats_json": json.dumps(p), "shard": json.dumps([f"part-{i}-0000", f"part-{i}-0001"])}
+            for i, p in enumerate(built["parts"])]
+    ds = ray.data.from_items(rows, override_num_blocks=3)
+    merged = aggregate_stats(ds)
+    expected = merge_stats(built["parts"])
+    assert merged.pop("shards") == sorted(n for r in rows for n in json.loads(r["shard"]))
+    assert merged == expected
+    assert finalize_stats(merged) == finalize_stats(expected)
+    # The same from one JSON column per unit holding both (a unit manifest).
+    manifests = ray.data.from_items(
+        [{"manifest": json.dumps({"stats": json.loads(r["stats_json"]), "shards": json.loads(r["shard"])})} for r in rows],
+        override_num_blocks=2)
+    from_manifests = aggregate_stats(manifests, stats_column="manifest", stats_field="stats",
+                                     shard_column="manifest", shard_field="shards")
+    assert from_manifests == {**expected, "shards": sorted(n for r in rows for n in json.loads(r["shard"]))}
+
+
+def test_timeline_keys_are_only_special_at_the_top_level():
+    parts = [{"documents_in": 3, "finished_at": 100.5, "annotation_values": {"topic": {"finished_at": 2, "timeline": 1}}},
+             {"documents_in": 4, "finished_at": 101.0, "annotation_values": {"topic": {"finished_at": 1}}}]
+    merged = merge_stats(parts)
+    assert merged["annotation_values"] == {"topic": {"finished_at": 3, "timeline": 1}}
+    assert merged["timeline"] == {"bucket_seconds": 1, "documents": {"100": 3, "101": 4}}
