@@ -4,7 +4,7 @@
     _work/scored/<unit>/<first>-<n>.parquet   pass 1 results (n rows each; a unit is scored when
                                               its parts and its rejects add up to its rows)
     _work/selection.json                sample probability and duplicate ids (fixed once computed)
-    _work/generated/<unit>/<hash>.parquet     generation results, one file per generated batch
+    _work/generated/<unit>/<batch>.parquet    generation results, one file per planned engine batch
     _work/done/<unit>.json              a unit's manifest: its shards and statistics, written last
     rejects/documents/<unit>-<first>-<n>.parquet   quarantined input documents
 
@@ -42,7 +42,9 @@ REJECTED_FILES = "rejects/files.jsonl"
 # Settings that change how fast a run goes, not what it writes: a rerun may change them.
 OPERATIONAL_FIELDS = {
     "classifier": {"batch_size", "concurrency", "num_cpus", "num_gpus", "micro_batch_size"},
-    "generation": {"concurrency", "num_gpus", "num_cpus", "tensor_parallel_size", "batch_size", "max_batches_in_flight",
+    # generation.batch_size is not here: vLLM's numerics depend on what shares a batch, so the
+    # engine batches (planned from it) are part of what decides the reflections.
+    "generation": {"concurrency", "num_gpus", "num_cpus", "tensor_parallel_size", "max_batches_in_flight",
                    "gpu_memory_utilization", "enforce_eager", "batch_timeout_s", "max_replica_restarts"},
     "output": {"path", "overwrite", "keep_work"},
     "publish": None,

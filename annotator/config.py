@@ -30,6 +30,16 @@ class InputConfig(_Section):
         "id", description="Column holding a document id; null (or a missing column) derives a stable id from the text."
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many documents (for demos and smoke runs).")
+    rows_per_unit: int = Field(
+        50_000, ge=1,
+        description="Rows per work unit (whole row groups of one file): the grain of resume, output shard names and manifests.",
+    )
+    max_document_chars: int = Field(
+        1_000_000, ge=1, description="Documents longer than this (in characters) are quarantined in rejects/ as too_long."
+    )
+    reject_duplicate_ids: bool = Field(
+        True, description="A document id seen earlier in the input (file order, row order) is quarantined as duplicate_id."
+    )
 
     @field_validator("paths")
     @classmethod
@@ -134,7 +144,8 @@ class GenerationConfig(_Section):
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (faster start, slower decode).")
     batch_size: int = Field(
-        256, ge=1, description="Documents (rows) per batch handed to one replica; only the selected ones become engine requests."
+        256, ge=1,
+        description="Documents per engine batch (planned per unit from the documents that need the engine). Part of the run's fingerprint: vLLM's numerics depend on what shares a batch.",
     )
     max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per replica so the engine never waits for input.")
     max_reflection_tokens: int = Field(128, ge=8, le=1024, description="Upper bound of each reflection in target-tokenizer tokens.")
@@ -148,6 +159,13 @@ class GenerationConfig(_Section):
     )
     seed: int = Field(0, description="Base sampling seed; each document's seed is derived from it and the document id.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed request before the document is kept without a reflection.")
+    max_replica_restarts: int = Field(
+        4, ge=0, description="Times a replica that died (crash, OOM, hang) is restarted, its batch retried, before the job fails."
+    )
+    batch_timeout_s: float = Field(
+        1800, gt=0,
+        description="An engine call on one batch that takes longer counts as hung: the replica exits, Ray restarts it and retries the batch.",
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed through.")
     annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
     canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary facts in reflections.")
@@ -177,6 +195,9 @@ class OutputConfig(_Section):
     rows_per_shard: int = Field(50_000, ge=1, description="Target rows per output shard (text and tokenized alike).")
     shuffle_seed: int = Field(0, description="Seed of the interleaved row order within each shard.")
     tokenized: bool = Field(True, description="Also write Megatron indexed-dataset token shards (.bin/.idx) and reflection masks.")
+    keep_work: bool = Field(
+        False, description="Keep `_work/` (the scored corpus and cached generations) after a successful run; manifests are always kept."
+    )
 
 
 class PublishConfig(_Section):
@@ -191,6 +212,9 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance (null: all).")
     object_store_memory_gb: float | None = Field(None, gt=0, description="Object store size of a locally started Ray instance.")
+    progress_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between one-line progress logs when stdout is not a terminal (e.g. `ray job submit` logs)."
+    )
 
 
 class RunConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.checkpoint import (
-    DONE, GENERATED, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, cached_generations, digest,
+    DONE, GENERATED, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, cached_generations,
     read_unit_scored, rejected_count, write_json, write_table,
 )
 from annotator.config import GenerationConfig, OutputConfig, SelectionConfig
@@ -26,9 +27,6 @@ from annotator.selection import SelectForReflection
 from annotator.stages import TIMING_PREFIX, Resources, Stage, timed
 from annotator.units import Unit, units_from_json
 from annotator.writer import TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections
-
-GENERATION_INPUT = ["doc_id", "text", "selected", "_unit"]
-
 
 def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
     """Rows the engine has to see: selected ones, and every row when all are annotated."""
@@ -46,69 +44,71 @@ def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Tabl
     return table.filter(pc.invert(dup)), table.filter(dup)
 
 
-class NeedsGeneration(Stage):
-    """Selects, then keeps only rows that need the engine and have no saved result yet."""
+class PlanGeneration(Stage):
+    """Per unit: the documents that need the engine, in input order, cut into engine batches of
+    `generation.batch_size`; emits one row per batch that has no saved result yet.
 
-    name = "needs_generation"
-    reads = ("doc_id", "text", "safety_score", "safety_confidence", "source_row", "_unit")
-    adds = ("selected",)
+    The batches are a function of the unit alone, never of how Ray streamed the rows or where an
+    earlier run stopped: vLLM's numerics depend on what shares a batch, so only identical batches
+    give identical reflections in a resumed run."""
+
+    name = "plan_generation"
+    reads = ("unit",)
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags")
 
     def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
-                 generation_key: str, duplicates: dict[str, list[int]]):
+                 duplicates: dict[str, list[int]]):
         self.out_dir = out_dir
         self.select = SelectForReflection(selection, probability=probability)
         self.generation = generation
-        self.generation_key = generation_key
         self.duplicates = duplicates
-        self.resources = Resources(num_cpus=0.25, batch_size=None)
-        self._cached: dict[str, set[str]] = {}
-
-    def _cached_ids(self, unit: str) -> set[str]:
-        if unit not in self._cached:
-            table = cached_generations(Path(self.out_dir), unit, self.generation_key)
-            self._cached[unit] = set(table.column("doc_id").to_pylist()) if table is not None else set()
-        return self._cached[unit]
+        self.resources = Resources(num_cpus=0.25, batch_size=1)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        parts = []
-        for unit in sorted(set(batch.column("_unit").to_pylist())):
-            part = batch.filter(pc.equal(batch.column("_unit"), unit))
-            part, _ = drop_duplicates(part, self.duplicates.get(unit, []))
-            part = self.select.process(part)
-            part = part.filter(needs_generation(part.column("selected"), self.generation))
-            cached = self._cached_ids(unit)
-            if cached:
-                part = part.filter(pc.invert(pc.is_in(part.column("doc_id"), value_set=pa.array(sorted(cached), pa.string()))))
-            parts.append(part.select(GENERATION_INPUT))
-        return pa.concat_tables(parts) if parts else batch.select([]).slice(0, 0)
+        out = {name: [] for name in self.adds}
+        for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]}):
+            table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit), self.duplicates.get(unit.key, []))
+            if not table.num_rows:
+                continue
+            table = self.select.process(table)
+            table = table.filter(needs_generation(table.column("selected"), self.generation))
+            size = self.generation.batch_size
+            for index, start in enumerate(range(0, table.num_rows, size)):
+                if generated_batch_path(Path(self.out_dir), unit.key, index).exists():
+                    continue  # saved by an earlier run
+                piece = table.slice(start, size)
+                out["_unit"].append(unit.key)
+                out["batch_index"].append(index)
+                out["doc_ids"].append(piece.column("doc_id").to_pylist())
+                out["texts"].append(piece.column("text").to_pylist())
+                out["selected_flags"].append(piece.column("selected").to_pylist())
+        return pa.table(out, schema=pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
+                                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_()))]))
 
 
-def save_generations(batch: pa.Table, *, out_dir: str, generation_key: str) -> pa.Table:
-    """Saves one generated batch under `_work/generated/<unit>/`; returns counts per unit."""
-    rows = {"unit": [], "documents": [], "selected": [], "generated_tokens": [], "failures": []}
-    for unit in sorted(set(batch.column("_unit").to_pylist())):
-        part = batch.filter(pc.equal(batch.column("_unit"), unit))
-        ids = part.column("doc_id").to_pylist()
-        timings = [c for c in part.column_names if c.startswith(TIMING_PREFIX)]
-        saved = part.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *timings]).append_column(
-            "generation_key", pa.array([generation_key] * part.num_rows, pa.string()))
-        write_table(Path(out_dir) / GENERATED / unit / f"{digest(ids)}.parquet", saved)
-        status = part.column("reflection_status").to_pylist()
-        rows["unit"].append(unit)
-        rows["documents"].append(part.num_rows)
-        rows["selected"].append(sum(s != "not_selected" for s in status))
-        rows["generated_tokens"].append(int(pc.sum(part.column("gen_output_tokens")).as_py() or 0))
-        rows["failures"].append(sum(s.startswith("failed") for s in status if s))
-    return pa.table(rows)
+def generated_batch_path(out_dir: Path, unit: str, index: int) -> Path:
+    return out_dir / GENERATED / unit / f"{index:06d}.parquet"
+
+
+def save_generations(batch: pa.Table, *, path: Path, generation_key: str) -> dict:
+    """Saves one generated engine batch; returns its counts for progress."""
+    timings = [c for c in batch.column_names if c.startswith(TIMING_PREFIX)]
+    saved = batch.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *timings]).append_column(
+        "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
+    write_table(path, saved)
+    status = batch.column("reflection_status").to_pylist()
+    return {"documents": batch.num_rows, "selected": sum(s != "not_selected" for s in status),
+            "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
+            "failures": sum(s.startswith("failed") for s in status if s)}
 
 
 class GenerateAndSave(Stage):
-    """A vLLM replica that saves each batch it generates before returning, so the batch is durable
-    at once (Ray Data would otherwise buffer a task's output batches into one block), and returns
-    only counts: the generated text itself never travels back through the object store."""
+    """A vLLM replica: one planned engine batch per call, saved before the call returns (so it is
+    durable at once; Ray Data would otherwise buffer a task's outputs into one block); returns
+    only counts, so generated text never travels back through the object store."""
 
     name = "generate"
-    reads = (*ReflectionGenerator.reads, "_unit")
+    reads = PlanGeneration.adds
     adds = ("unit", "documents", "selected", "generated_tokens", "failures")
     stateful = True
 
@@ -116,13 +116,22 @@ class GenerateAndSave(Stage):
         self.generator = ReflectionGenerator(generation)
         self.out_dir = out_dir
         self.generation_key = generation_key
-        self.resources = self.generator.resources
+        # One planned batch per call: the engine batch is exactly the planned one.
+        self.resources = replace(self.generator.resources, batch_size=1)
 
     def setup(self) -> None:
         self.generator.setup()
 
     def process(self, batch: pa.Table) -> pa.Table:
-        return save_generations(timed(self.generator, batch), out_dir=self.out_dir, generation_key=self.generation_key)
+        rows = []
+        for plan in batch.to_pylist():
+            docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
+                             "selected": pa.array(plan["selected_flags"], pa.bool_())})
+            generated = timed(self.generator, docs)
+            path = generated_batch_path(Path(self.out_dir), plan["_unit"], plan["batch_index"])
+            rows.append({"unit": plan["_unit"], **save_generations(generated, path=path, generation_key=self.generation_key)})
+        return pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.string()), ("documents", pa.int64()), ("selected", pa.int64()),
+                                                             ("generated_tokens", pa.int64()), ("failures", pa.int64())]))
 
 
 def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: GenerationConfig, unit: str) -> pa.Table:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -63,6 +66,46 @@ REFLECTION_COLUMNS = {
     "gen_cached_prompt_tokens": pa.int32(),
     "gen_output_tokens": pa.int32(),
 }
+# The last reply of a reflection that failed every attempt (for rejects/generations, not the shards).
+FAILED_REPLY = "_failed_reply"
+FAILED_REPLY_CHARS = 4000
+
+
+class EngineWatchdog:
+    """Declares the engine hung when one call outlives `timeout_s`, and then calls `on_hang`
+    (in a replica: exit the process, so Ray restarts the actor and retries the batch)."""
+
+    def __init__(self, *, timeout_s: float, on_hang):
+        self.timeout_s = timeout_s
+        self.on_hang = on_hang
+        self._deadline: float | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True, name="engine-watchdog").start()
+
+    def __enter__(self):
+        with self._lock:
+            self._deadline = time.monotonic() + self.timeout_s
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            with self._lock:
+                hung = self._deadline is not None and time.monotonic() > self._deadline
+                if hung:
+                    self._deadline = None
+            if hung:
+                self.on_hang()
+
+
+def _exit_hung_replica() -> None:
+    print("[spp] generation engine call exceeded generation.batch_timeout_s; exiting so Ray restarts this replica",
+          file=sys.stderr, flush=True)
+    os._exit(70)
 
 
 @dataclass
@@ -167,18 +210,22 @@ class ReflectionGenerator(Stage):
 
     name = "generate"
     reads = ("doc_id", "text", "selected")
-    adds = tuple(REFLECTION_COLUMNS)
+    adds = (*REFLECTION_COLUMNS, FAILED_REPLY)
     stateful = True
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
         self.resources = Resources(
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
-            max_in_flight=cfg.max_batches_in_flight,
+            max_in_flight=cfg.max_batches_in_flight, max_restarts=cfg.max_replica_restarts,
         )
         self.llm = None
 
     def setup(self) -> None:
+        """Nothing up front: the engine loads with the first batch that has rows, so a resumed
+        run whose generations are all saved never pays for an engine start."""
+
+    def load_engine(self) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             from vllm import LLM
@@ -206,6 +253,7 @@ class ReflectionGenerator(Stage):
             engine_kwargs["enable_chunked_prefill"] = False
         engine_kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**engine_kwargs)
+        self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica)
         engine_tokenizer = self.llm.get_tokenizer()
         self.system = system_prompt()
         self.max_new_tokens = cfg.max_output_tokens or 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
@@ -226,6 +274,21 @@ class ReflectionGenerator(Stage):
         self.annotation_system = annotation_system_prompt(ann.keys)
         self.annotation_schema = annotation_schema(ann.keys, max_chars=ann.max_value_chars)
         self.annotation_max_tokens = len(ann.keys) * (ann.max_value_chars + 8) + 16
+        self._warm_prefix_cache()
+
+    def _warm_prefix_cache(self) -> None:
+        """Put the shared system prompts in the prefix cache before any real request.
+
+        A request whose prefix is cached computes only its own part, attending to the cached
+        keys; one that finds it cold computes everything in one pass, with slightly different
+        floating-point results. Warming first gives every request the same path whatever ran
+        before it in this replica, so a resumed or restarted replica writes the same reflections."""
+        from vllm import SamplingParams
+
+        prompts = [[{"role": "system", "content": self.system}, {"role": "user", "content": user_prompt("")}]]
+        if self.cfg.annotations.enabled:
+            prompts.append([{"role": "system", "content": self.annotation_system}, {"role": "user", "content": annotation_user_prompt("")}])
+        self.llm.chat(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
 
     def _sampling(self, task: str, doc_id: str, attempt: int):
         from vllm import SamplingParams
@@ -240,7 +303,8 @@ class ReflectionGenerator(Stage):
         )
 
     def _chat(self, messages: list, params: list) -> list[Reply]:
-        outs = self.llm.chat(messages, params, use_tqdm=False)
+        with self.watchdog:
+            outs = self.llm.chat(messages, params, use_tqdm=False)
         return [
             Reply(o.outputs[0].text, len(o.prompt_token_ids or ()), o.num_cached_tokens or 0, len(o.outputs[0].token_ids))
             for o in outs
@@ -304,9 +368,12 @@ class ReflectionGenerator(Stage):
         return out, pending, canaries
 
     def process(self, batch: pa.Table) -> pa.Table:
+        if self.llm is None and batch.num_rows:
+            self.load_engine()
         ids = batch.column("doc_id").to_pylist()
         ann = self.cfg.annotations
         out, pending, canaries = self.build_requests(batch)
+        failed_reply: list[str | None] = [None] * batch.num_rows
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
@@ -328,7 +395,10 @@ class ReflectionGenerator(Stage):
                 if task == REFLECTION:
                     out["reflection_attempts"][i] = attempt + 1
                     out["reflection_status"][i] = label
+                    if fields is None and not isinstance(reply, Exception):
+                        failed_reply[i] = reply.text[:FAILED_REPLY_CHARS]
                     if fields is not None:
+                        failed_reply[i] = None
                         out["reflection_analysis"][i] = fields["analysis"]
                         for key in ("reflection_1p", "reflection_3p", "citations", "citations_dropped"):
                             out[key][i] = fields[key]
@@ -341,7 +411,7 @@ class ReflectionGenerator(Stage):
             out["canary_type"][i] = None  # a failed reflection carries no canary
         for key, typ in REFLECTION_COLUMNS.items():
             batch = batch.append_column(key, pa.array(out[key], typ))
-        return batch
+        return batch.append_column(FAILED_REPLY, pa.array(failed_reply, pa.string()))
 
 
 class NoReflections(Stage):
@@ -349,7 +419,7 @@ class NoReflections(Stage):
 
     name = "generate"
     reads = ("selected",)
-    adds = ReflectionGenerator.adds
+    adds = tuple(REFLECTION_COLUMNS)
 
     def __init__(self):
         self.resources = Resources(num_cpus=0.25, batch_size=4096)

@@ -1,9 +1,11 @@
-"""The SPP reflections pipeline: score -> select -> generate -> splice -> write.
+"""The SPP reflections pipeline: score -> select -> generate -> splice -> write, resumable.
 
-Two streaming passes over the corpus. Pass 1 normalizes, counts tokens and scores safety,
-writing scored Parquet under `_work/scored/`. A small aggregation over it gives the token
-totals per score that token-matched selection needs. Pass 2 selects, generates, splices and
-writes the shards; each shard's writer returns its statistics, merged into `stats.json`.
+The input is planned into work units (`units.py`). Pass 1 reads and scores the units not yet
+scored into `_work/scored/`; a small aggregation gives the token totals per score that
+token-matched selection needs (and the duplicate ids). Pass 2a streams only the documents that
+need the engine through the vLLM replicas and saves every generated batch; pass 2b finalizes
+each unit into shards and a manifest. A rerun on the same output skips whatever is already
+durable (`checkpoint.py`), so the result is the same as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,54 +16,110 @@ import time
 from pathlib import Path
 
 from annotator import __version__
+from annotator.checkpoint import (
+    DONE, GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION, WriteScored, clear_unit_scoring, config_differences,
+    generation_key, load_manifests, output_settings, unit_done, unit_scored, write_json,
+)
 from annotator.config import RunConfig
+from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration
 from annotator.generation import NoReflections, ReflectionGenerator
-from annotator.reader import NormalizeColumns, read_corpus
+from annotator.progress import Progress
+from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
-from annotator.selection import SelectForReflection, TokenTotals, sample_probability
+from annotator.selection import DROPPED_BAD, SelectForReflection, TokenTotals, sample_probability
 from annotator.stages import Resources, Stage, apply_stages, check_chain
 from annotator.tokens import TokenCounter
-from annotator.writer import MASK_SUFFIX, TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, load_extended_tokenizer, merge_stats
+from annotator.units import InputPlan, Unit, plan_input
+from annotator.report import write_report
+from annotator.stats import aggregate_stats, finalize_stats
+from annotator.writer import MASK_SUFFIX, TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, load_extended_tokenizer
 
 SHARDS_DIR = TEXT_DIR
 TOKENIZER_DIR = "tokenizer"
-SCORED_DIR = "_work/scored"
-_OUR_OUTPUTS = ("stats.json", SHARDS_DIR, "_work", TOKENS_DIR)
+_OUR_OUTPUTS = (RUN_FILE, "stats.json", "report.html", SHARDS_DIR, "_work", TOKENS_DIR, "rejects")
 
 
 class OutputDirError(ValueError):
     """The output directory cannot be used as it is."""
 
 
-def prepare_output(path: Path, *, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise OutputDirError(f"output.path {str(path)!r} is not empty; set output.overwrite=true to replace it")
-        if not any((path / name).exists() for name in _OUR_OUTPUTS):
-            raise OutputDirError(f"output.path {str(path)!r} holds files this tool did not write; refusing to delete them")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+class RunError(RuntimeError):
+    """The run finished in a state that breaks its own invariants."""
 
 
-def scoring_stages(cfg: RunConfig) -> list[Stage]:
+def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> None:
+    """Never write into the input: not into an input directory, not where input files live."""
+    for p in cfg.input.paths:
+        if "://" in p:
+            continue
+        base = Path(p.split("*")[0].rstrip("/") or ".").resolve()
+        if base.is_dir() and (out_dir == base or base in out_dir.parents):
+            raise OutputDirError(f"output.path {str(out_dir)!r} is inside the input directory {str(base)!r}; refusing to write into the input")
+    for f in files:
+        if "://" not in f and out_dir in Path(f).resolve().parents:
+            raise OutputDirError(f"output.path {str(out_dir)!r} contains the input file {f!r}; refusing to write into the input")
+
+
+def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan, *, log) -> bool:
+    """Prepare the output directory; True when it resumes an earlier run of the same config."""
+    # Through JSON, so tuples compare equal to what run.json read back.
+    settings = json.loads(json.dumps({"output_settings": output_settings(cfg), "plan": plan.to_json()}))
+    run_file = out_dir / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        same = {k: previous.get(k) for k in settings} == settings
+        if same and not cfg.output.overwrite:
+            return True
+        if not same and not cfg.output.overwrite:
+            diff = config_differences(previous.get("output_settings", {}), settings["output_settings"])
+            if previous.get("plan") != settings["plan"]:
+                diff.append("the input (files, row groups or limit) changed")
+            raise OutputDirError(
+                f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
+                "use --overwrite (output.overwrite=true) to start a fresh run there"
+            )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
+        if not any((out_dir / name).exists() for name in _OUR_OUTPUTS):
+            raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {**settings, "created_at": time.time(), "versions": _versions()})
+    return False
+
+
+def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> list[Stage]:
     c = cfg.classifier
     cpu = Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size)
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
-        NormalizeColumns(cfg.input),
+        ReadUnits(cfg.input, extra_columns=extra_columns),
         TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=cpu),
         build_scorer(c, resources=scorer),
+        WriteScored(out_dir=str(out_dir)),
     ]
 
 
-def reflection_stages(cfg: RunConfig, *, probability: float, out_dir: Path) -> list[Stage]:
+def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> None:
+    """The whole chain, pass 1 then the per-unit pass 2 stages, before any model loads."""
+    first = scoring_stages(cfg, out_dir=out_dir, extra_columns=extra_columns)
     generate = ReflectionGenerator(cfg.generation) if cfg.generation.enabled else NoReflections()
-    return [
-        SelectForReflection(cfg.selection, probability=probability),
-        generate,
-        SpliceReflections(cfg.output.template),
-        ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.target_tokenizer),
-    ]
+    second = [SelectForReflection(cfg.selection, probability=0.0), generate, SpliceReflections(cfg.output.template),
+              ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.target_tokenizer)]
+    cols = check_chain(first[:-1], ["unit"])
+    check_chain(first[-1:] + second, cols)
+
+
+def reserved_columns(cfg: RunConfig) -> set[str]:
+    """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
+    from annotator.generation import REFLECTION_COLUMNS
+    from annotator.stages import TIMING_PREFIX  # noqa: F401 - internal columns start with "_"
+
+    names = {"unit", "source_text", "reflection_voice_used", "is_bad", "selected", "selected_reason", "token_length"}
+    names |= set(REFLECTION_COLUMNS) | set(ReadUnits.adds)
+    names |= set(build_scorer(cfg.classifier, resources=Resources()).adds)
+    return names
 
 
 def _score_totals(scored) -> TokenTotals:
@@ -72,6 +130,216 @@ def _score_totals(scored) -> TokenTotals:
         documents={int(r["safety_score"]): int(r["count()"]) for r in rows},
         tokens={int(r["safety_score"]): int(r["sum(token_length)"] or 0) for r in rows},
     )
+
+
+def _duplicate_ids(scored, units: list[Unit]) -> dict[str, list[int]]:
+    """Later occurrences of an id (by unit order, then row) per unit; the first one is kept."""
+    counts = scored.select_columns(["doc_id"]).groupby("doc_id").count()
+    repeated = {r["doc_id"] for r in counts.filter(lambda r: r["count()"] > 1).take_all()}
+    if not repeated:
+        return {}
+    order = {u.key: i for i, u in enumerate(units)}
+    rows = scored.select_columns(["doc_id", "_unit", "source_row"]).filter(lambda r: r["doc_id"] in repeated).take_all()
+    rows.sort(key=lambda r: (order[r["_unit"]], r["source_row"]))
+    seen: set[str] = set()
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        if r["doc_id"] in seen:
+            out.setdefault(r["_unit"], []).append(int(r["source_row"]))
+        seen.add(r["doc_id"])
+    return out
+
+
+def _count_needing_generation(scored, cfg: RunConfig, probability: float) -> int:
+    from annotator.finalize import needs_generation
+
+    select = SelectForReflection(cfg.selection, probability=probability)
+
+    def count(batch):
+        chosen = select.process(batch).column("selected")
+        return {"n": [sum(needs_generation(chosen, cfg.generation).to_pylist())]}
+
+    return int(scored.map_batches(count, batch_format="pyarrow", batch_size=None).sum("n") or 0)
+
+
+def _selection_state(cfg: RunConfig, out_dir: Path, units: list[Unit]) -> dict:
+    """Sample probability and duplicates, computed once over the whole scored corpus and kept,
+    so a resumed run selects exactly what the first one would have."""
+    import ray.data
+
+    path = out_dir / SELECTION
+    if path.exists():
+        return json.loads(path.read_text())
+    files = [str(p) for u in units for p in sorted((out_dir / SCORED / u.key).glob("*.parquet"))]
+    scored = ray.data.read_parquet(files, columns=["doc_id", "_unit", "source_row", "safety_score", "safety_confidence", "token_length"])
+    totals = _score_totals(scored)
+    probability = sample_probability(cfg.selection, totals)
+    state = {
+        "probability": probability,
+        # How many documents pass 2a sends to the engine: the denominator of its progress and ETA.
+        "needs_generation": _count_needing_generation(scored, cfg, probability),
+        "score_documents": {str(k): v for k, v in sorted(totals.documents.items())},
+        "score_tokens": {str(k): v for k, v in sorted(totals.tokens.items())},
+        "duplicates": _duplicate_ids(scored, units) if cfg.input.reject_duplicate_ids else {},
+    }
+    write_json(path, state)
+    return state
+
+
+def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
+    """Generation results already on disk for `units` (from Parquet footers, no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
+
+
+def _progress(cfg: RunConfig, total: int, label: str, log) -> Progress:
+    progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log)
+    progress.configure_ray_data()
+    return progress
+
+
+def run(cfg: RunConfig, *, log=print) -> dict:
+    """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
+    import ray.data
+
+    out_dir = Path(cfg.output.path).resolve()
+    files = expand_paths(cfg.input.paths)
+    check_output_location(out_dir, cfg, files)
+    plan = plan_input(files, cfg.input)
+    for rejected in plan.rejected_files:
+        log(f"[spp] input file rejected: {rejected.path}: {rejected.reason}")
+    if not plan.units:
+        raise InputError("no usable input file: " + "; ".join(f"{r.path}: {r.reason}" for r in plan.rejected_files))
+    extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
+                          id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
+    _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
+    resumed = open_output(out_dir, cfg, plan, log=log)
+    (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
+
+    started = time.time()
+    pending = [u for u in plan.units if not unit_done(out_dir, u)]
+    to_score = [u for u in pending if not unit_scored(out_dir, u)]
+    if resumed:
+        log(f"[spp] resuming {out_dir}: {len(plan.units) - len(pending)} of {len(plan.units)} units done, "
+            f"{len(pending) - len(to_score)} more scored")
+    timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
+    if to_score:
+        t0 = time.time()
+        for unit in to_score:
+            clear_unit_scoring(out_dir, unit)
+        log(f"[spp] pass 1: scoring {len(to_score)} units -> {out_dir / SCORED}")
+        ds = apply_stages(units_dataset(to_score), scoring_stages(cfg, out_dir=out_dir, extra_columns=extra))
+        with _progress(cfg, sum(u.rows for u in to_score), "pass 1", log) as progress:
+            for row in ds.iter_rows():
+                progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
+        unfinished = [u.key for u in to_score if not unit_scored(out_dir, u)]
+        if unfinished:
+            raise RunError(f"pass 1 ended with units not fully scored: {unfinished[:5]}")
+        timings["scoring_pass"] = time.time() - t0
+
+    if pending or not (out_dir / SELECTION).exists():
+        state = _selection_state(cfg, out_dir, plan.units)
+    else:
+        state = json.loads((out_dir / SELECTION).read_text())
+    probability, duplicates = state["probability"], state["duplicates"]
+    if pending:
+        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {probability:.4f}; "
+            f"duplicate ids rejected {sum(len(v) for v in duplicates.values())}")
+    gen_key = generation_key(cfg)
+
+    work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
+            "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
+            "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "units_finalized": len(pending)}
+    if pending and cfg.generation.enabled:
+        t0 = time.time()
+        stages = [
+            PlanGeneration(out_dir=str(out_dir), selection=cfg.selection, probability=probability, generation=cfg.generation,
+                           duplicates=duplicates),
+            GenerateAndSave(cfg.generation, out_dir=str(out_dir), generation_key=gen_key),
+        ]
+        log(f"[spp] pass 2a: generating for {len(pending)} units -> {out_dir / GENERATED}")
+        remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
+        with _progress(cfg, remaining, "pass 2a", log) as progress:
+            for row in apply_stages(units_dataset(pending), stages).iter_rows():
+                progress.update(documents=row["documents"], selected=row["selected"],
+                                generated_tokens=row["generated_tokens"], failures=row["failures"])
+                work["generations_made"] += row["documents"]
+        timings["generation_pass"] = time.time() - t0
+
+    if pending:
+        t0 = time.time()
+        finalize = FinalizeUnit(out_dir=str(out_dir), selection=cfg.selection, probability=probability,
+                                generation=cfg.generation, generation_key=gen_key, output=cfg.output, duplicates=duplicates)
+        log(f"[spp] pass 2b: writing {len(pending)} units -> {out_dir / SHARDS_DIR}")
+        with _progress(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
+            for row in apply_stages(units_dataset(pending), [finalize]).iter_rows():
+                stats = json.loads(row["manifest"])["stats"]
+                progress.update(documents=json.loads(row["manifest"])["rows"], selected=stats.get("selected_documents", 0),
+                                failures=sum(v for k, v in stats.get("reflection_status", {}).items() if k.startswith("failed")))
+        timings["finalize_pass"] = time.time() - t0
+
+    stats = run_stats(cfg, out_dir, plan, state=state, timings=timings, started=started, wall=time.time() - started)
+    stats["this_run"] = work
+    log(f"[spp] this run: {work}")
+    record = json.loads((out_dir / RUN_FILE).read_text())
+    record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})
+    write_json(out_dir / RUN_FILE, record)
+    if cfg.output.tokenized:
+        stats["tokenized"] = save_extended_tokenizer(cfg, out_dir)
+    write_json(out_dir / "stats.json", stats)
+    write_report(out_dir, stats)
+    if not cfg.output.keep_work:
+        for d in (SCORED, GENERATED):
+            shutil.rmtree(out_dir / d, ignore_errors=True)
+    return stats
+
+
+def run_stats(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, wall: float) -> dict:
+    """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
+    runs'), with the invariant documents read = written + rejected + dropped checked."""
+    import ray.data
+
+    manifests = load_manifests(out_dir)
+    keys = {u.key for u in plan.units}
+    manifests = [m for m in manifests if m["unit"] in keys]
+    if len(manifests) != len(plan.units):
+        raise RunError(f"{len(plan.units) - len(manifests)} units have no manifest after the run")
+    # Merged inside Ray (a Ray Data aggregation over the manifests), this run's and earlier runs'.
+    table = ray.data.from_items([{"manifest": json.dumps(m)} for m in manifests], override_num_blocks=min(len(manifests), 64))
+    merged = aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
+    stats = finalize_stats(merged, config=cfg, started_at=started)
+    rejected = stats.get("documents_rejected", {})
+    dropped = stats.get("selected_by_reason", {}).get(DROPPED_BAD, 0)
+    stats["documents_read"] = plan.documents
+    stats["documents_in"] = plan.documents
+    stats["documents_rejected_total"] = sum(rejected.values())
+    stats["documents_dropped_bad"] = dropped
+    stats["files_rejected"] = [{"path": r.path, "reason": r.reason} for r in plan.rejected_files]
+    if plan.documents != stats["documents_out"] + stats["documents_rejected_total"] + dropped:
+        raise RunError(f"documents read {plan.documents} != written {stats['documents_out']} + rejected "
+                       f"{stats['documents_rejected_total']} + dropped {dropped}")
+    stats["selection_probability"] = state["probability"]
+    stats["wall_seconds"] = {k: round(v, 2) for k, v in {**timings, "total": wall}.items()}
+    docs = stats["documents_out"]
+    stats["documents_per_second"] = {
+        "end_to_end": round(plan.documents / max(1e-9, wall), 2),
+        "reflections_per_generate_worker": round(
+            stats["reflection_status"].get("ok", 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
+        ),
+        **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
+    }
+    gen = stats["generation_tokens"]
+    gen_seconds = max(1e-9, stats["stage_seconds"].get("generate", 0.0))
+    stats["generation_throughput"] = {
+        "output_tokens_per_second": round(gen["output"] / gen_seconds, 1),
+        "prompt_tokens_per_second": round(gen["prompt"] / gen_seconds, 1),
+        "prefix_cache_hit_rate": round(gen["cached_prompt"] / gen["prompt"], 4) if gen["prompt"] else None,
+    }
+    stats["config"] = cfg.model_dump(mode="json")
+    stats["versions"] = _versions()
+    return stats
 
 
 def _versions() -> dict:
@@ -106,61 +374,3 @@ def save_extended_tokenizer(cfg: RunConfig, out_dir: Path) -> dict:
     (out_dir / TOKENS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / TOKENS_DIR / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def run(cfg: RunConfig, *, log=print) -> dict:
-    """Run the whole pipeline on the current Ray cluster; returns the merged stats."""
-    import ray.data
-
-    # Same input, same order: `input.limit` picks the same documents and shards get the same names.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    out_dir = Path(cfg.output.path).resolve()
-    corpus = read_corpus(cfg.input)
-    first = scoring_stages(cfg)
-    # Check the whole chain before any model loads; the probability does not change the columns.
-    check_chain(first + reflection_stages(cfg, probability=0.0, out_dir=out_dir), corpus.schema().names)
-    prepare_output(out_dir, overwrite=cfg.output.overwrite)
-
-    started = time.time()
-    log(f"[spp] pass 1: scoring -> {out_dir / SCORED_DIR}")
-    apply_stages(corpus, first).write_parquet(str(out_dir / SCORED_DIR))
-    scored_at = time.time()
-    scored = ray.data.read_parquet(str(out_dir / SCORED_DIR))
-    totals = _score_totals(scored)
-    probability = sample_probability(cfg.selection, totals)
-    log(f"[spp] scored {sum(totals.documents.values())} documents in {scored_at - started:.1f}s; "
-        f"score histogram {dict(sorted(totals.documents.items()))}; non-bad sample probability {probability:.4f}")
-
-    log(f"[spp] pass 2: select, generate, write -> {out_dir / SHARDS_DIR}")
-    results = apply_stages(scored, reflection_stages(cfg, probability=probability, out_dir=out_dir)).take_all()
-    finished = time.time()
-
-    stats = merge_stats([json.loads(r["stats_json"]) for r in results])
-    stats["shards"] = sorted(name for r in results for name in json.loads(r["shard"]))
-    if cfg.output.tokenized:
-        stats["tokenized"] = save_extended_tokenizer(cfg, out_dir)
-    stats["selection_probability"] = probability
-    stats["wall_seconds"] = {
-        "scoring_pass": round(scored_at - started, 2),
-        "reflection_pass": round(finished - scored_at, 2),
-        "total": round(finished - started, 2),
-    }
-    docs = stats["documents_in"]
-    stats["documents_per_second"] = {
-        "end_to_end": round(docs / max(1e-9, finished - started), 2),
-        "reflections_per_generate_worker": round(
-            stats["reflection_status"].get("ok", 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
-        ),
-        **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
-    }
-    gen = stats["generation_tokens"]
-    gen_seconds = max(1e-9, stats["stage_seconds"].get("generate", 0.0))
-    stats["generation_throughput"] = {
-        "output_tokens_per_second": round(gen["output"] / gen_seconds, 1),
-        "prompt_tokens_per_second": round(gen["prompt"] / gen_seconds, 1),
-        "prefix_cache_hit_rate": round(gen["cached_prompt"] / gen["prompt"], 4) if gen["prompt"] else None,
-    }
-    stats["config"] = cfg.model_dump(mode="json")
-    stats["versions"] = _versions()
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    return stats

@@ -1,12 +1,16 @@
-"""Reading the corpus: Parquet from local paths, globs or fsspec URLs into a Ray Dataset.
+"""Reading the corpus: Parquet work units (see `units.py`) from local paths, globs or fsspec URLs.
 
-Every row leaves here with a string `doc_id` and a string `text`; other input columns are kept.
+Every row leaves here with a string `doc_id`, a string `text`, where it came from
+(`source_file`, `source_row`) and, for a document that cannot be used, its `reject_reason`.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +18,7 @@ import pyarrow.compute as pc
 
 from annotator.config import InputConfig
 from annotator.stages import Resources, Stage
+from annotator.units import Unit, open_parquet, units_from_json
 
 
 class InputError(ValueError):
@@ -21,22 +26,38 @@ class InputError(ValueError):
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Local globs are expanded here (with a clear error when they match nothing); URLs and
-    plain paths go to Ray/fsspec unchanged."""
+    """Input files, in a stable order: globs expanded, directories listed recursively for
+    `*.parquet`; the same for fsspec URLs. A pattern or directory that yields nothing is an error."""
     out: list[str] = []
     for p in paths:
         if "://" in p:
-            out.append(p)
+            matches = _expand_url(p)
         elif any(ch in p for ch in "*?["):
             matches = sorted(glob.glob(p, recursive=True))
-            if not matches:
-                raise InputError(f"input.paths: {p!r} matches no file")
-            out.extend(matches)
+        elif Path(p).is_dir():
+            matches = sorted(str(f) for f in Path(p).rglob("*.parquet") if not f.name.startswith((".", "_")))
+        elif Path(p).exists():
+            matches = [p]
         else:
-            if not Path(p).exists():
-                raise InputError(f"input.paths: {p!r} does not exist")
-            out.append(p)
+            raise InputError(f"input.paths: {p!r} does not exist")
+        if not matches:
+            raise InputError(f"input.paths: {p!r} matches no Parquet file")
+        out.extend(matches)
     return out
+
+
+def _expand_url(url: str) -> list[str]:
+    import fsspec
+
+    fs, _, found = fsspec.get_fs_token_paths(url)
+    protocol = url.split("://", 1)[0]
+    files: list[str] = []
+    for path in found:
+        if fs.isdir(path):
+            files.extend(sorted(f for f in fs.find(path) if f.endswith(".parquet")))
+        else:
+            files.append(path)
+    return [f if "://" in f else f"{protocol}://{f}" for f in files]
 
 
 def content_id(text: str) -> str:
@@ -68,46 +89,114 @@ def decode_text_column(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | No
     return pc.fill_null(column.cast(pa.string()), "").combine_chunks(), notes
 
 
-class NormalizeColumns(Stage):
-    """Renames the configured text/id columns to `text`/`doc_id`, derives missing ids, and
-    records input problems that were repaired in `input_note`."""
+# C0 control characters other than tab, newline, vertical tab, form feed and carriage return,
+# plus DEL: in web text they mark binary junk or a broken decoder, not prose.
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+REJECT_COLUMNS = {"doc_id": pa.string(), "source_file": pa.string(), "source_row": pa.int64(),
+                  "reason": pa.string(), "text_preview": pa.string()}
+PREVIEW_CHARS = 1000
 
-    name = "normalize"
-    adds = ("doc_id", "text", "input_note")
 
-    def __init__(self, cfg: InputConfig):
+def reject_reason(text: str, note: str | None, *, max_chars: int) -> str | None:
+    """Why a document cannot be used as it is, or None."""
+    if note == "null_text":
+        return "null_text"
+    if note == "invalid_utf8_replaced":
+        return "invalid_utf8"
+    if not text.strip():
+        return "empty_text"
+    if len(text) > max_chars:
+        return f"too_long:{len(text)}_chars"
+    if _CONTROL.search(text):
+        return "control_characters"
+    return None
+
+
+class ReadUnits(Stage):
+    """Reads whole work units (one per input row) and emits their documents: `doc_id`, `text`,
+    the other input columns, `source_file`/`source_row`, and `reject_reason` for documents that
+    go to `rejects/` (their `text` is emptied so later stages spend nothing on them)."""
+
+    name = "read"
+    reads = ("unit",)
+    adds = ("doc_id", "text", "input_note", "reject_reason", "text_preview", "source_file", "source_row", "_unit")
+
+    def __init__(self, cfg: InputConfig, *, extra_columns: dict[str, str]):
         self.text_column = cfg.text_column
         self.id_column = cfg.id_column
-        self.reads = (cfg.text_column,)
-        self.resources = Resources(num_cpus=0.5, batch_size=4096)
+        self.max_chars = cfg.max_document_chars
+        self.extra_columns = extra_columns  # input name -> output name
+        self.resources = Resources(num_cpus=0.5, batch_size=1)
+
+    def read_unit(self, unit: Unit) -> pa.Table:
+        wanted = [self.text_column, *self.extra_columns]
+        if self.id_column:
+            wanted.append(self.id_column)
+        try:
+            pf = open_parquet(unit.path)
+            names = pf.schema_arrow.names
+            table = pf.read_row_groups(list(unit.row_groups), columns=[c for c in dict.fromkeys(wanted) if c in names])
+            return table.slice(0, unit.rows)
+        except Exception as err:  # noqa: BLE001 - a bad row group is quarantined, not fatal
+            reason = f"unreadable_rows: {type(err).__name__}: {err}"[:300]
+            return pa.table({self.text_column: pa.nulls(unit.rows, pa.string()), "_read_error": [reason] * unit.rows})
 
     def process(self, batch: pa.Table) -> pa.Table:
-        text, notes = decode_text_column(batch.column(self.text_column))
-        if self.id_column and self.id_column in batch.column_names:
-            ids = pc.cast(batch.column(self.id_column), pa.string())
+        tables = [self.normalize(self.read_unit(unit), unit) for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def normalize(self, table: pa.Table, unit: Unit) -> pa.Table:
+        n = table.num_rows
+        read_errors = table.column("_read_error").to_pylist() if "_read_error" in table.column_names else [None] * n
+        text, notes = decode_text_column(table.column(self.text_column))
+        texts = text.to_pylist()
+        if self.id_column and self.id_column in table.column_names:
+            ids = pc.cast(table.column(self.id_column), pa.string()).to_pylist()
         else:
-            ids = pa.array([content_id(t) for t in text.to_pylist()], pa.string())
-        if "path" in batch.column_names and "source_file" not in batch.column_names:
-            # read_parquet(include_paths=True) names the input shard; output shard names derive from it.
-            batch = batch.rename_columns(["source_file" if c == "path" else c for c in batch.column_names])
-        rest = [c for c in batch.column_names if c not in (self.text_column, self.id_column, *self.adds)]
-        return pa.table(
-            [ids, text, pa.array(notes, pa.string())] + [batch.column(c) for c in rest], names=[*self.adds, *rest]
-        )
+            ids = [None] * n
+        reasons, previews = [], []
+        for i, t in enumerate(texts):
+            if ids[i] is None:
+                ids[i] = content_id(t) if not read_errors[i] else f"{unit.key}:{unit.row_start + i}"
+            reason = read_errors[i] or reject_reason(t, notes[i], max_chars=self.max_chars)
+            reasons.append(reason)
+            previews.append(t[:PREVIEW_CHARS] if reason else None)
+            if reason:
+                texts[i] = ""
+        columns = {
+            "doc_id": pa.array(ids, pa.string()),
+            "text": pa.array(texts, pa.string()),
+            "input_note": pa.array(notes, pa.string()),
+            "reject_reason": pa.array(reasons, pa.string()),
+            "text_preview": pa.array(previews, pa.string()),
+            "source_file": pa.array([unit.path] * n, pa.string()),
+            "source_row": pa.array(range(unit.row_start, unit.row_start + n), pa.int64()),
+            "_unit": pa.array([unit.key] * n, pa.string()),
+        }
+        for src, dst in self.extra_columns.items():
+            columns[dst] = table.column(src) if src in table.column_names else pa.nulls(n)
+        return pa.table(columns)
 
 
-def read_corpus(cfg: InputConfig):
-    """A Ray Dataset of the input rows (not yet normalized)."""
+def input_columns(files: list[str], *, text_column: str, id_column: str | None, reserved: set[str]) -> dict[str, str]:
+    """Input columns carried to the output: those every usable file has with the same type
+    (so blocks of different files concatenate), renamed `input_<name>` where they would clash
+    with a column this pipeline adds."""
+    common: dict[str, pa.DataType] | None = None
+    for path in files:
+        schema = open_parquet(path).schema_arrow
+        fields = {f.name: f.type for f in schema}
+        common = fields if common is None else {k: t for k, t in common.items() if fields.get(k) == t}
+    out = {}
+    for name in common or {}:
+        if name in (text_column, id_column):
+            continue
+        out[name] = f"input_{name}" if name in reserved or name.startswith("_") else name
+    return out
+
+
+def units_dataset(units: list[Unit]):
+    """A Ray Dataset with one row per unit; `ReadUnits` turns each into its documents."""
     import ray.data
 
-    files = expand_paths(cfg.paths)
-    ds = ray.data.read_parquet(files, include_paths=True)
-    schema = ds.schema()
-    if cfg.text_column not in schema.names:
-        raise InputError(f"input.text_column {cfg.text_column!r} is not a column of the input; columns: {schema.names}")
-    text_type = schema.types[schema.names.index(cfg.text_column)]
-    if not any(check(text_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
-        raise InputError(f"input.text_column {cfg.text_column!r} has type {text_type}, expected string (or binary holding UTF-8)")
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    return ds
+    return ray.data.from_items([{"unit": json.dumps(asdict(u), sort_keys=True)} for u in units], override_num_blocks=max(1, len(units)))

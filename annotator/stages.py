@@ -25,6 +25,9 @@ class Resources:
     concurrency: int = 1
     batch_size: int | None = 1024
     max_in_flight: int | None = None
+    # Actor restarts before the stage fails the job (Ray Data's default, -1, retries forever,
+    # which turns an engine that always crashes into a job that never ends).
+    max_restarts: int | None = None
 
 
 class Stage:
@@ -61,7 +64,7 @@ def check_chain(stages: Iterable[Stage], available: Iterable[str]) -> set[str]:
     return cols
 
 
-def _timed(stage: Stage, batch: pa.Table) -> pa.Table:
+def timed(stage: Stage, batch: pa.Table) -> pa.Table:
     started = time.perf_counter()
     out = stage.process(batch)
     per_row = (time.perf_counter() - started) / max(1, out.num_rows)
@@ -80,7 +83,7 @@ class _StageActor:
         stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _timed(self.stage, batch)
+        return timed(self.stage, batch)
 
 
 # Stateless stages that still load something (a small model) do it once per worker process:
@@ -100,7 +103,7 @@ def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     if ready is None:
         stage.setup()
         ready = _READY[key] = stage
-    return _timed(ready, batch)
+    return timed(ready, batch)
 
 
 def apply_stages(ds, stages: Iterable[Stage]):
@@ -113,6 +116,8 @@ def apply_stages(ds, stages: Iterable[Stage]):
         if res.num_gpus:
             common["num_gpus"] = res.num_gpus
         if stage.stateful:
+            if res.max_restarts is not None:
+                common["max_restarts"] = res.max_restarts
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_kwargs={"stage": stage},

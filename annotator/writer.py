@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,9 @@ from annotator.config import OutputConfig, TemplateConfig
 from annotator.generation import OK
 from annotator.reflection_prompt import CITATION, constitution_sections, unit_hash
 from annotator.selection import DROPPED_BAD
+from annotator.stats import merge_stats, shard_stats  # noqa: F401 - merge_stats is re-exported for callers
 from annotator.stages import TIMING_PREFIX, Resources, Stage
-from annotator.tokenized import charter_token, extend_tokenizer, special_tokens, tokenize_training_text
+from annotator.tokenized import charter_token, extend_tokenizer, special_tokens, tokenize_training_texts
 from annotator.megatron import IndexedDatasetWriter, token_dtype
 
 TEXT_DIR, TOKENS_DIR = "shards", "tokenized"
@@ -94,53 +94,6 @@ def interleave_order(doc_ids: list[str], seed: int) -> np.ndarray:
     return np.argsort([unit_hash("order", seed, d) for d in doc_ids], kind="stable")
 
 
-def shard_stats(batch: pa.Table, *, written: pa.Table) -> dict:
-    """Counts for one shard; merged across shards by `merge_stats`."""
-    def total(col: str) -> int:
-        return int(pc.sum(batch.column(col)).as_py() or 0) if col in batch.column_names else 0
-
-    tokens = batch.column("token_length")
-    selected = batch.column("selected")
-    citations = Counter(c for cs in batch.column("citations").to_pylist() if cs for c in cs)
-    return {
-        "documents_in": batch.num_rows,
-        "documents_out": written.num_rows,
-        "tokens_in": int(pc.sum(tokens).as_py() or 0),
-        "score_histogram": {str(k): v for k, v in Counter(batch.column("safety_score").to_pylist()).items()},
-        "selected_by_reason": dict(Counter(batch.column("selected_reason").to_pylist())),
-        "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
-        "selected_tokens": int(pc.sum(pc.if_else(selected, tokens, 0)).as_py() or 0),
-        "reflection_status": dict(Counter(batch.column("reflection_status").to_pylist())),
-        "annotation_status": dict(Counter(batch.column("annotation_status").to_pylist())),
-        "canary_type": dict(Counter(c for c in batch.column("canary_type").to_pylist() if c)),
-        "citations_by_section": dict(citations),
-        "citations_dropped": total("citations_dropped"),
-        "generation_tokens": {
-            "prompt": total("gen_prompt_tokens"),
-            "cached_prompt": total("gen_cached_prompt_tokens"),
-            "output": total("gen_output_tokens"),
-        },
-        "stage_seconds": {
-            c[len(TIMING_PREFIX):]: float(pc.sum(batch.column(c)).as_py() or 0.0)
-            for c in batch.column_names if c.startswith(TIMING_PREFIX)
-        },
-    }
-
-
-def merge_stats(parts: list[dict]) -> dict:
-    """Sum per-shard statistics (nested counters are summed key by key)."""
-    merged: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            if isinstance(value, dict):
-                bucket = merged.setdefault(key, {})
-                for k, v in value.items():
-                    bucket[k] = bucket.get(k, 0) + v
-            else:
-                merged[key] = merged.get(key, 0) + value
-    return merged
-
-
 def write_parquet_atomically(table: pa.Table, final: Path, *, compression: str) -> None:
     """A shard exists under its final name only once it is complete."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -177,9 +130,8 @@ class ShardWriter(Stage):
         tpl = self.output.template
         tokens = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / stem, dtype=self._dtype)
         masks = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / f"{stem}{MASK_SUFFIX}", dtype=np.uint8)
-        for text in table.column("text").to_pylist():
-            ids, mask = tokenize_training_text(self._tokenizer, text, open_id=self._special[tpl.open],
-                                               close_id=self._special[tpl.close], eod_id=self._tokenizer.eos_token_id)
+        for ids, mask in tokenize_training_texts(self._tokenizer, table.column("text").to_pylist(), open_id=self._special[tpl.open],
+                                                 close_id=self._special[tpl.close], eod_id=self._tokenizer.eos_token_id):
             tokens.add_document(ids)
             masks.add_document(mask)
         masks.close()
@@ -187,10 +139,14 @@ class ShardWriter(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         written = batch.filter(pc.not_equal(batch.column("selected_reason"), DROPPED_BAD))
-        written = written.drop_columns([c for c in written.column_names if c.startswith(TIMING_PREFIX)])
+        # Internal columns (`_unit`, timings, failed replies) are not part of the shard schema.
+        written = written.drop_columns([c for c in written.column_names if c.startswith("_")])
         written = written.take(interleave_order(written.column("doc_id").to_pylist(), self.output.shuffle_seed))
-        source = written.column("source_file")[0].as_py() if "source_file" in written.column_names and written.num_rows else None
-        stem = shard_stem(source, batch.column("doc_id").to_pylist())
+        if "_unit" in batch.column_names and batch.num_rows:
+            stem = batch.column("_unit")[0].as_py()  # one work unit per call: names follow the unit
+        else:
+            source = written.column("source_file")[0].as_py() if "source_file" in written.column_names and written.num_rows else None
+            stem = shard_stem(source, batch.column("doc_id").to_pylist())
         for d in (TEXT_DIR, TOKENS_DIR) if self.output.tokenized else (TEXT_DIR,):
             (Path(self.out_dir) / d).mkdir(parents=True, exist_ok=True)
         names = []
@@ -201,7 +157,7 @@ class ShardWriter(Stage):
             if self.output.tokenized:
                 self._write_tokens(piece, name)
             names.append(name)
-        return pa.table({"shard": [json.dumps(names)], "stats_json": [json.dumps(shard_stats(batch, written=written))]})
+        return pa.table({"shard": [json.dumps(names)], "stats_json": [json.dumps(shard_stats(batch, written=written, tokenizer=self.tokenizer_spec))]})
 
 
 def load_extended_tokenizer(spec: str, output: OutputConfig) -> tuple[object, dict[str, int]]:

@@ -37,7 +37,7 @@ def documents(n: int) -> pa.Table:
 def plain_vllm(cfg, docs: pa.Table) -> dict:
     """The same requests the stage builds, sent as one list to one `vllm.LLM`."""
     stage = ReflectionGenerator(cfg)
-    stage.setup()  # builds the vllm.LLM with the same engine arguments
+    stage.load_engine()  # builds the vllm.LLM with the same engine arguments
     _, pending, _ = stage.build_requests(docs)
     keys = list(pending)
     ids = docs.column("doc_id").to_pylist()

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from annotator.config import InputConfig  # noqa: E402
-from annotator.reader import NormalizeColumns  # noqa: E402
+from annotator.reader import ReadUnits, units_dataset  # noqa: E402
+from annotator.units import plan_input  # noqa: E402
 from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
 from annotator.stages import Resources, apply_stages  # noqa: E402
 
@@ -59,8 +60,9 @@ def ray_stage(scorer: SafetyScorer, paths: list[str], *, cores: int) -> tuple[in
 
     """Whole pipeline wall time, start-up (workers, model loads) included."""
     started = time.perf_counter()
-    ds = ray.data.read_parquet(paths).select_columns(["id", "text"])
-    ds = apply_stages(ds, [NormalizeColumns(InputConfig(paths=paths)), scorer])
+    cfg = InputConfig(paths=paths, rows_per_unit=scorer.resources.batch_size or 10_000)
+    # The pipeline's own reader: one task reads and normalizes a unit (row groups of one file).
+    ds = apply_stages(units_dataset(plan_input(paths, cfg).units), [ReadUnits(cfg, extra_columns={}), scorer])
     n = sum(b.num_rows for b in ds.select_columns(["safety_score"]).iter_batches(batch_size=None, batch_format="pyarrow"))
     return n, time.perf_counter() - started
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.reader import InputError  # noqa: E402
 from annotator.stages import PipelineError  # noqa: E402
-from annotator.pipeline import OutputDirError, run  # noqa: E402
+from annotator.pipeline import OutputDirError, RunError, run  # noqa: E402
 from annotator.summary import format_summary  # noqa: E402
 
 
@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, PipelineError, OutputDirError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"error: the run broke an invariant: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - a job-level failure (e.g. replicas that keep dying): say why, exit non-zero
+        print(f"error: the run failed: {type(err).__name__}: {str(err)[-2000:]}\n"
+              f"rerun the same command to resume from {cfg.output.path}", file=sys.stderr)
+        return 1
     print(format_summary(stats, output=cfg.output.path))
     return 0
 

@@ -32,7 +32,7 @@ def main() -> None:
     cfg = GenerationConfig.model_validate(json.loads(sys.argv[1]))
     stage = ReflectionGenerator(cfg)
     stage.setup()
-    out = stage.process(pq.read_table(sys.argv[2]))
+    out = stage.process(pq.read_table(sys.argv[2]))  # the engine loads with this first batch
     pq.write_table(out, sys.argv[3])
     Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.max_prefix_tokens}))
 

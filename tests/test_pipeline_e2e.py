@@ -96,9 +96,58 @@ def test_end_to_end_prints_summary(demo_run):
 
 
 @pytest.mark.slow
-def test_existing_output_is_not_overwritten_by_default(demo_run):
+def test_rerun_resumes_and_a_changed_config_is_refused(demo_run):
     out, _ = demo_run
-    proc = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), "--set", "output.overwrite=false", *E2E_ARGS, timeout=120)
-    assert proc.returncode == 2
-    assert "output.overwrite" in proc.stderr
-    assert (out / "stats.json").exists()
+    before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")}
+    same = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), *E2E_ARGS, "--set", "output.overwrite=false", timeout=300)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "resuming" in same.stdout and "'units_done_before': 1" in same.stdout
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")} == before
+    changed = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), *E2E_ARGS, "--set", "output.overwrite=false",
+                           "--set", "selection.seed=7", timeout=300)
+    assert changed.returncode == 2
+    assert "selection.seed: 0 -> 7" in changed.stderr and "--overwrite" in changed.stderr
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")} == before
+
+
+@pytest.mark.slow
+def test_end_to_end_stats_match_a_recount_from_the_shards(demo_run):
+    from tests.test_stats import TOKENIZER, check_stats_match_recount, recount_from_shards
+
+    out, _ = demo_run
+    stats = json.loads((out / "stats.json").read_text())
+    check_stats_match_recount(stats, recount_from_shards(out / "shards", load_tokenizer(TOKENIZER)))
+    assert stats["documents_in"] == stats["documents_out"] == LIMIT
+    assert 0 < stats["reflection_length_tokens"]["max"] <= 128
+    assert stats["accelerator"]["hours"] == 0 and stats["accelerator"]["accelerator"] == "none (cpu run)"
+    assert stats["prompts"]["prompt_version"] == "reflect-v1" and stats["prompts"]["constitution"]["version"] == "1"
+    assert stats["stage_seconds"]["generate"] > 0 and stats["timeline"]["points"]
+
+
+@pytest.mark.slow
+def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from annotator.hub import allocate_sample
+    from annotator.report import write_report
+    from tests.test_publish import run_publish
+
+    out, _ = demo_run
+    stats = json.loads((out / "stats.json").read_text())
+    dest = tmp_path / "repo"
+    proc = run_publish("--output", str(out), "--dry-run", str(dest), "--sample-rows", "40", "--repo-id", "me/spp-e2e")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample = load_dataset(str(dest), split="train", cache_dir=str(tmp_path / "cache"))  # not a stale cache of another "repo"
+    assert sample.num_rows == 40
+    rows = {r["doc_id"]: r for r in pq.read_table(out / "shards").to_pylist()}
+    assert all(rows[r["doc_id"]]["text"] == r["text"] for r in sample)
+    # Stratified as allocated from the run's strata counts; the few bad documents are all in.
+    drawn = Counter(f"{r['safety_score']}|{r['selected_reason']}" for r in sample)
+    assert {k: v for k, v in allocate_sample(stats["strata"], 40).items() if v} == dict(drawn)
+    assert {d for d, r in rows.items() if r["selected_reason"] == "bad"} <= set(sample["doc_id"])
+    card = DatasetCard.load(dest / "README.md")
+    assert card.data.to_dict()["configs"][0]["config_name"] == "sample"
+    assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in card.text
+    page = write_report(out, stats).read_text()
+    assert page.count("<div class='doc'>") == 3 and page.count("data:image/png;base64,") == 4

@@ -50,21 +50,28 @@ def run_to_end(args: list[str], out: Path, log: Path) -> str:
 
 def kill_when(args: list[str], out: Path, log: Path, condition) -> None:
     """Start a run and SIGKILL its driver the moment `condition(out)` holds."""
+    import psutil
+
     proc = start(args, out, log)
     deadline = time.time() + 900
+    cluster: list = []
     try:
         while proc.poll() is None and time.time() < deadline:
             if condition(out):
+                cluster = psutil.Process(proc.pid).children(recursive=True)
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
         assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill point:\n" + log.read_text()[-3000:]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray cluster the driver started, if any of it survived
-        except ProcessLookupError:
-            pass
-    time.sleep(2)
+        # The local Ray cluster the driver started goes down with it (as on a preempted node):
+        # workers still finishing a task may write their (atomic) outputs until they are gone.
+        for p in cluster:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(cluster, timeout=30)
 
 
 def shard_contents(out: Path) -> dict:

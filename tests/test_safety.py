@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import ClassifierConfig, InputConfig
-from annotator.reader import NormalizeColumns
+from annotator.reader import ReadUnits
+from annotator.units import Unit
 from annotator.safety import SAFETY_COLUMNS, FastTextSafetyScorer, TransformersSafetyScorer, binary_to_score_probs
 from annotator.stages import Resources
 from classifiers import build_test_classifier, evaluate
@@ -103,13 +104,15 @@ def test_bad_input_is_scored_or_noted(backend, fasttext_scorer, minilm_scorer):
     assert by_name["huge"]["safety_note"].startswith("truncated_to_")
 
 
-def test_invalid_utf8_bytes_are_repaired_and_noted():
-    stage = NormalizeColumns(InputConfig(paths=["x"], id_column=None))
-    batch = pa.table({"text": pa.array([b"caf\xc3\xa9", b"bad \xff\xfe bytes", None], pa.binary())})
-    out = stage.process(batch).to_pydict()
-    assert out["text"] == ["café", "bad \ufffd\ufffd bytes", ""]
-    assert out["input_note"] == [None, "invalid_utf8_replaced", "null_text"]
-    assert len(set(out["doc_id"])) == 3
+def test_unusable_text_is_marked_for_quarantine_at_read():
+    stage = ReadUnits(InputConfig(paths=["x"], id_column=None, max_document_chars=50), extra_columns={})
+    unit = Unit(key="f-0-000000000", path="f.parquet", row_groups=(0,), row_start=0, rows=6)
+    texts = [b"caf\xc3\xa9", b"bad \xff\xfe bytes", None, b" \n\t", b"nul\x00byte", b"x" * 51]
+    out = stage.normalize(pa.table({"text": pa.array(texts, pa.binary())}), unit).to_pydict()
+    assert out["reject_reason"] == [None, "invalid_utf8", "null_text", "empty_text", "control_characters", "too_long:51_chars"]
+    assert out["text"] == ["caf\u00e9", "", "", "", "", ""]  # later stages spend nothing on rejected rows
+    assert out["text_preview"][1] == "bad \ufffd\ufffd bytes" and out["text_preview"][0] is None
+    assert out["source_row"] == list(range(6)) and len(set(out["doc_id"])) == 6
 
 
 @pytest.mark.slow
