@@ -31,8 +31,11 @@ class InputConfig(_Section):
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many documents (for demos and smoke runs).")
     rows_per_unit: int = Field(
-        50_000, ge=1,
-        description="Rows per work unit (whole row groups of one file): the grain of resume, output shard names and manifests.",
+        10_000, ge=1,
+        description=(
+            "Rows per work unit (whole row groups of one file, so at least one row group): the grain of resume, "
+            "output shard names and manifests; a finalize task holds one unit in memory."
+        ),
     )
     max_document_chars: int = Field(
         1_000_000, ge=1, description="Documents longer than this (in characters) are quarantined in rejects/ as too_long."

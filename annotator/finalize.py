@@ -180,7 +180,8 @@ class FinalizeUnit(Stage):
         self.duplicates = duplicates
         self.splice = SpliceReflections(output.template)
         self.writer = ShardWriter(out_dir=out_dir, output=output, tokenizer=generation.target_tokenizer)
-        self.resources = Resources(num_cpus=0.5, batch_size=1)
+        # A whole CPU each: a task holds a whole unit, so fewer at once keeps memory down.
+        self.resources = Resources(num_cpus=1, batch_size=1)
 
     def setup(self) -> None:
         self.writer.setup()

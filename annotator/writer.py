@@ -25,6 +25,7 @@ from annotator.tokenized import charter_token, extend_tokenizer, special_tokens,
 from annotator.megatron import IndexedDatasetWriter, token_dtype
 
 TEXT_DIR, TOKENS_DIR = "shards", "tokenized"
+_TOKENIZE_SLICE = 512
 MASK_SUFFIX = "_reflection_mask"
 
 
@@ -130,10 +131,14 @@ class ShardWriter(Stage):
         tpl = self.output.template
         tokens = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / stem, dtype=self._dtype)
         masks = IndexedDatasetWriter(Path(self.out_dir) / TOKENS_DIR / f"{stem}{MASK_SUFFIX}", dtype=np.uint8)
-        for ids, mask in tokenize_training_texts(self._tokenizer, table.column("text").to_pylist(), open_id=self._special[tpl.open],
-                                                 close_id=self._special[tpl.close], eod_id=self._tokenizer.eos_token_id):
-            tokens.add_document(ids)
-            masks.add_document(mask)
+        texts = table.column("text")
+        # In slices: token ids as Python lists cost ~36 bytes a token, too much for a whole unit at once.
+        for start in range(0, len(texts), _TOKENIZE_SLICE):
+            for ids, mask in tokenize_training_texts(self._tokenizer, texts.slice(start, _TOKENIZE_SLICE).to_pylist(),
+                                                     open_id=self._special[tpl.open], close_id=self._special[tpl.close],
+                                                     eod_id=self._tokenizer.eos_token_id):
+                tokens.add_document(ids)
+                masks.add_document(mask)
         masks.close()
         tokens.close()  # the token shard appears last: its presence means both are complete
 
