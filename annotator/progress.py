@@ -150,8 +150,9 @@ class Progress:
         if self.closed:
             tail = f"done in {format_duration(now - self.started)}"
         else:
+            # Elapsed time too: job logs carry no timestamps, and lines between rows look alike.
             eta = self.eta_seconds(now)
-            tail = f"ETA {format_duration(eta) if eta is not None else '?'}"
+            tail = f"elapsed {format_duration(now - self.started)}  ETA {format_duration(eta) if eta is not None else '?'}"
         return (
             f"[spp] {self.label}  {done}  {docs_per_s:,.1f} docs/s  {tokens_per_s:,.0f} gen tok/s  "
             f"selected {share}  failed {self.failures:,}  {tail}"

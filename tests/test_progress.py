@@ -46,13 +46,13 @@ def test_status_line_has_every_figure():
     progress.update(documents=12_345, selected=1_210, generated_tokens=49_360, failures=2)
     # 12,345 docs in 40 s; 87,655 left at 308.6 docs/s = 284 s.
     assert progress.status_line() == (
-        "[spp] pass 2  12,345/100,000 docs (12.3%)  308.6 docs/s  1,234 gen tok/s  selected 9.8%  failed 2  ETA 4m44s"
+        "[spp] pass 2  12,345/100,000 docs (12.3%)  308.6 docs/s  1,234 gen tok/s  selected 9.8%  failed 2  elapsed 40s  ETA 4m44s"
     )
 
 
 def test_unknown_total_and_no_documents_yet():
     progress, clock, _ = make(total=None)
-    assert progress.status_line() == "[spp] pass 2  0 docs  0.0 docs/s  0 gen tok/s  selected -  failed 0  ETA ?"
+    assert progress.status_line() == "[spp] pass 2  0 docs  0.0 docs/s  0 gen tok/s  selected -  failed 0  elapsed 0s  ETA ?"
     clock.advance(10)
     progress.update(documents=50)
     assert progress.status_line().startswith("[spp] pass 2  50 docs  5.0 docs/s")
