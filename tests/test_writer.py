@@ -31,13 +31,16 @@ def _batch(n: int, *, share: float, seed: int = 0) -> pa.Table:
         "canary_type": pa.array([None] * n, pa.string()),
         "citations": pa.array([None] * n, pa.list_(pa.string())),
         "citations_dropped": pa.array([0] * n, pa.int16()),
+        "annotations": pa.array([None] * n, pa.list_(pa.string())),
+        "reflection_1p": [f"I reflect on text {i}." if s else None for i, s in enumerate(selected)],
+        "reflection_3p": [f"They reflect on text {i}." if s else None for i, s in enumerate(selected)],
     })
 
 
 def test_shards_interleave_annotated_documents_evenly(tmp_path):
     # Input order puts all selected documents first; every shard still gets ~10% of them.
     batch = _batch(10_000, share=0.1).sort_by([("selected", "descending")])
-    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path=str(tmp_path), rows_per_shard=1000, tokenized=False), tokenizer="x")
+    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path=str(tmp_path), rows_per_shard=1000, tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
     writer.setup()
     names = json.loads(writer.process(batch).column("shard")[0].as_py())
     assert len(names) == 10
@@ -46,7 +49,7 @@ def test_shards_interleave_annotated_documents_evenly(tmp_path):
     # binomial sd for 1000 rows at p=0.1 is 0.0095; 4 sd
     assert all(abs(s - overall) < 0.038 for s in shares), shares
     # same input, same names and order
-    again = ShardWriter(out_dir=str(tmp_path / "again"), output=OutputConfig(path="x", rows_per_shard=1000, tokenized=False), tokenizer="x")
+    again = ShardWriter(out_dir=str(tmp_path / "again"), output=OutputConfig(path="x", rows_per_shard=1000, tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
     assert json.loads(again.process(batch).column("shard")[0].as_py()) == names
     first = pq.read_table(tmp_path / "shards" / f"{names[0]}.parquet").column("doc_id")
     assert first.equals(pq.read_table(tmp_path / "again" / "shards" / f"{names[0]}.parquet").column("doc_id"))
@@ -61,7 +64,7 @@ def test_a_shard_never_exists_half_written_under_its_final_name(tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(writer_mod.pq, "write_table", write_half_then_die)
-    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path="x", tokenized=False), tokenizer="x")
+    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path="x", tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
     with pytest.raises(OSError, match="disk full"):
         writer.process(_batch(50, share=0.2))
     assert list((tmp_path / "shards").iterdir()) == []
