@@ -105,9 +105,7 @@ def _counted(names) -> int:
 
 def unit_scored(out_dir: Path, unit: Unit) -> bool:
     """Pass 1 finished this unit: its scored parts and rejected documents add up to its rows."""
-    scored = list((out_dir / SCORED / unit.key).glob("*.parquet"))
-    rejected = list((out_dir / REJECTED_DOCUMENTS).glob(f"{unit.key}-*.parquet"))
-    return _counted(scored) + _counted(p.name.removeprefix(unit.key + "-") for p in rejected) == unit.rows
+    return _counted((out_dir / SCORED / unit.key).glob("*.parquet")) + rejected_count(out_dir, unit) == unit.rows
 
 
 def unit_done(out_dir: Path, unit: Unit) -> bool:

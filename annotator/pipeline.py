@@ -60,7 +60,7 @@ def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> No
             raise OutputDirError(f"output.path {str(out_dir)!r} contains the input file {f!r}; refusing to write into the input")
 
 
-def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan, *, log) -> bool:
+def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
     """Prepare the output directory; True when it resumes an earlier run of the same config."""
     # Through JSON, so tuples compare equal to what run.json read back.
     settings = json.loads(json.dumps({"output_settings": output_settings(cfg), "plan": plan.to_json()}))
@@ -114,7 +114,6 @@ def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]
 def reserved_columns(cfg: RunConfig) -> set[str]:
     """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
     from annotator.generation import REFLECTION_COLUMNS
-    from annotator.stages import TIMING_PREFIX  # noqa: F401 - internal columns start with "_"
 
     names = {"unit", "source_text", "reflection_voice_used", "is_bad", "selected", "selected_reason", "token_length"}
     names |= set(REFLECTION_COLUMNS) | set(ReadUnits.adds)
@@ -214,7 +213,7 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
                           id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
     _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
-    resumed = open_output(out_dir, cfg, plan, log=log)
+    resumed = open_output(out_dir, cfg, plan)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
 

@@ -10,7 +10,6 @@ import glob
 import hashlib
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 
 from annotator.config import InputConfig
 from annotator.stages import Resources, Stage
-from annotator.units import Unit, open_parquet, units_from_json
+from annotator.units import Unit, open_parquet, unit_json, units_from_json
 
 
 class InputError(ValueError):
@@ -199,4 +198,4 @@ def units_dataset(units: list[Unit]):
     """A Ray Dataset with one row per unit; `ReadUnits` turns each into its documents."""
     import ray.data
 
-    return ray.data.from_items([{"unit": json.dumps(asdict(u), sort_keys=True)} for u in units], override_num_blocks=max(1, len(units)))
+    return ray.data.from_items([{"unit": unit_json(u)} for u in units], override_num_blocks=max(1, len(units)))

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from annotator.checkpoint import write_table
 from annotator.config import OutputConfig, TemplateConfig
 from annotator.generation import OK
 from annotator.reflection_prompt import CITATION, constitution_sections, unit_hash
@@ -95,16 +94,6 @@ def interleave_order(doc_ids: list[str], seed: int) -> np.ndarray:
     return np.argsort([unit_hash("order", seed, d) for d in doc_ids], kind="stable")
 
 
-def write_parquet_atomically(table: pa.Table, final: Path, *, compression: str) -> None:
-    """A shard exists under its final name only once it is complete."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression=compression)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ShardWriter(Stage):
     """Writes each incoming block as text shards (and token shards) of at most `rows_per_shard`
     rows, rows in a seeded interleaved order, and emits one stats row per block."""
@@ -158,7 +147,7 @@ class ShardWriter(Stage):
         for part, start in enumerate(range(0, max(1, written.num_rows), self.output.rows_per_shard)):
             piece = written.slice(start, self.output.rows_per_shard)
             name = f"{stem}-{part:04d}"
-            write_parquet_atomically(piece, Path(self.out_dir) / TEXT_DIR / f"{name}.parquet", compression=self.output.compression)
+            write_table(Path(self.out_dir) / TEXT_DIR / f"{name}.parquet", piece, compression=self.output.compression)
             if self.output.tokenized:
                 self._write_tokens(piece, name)
             names.append(name)

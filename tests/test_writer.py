@@ -56,14 +56,14 @@ def test_shards_interleave_annotated_documents_evenly(tmp_path):
 
 
 def test_a_shard_never_exists_half_written_under_its_final_name(tmp_path, monkeypatch):
-    import annotator.writer as writer_mod
+    import annotator.checkpoint as checkpoint_mod  # the one atomic writer, used by ShardWriter
 
     def write_half_then_die(table, where, **kwargs):
         with open(where, "wb") as f:
             f.write(b"PAR1 half a shard")
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer_mod.pq, "write_table", write_half_then_die)
+    monkeypatch.setattr(checkpoint_mod.pq, "write_table", write_half_then_die)
     writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path="x", tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
     with pytest.raises(OSError, match="disk full"):
         writer.process(_batch(50, share=0.2))
