@@ -239,6 +239,7 @@ def run(cfg: RunConfig, *, log=print) -> dict:
         timings["scoring_pass"] = time.time() - t0
 
     if pending or not (out_dir / SELECTION).exists():
+        log(f"[spp] selection: corpus totals and duplicate ids over {len(plan.units)} units")
         state = _selection_state(cfg, out_dir, plan.units)
     else:
         state = json.loads((out_dir / SELECTION).read_text())

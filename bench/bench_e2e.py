@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 GIB = 2**30
+# Lines the pipeline logs when it enters a phase.
+PHASE = re.compile(r"^\[spp\] (pass \w+|selection|score histogram|this run)", re.MULTILINE)
 
 
 def replicated_corpus(n_docs: int, out_dir: Path, *, docs_per_file: int, row_group_size: int) -> list[Path]:
@@ -82,6 +85,9 @@ class MemorySample:
     samples: int = 0
     # The largest processes (name, RSS, PSS in bytes) at the moment of the peak RSS total.
     at_peak: tuple = ()
+    peak_phase: str = ""
+    # Peak RSS / PSS total per phase of the run (the pipeline's last "[spp] <phase>" log line).
+    phases: dict = field(default_factory=dict)
 
 
 class RayMemorySampler(threading.Thread):
@@ -89,9 +95,10 @@ class RayMemorySampler(threading.Thread):
     shared memory, shared libraries) between the processes mapping them, so unlike summed RSS
     it does not count them once per process; both are reported."""
 
-    def __init__(self, *, driver_pid: int, temp_dir: str, interval_s: float = 0.5):
+    def __init__(self, *, driver_pid: int, temp_dir: str, log_path: Path, interval_s: float = 0.5):
         super().__init__(daemon=True)
         self.driver_pid = driver_pid
+        self.log_path = log_path
         self.temp_dir = temp_dir
         self.interval_s = interval_s
         self.result = MemorySample()
@@ -114,7 +121,19 @@ class RayMemorySampler(threading.Thread):
                     pass
         return list(found.values())
 
+    def phase(self) -> str:
+        """The run's current phase: the last phase marker its log printed so far."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 8192))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return "start"
+        found = PHASE.findall(tail)
+        return found[-1] if found else "start"
+
     def sample(self) -> None:
+        phase = self.phase()
         measured = []
         procs = self.processes()
         for proc in procs:
@@ -131,6 +150,9 @@ class RayMemorySampler(threading.Thread):
         if rss_total > r.peak_rss_total:
             top = sorted(measured, key=lambda m: -m[1])[:6]
             r.at_peak = tuple((_describe(p, self.driver_pid), rss, pss) for p, rss, pss in top)
+            r.peak_phase = phase
+        rss_peak, pss_peak = r.phases.get(phase, (0, 0))
+        r.phases[phase] = (max(rss_peak, rss_total), max(pss_peak, pss_total))
         r.peak_rss_total = max(r.peak_rss_total, rss_total)
         r.peak_pss_total = max(r.peak_pss_total, pss_total)
         r.peak_processes = max(r.peak_processes, len(procs))
@@ -175,7 +197,7 @@ def run_once(n_docs: int, args: argparse.Namespace, scratch: Path) -> dict:
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = RayMemorySampler(driver_pid=proc.pid, temp_dir=ray_tmp, interval_s=args.sample_interval)
+        sampler = RayMemorySampler(driver_pid=proc.pid, temp_dir=ray_tmp, log_path=log_path, interval_s=args.sample_interval)
         sampler.start()
         rc = proc.wait()
     wall = time.perf_counter() - started
@@ -201,6 +223,8 @@ def run_once(n_docs: int, args: argparse.Namespace, scratch: Path) -> dict:
         "peak_process": memory.peak_process,
         "peak_processes": memory.peak_processes,
         "memory_samples": memory.samples,
+        "peak_phase": memory.peak_phase,
+        "phase_peaks_gib": {k: (round(a / GIB, 2), round(b / GIB, 2)) for k, (a, b) in memory.phases.items()},
         "largest_at_peak_gib": [(name, round(rss / GIB, 2), round(pss / GIB, 2)) for name, rss, pss in memory.at_peak],
         "pass_seconds": stats["wall_seconds"],
         "output_bytes_per_doc": round(out_bytes / max(1, stats["documents_out"])),
@@ -260,6 +284,7 @@ def main() -> None:
     for r in results:
         print(f"{r['docs']:,}: largest processes at the peak (RSS, PSS GiB): "
               + ", ".join(f"{name} {rss}/{pss}" for name, rss, pss in r["largest_at_peak_gib"]))
+        print(f"{r['docs']:,}: peak in phase {r['peak_phase']!r}; peak RSS/PSS total per phase (GiB): {r['phase_peaks_gib']}")
         print(f"{r['docs']:,}: pass seconds {r['pass_seconds']}; output {r['output_bytes_per_doc']:,} bytes/document "
               f"(input {r['input_bytes_per_doc']:,})")
         print(f"{r['docs']:,}: pipeline command: {r['command']}")
