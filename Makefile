@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python pipelines/spp_reflections.py --config configs/demo.yaml $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

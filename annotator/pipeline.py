@@ -21,12 +21,13 @@ from annotator.checkpoint import (
     generation_key, load_manifests, output_settings, unit_done, unit_scored, write_json,
 )
 from annotator.config import RunConfig
+from annotator.corpus import IDS, corpus_totals, count_for_generation
 from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration
 from annotator.generation import NoReflections, ReflectionGenerator
 from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
-from annotator.selection import DROPPED_BAD, SelectForReflection, TokenTotals, sample_probability
+from annotator.selection import DROPPED_BAD, SelectForReflection, sample_probability
 from annotator.stages import Resources, Stage, apply_stages, check_chain
 from annotator.tokens import TokenCounter
 from annotator.units import InputPlan, Unit, plan_input
@@ -94,7 +95,7 @@ def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, st
     cpu = Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size)
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
-        ReadUnits(cfg.input, extra_columns=extra_columns),
+        ReadUnits(cfg.input, extra_columns=extra_columns, num_cpus=c.num_cpus),
         TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=cpu),
         build_scorer(c, resources=scorer),
         WriteScored(out_dir=str(out_dir)),
@@ -121,67 +122,26 @@ def reserved_columns(cfg: RunConfig) -> set[str]:
     return names
 
 
-def _score_totals(scored) -> TokenTotals:
-    from ray.data.aggregate import Count, Sum
-
-    rows = scored.groupby("safety_score").aggregate(Count(), Sum("token_length")).take_all()
-    return TokenTotals(
-        documents={int(r["safety_score"]): int(r["count()"]) for r in rows},
-        tokens={int(r["safety_score"]): int(r["sum(token_length)"] or 0) for r in rows},
-    )
-
-
-def _duplicate_ids(scored, units: list[Unit]) -> dict[str, list[int]]:
-    """Later occurrences of an id (by unit order, then row) per unit; the first one is kept."""
-    counts = scored.select_columns(["doc_id"]).groupby("doc_id").count()
-    repeated = {r["doc_id"] for r in counts.filter(lambda r: r["count()"] > 1).take_all()}
-    if not repeated:
-        return {}
-    order = {u.key: i for i, u in enumerate(units)}
-    rows = scored.select_columns(["doc_id", "_unit", "source_row"]).filter(lambda r: r["doc_id"] in repeated).take_all()
-    rows.sort(key=lambda r: (order[r["_unit"]], r["source_row"]))
-    seen: set[str] = set()
-    out: dict[str, list[int]] = {}
-    for r in rows:
-        if r["doc_id"] in seen:
-            out.setdefault(r["_unit"], []).append(int(r["source_row"]))
-        seen.add(r["doc_id"])
-    return out
-
-
-def _count_needing_generation(scored, cfg: RunConfig, probability: float) -> int:
-    from annotator.finalize import needs_generation
-
-    select = SelectForReflection(cfg.selection, probability=probability)
-
-    def count(batch):
-        chosen = select.process(batch).column("selected")
-        return {"n": [sum(needs_generation(chosen, cfg.generation).to_pylist())]}
-
-    return int(scored.map_batches(count, batch_format="pyarrow", batch_size=None).sum("n") or 0)
-
-
 def _selection_state(cfg: RunConfig, out_dir: Path, units: list[Unit]) -> dict:
-    """Sample probability and duplicates, computed once over the whole scored corpus and kept,
-    so a resumed run selects exactly what the first one would have."""
-    import ray.data
-
+    """Sample probability and duplicates, computed once over the whole scored corpus (unit by
+    unit, `corpus.py`) and kept, so a resumed run selects exactly what the first one would have."""
     path = out_dir / SELECTION
     if path.exists():
         return json.loads(path.read_text())
-    files = [str(p) for u in units for p in sorted((out_dir / SCORED / u.key).glob("*.parquet"))]
-    scored = ray.data.read_parquet(files, columns=["doc_id", "_unit", "source_row", "safety_score", "safety_confidence", "token_length"])
-    totals = _score_totals(scored)
+    totals, duplicates = corpus_totals(out_dir, units, selection=cfg.selection, find_duplicates=cfg.input.reject_duplicate_ids)
     probability = sample_probability(cfg.selection, totals)
+    # How many documents pass 2a sends to the engine: the denominator of its progress and ETA.
+    needs = count_for_generation(out_dir, units, selection=cfg.selection, probability=probability,
+                                 generation=cfg.generation, duplicates=duplicates) if cfg.generation.enabled else 0
     state = {
         "probability": probability,
-        # How many documents pass 2a sends to the engine: the denominator of its progress and ETA.
-        "needs_generation": _count_needing_generation(scored, cfg, probability),
+        "needs_generation": needs,
         "score_documents": {str(k): v for k, v in sorted(totals.documents.items())},
         "score_tokens": {str(k): v for k, v in sorted(totals.tokens.items())},
-        "duplicates": _duplicate_ids(scored, units) if cfg.input.reject_duplicate_ids else {},
+        "duplicates": duplicates,
     }
     write_json(path, state)
+    shutil.rmtree(out_dir / IDS, ignore_errors=True)
     return state
 
 

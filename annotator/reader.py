@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,26 +88,27 @@ def decode_text_column(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | No
 
 
 # C0 control characters other than tab, newline, vertical tab, form feed and carriage return,
-# plus DEL: in web text they mark binary junk or a broken decoder, not prose.
-_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+# plus DEL: in web text they mark binary junk or a broken decoder, not prose. (RE2 syntax.)
+CONTROL_PATTERN = r"[\x00-\x08\x0e-\x1f\x7f]"
 REJECT_COLUMNS = {"doc_id": pa.string(), "source_file": pa.string(), "source_row": pa.int64(),
                   "reason": pa.string(), "text_preview": pa.string()}
 PREVIEW_CHARS = 1000
+_NOTE_REASONS = {"null_text": "null_text", "invalid_utf8_replaced": "invalid_utf8"}
 
 
-def reject_reason(text: str, note: str | None, *, max_chars: int) -> str | None:
-    """Why a document cannot be used as it is, or None."""
-    if note == "null_text":
-        return "null_text"
-    if note == "invalid_utf8_replaced":
-        return "invalid_utf8"
-    if not text.strip():
-        return "empty_text"
-    if len(text) > max_chars:
-        return f"too_long:{len(text)}_chars"
-    if _CONTROL.search(text):
-        return "control_characters"
-    return None
+def reject_reasons(text: pa.Array, notes: list[str | None], *, max_chars: int) -> pa.Array:
+    """Why each document cannot be used as it is, or null; in order of precedence: null_text,
+    invalid_utf8, empty_text (nothing but whitespace), too_long:<n>_chars, control_characters.
+    Arrow kernels over the whole column: no Python work per document."""
+    from_notes = pa.array([_NOTE_REASONS.get(n) if n else None for n in notes], pa.string())
+    length = pc.utf8_length(text)
+    empty = pc.or_(pc.equal(length, 0), pc.utf8_is_space(text))
+    too_long = pc.greater(length, max_chars)
+    control = pc.match_substring_regex(text, CONTROL_PATTERN)
+    long_reason = pc.binary_join_element_wise("too_long:", pc.cast(length, pa.string()), "_chars", "")
+    found = pc.case_when(pc.make_struct(empty, too_long, control, field_names=["e", "l", "c"]),
+                         pa.scalar("empty_text"), long_reason, pa.scalar("control_characters"))
+    return pc.coalesce(from_notes, found)
 
 
 class ReadUnits(Stage):
@@ -120,12 +120,14 @@ class ReadUnits(Stage):
     reads = ("unit",)
     adds = ("doc_id", "text", "input_note", "reject_reason", "text_preview", "source_file", "source_row", "_unit")
 
-    def __init__(self, cfg: InputConfig, *, extra_columns: dict[str, str]):
+    def __init__(self, cfg: InputConfig, *, extra_columns: dict[str, str], num_cpus: float = 0.5):
         self.text_column = cfg.text_column
         self.id_column = cfg.id_column
         self.max_chars = cfg.max_document_chars
         self.extra_columns = extra_columns  # input name -> output name
-        self.resources = Resources(num_cpus=0.5, batch_size=1)
+        # Give it the CPUs of the stage that follows: Ray Data then fuses the two into one worker,
+        # so a unit's documents go from the reader to that stage without the object store.
+        self.resources = Resources(num_cpus=num_cpus, batch_size=1)
 
     def read_unit(self, unit: Unit) -> pa.Table:
         wanted = [self.text_column, *self.extra_columns]
@@ -146,28 +148,30 @@ class ReadUnits(Stage):
 
     def normalize(self, table: pa.Table, unit: Unit) -> pa.Table:
         n = table.num_rows
-        read_errors = table.column("_read_error").to_pylist() if "_read_error" in table.column_names else [None] * n
         text, notes = decode_text_column(table.column(self.text_column))
-        texts = text.to_pylist()
+        reasons = reject_reasons(text, notes, max_chars=self.max_chars)
+        if "_read_error" in table.column_names:
+            reasons = pc.coalesce(table.column("_read_error").combine_chunks(), reasons)
         if self.id_column and self.id_column in table.column_names:
-            ids = pc.cast(table.column(self.id_column), pa.string()).to_pylist()
+            ids = pc.cast(table.column(self.id_column), pa.string()).combine_chunks()
         else:
-            ids = [None] * n
-        reasons, previews = [], []
-        for i, t in enumerate(texts):
-            if ids[i] is None:
-                ids[i] = content_id(t) if not read_errors[i] else f"{unit.key}:{unit.row_start + i}"
-            reason = read_errors[i] or reject_reason(t, notes[i], max_chars=self.max_chars)
-            reasons.append(reason)
-            previews.append(t[:PREVIEW_CHARS] if reason else None)
-            if reason:
-                texts[i] = ""
+            ids = pa.nulls(n, pa.string())
+        if ids.null_count:
+            # Rows without an id: a content hash (a stable id), or the row's place when unreadable.
+            missing = pc.is_null(ids).to_pylist()
+            texts, unreadable = text.to_pylist(), "_read_error" in table.column_names
+            ids = pa.array([
+                ids[i].as_py() if not missing[i] else (f"{unit.key}:{unit.row_start + i}" if unreadable else content_id(texts[i]))
+                for i in range(n)
+            ], pa.string())
+        rejected = pc.is_valid(reasons)
         columns = {
-            "doc_id": pa.array(ids, pa.string()),
-            "text": pa.array(texts, pa.string()),
+            "doc_id": ids,
+            # A rejected document's text is emptied so later stages spend nothing on it.
+            "text": pc.if_else(rejected, pa.scalar("", pa.string()), text),
             "input_note": pa.array(notes, pa.string()),
-            "reject_reason": pa.array(reasons, pa.string()),
-            "text_preview": pa.array(previews, pa.string()),
+            "reject_reason": reasons,
+            "text_preview": pc.if_else(rejected, pc.utf8_slice_codeunits(text, 0, PREVIEW_CHARS), pa.scalar(None, pa.string())),
             "source_file": pa.array([unit.path] * n, pa.string()),
             "source_row": pa.array(range(unit.row_start, unit.row_start + n), pa.int64()),
             "_unit": pa.array([unit.key] * n, pa.string()),

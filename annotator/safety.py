@@ -48,6 +48,11 @@ def clean_text(text: str | None, *, max_chars: int) -> tuple[str, str | None]:
 def normalize_for_fasttext(text: str | None, *, max_chars: int = MAX_CHARS) -> str:
     """One lowercased line: fastText splits on whitespace and treats a newline as end of example."""
     cleaned, _ = clean_text(text, max_chars=max_chars)
+    return fasttext_line(cleaned)
+
+
+def fasttext_line(cleaned: str) -> str:
+    """`normalize_for_fasttext` of a text `clean_text` already cleaned."""
     return " ".join(unicodedata.normalize("NFKC", cleaned).lower().split())
 
 
@@ -79,6 +84,10 @@ class SafetyScorer(Stage):
     def predict_probs(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def predict_cleaned(self, texts: list[str]) -> np.ndarray:
+        """`predict_probs` of texts `clean_text` already cleaned (a backend may skip its own cleaning)."""
+        return self.predict_probs(texts)
+
     def process(self, batch: pa.Table) -> pa.Table:
         cleaned = [clean_text(t, max_chars=self.max_chars) for t in batch.column("text").to_pylist()]
         notes = [note for _, note in cleaned]
@@ -86,7 +95,7 @@ class SafetyScorer(Stage):
         probs[:, 0] = 1.0  # nothing to read, nothing harmful: score 0, noted as empty_text
         scorable = [i for i, (text, _) in enumerate(cleaned) if text.strip()]
         if scorable:
-            probs[scorable] = self.predict_probs([cleaned[i][0] for i in scorable])
+            probs[scorable] = self.predict_cleaned([cleaned[i][0] for i in scorable])
         scores = probs.argmax(axis=1)
         return (
             batch.append_column("safety_score", pa.array(scores.astype(np.int8), pa.int8()))
@@ -122,7 +131,12 @@ class FastTextSafetyScorer(SafetyScorer):
         self._label_index = {SCORE_LABEL.format(i): i for i in range(NUM_SCORES)}
 
     def predict_probs(self, texts: list[str]) -> np.ndarray:
-        lines = [normalize_for_fasttext(t, max_chars=self.max_chars) for t in texts]
+        return self._predict_lines([normalize_for_fasttext(t, max_chars=self.max_chars) for t in texts])
+
+    def predict_cleaned(self, texts: list[str]) -> np.ndarray:
+        return self._predict_lines([fasttext_line(t) for t in texts])
+
+    def _predict_lines(self, lines: list[str]) -> np.ndarray:
         if not self._six_way:
             labels, probs = self._model.predict(lines, k=2)
             p = np.array([dict(zip(ls, ps)).get(BINARY_HARMFUL, 0.0) for ls, ps in zip(labels, probs)])

@@ -6,7 +6,7 @@ corpus-level token totals, so they do not depend on batch order, worker count or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -23,13 +23,16 @@ DROPPED_BAD = "dropped_bad"
 
 @dataclass(frozen=True)
 class TokenTotals:
-    """Corpus totals from the scoring pass, per safety score."""
+    """Corpus totals from the scoring pass, per safety score. `unconfident_tokens`: per bad score,
+    the tokens of documents below `min_confidence`, which selection does not treat as bad."""
 
     documents: dict[int, int]
     tokens: dict[int, int]
+    unconfident_tokens: dict[int, int] = field(default_factory=dict)
 
     def split(self, threshold: int) -> tuple[int, int]:
-        bad = sum(t for s, t in self.tokens.items() if s >= threshold)
+        """(tokens of documents selection treats as bad, tokens of all others)."""
+        bad = sum(t - self.unconfident_tokens.get(s, 0) for s, t in self.tokens.items() if s >= threshold)
         return bad, sum(self.tokens.values()) - bad
 
 

@@ -22,6 +22,7 @@ from ray.data.aggregate import AggregateFnV2
 from annotator.generation import OK
 from annotator.reflection_prompt import ANNOTATION_PROMPT_VERSION, PROMPT_VERSION, constitution_text
 from annotator.stages import TIMING_PREFIX
+from annotator.tokens import count_tokens
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 # Distinct values kept per annotation key while merging: beyond this the rarest values are folded
@@ -37,9 +38,11 @@ STRATUM_SEPARATOR = "|"
 
 @lru_cache(maxsize=4)
 def _tokenizer(spec: str):
-    from annotator.tokens import load_tokenizer
+    # The Rust tokenizer alone: a finalize worker that loads transformers (and torch) with it
+    # stays ~0.4 GiB larger for the rest of the run.
+    from annotator.tokens import load_counting_tokenizer
 
-    return load_tokenizer(spec)
+    return load_counting_tokenizer(spec)
 
 
 def stratum_key(score: int, reason: str) -> str:
@@ -49,15 +52,13 @@ def stratum_key(score: int, reason: str) -> str:
 
 def reflection_lengths(batch: pa.Table, tokenizer) -> list[int]:
     """Target-tokenizer length of each written reflection (the voice spliced into the text)."""
-    if isinstance(tokenizer, str):
-        tokenizer = _tokenizer(tokenizer)
     status = batch.column("reflection_status").to_pylist()
     voices = batch.column("reflection_voice_used").to_pylist() if "reflection_voice_used" in batch.column_names else None
     texts = {v: batch.column(f"reflection_{v}").to_pylist() for v in ("1p", "3p")}
     chosen = [texts[(voices[i] if voices and voices[i] else "1p")][i] for i, s in enumerate(status) if s == OK]
     if not chosen:
         return []
-    return [len(ids) for ids in tokenizer(chosen, add_special_tokens=False)["input_ids"]]
+    return count_tokens(_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, chosen)
 
 
 def _annotation_counts(tags: list) -> tuple[Counter, dict[str, Counter]]:

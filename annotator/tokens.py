@@ -5,6 +5,8 @@ Selection balances tokens, not documents, so every document is counted once, her
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
 from annotator.models import resolve_model
@@ -17,6 +19,23 @@ def load_tokenizer(spec: str):
     except ImportError as err:
         raise RuntimeError("token counting needs transformers: pip install the project") from err
     return AutoTokenizer.from_pretrained(resolve_model(spec))
+
+
+def load_counting_tokenizer(spec: str):
+    """What `count_tokens` needs: the fast tokenizer, else the transformers one."""
+    return load_fast_tokenizer(spec) or load_tokenizer(spec)
+
+
+def load_fast_tokenizer(spec: str):
+    """The Rust `tokenizers.Tokenizer` behind a Hugging Face fast tokenizer. Loaded from the
+    model's `tokenizer.json` when there is one, which spares the worker importing transformers
+    (and with it torch: ~400 MB of memory per process); the same ids either way."""
+    local = Path(resolve_model(spec)) / "tokenizer.json"
+    if local.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(local))
+    return getattr(load_tokenizer(spec), "backend_tokenizer", None)
 
 
 class TokenCounter(Stage):
@@ -33,14 +52,17 @@ class TokenCounter(Stage):
         self._tok = None
 
     def setup(self) -> None:
-        self._tok = load_tokenizer(self.tokenizer_spec)
+        self._tok = load_counting_tokenizer(self.tokenizer_spec)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        backend = getattr(self._tok, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):
-            # Same ids without offsets or attention masks: ~8x faster on the web sample.
-            lengths = [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        else:
-            lengths = [len(ids) for ids in self._tok(texts, add_special_tokens=False)["input_ids"]]
+        lengths = count_tokens(self._tok, batch.column("text").to_pylist())
         return batch.append_column("token_length", pa.array(lengths, pa.int32()))
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Token count of each text (no special tokens) with a `tokenizers.Tokenizer` or a
+    transformers tokenizer."""
+    if hasattr(tokenizer, "encode_batch_fast"):
+        # Same ids without offsets or attention masks: ~8x faster on the web sample.
+        return [len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -61,8 +61,10 @@ def ray_stage(scorer: SafetyScorer, paths: list[str], *, cores: int) -> tuple[in
     """Whole pipeline wall time, start-up (workers, model loads) included."""
     started = time.perf_counter()
     cfg = InputConfig(paths=paths, rows_per_unit=scorer.resources.batch_size or 10_000)
-    # The pipeline's own reader: one task reads and normalizes a unit (row groups of one file).
-    ds = apply_stages(units_dataset(plan_input(paths, cfg).units), [ReadUnits(cfg, extra_columns={}), scorer])
+    # The pipeline's own reader: one task reads and normalizes a unit (row groups of one file). It
+    # takes the scorer's CPUs, as in the pipeline, so that Ray Data fuses reading and scoring.
+    reader = ReadUnits(cfg, extra_columns={}, num_cpus=scorer.resources.num_cpus)
+    ds = apply_stages(units_dataset(plan_input(paths, cfg).units), [reader, scorer])
     n = sum(b.num_rows for b in ds.select_columns(["safety_score"]).iter_batches(batch_size=None, batch_format="pyarrow"))
     return n, time.perf_counter() - started
 
