@@ -95,7 +95,7 @@ def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, st
     cpu = Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size)
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
-        ReadUnits(cfg.input, extra_columns=extra_columns, num_cpus=c.num_cpus),
+        ReadUnits(cfg.input, extra_columns=extra_columns),
         TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=cpu),
         build_scorer(c, resources=scorer),
         WriteScored(out_dir=str(out_dir)),

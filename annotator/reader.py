@@ -125,8 +125,8 @@ class ReadUnits(Stage):
         self.id_column = cfg.id_column
         self.max_chars = cfg.max_document_chars
         self.extra_columns = extra_columns  # input name -> output name
-        # Give it the CPUs of the stage that follows: Ray Data then fuses the two into one worker,
-        # so a unit's documents go from the reader to that stage without the object store.
+        # Ray Data fuses it with a following stage of the same CPUs (skipping the object store);
+        # for the fastText scorer that measured slower than two pipelined stages (bench_scoring.py).
         self.resources = Resources(num_cpus=num_cpus, batch_size=1)
 
     def read_unit(self, unit: Unit) -> pa.Table:

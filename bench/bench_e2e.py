@@ -5,7 +5,7 @@ with the peak memory of every Ray process sampled while it runs, to show memory 
 
 Each N: the shared corpus replicated to N documents with new ids (written under /tmp, never
 into the repo), then `pipelines/spp_reflections.py` as a subprocess, as a user runs it. A thread
-sums the memory of the driver and all its descendants plus every process that names this run's
+sums the memory (RSS, PSS, USS) of the driver and all its descendants plus every process that names this run's
 Ray temp dir (raylet, gcs, workers, agents) every 0.5 s. Prints a table and the ratio of the
 largest N's peak to the smallest's. Heavy: on a shared machine run it under the heavy-work lock.
 """
@@ -79,6 +79,9 @@ class MemorySample:
 
     peak_rss_total: int = 0
     peak_pss_total: int = 0
+    # Private memory only (USS): what the processes would free on exit; shared pages (the object
+    # store's shared memory, shared libraries) are not in it at all.
+    peak_uss_total: int = 0
     peak_process_rss: int = 0
     peak_process: str = ""
     peak_processes: int = 0
@@ -141,20 +144,22 @@ class RayMemorySampler(threading.Thread):
                 mem = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            measured.append((proc, mem.rss, getattr(mem, "pss", mem.rss)))
+            measured.append((proc, mem.rss, getattr(mem, "pss", mem.rss), getattr(mem, "uss", mem.rss)))
         rss_total = sum(m[1] for m in measured)
         pss_total = sum(m[2] for m in measured)
+        uss_total = sum(m[3] for m in measured)
         largest_proc, largest = max(((m[0], m[1]) for m in measured), key=lambda m: m[1], default=(None, 0))
         r = self.result
         r.samples += 1
         if rss_total > r.peak_rss_total:
             top = sorted(measured, key=lambda m: -m[1])[:6]
-            r.at_peak = tuple((_describe(p, self.driver_pid), rss, pss) for p, rss, pss in top)
+            r.at_peak = tuple((_describe(p, self.driver_pid), rss, pss) for p, rss, pss, _ in top)
             r.peak_phase = phase
         rss_peak, pss_peak = r.phases.get(phase, (0, 0))
         r.phases[phase] = (max(rss_peak, rss_total), max(pss_peak, pss_total))
         r.peak_rss_total = max(r.peak_rss_total, rss_total)
         r.peak_pss_total = max(r.peak_pss_total, pss_total)
+        r.peak_uss_total = max(r.peak_uss_total, uss_total)
         r.peak_processes = max(r.peak_processes, len(procs))
         if largest > r.peak_process_rss and largest_proc is not None:
             r.peak_process_rss, r.peak_process = largest, _describe(largest_proc, self.driver_pid)
@@ -219,6 +224,7 @@ def run_once(n_docs: int, args: argparse.Namespace, scratch: Path) -> dict:
         "pipeline_docs_per_s": round(n_docs / stats["wall_seconds"]["total"], 1),
         "peak_rss_total_gib": round(memory.peak_rss_total / GIB, 3),
         "peak_pss_total_gib": round(memory.peak_pss_total / GIB, 3),
+        "peak_uss_total_gib": round(memory.peak_uss_total / GIB, 3),
         "peak_process_rss_gib": round(memory.peak_process_rss / GIB, 3),
         "peak_process": memory.peak_process,
         "peak_processes": memory.peak_processes,
@@ -270,16 +276,18 @@ def main() -> None:
     machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / GIB:.0f} GiB RAM"
     print(f"\nscore-and-select ({args.mode}, generation off), {machine}, {date.today().isoformat()}")
     header = (f"{'docs':>10} {'wall s':>8} {'docs/s':>8} {'pipeline docs/s':>16} {'peak RSS total GiB':>19} "
-              f"{'peak PSS total GiB':>19} {'peak process GiB':>17}  process")
+              f"{'peak PSS total GiB':>19} {'peak USS total GiB':>19} {'peak process GiB':>17}  process")
     print(header)
     for r in results:
         print(f"{r['docs']:>10,} {r['wall_s']:>8.1f} {r['docs_per_s']:>8.1f} {r['pipeline_docs_per_s']:>16.1f} "
-              f"{r['peak_rss_total_gib']:>19.2f} {r['peak_pss_total_gib']:>19.2f} {r['peak_process_rss_gib']:>17.2f}  {r['peak_process']}")
+              f"{r['peak_rss_total_gib']:>19.2f} {r['peak_pss_total_gib']:>19.2f} {r['peak_uss_total_gib']:>19.2f} "
+              f"{r['peak_process_rss_gib']:>17.2f}  {r['peak_process']}")
     if len(results) > 1:
         small, large = results[0], results[-1]
         rss = large["peak_rss_total_gib"] / small["peak_rss_total_gib"]
         pss = large["peak_pss_total_gib"] / small["peak_pss_total_gib"]
-        print(f"\npeak memory {large['docs']:,} / {small['docs']:,} documents: RSS total {rss:.2f}, PSS total {pss:.2f} "
+        uss = large["peak_uss_total_gib"] / small["peak_uss_total_gib"]
+        print(f"\npeak memory {large['docs']:,} / {small['docs']:,} documents: RSS total {rss:.2f}, PSS total {pss:.2f}, USS total {uss:.2f} "
               f"(target <= 1.10); largest peak RSS total {large['peak_rss_total_gib']:.2f} GiB (target < 4)")
     for r in results:
         print(f"{r['docs']:,}: largest processes at the peak (RSS, PSS GiB): "

@@ -1,5 +1,6 @@
-"""Exactly-once resume: the driver is killed with SIGKILL during scoring, during generation and
-during writing of a real run; rerunning the same command gives the output of an uninterrupted run."""
+"""Exactly-once resume: one real run is SIGKILLed during scoring, during generation (after one of
+its vLLM replicas was killed and replaced) and during writing; rerunning the same command each
+time ends with the output of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -99,14 +100,17 @@ def scored_units(out: Path) -> int:
     return len([d for d in (out / "_work" / "scored").glob("*") if any(d.glob("*.parquet"))])
 
 
-POINTS = {
-    # first unit scored; the kill lands before pass 1 finishes
-    "scoring": lambda out: scored_units(out) >= 1,
-    # first generated batch saved
-    "generation": lambda out: any((out / "_work" / "generated").glob("*/*.parquet")),
-    # first unit's shards and manifest written
-    "writing": lambda out: any((out / "_work" / "done").glob("*.json")),
-}
+def generated_batches(out: Path) -> dict[str, int]:
+    """Saved generation batches: path -> modification time in ns (a rewritten file changes it)."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "_work" / "generated").glob("*/*.parquet")}
+
+
+def manifests(out: Path) -> int:
+    return len(list((out / "_work" / "done").glob("*.json")))
+
+
+def selection_done(out: Path) -> bool:
+    return (out / "_work" / "selection.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -114,38 +118,6 @@ def uninterrupted(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "whole"
     run_to_end(resume_args(corpus), out, out.parent / "whole.log")
     return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("point", list(POINTS))
-def test_resume_after_sigkill_matches_uninterrupted_run(point, corpus, uninterrupted, tmp_path):
-    out = tmp_path / "out"
-    args = resume_args(corpus)
-    kill_when(args, out, tmp_path / "killed.log", POINTS[point])
-    # The kill landed inside the named pass.
-    selection_done = (out / "_work" / "selection.json").exists()
-    manifests = len(list((out / "_work" / "done").glob("*.json")))
-    if point == "scoring":
-        assert not selection_done and 1 <= scored_units(out) <= UNITS
-    elif point == "generation":
-        assert selection_done and manifests == 0
-    else:
-        assert 1 <= manifests < UNITS
-    log = run_to_end(args, out, tmp_path / "resumed.log")
-    this_run = json.loads((out / "stats.json").read_text())["this_run"]
-    print(f"\n[{point}] resumed run: {this_run}")
-    assert this_run["resumed"] is True
-    if point == "writing":
-        assert this_run["units_done_before"] == manifests and this_run["generations_made"] == 0
-    if point == "generation":
-        # some batches were saved before the kill and are reused; the rest are generated now
-        assert this_run["generations_reused"] >= 1 and this_run["generations_made"] >= 1 and this_run["documents_scored"] == 0
-    assert "resuming" in log
-
-    assert shard_contents(out) == shard_contents(uninterrupted)
-    assert content_stats(out) == content_stats(uninterrupted)
-    rows = pq.read_table(out / "shards").to_pylist()
-    assert len(rows) == len({r["doc_id"] for r in rows}) == UNITS * ROWS_PER_UNIT
 
 
 def generation_replicas(driver_pid: int) -> list:
@@ -165,31 +137,77 @@ def generation_replicas(driver_pid: int) -> list:
     return out
 
 
-@pytest.mark.slow
-def test_killed_generation_replica_is_replaced_and_nothing_is_lost(corpus, uninterrupted, tmp_path):
-    out = tmp_path / "out"
-    log = tmp_path / "run.log"
-    proc = start(resume_args(corpus), out, log)
+def kill_replica_then_driver(args: list[str], out: Path, log: Path) -> dict:
+    """A resumed run in which every generation replica is SIGKILLed once a batch is saved; once a
+    replacement replica has saved a batch of its own, the driver is SIGKILLed too."""
+    proc = start(args, out, log)
     killed: set[int] = set()
-    replaced = False
+    seen = {"replaced": False, "batches_at_replica_kill": 0, "batches_at_replacement": 0}
     try:
-        while proc.poll() is None:
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
             replicas = generation_replicas(proc.pid)
-            if not killed and replicas and any((out / "_work" / "generated").glob("*/*.parquet")):
-                for p in replicas:
-                    p.kill()  # SIGKILL: the vLLM replica dies mid-run, batches in flight with it
-                    killed.add(p.pid)
-            replaced = replaced or any(p.pid not in killed for p in replicas) and bool(killed)
-            time.sleep(0.05)
-        assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
+            batches = len(generated_batches(out))
+            if not killed and replicas and batches:
+                seen["batches_at_replica_kill"] = batches
+                for r in replicas:
+                    r.kill()  # the vLLM replica dies mid-run, with the batches it had in flight
+                    killed.add(r.pid)
+            if not seen["replaced"] and killed and any(r.pid not in killed for r in replicas):
+                seen["replaced"], seen["batches_at_replacement"] = True, batches
+            # A batch saved after the replacement started is the replacement's own.
+            if seen["replaced"] and batches > seen["batches_at_replacement"]:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill point:\n" + log.read_text()[-3000:]
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the rest of its local Ray cluster, as on a lost node
         except ProcessLookupError:
             pass
-    assert killed, "no generation replica was found to kill"
-    assert replaced, "Ray did not start a new replica after the kill"
+        time.sleep(2)
+    seen["killed_replicas"] = len(killed)
+    return seen
+
+
+@pytest.mark.slow
+def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output(corpus, uninterrupted, tmp_path):
+    """One output directory through four SIGKILLs: the driver during scoring; a generation replica
+    (Ray replaces it) and then the driver during generation; the driver during writing. Each
+    rerun of the same command resumes; the last one's output equals an uninterrupted run's."""
+    out = tmp_path / "out"
+    args = resume_args(corpus)
+
+    kill_when(args, out, tmp_path / "1-scoring.log", lambda o: scored_units(o) >= 1)
+    assert not selection_done(out) and 1 <= scored_units(out) <= UNITS
+
+    seen = kill_replica_then_driver(args, out, tmp_path / "2-generation.log")
+    assert "resuming" in (tmp_path / "2-generation.log").read_text()
+    assert seen["killed_replicas"] >= 1, "no generation replica was found to kill"
+    assert seen["replaced"], "Ray did not start a new replica after the kill"
+    assert selection_done(out) and manifests(out) == 0
+    saved = generated_batches(out)
+    assert len(saved) > seen["batches_at_replacement"] >= seen["batches_at_replica_kill"] >= 1
+
+    kill_when(args, out, tmp_path / "3-writing.log", lambda o: manifests(o) >= 1)
+    written = manifests(out)
+    assert 1 <= written < UNITS
+    after = generated_batches(out)
+    # Batches saved before the kill were reused as they were; the missing ones were generated.
+    assert {k: after[k] for k in saved} == saved and len(after) > len(saved)
+
+    log = run_to_end(args, out, tmp_path / "4-finish.log")
+    assert "resuming" in log
+    this_run = json.loads((out / "stats.json").read_text())["this_run"]
+    print(f"\nlast resumed run: {this_run}")
+    assert this_run["resumed"] is True and this_run["units_done_before"] == written
+    assert this_run["generations_made"] == 0 and this_run["documents_scored"] == 0
+    assert not (out / "_work" / "generated").exists()  # work files go once the run is complete (keep_work off)
+
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents_out"] == UNITS * ROWS_PER_UNIT and stats["reflection_status"].get("ok") == stats["selected_documents"]
     assert shard_contents(out) == shard_contents(uninterrupted)
     assert content_stats(out) == content_stats(uninterrupted)
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert len(rows) == len({r["doc_id"] for r in rows}) == UNITS * ROWS_PER_UNIT
