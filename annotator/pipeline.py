@@ -28,7 +28,7 @@ from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
 from annotator.selection import DROPPED_BAD, SelectForReflection, sample_probability
-from annotator.stages import Resources, Stage, apply_stages, check_chain
+from annotator.stages import Resources, Stage, apply_stages, check_chain, configure_backpressure
 from annotator.tokens import TokenCounter
 from annotator.units import InputPlan, Unit, plan_input
 from annotator.report import write_report
@@ -155,6 +155,7 @@ def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
 def _progress(cfg: RunConfig, total: int, label: str, log) -> Progress:
     progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log)
     progress.configure_ray_data()
+    configure_backpressure()
     return progress
 
 

@@ -134,6 +134,22 @@ def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     return _run_batch(ready, batch)
 
 
+# A stage's blocks are whole work units (10,000 documents, ~100 MB): Ray Data's default release
+# of one more block per scheduling round when an operator is out of budget lets a fast upstream
+# stage queue units in the object store faster than the next stage drains them. These bound the
+# queue to about two units ahead of what the next stage has in flight, once the store is half used.
+DOWNSTREAM_CAPACITY_RATIO = 2.0
+GUARD_RELEASE_INTERVAL_S = 5.0
+
+
+def configure_backpressure() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_CAPACITY_RATIO
+    ctx.output_backpressure_guard_release_interval_s = GUARD_RELEASE_INTERVAL_S
+
+
 def apply_stages(ds, stages: Iterable[Stage]):
     """Chain `stages` onto Ray Dataset `ds`: actor pools for stateful stages, tasks otherwise."""
     import ray.data
