@@ -24,7 +24,7 @@ from annotator.config import InputConfig  # noqa: E402
 from annotator.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.units import plan_input  # noqa: E402
 from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
-from annotator.stages import Resources, apply_stages  # noqa: E402
+from annotator.stages import Resources, apply_stages, configure_backpressure  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
@@ -87,6 +87,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_backpressure()  # as the pipeline does: the reader must not run far ahead of the scorer
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = replicated_corpus(args.docs, Path(tmp))
