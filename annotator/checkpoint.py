@@ -3,6 +3,7 @@
     run.json                            the config fingerprint and the unit plan of this output
     _work/scored/<unit>/<first>-<n>.parquet   pass 1 results (n rows each; a unit is scored when
                                               its parts and its rejects add up to its rows)
+    _work/ids/<unit>.parquet            a unit's ids in hash buckets, while duplicates are found (corpus.py)
     _work/selection.json                sample probability and duplicate ids (fixed once computed)
     _work/generated/<unit>/<batch>.parquet    generation results, one file per planned engine batch
     _work/done/<unit>.json              a unit's manifest: its shards and statistics, written last
