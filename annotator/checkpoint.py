@@ -154,10 +154,12 @@ class WriteScored(Stage):
         return pa.table(rows)
 
 
-def read_unit_scored(out_dir: Path, unit: Unit) -> pa.Table:
-    """All scored documents of a unit, in input order."""
-    parts = [pq.read_table(p) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"))]
-    table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
+def read_unit_scored(out_dir: Path, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+    """All scored documents of a unit (all columns, or `columns` and `source_row`), in input order."""
+    if columns is not None and "source_row" not in columns:
+        columns = [*columns, "source_row"]
+    parts = [pq.read_table(p, columns=columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"))]
+    table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({c: [] for c in columns or ()})
     if not table.num_rows:
         return table
     return table.take(pc.sort_indices(table.column("source_row")))

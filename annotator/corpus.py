@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.checkpoint import SCORED, write_atomically
-from annotator.config import GenerationConfig, SelectionConfig
-from annotator.selection import SelectForReflection, TokenTotals
+from annotator.checkpoint import read_unit_scored, write_atomically
+from annotator.config import SelectionConfig
+from annotator.finalize import EngineDocuments
+from annotator.selection import TokenTotals
 from annotator.stages import Resources, Stage
 from annotator.units import Unit, units_from_json, unit_json
 
@@ -50,12 +51,6 @@ def units_with_index(units: list[Unit]):
                                override_num_blocks=max(1, len(units)))
 
 
-def _read_scored(out_dir: Path, unit: Unit, columns: list[str]) -> pa.Table:
-    parts = [pq.read_table(p, columns=columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"))]
-    parts = [p for p in parts if p.num_rows]
-    return pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({c: [] for c in columns})
-
-
 class SummarizeUnit(Stage):
     """Per unit: documents and tokens per safety score (and per score among the documents whose
     low confidence keeps a bad score from counting as bad); writes the unit's bucketed ids."""
@@ -72,7 +67,7 @@ class SummarizeUnit(Stage):
 
     def _summarize(self, unit: Unit, index: int) -> dict:
         out = Path(self.out_dir)
-        table = _read_scored(out, unit, ["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
+        table = read_unit_scored(out, unit, ["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
         per_score = table.group_by("safety_score").aggregate([("safety_score", "count"), ("token_length", "sum")]).to_pylist()
         unconfident = table.filter(pc.and_(pc.greater_equal(table.column("safety_score"), self.selection.bad_threshold),
                                            pc.less(table.column("safety_confidence"), self.selection.min_confidence)))
@@ -145,30 +140,16 @@ class FindDuplicates(Stage):
         return pa.concat_tables([self._bucket(int(b)) for b in batch.column("bucket").to_pylist()])
 
 
-class CountForGeneration(Stage):
+class CountForGeneration(EngineDocuments):
     """Per unit: how many documents the engine will see (the denominator of pass 2a's progress)."""
 
     name = "count_for_generation"
-    reads = ("unit",)
     adds = ("needs_generation",)
-
-    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
-                 duplicates: dict[str, list[int]]):
-        self.out_dir = out_dir
-        self.select = SelectForReflection(selection, probability=probability)
-        self.generation = generation
-        self.duplicates = duplicates
-        self.resources = Resources(num_cpus=0.5, batch_size=1)
+    resources = Resources(num_cpus=0.5, batch_size=1)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from annotator.finalize import drop_duplicates, needs_generation
-
-        counts = []
-        for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]}):
-            table = _read_scored(Path(self.out_dir), unit, ["doc_id", "source_row", "safety_score", "safety_confidence"])
-            table, _ = drop_duplicates(table, self.duplicates.get(unit.key, []))
-            chosen = self.select.process(table).column("selected") if table.num_rows else pa.array([], pa.bool_())
-            counts.append(pc.sum(needs_generation(chosen, self.generation)).as_py() or 0)
+        units = units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
+        counts = [self.engine_documents(u, columns=["doc_id", "safety_score", "safety_confidence"]).num_rows for u in units]
         return pa.table({"needs_generation": pa.array(counts, pa.int64())})
 
 

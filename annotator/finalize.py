@@ -44,7 +44,28 @@ def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Tabl
     return table.filter(pc.invert(dup)), table.filter(dup)
 
 
-class PlanGeneration(Stage):
+class EngineDocuments(Stage):
+    """Base of the stages that need, per unit, the documents the engine has to see."""
+
+    reads = ("unit",)
+
+    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
+                 duplicates: dict[str, list[int]]):
+        self.out_dir = out_dir
+        self.select = SelectForReflection(selection, probability=probability)
+        self.generation = generation
+        self.duplicates = duplicates
+
+    def engine_documents(self, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+        """The unit's documents that need the engine (duplicates dropped, selected), in input order."""
+        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns), self.duplicates.get(unit.key, []))
+        if not table.num_rows:
+            return table
+        table = self.select.process(table)
+        return table.filter(needs_generation(table.column("selected"), self.generation))
+
+
+class PlanGeneration(EngineDocuments):
     """Per unit: the documents that need the engine, in input order, cut into engine batches of
     `generation.batch_size`; emits one row per batch that has no saved result yet.
 
@@ -53,25 +74,13 @@ class PlanGeneration(Stage):
     give identical reflections in a resumed run."""
 
     name = "plan_generation"
-    reads = ("unit",)
     adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags")
-
-    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
-                 duplicates: dict[str, list[int]]):
-        self.out_dir = out_dir
-        self.select = SelectForReflection(selection, probability=probability)
-        self.generation = generation
-        self.duplicates = duplicates
-        self.resources = Resources(num_cpus=0.25, batch_size=1)
+    resources = Resources(num_cpus=0.25, batch_size=1)
 
     def process(self, batch: pa.Table) -> pa.Table:
         out = {name: [] for name in self.adds}
         for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]}):
-            table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit), self.duplicates.get(unit.key, []))
-            if not table.num_rows:
-                continue
-            table = self.select.process(table)
-            table = table.filter(needs_generation(table.column("selected"), self.generation))
+            table = self.engine_documents(unit)
             size = self.generation.batch_size
             for index, start in enumerate(range(0, table.num_rows, size)):
                 if generated_batch_path(Path(self.out_dir), unit.key, index).exists():
