@@ -98,9 +98,15 @@ class RayMemorySampler(threading.Thread):
     shared memory, shared libraries) between the processes mapping them, so unlike summed RSS
     it does not count them once per process; both are reported."""
 
-    def __init__(self, *, driver_pid: int, temp_dir: str, log_path: Path, interval_s: float = 0.5):
+    def __init__(self, *, driver_pid: int, temp_dir: str, log_path: Path, interval_s: float = 0.5,
+                 trace_path: Path | None = None):
         super().__init__(daemon=True)
         self.driver_pid = driver_pid
+        # One JSON line per sample with every process's memory split by kind, to see which
+        # process and which kind of memory (private heap, object-store shared memory, mapped
+        # files) grows over a run.
+        self.trace = open(trace_path, "w") if trace_path else None
+        self.started = time.monotonic()
         self.log_path = log_path
         self.temp_dir = temp_dir
         self.interval_s = interval_s
@@ -149,6 +155,8 @@ class RayMemorySampler(threading.Thread):
         pss_total = sum(m[2] for m in measured)
         uss_total = sum(m[3] for m in measured)
         largest_proc, largest = max(((m[0], m[1]) for m in measured), key=lambda m: m[1], default=(None, 0))
+        if self.trace:
+            self._write_trace(phase, measured)
         r = self.result
         r.samples += 1
         if rss_total > r.peak_rss_total:
@@ -164,6 +172,14 @@ class RayMemorySampler(threading.Thread):
         if largest > r.peak_process_rss and largest_proc is not None:
             r.peak_process_rss, r.peak_process = largest, _describe(largest_proc, self.driver_pid)
 
+    def _write_trace(self, phase: str, measured: list) -> None:
+        procs = []
+        for proc, rss, pss, uss in measured:
+            kinds = _status_kinds(proc.pid)
+            procs.append({"pid": proc.pid, "name": _describe(proc, self.driver_pid), "rss": rss, "pss": pss, "uss": uss, **kinds})
+        self.trace.write(json.dumps({"t": round(time.monotonic() - self.started, 1), "phase": phase, "procs": procs}) + "\n")
+        self.trace.flush()
+
     def run(self) -> None:
         while not self._stop_event.is_set():
             started = time.monotonic()
@@ -173,7 +189,24 @@ class RayMemorySampler(threading.Thread):
     def stop(self) -> MemorySample:
         self._stop_event.set()
         self.join()
+        if self.trace:
+            self.trace.close()
         return self.result
+
+
+def _status_kinds(pid: int) -> dict:
+    """RSS split into anonymous (private heap), shared memory (the object store's pages this
+    process touched) and file-backed pages, in bytes, from /proc/<pid>/status (Linux)."""
+    kinds = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    kinds[key[3:].lower()] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return kinds
 
 
 def _dir_bytes(path: Path) -> int:
@@ -202,7 +235,9 @@ def run_once(n_docs: int, args: argparse.Namespace, scratch: Path) -> dict:
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = RayMemorySampler(driver_pid=proc.pid, temp_dir=ray_tmp, log_path=log_path, interval_s=args.sample_interval)
+        trace = Path(args.trace) / f"memory-{n_docs}.jsonl" if args.trace else None
+        sampler = RayMemorySampler(driver_pid=proc.pid, temp_dir=ray_tmp, log_path=log_path, interval_s=args.sample_interval,
+                                   trace_path=trace)
         sampler.start()
         rc = proc.wait()
     wall = time.perf_counter() - started
@@ -257,11 +292,15 @@ def main() -> None:
     ap.add_argument("--scratch", default="/tmp", help="where the replicated corpus and the output go (not the repo)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus, output and logs")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--trace", help="a directory: write every memory sample, per process and kind (anon/shmem/file), "
+                                    "to memory-<N>.jsonl there")
     args = ap.parse_args()
     if REPO in Path(args.scratch).resolve().parents or Path(args.scratch).resolve() == REPO:
         raise SystemExit("--scratch must be outside the repository")
 
     scratch = Path(tempfile.mkdtemp(prefix="spp-bench-e2e-", dir=args.scratch))
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
     results = []
     try:
         for n in sorted(args.docs):

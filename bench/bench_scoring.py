@@ -55,17 +55,22 @@ def plain_loop(scorer: SafetyScorer, paths: list[str], *, batch_size: int) -> tu
     return n, time.perf_counter() - started
 
 
-def ray_stage(scorer: SafetyScorer, paths: list[str], *, cores: int, reader_cpus: float = 0.5) -> tuple[int, float]:
+def ray_stage(scorer: SafetyScorer, paths: list[str], *, cores: int, reader_cpus: float = 0.5,
+              stats: bool = False) -> tuple[int, float]:
+    """Whole pipeline wall time, start-up (workers, model loads) included."""
     import ray.data
 
-    """Whole pipeline wall time, start-up (workers, model loads) included."""
     started = time.perf_counter()
     cfg = InputConfig(paths=paths, rows_per_unit=scorer.resources.batch_size or 10_000)
     # The pipeline's own reader: one task reads and normalizes a unit (row groups of one file).
     reader = ReadUnits(cfg, extra_columns={}, num_cpus=reader_cpus)
     ds = apply_stages(units_dataset(plan_input(paths, cfg).units), [reader, scorer])
-    n = sum(b.num_rows for b in ds.select_columns(["safety_score"]).iter_batches(batch_size=None, batch_format="pyarrow"))
-    return n, time.perf_counter() - started
+    scores = ds.select_columns(["safety_score"])
+    n = sum(b.num_rows for b in scores.iter_batches(batch_size=None, batch_format="pyarrow"))
+    seconds = time.perf_counter() - started
+    if stats:
+        print(scores.stats(), flush=True)  # Ray Data's per-operator task, wall and CPU times
+    return n, seconds
 
 
 def row(name: str, n: int, seconds: float, cores: int) -> dict:
@@ -79,6 +84,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096, help="documents per scoring batch in both runs")
     ap.add_argument("--reader-cpus", type=float, default=0.5,
                     help="CPUs of the reader tasks, as in the pipeline; the scorer's (1) makes Ray Data fuse the two")
+    ap.add_argument("--stats", action="store_true", help="print Ray Data's per-operator statistics of the fastText run")
     ap.add_argument("--transformers-docs", type=int, default=2000, help="0 skips the transformers backend")
     ap.add_argument("--transformers-model", default=None, help="default: the MiniLM test classifier in $SPP_CACHE")
     args = ap.parse_args()
@@ -98,7 +104,7 @@ def main() -> None:
         # One CPU per scoring task. 0.5 (which lets Ray Data fuse it with NormalizeColumns) measured
         # slower here: 1,837 vs 2,460 documents/s per core, four tasks fighting over two cores.
         staged = FastTextSafetyScorer(model=model, version="v1", resources=Resources(num_cpus=1, batch_size=args.batch_size))
-        results.append(row("fasttext Ray pipeline (wall)", *ray_stage(staged, paths, cores=args.cores, reader_cpus=args.reader_cpus), cores=args.cores))
+        results.append(row("fasttext Ray pipeline (wall)", *ray_stage(staged, paths, cores=args.cores, reader_cpus=args.reader_cpus, stats=args.stats), cores=args.cores))
 
         if args.transformers_docs:
             from classifiers.build_test_classifier import build, default_out
