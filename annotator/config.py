@@ -61,9 +61,12 @@ class ClassifierConfig(_Section):
         description="fastText: model file. transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
     version: str = Field("safety-fasttext-v1", description="Version string recorded in `safety_model` for every document.")
-    batch_size: int = Field(1024, ge=1, description="Documents per scoring batch handed to one actor.")
-    concurrency: int = Field(1, ge=1, description="Scoring actors (one model load each).")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor.")
+    batch_size: int = Field(1024, ge=1, description="Documents per scoring (and token-counting) call.")
+    concurrency: int = Field(1, ge=1, description="transformers: scoring actors (one model load each). fastText runs in pass 1's tasks.")
+    num_cpus: float = Field(
+        1.0, gt=0,
+        description="CPUs per pass-1 task (one task reads, counts, scores with fastText and writes one unit); transformers: also per scoring actor.",
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per scoring actor (transformers backend).")
     max_length: int = Field(2048, ge=8, description="transformers: inputs are cut at this many tokens (and at the model's limit).")
     micro_batch_size: int = Field(32, ge=1, description="transformers: texts per forward pass, sorted by length.")

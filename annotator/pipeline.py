@@ -28,7 +28,7 @@ from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
 from annotator.selection import DROPPED_BAD, SelectForReflection, sample_probability
-from annotator.stages import Resources, Stage, apply_stages, check_chain, configure_backpressure
+from annotator.stages import InProcess, Resources, Stage, apply_stages, check_chain, configure_backpressure
 from annotator.tokens import TokenCounter
 from annotator.units import InputPlan, Unit, plan_input
 from annotator.report import write_report
@@ -91,15 +91,26 @@ def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
 
 
 def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> list[Stage]:
+    """Pass 1's stages, in order: read a unit, count tokens, score, write the scored unit."""
     c = cfg.classifier
-    cpu = Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size)
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
         ReadUnits(cfg.input, extra_columns=extra_columns),
-        TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=cpu),
+        TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=Resources(batch_size=c.batch_size)),
         build_scorer(c, resources=scorer),
         WriteScored(out_dir=str(out_dir)),
     ]
+
+
+def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
+    """How pass 1's stages run. A CPU scorer (fastText) runs in the same task as the rest: one
+    task per unit reads, counts, scores and writes it. A scorer with a model pool of its own (the
+    transformers backend, on GPUs) gets its actors, fed by tasks that read and count a unit."""
+    read, tokens, scorer, write = stages
+    unit = Resources(num_cpus=num_cpus, batch_size=1)
+    if scorer.stateful or scorer.resources.num_gpus:
+        return [InProcess([read, tokens], resources=unit), scorer, write]
+    return [InProcess(stages, resources=unit)]
 
 
 def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> None:
@@ -190,7 +201,8 @@ def run(cfg: RunConfig, *, log=print) -> dict:
         for unit in to_score:
             clear_unit_scoring(out_dir, unit)
         log(f"[spp] pass 1: scoring {len(to_score)} units -> {out_dir / SCORED}")
-        ds = apply_stages(units_dataset(to_score), scoring_stages(cfg, out_dir=out_dir, extra_columns=extra))
+        ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
+        ds = apply_stages(units_dataset(to_score), ops)
         with _progress(cfg, sum(u.rows for u in to_score), "pass 1", log) as progress:
             for row in ds.iter_rows():
                 progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])

@@ -125,8 +125,9 @@ class ReadUnits(Stage):
         self.id_column = cfg.id_column
         self.max_chars = cfg.max_document_chars
         self.extra_columns = extra_columns  # input name -> output name
-        # Ray Data fuses it with a following stage of the same CPUs (skipping the object store);
-        # for the fastText scorer that measured slower than two pipelined stages (bench_scoring.py).
+        # One unit per call. Run it in the same task as the stages after it (`stages.InProcess`),
+        # not as a Ray Data operator fused with them: a fused operator takes the next stage's batch
+        # size as its input bundle size, so a batch of 1,024 documents became 1,024 units in one task.
         self.resources = Resources(num_cpus=num_cpus, batch_size=1)
 
     def read_unit(self, unit: Unit) -> pa.Table:

@@ -45,6 +45,43 @@ class Stage:
     def process(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        # Stable across pickled copies (no addresses): `_setup_key` tells workers' cached setups
+        # apart by it, and `InProcess` holds stages in an attribute.
+        public = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+        return f"{type(self).__qualname__}({public})"
+
+
+class InProcess(Stage):
+    """Stages run one after another in one worker on each input batch, each over its own batch
+    size. For work units: one task reads a unit, counts its tokens, scores and writes it, so the
+    documents never cross the object store, a worker holds one unit at a time, and every CPU runs
+    the whole chain (no stage waits for another's output)."""
+
+    def __init__(self, stages: list[Stage], *, resources: Resources):
+        if any(stage.resources.num_gpus for stage in stages):
+            raise PipelineError("InProcess runs CPU stages; a GPU stage needs its own actor pool")
+        self.stages = list(stages)
+        self.name = "+".join(stage.name for stage in stages)
+        self.reads = stages[0].reads
+        self.adds = tuple(dict.fromkeys(c for stage in stages for c in (*stage.adds, TIMING_PREFIX + stage.name)))
+        self.stateful = any(stage.stateful for stage in stages)
+        self.resources = resources
+        check_chain(stages[1:], (*stages[0].reads, *stages[0].adds))
+
+    def setup(self) -> None:
+        for stage in self.stages:
+            stage.setup()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            size = stage.resources.batch_size
+            if size is None or batch.num_rows <= size:
+                batch = timed(stage, batch)
+            else:
+                batch = pa.concat_tables([timed(stage, batch.slice(start, size)) for start in range(0, batch.num_rows, size)])
+        return batch
+
 
 class PipelineError(ValueError):
     """A pipeline whose stages do not fit together."""

@@ -24,7 +24,7 @@ from annotator.config import InputConfig  # noqa: E402
 from annotator.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.units import plan_input  # noqa: E402
 from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
-from annotator.stages import Resources, apply_stages, configure_backpressure  # noqa: E402
+from annotator.stages import InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
@@ -55,16 +55,20 @@ def plain_loop(scorer: SafetyScorer, paths: list[str], *, batch_size: int) -> tu
     return n, time.perf_counter() - started
 
 
-def ray_stage(scorer: SafetyScorer, paths: list[str], *, cores: int, reader_cpus: float = 0.5,
-              stats: bool = False) -> tuple[int, float]:
-    """Whole pipeline wall time, start-up (workers, model loads) included."""
+def ray_stage(scorer: SafetyScorer, paths: list[str], *, layout: str = "in-process", stats: bool = False) -> tuple[int, float]:
+    """Whole pipeline wall time, start-up (workers, model loads) included. `in-process` is how the
+    pipeline runs a CPU scorer (one task per unit reads and scores it); `separate` runs reader
+    tasks and scorer tasks as two Ray Data operators, the documents passing through the object store."""
     import ray.data
 
     started = time.perf_counter()
-    cfg = InputConfig(paths=paths, rows_per_unit=scorer.resources.batch_size or 10_000)
-    # The pipeline's own reader: one task reads and normalizes a unit (row groups of one file).
-    reader = ReadUnits(cfg, extra_columns={}, num_cpus=reader_cpus)
-    ds = apply_stages(units_dataset(plan_input(paths, cfg).units), [reader, scorer])
+    cfg = InputConfig(paths=paths, rows_per_unit=10_000)
+    reader = ReadUnits(cfg, extra_columns={})
+    if layout == "in-process":
+        stages = [InProcess([reader, scorer], resources=Resources(num_cpus=scorer.resources.num_cpus, batch_size=1))]
+    else:
+        stages = [reader, scorer]
+    ds = apply_stages(units_dataset(plan_input(paths, cfg).units), stages)
     scores = ds.select_columns(["safety_score"])
     n = sum(b.num_rows for b in scores.iter_batches(batch_size=None, batch_format="pyarrow"))
     seconds = time.perf_counter() - started
@@ -82,8 +86,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4096, help="documents per scoring batch in both runs")
-    ap.add_argument("--reader-cpus", type=float, default=0.5,
-                    help="CPUs of the reader tasks, as in the pipeline; the scorer's (1) makes Ray Data fuse the two")
+    ap.add_argument("--layout", default="in-process", choices=["in-process", "separate"],
+                    help="fastText: one task per unit reads and scores it (the pipeline's way), or reader and scorer "
+                         "tasks as two operators")
     ap.add_argument("--stats", action="store_true", help="print Ray Data's per-operator statistics of the fastText run")
     ap.add_argument("--transformers-docs", type=int, default=2000, help="0 skips the transformers backend")
     ap.add_argument("--transformers-model", default=None, help="default: the MiniLM test classifier in $SPP_CACHE")
@@ -93,7 +98,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    configure_backpressure()  # as the pipeline does: the reader must not run far ahead of the scorer
+    configure_backpressure()  # as the pipeline does (matters for --layout separate)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = replicated_corpus(args.docs, Path(tmp))
@@ -101,10 +106,9 @@ def main() -> None:
         plain = FastTextSafetyScorer(model=model, version="v1", resources=Resources())
         plain.setup()
         results.append(row("fasttext plain loop (predict)", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))
-        # One CPU per scoring task. 0.5 (which lets Ray Data fuse it with NormalizeColumns) measured
-        # slower here: 1,837 vs 2,460 documents/s per core, four tasks fighting over two cores.
+        # One CPU per task, as the pipeline's default `classifier.num_cpus`.
         staged = FastTextSafetyScorer(model=model, version="v1", resources=Resources(num_cpus=1, batch_size=args.batch_size))
-        results.append(row("fasttext Ray pipeline (wall)", *ray_stage(staged, paths, cores=args.cores, reader_cpus=args.reader_cpus, stats=args.stats), cores=args.cores))
+        results.append(row("fasttext Ray pipeline (wall)", *ray_stage(staged, paths, layout=args.layout, stats=args.stats), cores=args.cores))
 
         if args.transformers_docs:
             from classifiers.build_test_classifier import build, default_out
@@ -118,7 +122,7 @@ def main() -> None:
             results.append(row("transformers plain loop (forward)", *plain_loop(t_plain, small, batch_size=256), cores=args.cores))
             t_staged = TransformersSafetyScorer(model=tmodel, version="t", resources=Resources(num_cpus=1, concurrency=1, batch_size=256), max_length=512)
             # The actor reserves 1 CPU, so Ray gives torch one thread (OMP_NUM_THREADS=1): one core.
-            results.append(row("transformers Ray pipeline (wall)", *ray_stage(t_staged, small, cores=1), cores=1))
+            results.append(row("transformers Ray pipeline (wall)", *ray_stage(t_staged, small, layout="separate"), cores=1))
 
     print(f"\n{'what':<36} {'docs':>8} {'cores':>5} {'seconds':>8} {'docs/s':>9} {'docs/s/core':>12}")
     for r in results:

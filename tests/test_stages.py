@@ -1,0 +1,135 @@
+"""The stage adapter: stages run in one task (`InProcess`) and how pass 1 groups its stages."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow as pa
+import pytest
+
+from annotator.config import RunConfig
+from annotator.pipeline import scoring_ops, scoring_stages
+from annotator.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, _setup_key
+from tests.support import require_shared_data
+
+
+class Double(Stage):
+    """Each input row becomes two; records the size of every batch it was given."""
+
+    name = "double"
+    reads = ("x",)
+    adds = ("y",)
+
+    def __init__(self, batch_size):
+        self.resources = Resources(batch_size=batch_size)
+
+    def process(self, batch):
+        xs = batch.column("x").to_pylist()
+        return pa.table({"x": [x for x in xs for _ in (0, 1)], "y": [len(xs)] * (2 * len(xs))})
+
+
+class Sizes(Stage):
+    name = "sizes"
+    reads = ("y",)
+    adds = ("seen",)
+
+    def __init__(self, batch_size):
+        self.resources = Resources(batch_size=batch_size)
+
+    def process(self, batch):
+        return batch.append_column("seen", pa.array([batch.num_rows] * batch.num_rows))
+
+
+def test_in_process_gives_each_stage_its_own_batch_size():
+    op = InProcess([Double(batch_size=None), Sizes(batch_size=4)], resources=Resources(batch_size=1))
+    out = op.process(pa.table({"x": list(range(5))}))
+    assert out.column("x").to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert out.column("y").to_pylist() == [5] * 10  # the first stage saw the whole input
+    assert out.column("seen").to_pylist() == [4] * 8 + [2] * 2  # the second, slices of 4
+    assert {TIMING_PREFIX + "double", TIMING_PREFIX + "sizes"} <= set(out.column_names)
+    assert op.name == "double+sizes" and op.reads == ("x",) and op.adds[:2] == ("y", TIMING_PREFIX + "double")
+
+
+def test_in_process_refuses_a_broken_chain_and_gpu_stages():
+    with pytest.raises(PipelineError, match="'double' reads \\['x'\\]"):
+        InProcess([Sizes(batch_size=4), Double(batch_size=None)], resources=Resources())
+    gpu = Sizes(batch_size=4)
+    gpu.resources = Resources(num_gpus=1)
+    with pytest.raises(PipelineError, match="GPU"):
+        InProcess([Double(batch_size=None), gpu], resources=Resources())
+
+
+def test_setup_key_survives_pickling():
+    """Workers keep a stateless stage's loaded state by this key; each task gets a fresh
+    unpickled copy, so the key must not depend on object addresses."""
+    op = InProcess([Double(batch_size=None), Sizes(batch_size=4)], resources=Resources(batch_size=1))
+    copy = pickle.loads(pickle.dumps(op))
+    assert _setup_key(copy) == _setup_key(op) and "0x" not in _setup_key(op)
+    assert _setup_key(InProcess([Double(batch_size=None), Sizes(batch_size=8)], resources=Resources())) != _setup_key(op)
+
+
+def test_pass_one_runs_a_cpu_scorer_in_the_unit_task_and_a_transformers_scorer_in_its_pool(tmp_path):
+    cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}})
+    stages = scoring_stages(cfg, out_dir=tmp_path, extra_columns={})
+    (op,) = scoring_ops(stages, num_cpus=1)
+    assert op.name == "read+tokens+safety+write_scored" and not op.stateful and op.resources.batch_size == 1
+    cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)},
+                                    "classifier": {"backend": "transformers", "model": "m", "num_gpus": 1, "concurrency": 3}})
+    read_count, scorer, write = scoring_ops(scoring_stages(cfg, out_dir=tmp_path, extra_columns={}), num_cpus=1)
+    assert read_count.name == "read+tokens" and not read_count.stateful
+    assert scorer.stateful and scorer.resources.num_gpus == 1 and scorer.resources.concurrency == 3
+    assert write.name == "write_scored"
+
+
+def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
+    """On real Ray, with the pass-1 reader and token counter: every call of the in-process chain
+    holds exactly one work unit, and a worker loads the stages once however many units it runs."""
+    import os
+
+    import ray
+
+    from annotator.config import InputConfig
+    from annotator.reader import ReadUnits, units_dataset
+    from annotator.stages import apply_stages
+    from annotator.tokens import TokenCounter, count_tokens, load_counting_tokenizer
+    from annotator.units import plan_input
+
+    class Probe(Stage):
+        name = "probe"
+        reads = ("_unit", "token_length")
+        adds = ("pid", "units_in_call", "setups")
+        resources = Resources(batch_size=None)
+
+        def setup(self):
+            os.environ["SPP_PROBE_SETUPS"] = str(int(os.environ.get("SPP_PROBE_SETUPS", "0")) + 1)
+
+        def process(self, batch):
+            n = batch.num_rows
+            return (batch.append_column("pid", pa.array([os.getpid()] * n))
+                    .append_column("units_in_call", pa.array([len(set(batch.column("_unit").to_pylist()))] * n))
+                    .append_column("setups", pa.array([int(os.environ["SPP_PROBE_SETUPS"])] * n)))
+
+    import pyarrow.parquet as pq
+
+    # 240 real documents in row groups of 40: six units.
+    docs = pq.read_table(sorted(require_shared_data().glob("*.parquet"))[0], columns=["id", "text"]).slice(0, 240)
+    path = str(tmp_path / "docs.parquet")
+    pq.write_table(docs, path, row_group_size=40)
+    cfg = InputConfig(paths=[path], rows_per_unit=40)
+    units = plan_input([path], cfg).units
+    assert len(units) == 6
+    tokenizer = "builtin:smollm2-135m-instruct"
+    chain = InProcess([ReadUnits(cfg, extra_columns={}), TokenCounter(tokenizer=tokenizer, resources=Resources(batch_size=16)),
+                       Probe()], resources=Resources(num_cpus=1, batch_size=1))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = apply_stages(units_dataset(units), [chain]).select_columns(
+            ["_unit", "doc_id", "text", "token_length", "pid", "units_in_call", "setups"]).take_all()
+    finally:
+        ray.shutdown()
+    assert len(rows) == 240 and len({r["doc_id"] for r in rows}) == 240
+    assert {r["_unit"] for r in rows} == {u.key for u in units}
+    assert {r["units_in_call"] for r in rows} == {1}
+    assert {r["setups"] for r in rows} == {1}  # however many units a worker ran
+    expected = count_tokens(load_counting_tokenizer(tokenizer), [r["text"] for r in rows])
+    assert [r["token_length"] for r in rows] == expected and sum(expected) > 240
