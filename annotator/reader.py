@@ -120,7 +120,7 @@ class ReadUnits(Stage):
     reads = ("unit",)
     adds = ("doc_id", "text", "input_note", "reject_reason", "text_preview", "source_file", "source_row", "_unit")
 
-    def __init__(self, cfg: InputConfig, *, extra_columns: dict[str, str], num_cpus: float = 0.5):
+    def __init__(self, cfg: InputConfig, *, extra_columns: dict[str, str]):
         self.text_column = cfg.text_column
         self.id_column = cfg.id_column
         self.max_chars = cfg.max_document_chars
@@ -128,7 +128,7 @@ class ReadUnits(Stage):
         # One unit per call. Run it in the same task as the stages after it (`stages.InProcess`),
         # not as a Ray Data operator fused with them: a fused operator takes the next stage's batch
         # size as its input bundle size, so a batch of 1,024 documents became 1,024 units in one task.
-        self.resources = Resources(num_cpus=num_cpus, batch_size=1)
+        self.resources = Resources(batch_size=1)
 
     def read_unit(self, unit: Unit) -> pa.Table:
         wanted = [self.text_column, *self.extra_columns]

@@ -67,6 +67,7 @@ def ray_stage(scorer: SafetyScorer, paths: list[str], *, layout: str = "in-proce
     if layout == "in-process":
         stages = [InProcess([reader, scorer], resources=Resources(num_cpus=scorer.resources.num_cpus, batch_size=1))]
     else:
+        reader.resources = Resources(num_cpus=0.5, batch_size=1)  # as the pipeline's reader was before commit 92eae63
         stages = [reader, scorer]
     ds = apply_stages(units_dataset(plan_input(paths, cfg).units), stages)
     scores = ds.select_columns(["safety_score"])
