@@ -47,7 +47,7 @@ class Stage:
 
     def __repr__(self) -> str:
         # Stable across pickled copies (no addresses): `_setup_key` tells workers' cached setups
-        # apart by it, and `InProcess` holds stages in an attribute.
+        # apart by it, also for stages holding stages (`InProcess`).
         public = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{type(self).__qualname__}({public})"
 
@@ -157,9 +157,9 @@ _READY: dict[str, Stage] = {}
 
 
 def _setup_key(stage: Stage) -> str:
-    """Identity of a stage's settings; loaded state lives in attributes starting with '_'."""
-    public = sorted((k, repr(v)) for k, v in vars(stage).items() if not k.startswith("_"))
-    return f"{type(stage).__module__}.{type(stage).__qualname__}{public}"
+    """Identity of a stage's settings (`Stage.__repr__`: its public attributes; loaded state
+    lives in attributes starting with '_')."""
+    return f"{type(stage).__module__}.{stage!r}"
 
 
 def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
