@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import RunConfig
@@ -13,28 +14,27 @@ from annotator.stages import TIMING_PREFIX, InProcess, PipelineError, Resources,
 from tests.support import require_shared_data
 
 
-class Double(Stage):
-    """Each input row becomes two; records the size of every batch it was given."""
+class Batched(Stage):
+    def __init__(self, batch_size):
+        self.resources = Resources(batch_size=batch_size)
+
+
+class Double(Batched):
+    """Each input row becomes two; `y` is the size of the batch it was given."""
 
     name = "double"
     reads = ("x",)
     adds = ("y",)
-
-    def __init__(self, batch_size):
-        self.resources = Resources(batch_size=batch_size)
 
     def process(self, batch):
         xs = batch.column("x").to_pylist()
         return pa.table({"x": [x for x in xs for _ in (0, 1)], "y": [len(xs)] * (2 * len(xs))})
 
 
-class Sizes(Stage):
+class Sizes(Batched):
     name = "sizes"
     reads = ("y",)
     adds = ("seen",)
-
-    def __init__(self, batch_size):
-        self.resources = Resources(batch_size=batch_size)
 
     def process(self, batch):
         return batch.append_column("seen", pa.array([batch.num_rows] * batch.num_rows))
@@ -97,7 +97,7 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     class Probe(Stage):
         name = "probe"
         reads = ("_unit", "token_length")
-        adds = ("pid", "units_in_call", "setups")
+        adds = ("units_in_call", "setups")
         resources = Resources(batch_size=None)
 
         def setup(self):
@@ -105,11 +105,8 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
 
         def process(self, batch):
             n = batch.num_rows
-            return (batch.append_column("pid", pa.array([os.getpid()] * n))
-                    .append_column("units_in_call", pa.array([len(set(batch.column("_unit").to_pylist()))] * n))
+            return (batch.append_column("units_in_call", pa.array([len(set(batch.column("_unit").to_pylist()))] * n))
                     .append_column("setups", pa.array([int(os.environ["SPP_PROBE_SETUPS"])] * n)))
-
-    import pyarrow.parquet as pq
 
     # 240 real documents in row groups of 40: six units.
     docs = pq.read_table(sorted(require_shared_data().glob("*.parquet"))[0], columns=["id", "text"]).slice(0, 240)
@@ -124,7 +121,7 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rows = apply_stages(units_dataset(units), [chain]).select_columns(
-            ["_unit", "doc_id", "text", "token_length", "pid", "units_in_call", "setups"]).take_all()
+            ["_unit", "doc_id", "text", "token_length", "units_in_call", "setups"]).take_all()
     finally:
         ray.shutdown()
     assert len(rows) == 240 and len({r["doc_id"] for r in rows}) == 240
