@@ -1,20 +1,28 @@
 """Benchmark: the safety-scoring stage inside the Ray pipeline vs a plain loop over the same
 model's own predict, on the same documents (the shared web corpus replicated with new ids).
 
-    .venv/bin/python bench/bench_scoring.py [--docs 100000] [--cores 2] [--transformers-docs 2000]
+    .venv/bin/python bench/bench_scoring.py [--docs 100000] [--cores 2] [--repeat 3] [--plain-processes]
+                                            [--transformers-docs 2000]
 
-Prints a table with documents/s and documents/s per core for both, and their ratio.
+Prints a table with documents/s and documents/s per core for both, and their ratio: the median
+over `--repeat` repetitions, each the plain loop followed by the Ray pipeline on a fresh local
+Ray instance (the machine's speed drifts over minutes, so each ratio compares neighbours).
+Also printed: where the cores' time went during each Ray run (task workers, Ray's own
+processes and Ray Data's actors, the hypervisor), and the seconds spent inside the stages.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +32,7 @@ from annotator.config import InputConfig  # noqa: E402
 from annotator.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.units import plan_input  # noqa: E402
 from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
-from annotator.stages import InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
+from annotator.stages import TIMING_PREFIX, InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
@@ -55,6 +63,30 @@ def plain_loop(scorer: SafetyScorer, paths: list[str], *, batch_size: int) -> tu
     return n, time.perf_counter() - started
 
 
+def _plain_worker(model: str, paths: list[str], batch_size: int, barrier) -> tuple[int, float, float]:
+    scorer = FastTextSafetyScorer(model=model, version="v1", resources=Resources())
+    scorer.setup()
+    barrier.wait()  # every process starts its loop at the same moment, model loaded
+    started = time.time()
+    n, _ = plain_loop(scorer, paths, batch_size=batch_size)
+    return n, started, time.time()
+
+
+def plain_loop_processes(model: str, paths: list[str], *, processes: int, batch_size: int) -> tuple[int, float]:
+    """The plain loop in `processes` processes at once, each over every `processes`-th file: the
+    same loop with all cores busy, as they are in the Ray run (cores share caches and memory
+    bandwidth, and the machine's other work then runs on a busy core)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")  # the parent runs Ray's threads: no fork
+    with ctx.Manager() as manager, ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        barrier = manager.Barrier(processes)
+        parts = [pool.submit(_plain_worker, model, paths[i::processes], batch_size, barrier) for i in range(processes)]
+        done = [part.result() for part in parts]
+    return sum(n for n, _, _ in done), max(end for _, _, end in done) - min(start for _, start, _ in done)
+
+
 def ray_stage(scorer: SafetyScorer, paths: list[str], *, layout: str = "in-process", stats: bool = False) -> tuple[int, float]:
     """Whole pipeline wall time, start-up (workers, model loads) included. `in-process` is how the
     pipeline runs a CPU scorer (one task per unit reads and scores it); `separate` runs reader
@@ -70,16 +102,71 @@ def ray_stage(scorer: SafetyScorer, paths: list[str], *, layout: str = "in-proce
         reader.resources = Resources(num_cpus=0.5, batch_size=1)  # as the pipeline's reader was before commit 92eae63
         stages = [reader, scorer]
     ds = apply_stages(units_dataset(plan_input(paths, cfg).units), stages)
-    scores = ds.select_columns(["safety_score"])
-    n = sum(b.num_rows for b in scores.iter_batches(batch_size=None, batch_format="pyarrow"))
+    # Each stage's own time per document (the pipeline's timing columns), summed: the time spent
+    # inside the stages, apart from Ray's part of a task.
+    timing = [TIMING_PREFIX + stage.name for stage in (reader, scorer)]
+    scores = ds.select_columns(["safety_score", *timing])
+    n, in_stages = 0, dict.fromkeys(timing, 0.0)
+    for batch in scores.iter_batches(batch_size=None, batch_format="pyarrow"):
+        n += batch.num_rows
+        for col in timing:
+            in_stages[col] += pc.sum(batch.column(col)).as_py()
     seconds = time.perf_counter() - started
+    print("seconds inside the stages (all workers): " + ", ".join(f"{k[len(TIMING_PREFIX):]} {v:.1f}" for k, v in in_stages.items()), flush=True)
     if stats:
         print(scores.stats(), flush=True)  # Ray Data's per-operator task, wall and CPU times
     return n, seconds
 
 
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of this process and of every process under it (the
+    local Ray cluster that ray.init started), by pid, with what the process is."""
+    from bench_e2e import _describe
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            kind = _describe(proc, me.pid)
+        except psutil.NoSuchProcess:
+            continue
+        # A task worker is renamed after what it runs (ray::IDLE between tasks): one group.
+        if kind == "ray::IDLE" or kind.startswith("ray::MapBatches"):
+            kind = "ray task workers"
+        out[proc.pid] = (kind, times.user + times.system)
+    return out
+
+
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy so far (all cores, /proc/stat), and the seconds
+    the hypervisor gave its cores to other machines (steal)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq, t.steal
+
+
+def cpu_report(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], busy: float, steal: float, wall: float, cores: int) -> str:
+    used: dict[str, float] = {}
+    for pid, (kind, sec) in after.items():
+        used[kind] = used.get(kind, 0.0) + sec - before.get(pid, ("", 0.0))[1]
+    lines = [f"CPU seconds during the Ray run ({wall:.1f} s wall, {cores} cores = {wall * cores:.1f} core-s; "
+             f"machine busy {busy:.1f} core-s = {busy / (wall * cores):.0%}, stolen by the hypervisor {steal:.1f} core-s):"]
+    for kind, sec in sorted(used.items(), key=lambda kv: -kv[1]):
+        if sec >= 0.05:
+            lines.append(f"  {kind:<40} {sec:8.1f} s  {sec / (wall * cores):6.1%}")
+    return "\n".join(lines)
+
+
 def row(name: str, n: int, seconds: float, cores: int) -> dict:
     return {"name": name, "docs": n, "seconds": seconds, "cores": cores, "docs_s": n / seconds, "per_core": n / seconds / cores}
+
+
+def start_ray(cores: int) -> None:
+    import ray
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_backpressure()  # as the pipeline does (matters for --layout separate)
 
 
 def main() -> None:
@@ -90,36 +177,56 @@ def main() -> None:
     ap.add_argument("--layout", default="in-process", choices=["in-process", "separate"],
                     help="fastText: one task per unit reads and scores it (the pipeline's way), or reader and scorer "
                          "tasks as two operators")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="repetitions of the fastText comparison (plain loop, then Ray on a fresh local instance); "
+                         "the ratio printed is the median")
     ap.add_argument("--plain-again", action="store_true",
                     help="run the plain loop a second time after the Ray run; the ratio is then against the faster of the two")
+    ap.add_argument("--plain-processes", action="store_true",
+                    help="also run the plain loop in --cores processes at once (all cores busy, as in the Ray run)")
     ap.add_argument("--stats", action="store_true", help="print Ray Data's per-operator statistics of the fastText run")
     ap.add_argument("--transformers-docs", type=int, default=2000, help="0 skips the transformers backend")
     ap.add_argument("--transformers-model", default=None, help="default: the MiniLM test classifier in $SPP_CACHE")
     args = ap.parse_args()
-
     import ray
 
-    ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    configure_backpressure()  # as the pipeline does (matters for --layout separate)
-    results = []
+    results, reps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         paths = replicated_corpus(args.docs, Path(tmp))
         model = str(REPO / "classifiers" / "models" / "safety-fasttext-v1.ftz")
         plain = FastTextSafetyScorer(model=model, version="v1", resources=Resources())
         plain.setup()
-        results.append(row("fasttext plain loop (predict)", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))
         # One CPU per task, as the pipeline's default `classifier.num_cpus`.
         staged = FastTextSafetyScorer(model=model, version="v1", resources=Resources(num_cpus=1, batch_size=args.batch_size))
-        results.append(row("fasttext Ray pipeline (wall)", *ray_stage(staged, paths, layout=args.layout, stats=args.stats), cores=args.cores))
-        if args.plain_again:
-            # The plain loop's speed drifts with the machine by a few percent over minutes: a second
-            # run after the Ray one, and the comparison against the faster, keeps the ratio honest.
-            results.append(row("fasttext plain loop, again", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))
+        # The machine's speed drifts by 10-20% over minutes (shared host): each repetition runs the
+        # plain loop(s) right before the Ray run, and the ratio is taken within a repetition.
+        for rep in range(1, args.repeat + 1):
+            tag = f" #{rep}" if args.repeat > 1 else ""
+            this = {"plain": [row(f"fasttext plain loop (predict){tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1)]}
+            if args.plain_processes:
+                this["parallel"] = row(f"fasttext plain loop, {args.cores} processes{tag}", *plain_loop_processes(
+                    model, paths, processes=args.cores, batch_size=args.batch_size), cores=args.cores)
+            # A fresh local Ray instance for every run, as a pipeline job starts with its own
+            # workers: their start-up, imports and model loads are in every run's wall time.
+            start_ray(args.cores)
+            cpu_before, machine_before = cpu_seconds_by_process(), machine_seconds()
+            n, seconds = ray_stage(staged, paths, layout=args.layout, stats=args.stats)
+            # Where the cores' time went: the scoring workers, and what Ray itself (raylet, GCS,
+            # Ray Data's actors, the driver) and the rest of the machine took from the same cores.
+            busy, steal = (after - before for after, before in zip(machine_seconds(), machine_before))
+            print(f"\nrun{tag}: " + cpu_report(cpu_before, cpu_seconds_by_process(), busy, steal, seconds, args.cores), flush=True)
+            this["ray"] = row(f"fasttext Ray pipeline (wall){tag}", n, seconds, cores=args.cores)
+            ray.shutdown()
+            if args.plain_again:
+                # The plain loop after the Ray run too; the ratio is then against the faster of the two.
+                this["plain"].append(row(f"fasttext plain loop, again{tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))
+            reps.append(this)
+            results += [*this["plain"][:1], *([this["parallel"]] if "parallel" in this else []), this["ray"], *this["plain"][1:]]
 
         if args.transformers_docs:
             from classifiers.build_test_classifier import build, default_out
 
+            start_ray(args.cores)
             tmodel = args.transformers_model or str(build(out=default_out()))
             (Path(tmp) / "t").mkdir()
             small = replicated_corpus(args.transformers_docs, Path(tmp) / "t", docs_per_file=500)
@@ -131,14 +238,19 @@ def main() -> None:
             # The actor reserves 1 CPU, so Ray gives torch one thread (OMP_NUM_THREADS=1): one core.
             results.append(row("transformers Ray pipeline (wall)", *ray_stage(t_staged, small, layout="separate"), cores=1))
 
-    print(f"\n{'what':<36} {'docs':>8} {'cores':>5} {'seconds':>8} {'docs/s':>9} {'docs/s/core':>12}")
+    print(f"\n{'what':<40} {'docs':>8} {'cores':>5} {'seconds':>8} {'docs/s':>9} {'docs/s/core':>12}")
     for r in results:
-        print(f"{r['name']:<36} {r['docs']:>8} {r['cores']:>5} {r['seconds']:>8.1f} {r['docs_s']:>9.0f} {r['per_core']:>12.0f}")
-    fasttext = [r for r in results if r["name"].startswith("fasttext")]
-    plain_best = max(r["per_core"] for r in fasttext if "plain" in r["name"])
-    ft = fasttext[1]["per_core"] / plain_best
-    print(f"\nfastText: Ray pipeline / plain loop{' (the faster run)' if args.plain_again else ''}, per core = {ft:.2f} "
-          f"(target >= 0.8); Ray pipeline per core {fasttext[1]['per_core']:.0f} docs/s (target >= 2000)")
+        print(f"{r['name']:<40} {r['docs']:>8} {r['cores']:>5} {r['seconds']:>8.1f} {r['docs_s']:>9.0f} {r['per_core']:>12.0f}")
+    ratios = [rep["ray"]["per_core"] / max(r["per_core"] for r in rep["plain"]) for rep in reps]
+    per_core = [rep["ray"]["per_core"] for rep in reps]
+    each = f" (median of {len(ratios)}: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
+    print(f"\nfastText: Ray pipeline / plain loop{' (the faster run)' if args.plain_again else ''}, per core = "
+          f"{statistics.median(ratios):.2f}{each} (target >= 0.8); Ray pipeline per core "
+          f"{statistics.median(per_core):.0f} docs/s (target >= 2000)")
+    parallel = [rep["ray"]["per_core"] / rep["parallel"]["per_core"] for rep in reps if "parallel" in rep]
+    if parallel:
+        each = f" (median of {len(parallel)}: {', '.join(f'{x:.2f}' for x in parallel)})" if len(parallel) > 1 else ""
+        print(f"fastText: Ray pipeline / plain loop in {args.cores} processes, per core = {statistics.median(parallel):.2f}{each}")
     transformers = [r for r in results if r["name"].startswith("transformers")]
     if transformers:
         print(f"transformers: Ray stage / plain loop, per core = {transformers[1]['per_core'] / transformers[0]['per_core']:.2f}")
