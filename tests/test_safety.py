@@ -59,6 +59,12 @@ def test_fasttext_dev_metrics_match_model_card(capsys):
     assert metrics["f1"] > 0.9 and metrics["auroc"] > 0.95
     out = capsys.readouterr().out
     assert f"F1 {metrics['f1']:.4f}" in out and "score histogram: 0:" in out
+    # The model card quotes the same figures (it once kept an earlier model's).
+    text = (REPO / "classifiers" / "MODEL_CARD.md").read_text()
+    row = " | ".join(f"{metrics[k]:.4f}" for k in ("precision", "recall", "f1", "accuracy", "auroc"))
+    assert f"| {row} |" in text
+    histogram = ", ".join(f"{k}: {v}" for k, v in metrics["score_histogram"].items())
+    assert f"Score histogram on dev: {histogram}." in text
 
 
 def test_transformers_backend_scores_dev_sample(minilm_scorer):
