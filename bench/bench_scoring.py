@@ -162,7 +162,7 @@ def row(name: str, n: int, seconds: float, cores: int) -> dict:
 
 
 def start_ray(cores: int) -> None:
-    import ray
+    import ray.data
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -190,7 +190,12 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    results, reps = [], []
+    results, reps = [], []  # every row in the order measured; the fastText rows of each repetition
+
+    def record(r: dict) -> dict:
+        results.append(r)
+        return r
+
     with tempfile.TemporaryDirectory() as tmp:
         paths = replicated_corpus(args.docs, Path(tmp))
         model = str(REPO / "classifiers" / "models" / "safety-fasttext-v1.ftz")
@@ -202,10 +207,10 @@ def main() -> None:
         # plain loop(s) right before the Ray run, and the ratio is taken within a repetition.
         for rep in range(1, args.repeat + 1):
             tag = f" #{rep}" if args.repeat > 1 else ""
-            this = {"plain": [row(f"fasttext plain loop (predict){tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1)]}
+            this = {"plain": [record(row(f"fasttext plain loop (predict){tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))]}
             if args.plain_processes:
-                this["parallel"] = row(f"fasttext plain loop, {args.cores} processes{tag}", *plain_loop_processes(
-                    model, paths, processes=args.cores, batch_size=args.batch_size), cores=args.cores)
+                this["parallel"] = record(row(f"fasttext plain loop, {args.cores} processes{tag}", *plain_loop_processes(
+                    model, paths, processes=args.cores, batch_size=args.batch_size), cores=args.cores))
             # A fresh local Ray instance for every run, as a pipeline job starts with its own
             # workers: their start-up, imports and model loads are in every run's wall time.
             start_ray(args.cores)
@@ -215,13 +220,12 @@ def main() -> None:
             # Ray Data's actors, the driver) and the rest of the machine took from the same cores.
             busy, steal = (after - before for after, before in zip(machine_seconds(), machine_before))
             print(f"\nrun{tag}: " + cpu_report(cpu_before, cpu_seconds_by_process(), busy, steal, seconds, args.cores), flush=True)
-            this["ray"] = row(f"fasttext Ray pipeline (wall){tag}", n, seconds, cores=args.cores)
+            this["ray"] = record(row(f"fasttext Ray pipeline (wall){tag}", n, seconds, cores=args.cores))
             ray.shutdown()
             if args.plain_again:
                 # The plain loop after the Ray run too; the ratio is then against the faster of the two.
-                this["plain"].append(row(f"fasttext plain loop, again{tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1))
+                this["plain"].append(record(row(f"fasttext plain loop, again{tag}", *plain_loop(plain, paths, batch_size=args.batch_size), cores=1)))
             reps.append(this)
-            results += [*this["plain"][:1], *([this["parallel"]] if "parallel" in this else []), this["ray"], *this["plain"][1:]]
 
         if args.transformers_docs:
             from classifiers.build_test_classifier import build, default_out
