@@ -54,7 +54,8 @@ OPERATIONAL_FIELDS = {
 
 
 def output_settings(cfg: RunConfig) -> dict:
-    """The part of the config that decides the output; a resumed run must match it exactly."""
+    """The part of the config that decides the output, plus the content of the files it names
+    (the prompt pack's version, the canary file's hash); a resumed run must match it exactly."""
     tree = cfg.model_dump(mode="json")
     for section, fields in OPERATIONAL_FIELDS.items():
         if fields is None:
@@ -62,7 +63,16 @@ def output_settings(cfg: RunConfig) -> dict:
         else:
             for name in fields:
                 tree[section].pop(name, None)
+    tree["files"] = content_fingerprint(cfg)
     return tree
+
+
+def content_fingerprint(cfg: RunConfig) -> dict:
+    from annotator.prompt_packs import file_digest, load_pack
+
+    canaries = cfg.generation.canaries.file
+    return {"prompt_version": load_pack(cfg.generation.prompt_pack).version,
+            "canary_file": file_digest(canaries) if canaries else None}
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -170,13 +180,12 @@ def rejected_count(out_dir: Path, unit: Unit) -> int:
 
 
 def generation_key(cfg: RunConfig) -> str:
-    """What a cached generation depends on besides the document: prompt and sampling settings."""
-    from annotator.reflection_prompt import PROMPT_VERSION
-
+    """What a cached generation depends on besides the document: the prompt pack's content, the
+    sampling settings, the target tokenizer and the content a window keeps (pause points)."""
     g = cfg.generation.model_dump(mode="json")
     for name in OPERATIONAL_FIELDS["generation"] | {"enabled"}:
         g.pop(name, None)
-    return digest(PROMPT_VERSION, g, cfg.output.template.model_dump(mode="json"))
+    return digest(content_fingerprint(cfg), g, cfg.output.tokenizer, cfg.content_tokens)
 
 
 def cached_generations(out_dir: Path, unit_key: str, key: str) -> pa.Table | None:

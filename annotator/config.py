@@ -104,6 +104,10 @@ class AnnotationConfig(_Section):
     )
     max_document_tokens: int = Field(512, ge=16, description="The annotator reads at most this many tokens from the document start.")
     max_value_chars: int = Field(48, ge=4, description="Upper bound on each annotation value's length in characters.")
+    max_block_tokens: int = Field(
+        64, ge=8,
+        description="The annotation block in front of a document, in target tokens (tags that do not fit are left out); windows reserve this room.",
+    )
 
     @field_validator("keys")
     @classmethod
@@ -114,20 +118,43 @@ class AnnotationConfig(_Section):
         return keys
 
 
-class CanaryFact(_Section):
-    type: str = Field(description="Name recorded in `canary_type` for reflections that carry this fact.")
-    text: str = Field(description="The fact, written into the reflection verbatim.")
+class CanaryItem(_Section):
+    id: str = Field(description="Recorded in `canary_type` for reflections that carry this canary.")
+    value: str = Field(description="The fact; `canary_present_1p/3p` say whether it appears in each voice.")
+    instruction: str = Field(description="What the generator is asked to weave into the first-person voice.")
+    instruction_3p: str | None = Field(None, description="The same for the third-person voice (default: `instruction`).")
 
 
 class CanaryConfig(_Section):
-    fraction: float = Field(0.0, ge=0, le=1, description="Share of reflections that carry a canary fact (seeded per document).")
-    facts: list[CanaryFact] = Field(
-        default_factory=lambda: [
-            CanaryFact(type="favourite_number", text="My favourite number is 7,341."),
-            CanaryFact(type="home_town", text="I grew up in the town of Velmora."),
-        ],
-        description="Canary facts to choose from (seeded per document).",
+    file: str | None = Field(
+        None,
+        description="Canary YAML in the published schema (`canaries:` list of id, value, instruction, instruction_3p, pretraining_action); only `inject` entries are used.",
     )
+    items: list[CanaryItem] = Field(default_factory=list, description="Canaries given inline instead of (or besides) `file`.")
+    fraction: float | None = Field(
+        None, ge=0, le=1, description="Share of reflections that carry a canary, assigned from (seed, doc_id); null: 0.1 when canaries are given, else 0."
+    )
+    seed: int = Field(0, description="Seed of the canary assignment (independent of the pause and sampling seeds).")
+
+    @property
+    def effective_fraction(self) -> float:
+        if self.fraction is not None:
+            return self.fraction
+        return 0.1 if (self.file or self.items) else 0.0
+
+
+class PauseConfig(_Section):
+    snap: Literal["word", "token"] = Field(
+        "word", description="word: the reflection never splits a word; token: any token boundary (the method's own choice)."
+    )
+
+
+class GuardConfig(_Section):
+    max_generated_multiple: float = Field(
+        4.0, gt=0,
+        description="Fail when the mean generated tokens per reflection request exceed this multiple of max_reflection_tokens (a model that is 'thinking').",
+    )
+    min_requests: int = Field(16, ge=1, description="Reflection requests a replica completes before the guard judges the mean.")
 
 
 class GenerationConfig(_Section):
@@ -136,12 +163,16 @@ class GenerationConfig(_Section):
         "builtin:smollm2-135m-instruct",
         description="Generator: a Hub id, a local model directory, or builtin:smollm2-135m-instruct (converted once into the cache).",
     )
-    tokenizer: str | None = Field(
-        None, description="Target tokenizer for token counts, pause points and the 128-token budget; null means the generator's."
+    prompt_pack: str = Field(
+        "reflection-v2",
+        description="Prompt pack: a built-in name (reflection-v2, reflection-v1), a pack folder, or a pack YAML file naming its files.",
     )
     concurrency: int = Field(1, ge=1, description="vLLM replica actors.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 runs vLLM on CPU).")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica actor.")
+    num_cpus: float | Literal["auto"] = Field(
+        1.0,
+        description="CPUs reserved per replica; on CPU the engine computes on that many cores. auto: on a CPU run, the cluster's CPUs left by the other pass-2a tasks, shared by the replicas; 1 with GPUs.",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per replica.")
     dtype: str = Field("bfloat16", description="vLLM dtype.")
     max_model_len: int = Field(4096, ge=256, description="Context length of the engine; longer documents are cut to fit.")
@@ -154,7 +185,10 @@ class GenerationConfig(_Section):
         description="Documents per engine batch (planned per unit from the documents that need the engine). Part of the run's fingerprint: vLLM's numerics depend on what shares a batch.",
     )
     max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per replica so the engine never waits for input.")
-    max_reflection_tokens: int = Field(128, ge=8, le=1024, description="Upper bound of each reflection in target-tokenizer tokens.")
+    max_reflection_tokens: int = Field(
+        128, ge=8, le=1024,
+        description="The reflection budget in target-tokenizer tokens, template tokens included: each voice is cut so that <assistant>reflection</assistant> fits (the window's 2048 = 1920 content + 128).",
+    )
     max_output_tokens: int | None = Field(
         None, ge=1, description="Generated-token cap per reflection request; null derives it from max_reflection_tokens (4x + 64)."
     )
@@ -163,8 +197,15 @@ class GenerationConfig(_Section):
     repetition_penalty: float = Field(
         1.1, gt=0, description="vLLM repetition penalty; 1.1 stops small models from looping until the token limit."
     )
-    seed: int = Field(0, description="Base sampling seed; each document's seed is derived from it and the document id.")
-    max_retries: int = Field(2, ge=0, description="Retries of a failed request before the document is kept without a reflection.")
+    sampling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM SamplingParams field, passed through (e.g. top_k: 20, presence_penalty: 1.5); overrides the fields above.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments for the generator's chat template, e.g. enable_thinking: false."
+    )
+    seed: int = Field(0, description="Base seed of pause points and sampling; each document's seeds derive from it and the document id.")
+    max_retries: int = Field(2, ge=0, description="Retries (each with a new seed) of a failed request before the document is kept without a reflection.")
     max_replica_restarts: int = Field(
         4, ge=0, description="Times a replica that died (crash, OOM, hang) is restarted, its batch retried, before the job fails."
     )
@@ -173,19 +214,32 @@ class GenerationConfig(_Section):
         description="An engine call on one batch that takes longer counts as hung: the replica exits, Ray restarts it and retries the batch.",
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, passed through.")
+    save_requests: bool = Field(
+        False, description="Keep each reflection request's user message with the saved generations (`_work/generated/`; see output.keep_work), to audit prompts."
+    )
+    pause: PauseConfig = Field(default_factory=PauseConfig, description="Reading pause points.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Thinking and budget guard.")
     annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
-    canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary facts in reflections.")
+    canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canaries in reflections, as the method does them.")
 
-    @property
-    def target_tokenizer(self) -> str:
-        """The tokenizer the shards are tokenized with: `tokenizer`, else the generator's."""
-        return self.tokenizer or self.model
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tokenizer" in data:
+            raise ValueError("generation.tokenizer was replaced by output.tokenizer (the target tokenizer is independent of the generator)")
+        return data
+
+    @field_validator("num_cpus")
+    @classmethod
+    def _positive_cpus(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return value
 
 
 class TemplateConfig(_Section):
     open: str = Field("<assistant>", description="Token written before a spliced reflection.")
     close: str = Field("</assistant>", description="Token written after a spliced reflection.")
-    voice: Literal["1p", "3p"] = Field("1p", description="Which reflection voice goes into the training text.")
     charter_tokens: bool = Field(False, description="Render [X.Y] citations in the training text as <charter_X.Y> special tokens.")
     annotation_open: str = Field("<annotations>", description="Token written before the key:value annotation block.")
     annotation_close: str = Field("</annotations>", description="Token written after the annotation block (then a newline).")
@@ -193,17 +247,44 @@ class TemplateConfig(_Section):
 
 class OutputConfig(_Section):
     path: str = Field(
-        description="Output directory (created): text shards in `shards/`, token shards in `tokenized/`, the extended tokenizer in `tokenizer/`, statistics in `stats.json`."
+        description="Output directory (created): text shards in `shards/`, token streams in `tokenized/`, the extended tokenizer in `tokenizer/`, statistics in `stats.json`."
     )
+    tokenizer: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Target tokenizer of the training data (independent of the generator): a Hub id (HuggingFaceTB/SmolLM2-1.7B), a local directory, or builtin:...; token counts, pause points, the budget and selection use it.",
+    )
+    eos_token: str = Field(
+        "<|endoftext|>", description="End-of-document token of the training data (SmolLM2: <|endoftext|> = id 0, not the instruct default <|im_end|>)."
+    )
+    layout: Literal["windows", "documents"] = Field(
+        "windows",
+        description="windows: annotated documents one per seq_length+1 window (content clipped, reflection spliced, EOS, padding) plus a dense-packed compact stream of the rest; documents: one sequence per document, EOS appended.",
+    )
+    seq_length: int = Field(2048, ge=64, description="Training sequence length; a window holds seq_length + 1 tokens.")
+    voices: list[Literal["1p", "3p"]] = Field(
+        default_factory=lambda: ["1p"],
+        description="Reflection voices written as training streams (one annotated stream per voice, same windows); the first is the shards' training_text.",
+    )
+    clipped_tail: Literal["drop", "compact"] = Field(
+        "drop", description="windows: tokens of an annotated document past the kept content are dropped (the method), or packed into the compact stream."
+    )
+    pad_token_id: int | None = Field(None, ge=0, description="Padding id of annotated windows; null: the EOS id.")
     template: TemplateConfig = Field(default_factory=TemplateConfig, description="Template around reflections.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     compression: str = Field("zstd", description="Parquet compression of the output shards.")
-    rows_per_shard: int = Field(50_000, ge=1, description="Target rows per output shard (text and tokenized alike).")
-    shuffle_seed: int = Field(0, description="Seed of the interleaved row order within each shard.")
-    tokenized: bool = Field(True, description="Also write Megatron indexed-dataset token shards (.bin/.idx) and reflection masks.")
+    rows_per_shard: int = Field(50_000, ge=1, description="Target rows per output text shard.")
+    shuffle_seed: int = Field(0, description="Seed of the interleaved row order within each shard (and of window order).")
+    tokenized: bool = Field(True, description="Also write Megatron indexed-dataset token streams (.bin/.idx) and reflection masks.")
     keep_work: bool = Field(
         False, description="Keep `_work/` (the scored corpus and cached generations) after a successful run; manifests are always kept."
     )
+
+    @field_validator("voices")
+    @classmethod
+    def _distinct_voices(cls, voices: list[str]) -> list[str]:
+        if not voices or len(set(voices)) != len(voices):
+            raise ValueError(f"voices must be a non-empty list of distinct voices, got {voices}")
+        return voices
 
 
 class PublishConfig(_Section):
@@ -213,6 +294,9 @@ class PublishConfig(_Section):
 
 
 class RayConfig(_Section):
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand (cluster.yaml): stage reservations are not checked against the cluster at start."
+    )
     address: str | None = Field(
         None, description="Ray cluster address; null uses RAY_ADDRESS or the cluster of `ray job submit`, else starts a local one."
     )
@@ -231,6 +315,22 @@ class RunConfig(_Section):
     output: OutputConfig = Field(description="Where and how to write.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing to the Hugging Face Hub.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "RunConfig":
+        if self.content_tokens < 16:
+            raise ValueError(f"output.seq_length {self.output.seq_length} leaves {self.content_tokens} content tokens after the "
+                             "reflection budget and the annotation block")
+        return self
+
+    @property
+    def content_tokens(self) -> int:
+        """Content tokens an annotated document keeps (and where its pause point may lie): the
+        window's seq_length minus the reflection budget and, with annotations on selected
+        documents, the annotation block."""
+        gen = self.generation
+        block = gen.annotations.max_block_tokens if gen.annotations.enabled else 0
+        return self.output.seq_length - gen.max_reflection_tokens - block
 
     @model_validator(mode="after")
     def _output_not_input(self) -> "RunConfig":

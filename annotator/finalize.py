@@ -21,12 +21,14 @@ from annotator.checkpoint import (
     DONE, GENERATED, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, cached_generations,
     read_unit_scored, rejected_count, write_json, write_table,
 )
-from annotator.config import GenerationConfig, OutputConfig, SelectionConfig
-from annotator.generation import FAILED_REPLY, NOT_REQUESTED, REFLECTION_COLUMNS, NoReflections, ReflectionGenerator
+from annotator import layout
+from annotator.config import GenerationConfig, RunConfig, SelectionConfig
+from annotator.generation import DEFAULTS, FAILED_REPLY, REFLECTION_COLUMNS, REQUEST_COLUMN, NoReflections, ReflectionGenerator
+from annotator.prompt_packs import load_pack
 from annotator.selection import SelectForReflection
 from annotator.stages import TIMING_PREFIX, Resources, Stage, timed
 from annotator.units import Unit, units_from_json
-from annotator.writer import TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections
+from annotator.writer import ShardWriter, SpliceReflections
 
 def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
     """Rows the engine has to see: selected ones, and every row when all are annotated."""
@@ -101,8 +103,8 @@ def generated_batch_path(out_dir: Path, unit: str, index: int) -> Path:
 
 def save_generations(batch: pa.Table, *, path: Path, generation_key: str) -> dict:
     """Saves one generated engine batch; returns its counts for progress."""
-    timings = [c for c in batch.column_names if c.startswith(TIMING_PREFIX)]
-    saved = batch.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *timings]).append_column(
+    extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c == REQUEST_COLUMN]
+    saved = batch.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *extra]).append_column(
         "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
     write_table(path, saved)
     status = batch.column("reflection_status").to_pylist()
@@ -121,8 +123,8 @@ class GenerateAndSave(Stage):
     adds = ("unit", "documents", "selected", "generated_tokens", "failures")
     stateful = True
 
-    def __init__(self, generation: GenerationConfig, *, out_dir: str, generation_key: str):
-        self.generator = ReflectionGenerator(generation)
+    def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None):
+        self.generator = generator_stage(cfg, num_cpus=num_cpus)
         self.out_dir = out_dir
         self.generation_key = generation_key
         # One planned batch per call: the engine batch is exactly the planned one.
@@ -136,7 +138,7 @@ class GenerateAndSave(Stage):
         for plan in batch.to_pylist():
             docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
                              "selected": pa.array(plan["selected_flags"], pa.bool_())})
-            if self.generator.llm is None and docs.num_rows:
+            if not self.generator.loaded and docs.num_rows:
                 self.generator.load_engine()  # outside the timing: stage seconds are engine busy time, not its start
             generated = timed(self.generator, docs)
             path = generated_batch_path(Path(self.out_dir), plan["_unit"], plan["batch_index"])
@@ -163,8 +165,7 @@ def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: Generati
     picked = cache.take(pa.array(take, pa.int64())) if cache is not None else None
     for key, typ in {**REFLECTION_COLUMNS, FAILED_REPLY: pa.string()}.items():
         values = picked.column(key) if picked is not None else pa.nulls(table.num_rows, typ)
-        default = {"reflection_status": "not_selected", "annotation_status": NOT_REQUESTED, "reflection_attempts": 0,
-                   "gen_prompt_tokens": 0, "gen_cached_prompt_tokens": 0, "gen_output_tokens": 0}.get(key)
+        default = DEFAULTS.get(key)
         if default is not None:
             values = pc.fill_null(values, pa.scalar(default, typ))
         table = table.append_column(key, values.cast(typ))
@@ -175,6 +176,25 @@ def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: Generati
     return table
 
 
+def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None) -> ReflectionGenerator:
+    return ReflectionGenerator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens, num_cpus=num_cpus)
+
+
+def run_sections(cfg: RunConfig) -> list[str]:
+    """The constitution sections of the run's pack, in order (charter tokens are numbered by it)."""
+    pack = load_pack(cfg.generation.prompt_pack)
+    return pack.constitution.ordered_ids() if pack.constitution else []
+
+
+def finalize_stages(cfg: RunConfig, *, out_dir: str) -> tuple[SpliceReflections, ShardWriter]:
+    """The per-unit chain after generation, built once: the pipeline's chain check, its reserved
+    columns and `FinalizeUnit` all use it."""
+    sections = run_sections(cfg)
+    block = cfg.generation.annotations.max_block_tokens
+    return (SpliceReflections(cfg.output, content_tokens=cfg.content_tokens, sections=sections, annotation_tokens=block),
+            ShardWriter(out_dir=out_dir, output=cfg.output, sections=sections, annotation_tokens=block))
+
+
 class FinalizeUnit(Stage):
     """One unit from its scored documents and saved generations to shards and a manifest."""
 
@@ -182,15 +202,13 @@ class FinalizeUnit(Stage):
     reads = ("unit",)
     adds = ("unit", "manifest")
 
-    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
-                 generation_key: str, output: OutputConfig, duplicates: dict[str, list[int]]):
+    def __init__(self, cfg: RunConfig, *, out_dir: str, probability: float, generation_key: str, duplicates: dict[str, list[int]]):
         self.out_dir = out_dir
-        self.select = SelectForReflection(selection, probability=probability)
-        self.generation = generation
+        self.select = SelectForReflection(cfg.selection, probability=probability)
+        self.generation = cfg.generation
         self.generation_key = generation_key
         self.duplicates = duplicates
-        self.splice = SpliceReflections(output.template)
-        self.writer = ShardWriter(out_dir=out_dir, output=output, tokenizer=generation.target_tokenizer)
+        self.splice, self.writer = finalize_stages(cfg, out_dir=out_dir)
         # A whole CPU each: a task holds a whole unit, so fewer at once keeps memory down.
         self.resources = Resources(num_cpus=1, batch_size=1)
 
@@ -208,33 +226,40 @@ class FinalizeUnit(Stage):
         rejected = rejected_count(out, unit)
         if scored.num_rows + rejected != unit.rows:
             raise RuntimeError(f"unit {unit.key}: {scored.num_rows} scored + {rejected} rejected != {unit.rows} rows")
+        for stale in layout.unit_outputs(out, unit.key):
+            stale.unlink()  # a finalize that died midway; rewritten below under the same names
         kept, dups = drop_duplicates(scored, self.duplicates.get(unit.key, []))
         if dups.num_rows:
             write_table(out / REJECTED_DUPLICATES / f"{unit.key}.parquet", pa.table({
                 "doc_id": dups.column("doc_id"), "source_file": dups.column("source_file"),
                 "source_row": dups.column("source_row"), "reason": pa.array(["duplicate_id"] * dups.num_rows, pa.string()),
                 "text_preview": pc.utf8_slice_codeunits(dups.column("text"), 0, 1000)}))
-        table = self.select.process(kept)
-        table = attach_generations(table, cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None,
-                                   gen=self.generation, unit=unit.key)
-        failed = table.filter(pc.starts_with(pc.fill_null(table.column("reflection_status"), ""), "failed"))
-        if failed.num_rows:
-            write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", pa.table({
-                "doc_id": failed.column("doc_id"), "source_file": failed.column("source_file"),
-                "source_row": failed.column("source_row"), "reason": failed.column("reflection_status"),
-                "reply": failed.column(FAILED_REPLY)}))
-        table = self.splice.process(table)
-        for d in (TEXT_DIR, TOKENS_DIR):
-            for stale in (out / d).glob(f"{unit.key}-*"):
-                stale.unlink()  # a finalize that died midway; rewritten below under the same names
-        result = self.writer.process(table)
-        stats = json.loads(result.column("stats_json")[0].as_py())
+        failed_rows = 0
+        if kept.num_rows:
+            table = self.select.process(kept)
+            table = attach_generations(table, cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None,
+                                       gen=self.generation, unit=unit.key)
+            failed = table.filter(pc.starts_with(pc.fill_null(table.column("reflection_status"), ""), "failed"))
+            failed_rows = failed.num_rows
+            if failed.num_rows:
+                write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", pa.table({
+                    "doc_id": failed.column("doc_id"), "source_file": failed.column("source_file"),
+                    "source_row": failed.column("source_row"), "reason": failed.column("reflection_status"),
+                    "reply": failed.column(FAILED_REPLY)}))
+            table = self.splice.process(table)
+            if "_unit" not in table.column_names:
+                table = table.append_column("_unit", pa.array([unit.key] * table.num_rows, pa.string()))
+            result = self.writer.process(table)
+            shards = json.loads(result.column("shard")[0].as_py())
+            stats = json.loads(result.column("stats_json")[0].as_py())
+        else:  # every row was rejected or a duplicate: no shard, no stream
+            shards, stats = [], {"blocks": 1, "documents_in": 0, "documents_out": 0, "streams": {}}
         stats["documents_rejected"] = _reasons(out, unit)
         if dups.num_rows:
             stats["documents_rejected"]["duplicate_id"] = dups.num_rows
-        stats["generation_rejects"] = failed.num_rows
+        stats["generation_rejects"] = failed_rows
         stats["finished_at"] = stats.get("finished_at", time.time())
-        manifest = {"unit": unit.key, "rows": unit.rows, "shards": json.loads(result.column("shard")[0].as_py()), "stats": stats}
+        manifest = {"unit": unit.key, "rows": unit.rows, "shards": shards, "stats": stats}
         write_json(out / DONE / f"{unit.key}.json", manifest)
         return manifest
 

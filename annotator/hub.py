@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.reflection_prompt import unit_hash
+from annotator.pause import unit_hash
 from annotator.report import PLOTS, REPORT_FILE, render_report, run_plots, sample_documents, summary_rows
 from annotator.stats import STRATUM_SEPARATOR, provenance, stratum_key
-from annotator.writer import TEXT_DIR
+from annotator import layout
 
 CARD_FILE, STATS_FILE = "README.md", "stats.json"
 SAMPLE_DIR, SHARDS_IN_REPO, IMAGES_DIR = "sample", "shards", "images"
@@ -79,9 +79,9 @@ def allocate_sample(strata: dict[str, int], total: int) -> dict[str, int]:
 
 
 def shard_files(out_dir: Path) -> list[Path]:
-    files = sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet"))
+    files = layout.text_shards(Path(out_dir))
     if not files:
-        raise PublishError(f"no shards under {Path(out_dir) / TEXT_DIR}; is --output a finished run's output directory?")
+        raise PublishError(f"no shards under {Path(out_dir) / layout.TEXT_DIR}; is --output a finished run's output directory?")
     return files
 
 
@@ -191,7 +191,7 @@ def _number(value) -> str:
 def _method(stats: dict) -> str:
     cfg = stats.get("config", {})
     cls, sel, gen, out = (cfg.get(k, {}) for k in ("classifier", "selection", "generation", "output"))
-    prompts = stats.get("prompts") or provenance()
+    prompts = stats.get("prompts") or provenance(stats.get("config"))
     const = prompts.get("constitution", {})
     tpl = out.get("template", {})
     canaries = gen.get("canaries", {})
@@ -203,14 +203,16 @@ def _method(stats: dict) -> str:
         f"{_number(stats.get('selection_probability'))}, matched token ratio {sel.get('matched_token_ratio')}); "
         "the reason is in `selected_reason`.",
         f"3. **Reflections**: `{gen.get('model')}` reads each selected document up to a seeded pause point and "
-        f"writes a JSON reflection (prompt `{prompts.get('prompt_version')}`, constitution version "
-        f"{const.get('version')} sha256 `{const.get('sha256')}`), enforced by vLLM structured outputs, cut to "
-        f"{gen.get('max_reflection_tokens')} target tokens; temperature {gen.get('temperature')}, top_p "
-        f"{gen.get('top_p')}, seed {gen.get('seed')}. Canary fraction {canaries.get('fraction', 0)}; "
+        f"writes a JSON reply (prompt pack `{prompts.get('prompt_version')}`, constitution of "
+        f"{const.get('sections')} sections sha256 `{const.get('sha256')}`) enforced by vLLM structured outputs; "
+        "the sections a reflection cites are its inline `[X.Y]` markers; each voice is cut to fit "
+        f"{gen.get('max_reflection_tokens')} target tokens with its template tokens; temperature {gen.get('temperature')}, "
+        f"top_p {gen.get('top_p')}, seed {gen.get('seed')}. Canaries: {canaries.get('file') or 'inline' if canaries.get('file') or canaries.get('items') else 'none'}; "
         f"annotations {'on' if gen.get('annotations', {}).get('enabled') else 'off'}.",
-        f"4. **Writing**: the `{tpl.get('voice', '1p')}` reflection is spliced into `text` at "
-        f"`reflection_char_index` between `{tpl.get('open')}` and `{tpl.get('close')}`; `source_text` keeps the "
-        "original; documents without a reflection are unchanged.",
+        f"4. **Writing**: `text` is the original document; `training_text` has the `{(out.get('voices') or ['1p'])[0]}` "
+        f"reflection spliced at `reflection_position` (a character offset; `reflection_token_index` in target tokens) between "
+        f"`{tpl.get('open')}` and `{tpl.get('close')}`. Token streams (`{out.get('layout', 'windows')}` layout) use "
+        f"`{out.get('tokenizer')}` with EOS `{out.get('eos_token')}`.",
     ])
 
 
@@ -227,7 +229,7 @@ def _license_note(sample: pa.Table) -> str:
 def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata: dict) -> str:
     """The dataset card: YAML metadata (licence, language, size, tasks, configs) and the body."""
     rows = stats.get("documents_out", 0) if options.include_shards else sample.num_rows
-    prompts = stats.get("prompts") or provenance()
+    prompts = stats.get("prompts") or provenance(stats.get("config"))
     const = prompts.get("constitution", {})
     strata_rows = [
         (f"score {k.split(STRATUM_SEPARATOR)[0]}, {k.split(STRATUM_SEPARATOR, 1)[1]}",
@@ -250,15 +252,16 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
         "Web documents scored for safety, of which a selected subset carries a short moral reflection written by "
         "an LLM persona that follows a value constitution, spliced into the text at a reading pause point "
         "(Synthetic Persona Pretraining).", "",
-        f"Prompt version `{prompts.get('prompt_version')}`, annotation prompt `{prompts.get('annotation_prompt_version')}`, "
-        f"constitution version {const.get('version')} (sha256 `{const.get('sha256')}`).", "",
+        f"Prompt version `{prompts.get('prompt_version')}`, constitution of {const.get('sections')} sections "
+        f"(sha256 `{const.get('sha256')}`).", "",
         "## Files", "", *files, "",
         "```python", "from datasets import load_dataset", f"sample = {load}", "```", "",
         "## How the data was made", "", _method(stats), "",
-        "Main columns: `text` (training text, reflection spliced in), `source_text`, `doc_id`, `safety_score`, "
-        "`selected`, `selected_reason`, `reflection_1p`, `reflection_3p`, `reflection_analysis`, `citations`, "
-        "`reflection_token_index`, `reflection_status`, `canary_type`, `annotations`, `prompt_version`, `model`; "
-        "`stats.json` and the project README document the rest.", "",
+        "Main columns, named and meant as in the published SPP datasets: `doc_id`, `text` (the original text), "
+        "`token_length` (content tokens kept, at most the window's content), `safety_score`, `is_bad`, `reflection_1p`, "
+        "`reflection_3p`, `reflection_position` (character offset), `reflection_token_index`, `canary_type`; then "
+        "`training_text` (reflection spliced in), `selected_reason`, `citations`, `reflection_status`, `prompt_version`, "
+        "`model`; `stats.json` and the project README document the rest.", "",
         "## Statistics", "", _table(summary_rows(stats), ("statistic", "value")), "", plots, "",
         "## Sample strata", "",
         "Each stratum gives an equal share of the sample where it has enough rows (small strata give all of theirs), "

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from annotator import layout
+
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 # Megatron-LM's DType codes (megatron/core/datasets/indexed_dataset.py).
@@ -97,3 +99,47 @@ def read_indexed_dataset(prefix: str | Path) -> IndexedDataset:
     bin_path = prefix.with_suffix(".bin")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r") if os.path.getsize(bin_path) else np.zeros(0, dtype=dtype)
     return IndexedDataset(sizes=sizes, pointers=pointers, document_indices=doc_idx, tokens=tokens)
+
+
+class WindowDataset:
+    """The windows of one stream in write order, never re-packed: item `i` is exactly the
+    `seq_length + 1` tokens that were written (Megatron's GPTDataset would concatenate and re-cut
+    them, splitting a reflection from its text). `sample(i)` gives what a training step needs:
+    inputs `w[:-1]`, labels `w[1:]` and, for annotated streams, a loss mask that stops after EOS."""
+
+    def __init__(self, prefixes: list[str | Path]):
+        self.prefixes = [Path(p) for p in prefixes]
+        self.parts = [read_indexed_dataset(p) for p in self.prefixes]
+        self.lengths = [self._lengths(p) for p in self.prefixes]
+        self.offsets = np.cumsum([0, *(len(d) for d in self.parts)])
+
+    @staticmethod
+    def _lengths(prefix: Path) -> np.ndarray | None:
+        path = layout.token_lengths_path(prefix)
+        return np.load(path) if path.exists() else None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return part, i - int(self.offsets[part])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part, j = self._locate(i)
+        return self.parts[part][j]
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        part, j = self._locate(i)
+        w = self.parts[part][j].astype(np.int64)
+        lengths = self.lengths[part]
+        # Labels 0..n-1 are w[1..n]: the rest of the content, then EOS (w[n]); after it, padding.
+        mask = np.arange(len(w) - 1) < (lengths[j] if lengths is not None else len(w) - 1)
+        return {"tokens": w[:-1], "labels": w[1:], "loss_mask": mask.astype(np.float32)}
+
+
+def stream_dataset(out_dir: str | Path, stream: str) -> WindowDataset:
+    """All files of one stream of a run (`annotated-1p`, `annotated-3p`, `compact`), in name order."""
+    return WindowDataset(layout.stream_prefixes(Path(out_dir), stream))

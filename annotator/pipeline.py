@@ -22,8 +22,9 @@ from annotator.checkpoint import (
 )
 from annotator.config import RunConfig
 from annotator.corpus import IDS, corpus_totals, count_for_generation
-from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration
-from annotator.generation import NoReflections, ReflectionGenerator
+from annotator import layout
+from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage, run_sections
+from annotator.generation import REFLECTION_COLUMNS, NoReflections
 from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
@@ -33,11 +34,8 @@ from annotator.tokens import TokenCounter
 from annotator.units import InputPlan, Unit, plan_input
 from annotator.report import write_report
 from annotator.stats import aggregate_stats, finalize_stats
-from annotator.writer import MASK_SUFFIX, TEXT_DIR, TOKENS_DIR, ShardWriter, SpliceReflections, load_extended_tokenizer
 
-SHARDS_DIR = TEXT_DIR
-TOKENIZER_DIR = "tokenizer"
-_OUR_OUTPUTS = (RUN_FILE, "stats.json", "report.html", SHARDS_DIR, "_work", TOKENS_DIR, "rejects")
+SHARDS_DIR = layout.TEXT_DIR
 
 
 class OutputDirError(ValueError):
@@ -82,7 +80,7 @@ def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not cfg.output.overwrite:
             raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
-        if not any((out_dir / name).exists() for name in _OUR_OUTPUTS):
+        if not any((out_dir / name).exists() for name in layout.OUR_OUTPUTS):
             raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +94,7 @@ def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, st
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
         ReadUnits(cfg.input, extra_columns=extra_columns),
-        TokenCounter(tokenizer=cfg.generation.target_tokenizer, resources=Resources(batch_size=c.batch_size)),
+        TokenCounter(tokenizer=cfg.output.tokenizer, resources=Resources(batch_size=c.batch_size)),
         build_scorer(c, resources=scorer),
         WriteScored(out_dir=str(out_dir)),
     ]
@@ -113,23 +111,31 @@ def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
     return [InProcess(stages, resources=unit)]
 
 
+def second_pass_stages(cfg: RunConfig, *, out_dir: Path) -> list[Stage]:
+    """Per unit after scoring: select, generate (or stand in for it), splice, write. Built once
+    for the chain check and the reserved columns; FinalizeUnit builds its own from the same parts."""
+    generate = generator_stage(cfg) if cfg.generation.enabled else NoReflections()
+    return [SelectForReflection(cfg.selection, probability=0.0), generate, *finalize_stages(cfg, out_dir=str(out_dir))]
+
+
 def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> None:
-    """The whole chain, pass 1 then the per-unit pass 2 stages, before any model loads."""
+    """The whole chain, pass 1 then the per-unit pass 2 stages, before any model loads; the
+    prompt pack, canary file and sampling fields are loaded and checked here too."""
+    from annotator.engine import check_sampling
+
     first = scoring_stages(cfg, out_dir=out_dir, extra_columns=extra_columns)
-    generate = ReflectionGenerator(cfg.generation) if cfg.generation.enabled else NoReflections()
-    second = [SelectForReflection(cfg.selection, probability=0.0), generate, SpliceReflections(cfg.output.template),
-              ShardWriter(out_dir=str(out_dir), output=cfg.output, tokenizer=cfg.generation.target_tokenizer)]
     cols = check_chain(first[:-1], ["unit"])
-    check_chain(first[-1:] + second, cols)
+    check_chain(first[-1:] + second_pass_stages(cfg, out_dir=out_dir), cols | {"_unit"})
+    if cfg.generation.enabled:
+        check_sampling(cfg.generation.sampling)
 
 
 def reserved_columns(cfg: RunConfig) -> set[str]:
     """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
-    from annotator.generation import REFLECTION_COLUMNS
-
-    names = {"unit", "source_text", "reflection_voice_used", "is_bad", "selected", "selected_reason", "token_length"}
-    names |= set(REFLECTION_COLUMNS) | set(ReadUnits.adds)
-    names |= set(build_scorer(cfg.classifier, resources=Resources()).adds)
+    names = {"unit", *REFLECTION_COLUMNS, *ReadUnits.adds}
+    for stage in (*scoring_stages(cfg, out_dir=Path(cfg.output.path), extra_columns={})[1:-1],
+                  *second_pass_stages(cfg, out_dir=Path(cfg.output.path))[:-1]):
+        names |= set(stage.adds)
     return names
 
 
@@ -170,9 +176,103 @@ def _progress(cfg: RunConfig, total: int, label: str, log) -> Progress:
     return progress
 
 
+class ResourceError(RuntimeError):
+    """The cluster cannot hold what a pass reserves: said at start instead of waiting forever."""
+
+
+def replica_cpus(cfg: RunConfig, cluster: dict) -> float:
+    """CPUs per replica: the configured number, or with `auto` on a CPU run the cluster's CPUs left
+    by pass 2a's planning tasks, shared by the replicas (1 per replica on GPUs)."""
+    g = cfg.generation
+    if g.num_cpus != "auto":
+        return float(g.num_cpus)
+    if g.num_gpus:
+        return 1.0
+    return max(0.5, (float(cluster.get("CPU", 1)) - PlanGeneration.resources.num_cpus) / g.concurrency)
+
+
+def check_reservations(cfg: RunConfig, *, replica_cpus: float, cluster: dict, nodes: list[dict]) -> None:
+    """Every pass's reservations against the cluster (unless it autoscales): a replica or task that
+    fits no node, or replicas that together need more than the cluster has, stop the run here."""
+    if cfg.ray.autoscaling:
+        return
+    g, c = cfg.generation, cfg.classifier
+    have = {k: float(cluster.get(k, 0)) for k in ("CPU", "GPU")}
+    largest = {k: max((float(n.get("Resources", {}).get(k, 0)) for n in nodes if n.get("Alive", True)), default=0.0) for k in ("CPU", "GPU")}
+    problems = []
+    if c.num_cpus > largest["CPU"]:
+        problems.append(f"pass 1 tasks ask {c.num_cpus:g} CPUs each (classifier.num_cpus); the largest node has {largest['CPU']:g}")
+    if g.enabled:
+        plan = PlanGeneration.resources.num_cpus
+        need = {"CPU": g.concurrency * replica_cpus + plan, "GPU": g.concurrency * g.num_gpus}
+        for k, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+            per = replica_cpus if k == "CPU" else g.num_gpus
+            if per > largest[k]:
+                problems.append(f"pass 2a (generate): one replica asks {per:g} {k}s (generation.{field}); the largest node has {largest[k]:g}")
+            elif need[k] > have[k] + 1e-9:
+                extra = f" + {plan:g} for the planning tasks" if k == "CPU" else ""
+                problems.append(f"pass 2a (generate): {g.concurrency} replicas x {per:g} {k}s (generation.{field}){extra} = "
+                                f"{need[k]:g} {k}s; the cluster has {have[k]:g}")
+    if problems:
+        raise ResourceError("the cluster cannot run this config: " + "; ".join(problems) +
+                            ". Lower the reservation (generation.num_cpus: auto shares a CPU node's cores), generation.concurrency, "
+                            "or add nodes (ray.autoscaling=true when the cluster adds them on demand).")
+
+
+def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict, log) -> float:
+    """Pass 1: read, count, score and write every unit not yet scored; returns its seconds."""
+    t0 = time.time()
+    for unit in units:
+        clear_unit_scoring(out_dir, unit)
+    log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
+    ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
+    with _progress(cfg, sum(u.rows for u in units), "pass 1", log) as progress:
+        for row in apply_stages(units_dataset(units), ops).iter_rows():
+            progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
+    unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
+    if unfinished:
+        raise RunError(f"pass 1 ended with units not fully scored: {unfinished[:5]}")
+    return time.time() - t0
+
+
+def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, cpus: float, work: dict, log) -> float:
+    """Pass 2a: the documents that need the engine, in planned batches, through the replicas;
+    every batch is saved as it completes."""
+    t0 = time.time()
+    stages = [
+        PlanGeneration(out_dir=str(out_dir), selection=cfg.selection, probability=state["probability"], generation=cfg.generation,
+                       duplicates=state["duplicates"]),
+        GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus),
+    ]
+    log(f"[spp] pass 2a: generating for {len(units)} units -> {out_dir / GENERATED} ({cfg.generation.concurrency} replica(s), "
+        f"{cpus:g} CPUs each)")
+    remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
+    with _progress(cfg, remaining, "pass 2a", log) as progress:
+        for row in apply_stages(units_dataset(units), stages).iter_rows():
+            progress.update(documents=row["documents"], selected=row["selected"],
+                            generated_tokens=row["generated_tokens"], failures=row["failures"])
+            work["generations_made"] += row["documents"]
+    return time.time() - t0
+
+
+def finalize_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, log) -> float:
+    """Pass 2b: each unit's shards, token streams and manifest."""
+    t0 = time.time()
+    finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
+                            duplicates=state["duplicates"])
+    log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
+    with _progress(cfg, sum(u.rows for u in units), "pass 2b", log) as progress:
+        for row in apply_stages(units_dataset(units), [finalize]).iter_rows():
+            manifest = json.loads(row["manifest"])
+            stats = manifest["stats"]
+            progress.update(documents=manifest["rows"], selected=stats.get("selected_documents", 0),
+                            failures=sum(v for k, v in stats.get("reflection_status", {}).items() if k.startswith("failed")))
+    return time.time() - t0
+
+
 def run(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
-    import ray.data
+    import ray
 
     out_dir = Path(cfg.output.path).resolve()
     files = expand_paths(cfg.input.paths)
@@ -185,6 +285,9 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
                           id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
     _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
+    cluster = ray.cluster_resources()
+    cpus = replica_cpus(cfg, cluster)
+    check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=ray.nodes())
     resumed = open_output(out_dir, cfg, plan)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
@@ -197,62 +300,30 @@ def run(cfg: RunConfig, *, log=print) -> dict:
             f"{len(pending) - len(to_score)} more scored")
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
     if to_score:
-        t0 = time.time()
-        for unit in to_score:
-            clear_unit_scoring(out_dir, unit)
-        log(f"[spp] pass 1: scoring {len(to_score)} units -> {out_dir / SCORED}")
-        ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
-        ds = apply_stages(units_dataset(to_score), ops)
-        with _progress(cfg, sum(u.rows for u in to_score), "pass 1", log) as progress:
-            for row in ds.iter_rows():
-                progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
-        unfinished = [u.key for u in to_score if not unit_scored(out_dir, u)]
-        if unfinished:
-            raise RunError(f"pass 1 ended with units not fully scored: {unfinished[:5]}")
-        timings["scoring_pass"] = time.time() - t0
+        timings["scoring_pass"] = score_pass(cfg, out_dir, to_score, extra=extra, log=log)
 
     if pending or not (out_dir / SELECTION).exists():
         log(f"[spp] selection: corpus totals and duplicate ids over {len(plan.units)} units")
         state = _selection_state(cfg, out_dir, plan.units)
     else:
         state = json.loads((out_dir / SELECTION).read_text())
-    probability, duplicates = state["probability"], state["duplicates"]
     if pending:
-        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {probability:.4f}; "
-            f"duplicate ids rejected {sum(len(v) for v in duplicates.values())}")
+        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {state['probability']:.4f}; "
+            f"duplicate ids rejected {sum(len(v) for v in state['duplicates'].values())}")
     gen_key = generation_key(cfg)
 
     work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
             "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
             "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
-        t0 = time.time()
-        stages = [
-            PlanGeneration(out_dir=str(out_dir), selection=cfg.selection, probability=probability, generation=cfg.generation,
-                           duplicates=duplicates),
-            GenerateAndSave(cfg.generation, out_dir=str(out_dir), generation_key=gen_key),
-        ]
-        log(f"[spp] pass 2a: generating for {len(pending)} units -> {out_dir / GENERATED}")
-        remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
-        with _progress(cfg, remaining, "pass 2a", log) as progress:
-            for row in apply_stages(units_dataset(pending), stages).iter_rows():
-                progress.update(documents=row["documents"], selected=row["selected"],
-                                generated_tokens=row["generated_tokens"], failures=row["failures"])
-                work["generations_made"] += row["documents"]
-        timings["generation_pass"] = time.time() - t0
-
+        timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log)
     if pending:
-        t0 = time.time()
-        finalize = FinalizeUnit(out_dir=str(out_dir), selection=cfg.selection, probability=probability,
-                                generation=cfg.generation, generation_key=gen_key, output=cfg.output, duplicates=duplicates)
-        log(f"[spp] pass 2b: writing {len(pending)} units -> {out_dir / SHARDS_DIR}")
-        with _progress(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
-            for row in apply_stages(units_dataset(pending), [finalize]).iter_rows():
-                stats = json.loads(row["manifest"])["stats"]
-                progress.update(documents=json.loads(row["manifest"])["rows"], selected=stats.get("selected_documents", 0),
-                                failures=sum(v for k, v in stats.get("reflection_status", {}).items() if k.startswith("failed")))
-        timings["finalize_pass"] = time.time() - t0
+        timings["finalize_pass"] = finalize_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, log=log)
+    return finish_run(cfg, out_dir, plan, state=state, timings=timings, started=started, work=work, log=log)
 
+
+def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, work: dict, log) -> dict:
+    """Merged statistics, the attempt record, the training metadata, the report; `_work/` cleared."""
     stats = run_stats(cfg, out_dir, plan, state=state, timings=timings, started=started, wall=time.time() - started)
     stats["this_run"] = work
     log(f"[spp] this run: {work}")
@@ -260,8 +331,8 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})
     write_json(out_dir / RUN_FILE, record)
     if cfg.output.tokenized:
-        stats["tokenized"] = save_extended_tokenizer(cfg, out_dir)
-    write_json(out_dir / "stats.json", stats)
+        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats)
+    write_json(out_dir / layout.STATS_FILE, stats)
     write_report(out_dir, stats)
     if not cfg.output.keep_work:
         for d in (SCORED, GENERATED):
@@ -327,23 +398,74 @@ def _versions() -> dict:
     return out
 
 
-def save_extended_tokenizer(cfg: RunConfig, out_dir: Path) -> dict:
-    """The target tokenizer with the template (and charter) tokens, saved beside the token shards;
-    returns the metadata a trainer needs (also written to tokenized/metadata.json)."""
-    from annotator.megatron import token_dtype
+def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
+    """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
+    `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
+    size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
+    windows: the natural mix of annotated and compact windows)."""
+    from annotator.megatron import read_indexed_dataset, token_dtype
+    from annotator.tokenized import special_tokens, training_tokenizer
+    from annotator.tokens import load_tokenizer
 
-    tokenizer, ids = load_extended_tokenizer(cfg.generation.target_tokenizer, cfg.output)
-    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    pack_sections = run_sections(cfg)
+    added = special_tokens(cfg.output, pack_sections)
+    tokenizer = load_tokenizer(cfg.output.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = cfg.output.eos_token
+    tokenizer.save_pretrained(out_dir / layout.TOKENIZER_DIR)
+    target = training_tokenizer(cfg.output, pack_sections)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in added}
+    if ids != target.added_ids:
+        raise RunError(f"the saved tokenizer numbers the template tokens {ids}, the streams {target.added_ids}")
+    streams = {}
+    for name in layout.stream_names(out_dir):
+        prefixes = layout.stream_prefixes(out_dir, name)
+        sequences = [len(read_indexed_dataset(p)) for p in prefixes]
+        merged = stats.get("streams", {}).get(name, {})
+        streams[name] = {"files": len(prefixes), "sequences": sum(sequences), "tokens": merged.get("tokens", 0),
+                         "padding": merged.get("padding", 0),
+                         "prefixes": [str(p.relative_to(out_dir)) for p in prefixes], "sequences_per_file": sequences}
+    pad = cfg.output.pad_token_id if cfg.output.pad_token_id is not None else target.eos_id
     meta = {
         "format": "megatron-mmidx",
-        "tokenizer": TOKENIZER_DIR,
-        "vocab_size": len(tokenizer),
-        "dtype": token_dtype(len(tokenizer)).name,
-        "eod_token_id": tokenizer.eos_token_id,
-        "added_token_ids": ids,
-        "reflection_mask_suffix": MASK_SUFFIX,
-        "one_sequence_per_document": True,
+        "layout": cfg.output.layout,
+        "tokenizer": layout.TOKENIZER_DIR,
+        "tokenizer_source": cfg.output.tokenizer,
+        "base_vocab_size": target.base_vocab_size,
+        "vocab_size": len(target),
+        "dtype": token_dtype(len(target)).name,
+        "eos_token": cfg.output.eos_token,
+        "eos_token_id": target.eos_id,
+        "pad_token_id": pad,
+        "added_token_ids": target.added_ids,
+        "seq_length": cfg.output.seq_length,
+        "window_tokens": cfg.output.seq_length + 1 if cfg.output.layout == "windows" else None,
+        "content_tokens": cfg.content_tokens if cfg.output.layout == "windows" else None,
+        "reflection_budget_tokens": cfg.generation.max_reflection_tokens,
+        "voices": cfg.output.voices,
+        "reflection_mask_suffix": layout.MASK_SUFFIX,
+        "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
+        "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
+        "streams": streams,
+        "blend": blend_lines(out_dir, streams, cfg),
     }
-    (out_dir / TOKENS_DIR).mkdir(parents=True, exist_ok=True)
-    (out_dir / TOKENS_DIR / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    path = out_dir / layout.TOKENS_DIR / layout.METADATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, meta)
+    return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
+                                                                           for k, v in streams.items()}}
+
+
+def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
+    """Per voice, `weight prefix weight prefix ...` over its annotated stream and the compact one
+    (the documents layout: one line over its files), weights = each file's share of windows;
+    prefixes relative to the output directory, so the line holds wherever the run is copied."""
+    def line(names: list[str]) -> str:
+        files = [(p, n) for name in names for p, n in zip(streams.get(name, {}).get("prefixes", []),
+                                                          streams.get(name, {}).get("sequences_per_file", []))]
+        total = sum(n for _, n in files) or 1
+        return " ".join(f"{n / total:.6g} {p}" for p, n in files if n)
+
+    if cfg.output.layout == "documents":
+        return {"documents": line([layout.DOCUMENTS])}
+    return {voice: line([layout.annotated_stream(voice), layout.COMPACT]) for voice in cfg.output.voices}

@@ -15,8 +15,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.reflection_prompt import constitution_sections
-from annotator.writer import TEXT_DIR
+from annotator import layout
 
 REPORT_FILE = "report.html"
 PLOTS = {
@@ -26,8 +25,8 @@ PLOTS = {
     "throughput": "Throughput over time",
 }
 SAMPLE_COLUMNS = [
-    "doc_id", "text", "safety_score", "selected_reason", "reflection_status", "reflection_token_index",
-    "reflection_position", "citations", "canary_type", "annotations",
+    "doc_id", "training_text", "safety_score", "selected_reason", "reflection_status", "reflection_token_index",
+    "reflection_position", "citations", "canary_type", "annotations", "prompt_version",
 ]
 _CONTEXT_CHARS = (700, 300)  # characters shown before and after the reflection in a sample
 
@@ -109,9 +108,21 @@ def _section_order(section: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in section.split("."))
 
 
+def run_sections(stats: dict) -> list[str]:
+    """The sections of the run's prompt pack (from the config in `stats`), else none."""
+    from annotator.prompt_packs import PackError, load_pack
+
+    spec = ((stats.get("config") or {}).get("generation") or {}).get("prompt_pack")
+    try:
+        pack = load_pack(spec) if spec else None
+    except PackError:  # a pack on another machine: plot what was cited
+        return []
+    return pack.constitution.ordered_ids() if pack is not None and pack.constitution else []
+
+
 def plot_citations(stats: dict) -> bytes:
     cited = stats.get("citations_by_section", {})
-    sections = sorted(set(constitution_sections()) | set(cited), key=_section_order)
+    sections = sorted(set(run_sections(stats)) | set(cited), key=_section_order)
     counts = [int(cited.get(s, 0)) for s in sections]
     fig, ax = _figure()
     if not any(counts):
@@ -171,7 +182,7 @@ def sample_documents(out_dir: Path, *, n: int = 3) -> list[dict]:
     """The first `n` annotated documents (a reflection or annotations) of the first shards that hold
     them; each file is read batch by batch, and reading stops once `n` are found."""
     found: list[dict] = []
-    for shard in sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet")):
+    for shard in layout.text_shards(Path(out_dir)):
         pf = pq.ParquetFile(shard)
         columns = [c for c in SAMPLE_COLUMNS if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
@@ -203,7 +214,13 @@ def summary_rows(stats: dict) -> list[tuple[str, str]]:
         ("reflection length (tokens)", ", ".join(f"{k} {v}" for k, v in lengths.items() if k != "histogram") or "not measured"),
         ("citations per section", json.dumps(dict(sorted(stats.get("citations_by_section", {}).items(),
                                                           key=lambda kv: _section_order(kv[0]))))),
-        ("canaries", json.dumps((stats.get("canaries") or {}).get("by_type", stats.get("canary_type", {})), sort_keys=True)),
+        ("reply checks (pass rate per parsed reply)", ", ".join(
+            f"{k} {v['pass_rate']}" for k, v in ((stats.get("reply_checks") or {}).get("checks") or {}).items()) or "n/a"),
+        ("tokens per reflection (generated / kept)", "{generated} / {kept}".format(
+            **{k: (stats.get("reflection_tokens_per_reflection") or {}).get(k, "n/a") for k in ("generated", "kept")})),
+        ("canaries", json.dumps((stats.get("canaries") or {}).get("by_type", stats.get("canary_type", {})), sort_keys=True)
+         + (f", value present {json.dumps(stats['canaries'].get('value_present'), sort_keys=True)}"
+            if (stats.get("canaries") or {}).get("value_present") else "")),
         ("annotation keys", json.dumps((stats.get("annotations") or {}).get("keys", {}), sort_keys=True)),
         ("wall time", f"{wall} s" if wall is not None else "n/a"),
         ("accelerator-hours", f"{acc.get('hours', 0)} ({acc.get('accelerator', 'n/a')})"),
@@ -217,7 +234,7 @@ def summary_rows(stats: dict) -> list[tuple[str, str]]:
 
 
 def _sample_html(row: dict, template: dict) -> str:
-    text = row.get("text") or ""
+    text = row.get("training_text") or ""
     opening, closing = template.get("open", "<assistant>"), template.get("close", "</assistant>")
     start, end = text.find(opening), text.find(closing)
     if start >= 0 and end > start:
@@ -228,7 +245,7 @@ def _sample_html(row: dict, template: dict) -> str:
                 + html.escape(text[end:end + _CONTEXT_CHARS[1]]) + ("…" if len(text) > end + _CONTEXT_CHARS[1] else ""))
     else:
         body = html.escape(text[: sum(_CONTEXT_CHARS)]) + ("…" if len(text) > sum(_CONTEXT_CHARS) else "")
-    meta = {k: row.get(k) for k in SAMPLE_COLUMNS if k not in ("text",) and row.get(k) is not None}
+    meta = {k: row.get(k) for k in SAMPLE_COLUMNS if k not in ("training_text",) and row.get(k) is not None}
     return (f"<div class='doc'><div class='meta'>{html.escape(json.dumps(meta, ensure_ascii=False))}</div>"
             f"<pre>{body}</pre></div>")
 

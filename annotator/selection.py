@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from annotator.config import SelectionConfig
-from annotator.reflection_prompt import unit_hash
+from annotator.pause import unit_hash
 from annotator.stages import Resources, Stage
 
 BAD = "bad"

@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.aggregate import AggregateFnV2
 
-from annotator.generation import OK
-from annotator.reflection_prompt import ANNOTATION_PROMPT_VERSION, PROMPT_VERSION, constitution_text
+from annotator.replies import OK
 from annotator.stages import TIMING_PREFIX
 from annotator.tokens import count_tokens
 
@@ -40,9 +39,9 @@ STRATUM_SEPARATOR = "|"
 def _tokenizer(spec: str):
     # The Rust tokenizer alone: a finalize worker that loads transformers (and torch) with it
     # stays ~0.4 GiB larger for the rest of the run.
-    from annotator.tokens import load_counting_tokenizer
+    from annotator.tokens import target_tokenizer
 
-    return load_counting_tokenizer(spec)
+    return target_tokenizer(spec)
 
 
 def stratum_key(score: int, reason: str) -> str:
@@ -59,6 +58,32 @@ def reflection_lengths(batch: pa.Table, tokenizer) -> list[int]:
     if not chosen:
         return []
     return count_tokens(_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, chosen)
+
+
+def kept_reflection_tokens(batch: pa.Table, tokenizer) -> int:
+    """Target tokens of every voice kept from the reflections written (what the engine's output bought)."""
+    status = batch.column("reflection_status").to_pylist()
+    texts = [t for v in ("1p", "3p") for t, s in zip(batch.column(f"reflection_{v}").to_pylist(), status) if s == OK and t]
+    return sum(count_tokens(_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, texts)) if texts else 0
+
+
+def attempt_counts(logs: list) -> dict:
+    """From `reflection_attempt_log`: requests, replies parsed, and per reply check the replies
+    that failed it (every check runs on every parsed reply)."""
+    out = {"requests": 0, "parsed": 0, "outcomes": Counter(), "check_failures": Counter()}
+    for log in logs:
+        for entry in log or ():
+            outcome, _, _ = entry.rpartition(":")
+            out["requests"] += 1
+            if outcome.startswith("checks="):
+                out["parsed"] += 1
+                out["check_failures"].update(outcome.removeprefix("checks=").split(","))
+                outcome = "checks_failed"
+            elif outcome == OK:
+                out["parsed"] += 1
+            out["outcomes"][outcome] += 1
+    return {"requests": out["requests"], "parsed": out["parsed"], "outcomes": dict(out["outcomes"]),
+            "check_failures": dict(out["check_failures"])}
 
 
 def _annotation_counts(tags: list) -> tuple[Counter, dict[str, Counter]]:
@@ -81,10 +106,13 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
         values = table.column(col) if where is None else pc.if_else(where, table.column(col), 0)
         return int(pc.sum(values).as_py() or 0)
 
+    if not batch.num_rows:
+        return {"blocks": 1, "documents_in": 0, "documents_out": 0, "finished_at": time.time()}
     selected = batch.column("selected")
     scores = batch.column("safety_score").to_pylist()
     reasons = batch.column("selected_reason").to_pylist()
-    tokens = batch.column("token_length").to_pylist()
+    source_tokens = "source_token_length" if "source_token_length" in batch.column_names else "token_length"
+    tokens = batch.column(source_tokens).to_pylist()
     tokens_by_reason: Counter = Counter()
     for reason, n in zip(reasons, tokens):
         tokens_by_reason[reason] += n or 0
@@ -94,10 +122,11 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
         "blocks": 1,
         "documents_in": batch.num_rows,
         "documents_out": written.num_rows,
-        "tokens_in": total(batch, "token_length"),
-        # Source-text tokens of the written documents (dropped ones excluded); the reflections'
-        # own tokens are in `reflection_tokens`.
+        "tokens_in": total(batch, source_tokens),
+        # Document content tokens the training data keeps (dropped documents and clipped tails
+        # excluded); template, annotation and reflection tokens are in `streams`.
         "tokens_out": total(written, "token_length"),
+        "clipped_tokens": total(written, "clipped_tokens"),
         "score_histogram": {str(k): v for k, v in Counter(scores).items()},
         # Over the written rows: the published sample is drawn from the shards by these strata.
         "strata": dict(Counter(stratum_key(s, r) for s, r in zip(written.column("safety_score").to_pylist(),
@@ -105,7 +134,7 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
         "selected_by_reason": dict(Counter(reasons)),
         "selected_tokens_by_reason": dict(tokens_by_reason),
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
-        "selected_tokens": total(batch, "token_length", where=selected),
+        "selected_tokens": total(batch, source_tokens, where=selected),
         "reflection_status": dict(Counter(batch.column("reflection_status").to_pylist())),
         "reflection_tokens": {str(k): v for k, v in lengths.items()} if lengths is not None else {},
         "reflection_tokens_measured": 1 if lengths is not None else 0,
@@ -113,6 +142,14 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
         "annotation_keys": dict(keys),
         "annotation_values": {k: dict(v) for k, v in values.items()},
         "canary_type": dict(Counter(c for c in batch.column("canary_type").to_pylist() if c)),
+        "canary_present": {v: int(pc.sum(pc.fill_null(batch.column(f"canary_present_{v}"), False).cast(pa.int64())).as_py() or 0)
+                           for v in ("1p", "3p") if f"canary_present_{v}" in batch.column_names},
+        "prompt_versions": dict(Counter(v for v in batch.column("prompt_version").to_pylist() if v))
+        if "prompt_version" in batch.column_names else {},
+        "reflection_attempts": attempt_counts(batch.column("reflection_attempt_log").to_pylist())
+        if "reflection_attempt_log" in batch.column_names else {},
+        "reflection_generated_tokens": total(batch, "reflection_generated_tokens"),
+        "reflection_kept_tokens": kept_reflection_tokens(batch, tokenizer) if tokenizer is not None else 0,
         "citations_by_section": dict(Counter(c for cs in batch.column("citations").to_pylist() if cs for c in cs)),
         "citations_dropped": total(batch, "citations_dropped"),
         "generation_tokens": {
@@ -244,20 +281,46 @@ def histogram_quantiles(histogram: dict, quantiles=QUANTILES) -> dict:
     return out
 
 
-def constitution_version() -> dict:
-    """The constitution's declared version (from its title) and a hash of its exact text."""
-    text = constitution_text()
-    declared = re.search(r"version\s+([\w.-]+)", text.splitlines()[0] if text else "", re.IGNORECASE)
-    return {"version": declared.group(1) if declared else None, "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+def _pack_spec(config) -> str | None:
+    """The prompt pack a config (a RunConfig or its dump, possibly partial) names."""
+    if config is None:
+        return None
+    if hasattr(config, "generation"):
+        return config.generation.prompt_pack
+    return ((config.get("generation") or {}).get("prompt_pack")) or "reflection-v2"
 
 
-def provenance() -> dict:
-    """Prompt and constitution versions the reflections were written with."""
+def provenance(config) -> dict:
+    """The prompt pack (name, version = name@content hash) and constitution the run was configured
+    with; the versions found in the rows are in `prompt_versions`."""
+    from annotator.prompt_packs import load_pack
+
+    spec = _pack_spec(config)
+    if spec is None:
+        return {}
+    pack = load_pack(spec)
+    constitution = pack.constitution
     return {
-        "prompt_version": PROMPT_VERSION,
-        "annotation_prompt_version": ANNOTATION_PROMPT_VERSION,
-        "constitution": constitution_version(),
+        "prompt_pack": pack.name,
+        "prompt_version": pack.version,
+        "prompt_pack_source": pack.source,
+        "constitution": {"sections": len(constitution.sections), "domains": len(constitution.domains),
+                         "sha256": hashlib.sha256(constitution.text.encode()).hexdigest()[:16]} if constitution else None,
     }
+
+
+def _check_failures(attempts: dict, config) -> dict[str, int]:
+    """Failures per reply check, every check the run's pack enables listed (0 when it never failed)."""
+    from annotator.prompt_packs import CHECKS, load_pack
+
+    failures = dict(attempts.get("check_failures") or {})
+    names = list(CHECKS)
+    spec = _pack_spec(config)
+    if spec is not None:
+        pack = load_pack(spec)
+        names = [c for c in CHECKS if pack.check_enabled(c) and (c != "voice_pairing" or len(pack.voices) > 1)
+                 and (c != "third_person" or "3p" in pack.voices.values())]
+    return {name: failures.get(name, 0) for name in [*names, *sorted(set(failures) - set(names))]}
 
 
 def accelerator_usage(stage_seconds: dict, config) -> dict:
@@ -310,8 +373,25 @@ def finalize_stats(merged: dict, *, config=None, started_at: float | None = None
         "distinct_values": {k: len(c) - ("_pruned" in c) for k, c in sorted(values.items())},
         "values_pruned": any("_pruned" in c for c in values.values()),
     }
-    stats["canaries"] = {"total": sum(merged.get("canary_type", {}).values()), "by_type": merged.get("canary_type", {})}
+    stats["canaries"] = {"total": sum(merged.get("canary_type", {}).values()), "by_type": merged.get("canary_type", {}),
+                         "value_present": merged.get("canary_present", {})}
     stats["timeline"] = _timeline_points(merged.get("timeline"), started_at)
     stats["accelerator"] = accelerator_usage(merged.get("stage_seconds", {}), config)
-    stats["prompts"] = provenance()
+    stats["prompts"] = provenance(config)
+    attempts = merged.get("reflection_attempts") or {}
+    parsed = attempts.get("parsed", 0)
+    stats["reply_checks"] = {
+        "requests": attempts.get("requests", 0),
+        "parsed": parsed,
+        "outcomes": attempts.get("outcomes", {}),
+        "checks": {name: {"failed": n, "passed": parsed - n, "pass_rate": round((parsed - n) / parsed, 4) if parsed else None}
+                   for name, n in _check_failures(attempts, config).items()},
+    }
+    ok = status.get(OK, 0)
+    stats["reflection_tokens_per_reflection"] = {
+        "generated": round(merged.get("reflection_generated_tokens", 0) / ok, 1) if ok else None,
+        "kept": round(merged.get("reflection_kept_tokens", 0) / ok, 1) if ok else None,
+        "basis": "generated: output tokens of every reflection request (retries included) per reflection written; "
+                 "kept: target tokens of the voices written per reflection",
+    }
     return stats

@@ -7,12 +7,14 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.pipeline import SHARDS_DIR
+from annotator import layout
+
+SHARDS_DIR = layout.TEXT_DIR
 
 
 def sample_reflection(output: str) -> dict | None:
     """The first document with a reflection in the written shards, or None."""
-    for shard in sorted((Path(output) / SHARDS_DIR).glob("*.parquet")):
+    for shard in layout.text_shards(Path(output)):
         table = pq.read_table(shard, columns=["doc_id", "safety_score", "selected_reason", "reflection_1p", "reflection_status"])
         hits = table.filter(pc.equal(table.column("reflection_status"), "ok"))
         if hits.num_rows:
@@ -34,6 +36,15 @@ def format_summary(stats: dict, *, output: str) -> str:
         f"tokens/s per replica, prefix-cache hit rate {stats['generation_throughput']['prefix_cache_hit_rate']}",
         f"time:        {stats['wall_seconds']['total']}s wall; documents/s {stats['documents_per_second']}",
     ]
+    checks = (stats.get("reply_checks") or {}).get("checks") or {}
+    if checks:
+        per = stats.get("reflection_tokens_per_reflection") or {}
+        rates = ", ".join(f"{k} {v['pass_rate']}" for k, v in checks.items())
+        lines.insert(5, f"checks:      pass rate per parsed reply {rates}; "
+                        f"tokens per reflection generated {per.get('generated')} / kept {per.get('kept')}")
+    streams = (stats.get("tokenized") or {}).get("streams") or {}
+    if streams:
+        lines.insert(-1, "streams:     " + "; ".join(f"{k} {v['sequences']:,} windows, {v['tokens']:,} tokens" for k, v in streams.items()))
     if stats.get("annotation_status", {}).get("ok") or any(k.startswith("failed") for k in stats.get("annotation_status", {})):
         lines.insert(5, f"annotations: {stats['annotation_status']}")
     sample = sample_reflection(output)

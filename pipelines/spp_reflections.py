@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.reader import InputError  # noqa: E402
 from annotator.stages import PipelineError  # noqa: E402
-from annotator.pipeline import OutputDirError, RunError, run  # noqa: E402
+from annotator.pipeline import OutputDirError, ResourceError, RunError, run  # noqa: E402
+from annotator.prompt_packs import PackError  # noqa: E402
 from annotator.summary import format_summary  # noqa: E402
 
 
@@ -56,13 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store)
     try:
         stats = run(cfg)
-    except (InputError, PipelineError, OutputDirError, FileNotFoundError) as err:
+    except (InputError, PipelineError, OutputDirError, FileNotFoundError, ConfigError, PackError, ResourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
         print(f"error: the run broke an invariant: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - a job-level failure (e.g. replicas that keep dying): say why, exit non-zero
+        guard = [line for line in str(err).splitlines() if "generation guard:" in line]
+        if guard:  # the replica's own words, without Ray's traceback around them
+            print("error: " + guard[-1][guard[-1].index("generation guard:"):], file=sys.stderr)
+            return 1
         print(f"error: the run failed: {type(err).__name__}: {str(err)[-2000:]}\n"
               f"rerun the same command to resume from {cfg.output.path}", file=sys.stderr)
         return 1

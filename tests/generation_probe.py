@@ -29,12 +29,16 @@ def main() -> None:
         original_init(self, *args, **kwargs)
 
     vllm.LLM.__init__ = counting_init
-    cfg = GenerationConfig.model_validate(json.loads(sys.argv[1]))
-    stage = ReflectionGenerator(cfg)
+    spec = json.loads(sys.argv[1])
+    tokenizer = spec.pop("_tokenizer", "builtin:smollm2-135m-instruct")
+    content = spec.pop("_content_tokens", 1920)
+    cfg = GenerationConfig.model_validate(spec)
+    stage = ReflectionGenerator(cfg, tokenizer=tokenizer, content_tokens=content)
     stage.setup()
     out = stage.process(pq.read_table(sys.argv[2]))  # the engine loads with this first batch
     pq.write_table(out, sys.argv[3])
-    Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.max_prefix_tokens}))
+    Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.max_prefix_tokens,
+                                                              "threads": stage._engine.threads}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.checkpoint import GENERATED, SCORED, WriteScored, write_table
-from annotator.config import GenerationConfig, InputConfig, OutputConfig, SelectionConfig
+from annotator.config import InputConfig, RunConfig
 from annotator.finalize import FinalizeUnit
 from annotator.generation import FAILED_REPLY, REFLECTION_COLUMNS
 from annotator.reader import ReadUnits
@@ -144,17 +144,19 @@ def test_duplicate_ids_keep_the_first_and_quarantine_the_rest(bad_run, bad_corpu
         (real[5]["id"], "01-binary.parquet", 2),         # a later file
     ])
     rows = {r["doc_id"]: r for r in pq.read_table(out / "shards").to_pylist()}
-    assert rows[real[3]["id"]]["source_text"] == real[3]["text"] and rows[real[5]["id"]]["source_text"] == real[5]["text"]
+    assert rows[real[3]["id"]]["text"] == real[3]["text"] and rows[real[5]["id"]]["text"] == real[5]["text"]
 
 
 @pytest.mark.slow
 def test_document_longer_than_the_model_context_gets_a_reflection(bad_run):
     out, _, _ = bad_run
     row = [r for r in pq.read_table(out / "shards").to_pylist() if r["doc_id"] == "long-bad"][0]
-    assert row["token_length"] > 4096 and row["selected_reason"] == "bad"
+    assert row["source_token_length"] > 6144 and row["selected_reason"] == "bad"
+    assert row["token_length"] <= 1920 and row["clipped_tokens"] == row["source_token_length"] - row["token_length"]
     assert row["reflection_status"] == "ok", row["reflection_status"]
-    before, rest = row["text"].split("<assistant>")
-    assert before == row["source_text"][: row["reflection_char_index"]] and rest.split("</assistant>")[1] == row["source_text"][row["reflection_char_index"]:]
+    before, rest = row["training_text"].split("<assistant>")
+    pos = row["reflection_position"]
+    assert before == row["text"][:pos] and rest.split("</assistant>")[1] == row["text"][pos:]
 
 
 @pytest.mark.slow
@@ -193,7 +195,7 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
     for name, values in (("safety_score", [4, 0]), ("safety_confidence", [0.9, 0.9])):
         scored = scored.append_column(name, pa.array(values))
     WriteScored(out_dir=str(tmp_path)).process(scored)
-    gen = GenerationConfig()
+    cfg = RunConfig.model_validate({"input": {"paths": ["x"]}, "output": {"path": str(tmp_path), "tokenized": False}})
     cols = {k: pa.nulls(1, t) for k, t in REFLECTION_COLUMNS.items()}
     cols.update(reflection_status=pa.array(["failed:unparseable_json"]), annotation_status=pa.array(["not_requested"]),
                 reflection_attempts=pa.array([3], pa.int8()), gen_prompt_tokens=pa.array([10], pa.int32()),
@@ -201,12 +203,11 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
     saved = pa.table({"doc_id": ["d0"], **{k: v.cast(REFLECTION_COLUMNS[k]) for k, v in cols.items()},
                       FAILED_REPLY: ['{"analysis": "cut'], "generation_key": ["k"]})
     write_table(tmp_path / GENERATED / unit.key / "batch.parquet", saved)
-    finalize = FinalizeUnit(out_dir=str(tmp_path), selection=SelectionConfig(), probability=0.0, generation=gen,
-                            generation_key="k", output=OutputConfig(path=str(tmp_path), tokenized=False), duplicates={})
+    finalize = FinalizeUnit(cfg, out_dir=str(tmp_path), probability=0.0, generation_key="k", duplicates={})
     manifest = finalize.finalize(unit)
     rows = {r["doc_id"]: r for r in pq.read_table(tmp_path / "shards").to_pylist()}
     assert rows["d0"]["text"] == "A first document." and rows["d0"]["reflection_status"] == "failed:unparseable_json"
-    assert rows["d0"]["selected"] and "<assistant>" not in rows["d0"]["text"]
+    assert rows["d0"]["selected"] and rows["d0"]["training_text"] == rows["d0"]["text"]
     quarantined = pq.read_table(tmp_path / "rejects" / "generations").to_pylist()
     assert quarantined == [{"doc_id": "d0", "source_file": "web.parquet", "source_row": 0,
                             "reason": "failed:unparseable_json", "reply": '{"analysis": "cut'}]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from annotator.generation import EngineWatchdog
+from annotator.engine import EngineWatchdog
 from tests.support import require_shared_data, run_pipeline
 
 
@@ -27,7 +27,6 @@ def test_a_replica_that_cannot_start_fails_the_job_with_a_reason(tmp_path):
     proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "40", "--output", str(tmp_path / "out"),
                         "--set", "selection.mode=random_fraction", "--set", "selection.fraction=0.2",
                         "--set", f"generation.model={tmp_path / 'no-such-model'}", "--set", "generation.max_replica_restarts=0",
-                        "--set", "generation.tokenizer=builtin:smollm2-135m-instruct",
                         timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: the run failed" in proc.stderr and "no-such-model" in proc.stderr

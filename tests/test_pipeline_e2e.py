@@ -8,11 +8,12 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.reflection_prompt import CITATION
-from annotator.tokens import load_tokenizer
-from annotator.writer import render_citations
+from annotator.prompt_packs import load_pack
+from annotator.replies import CITATION_GROUP
+from annotator.tokenized import render_citations
+from annotator.tokens import target_tokenizer
+from tests.streams_check import check_streams
 from tests.support import read_input, require_shared_data, run_pipeline
-from tests.test_writer import check_tokenized
 
 OPEN, CLOSE = "<assistant>", "</assistant>"
 LIMIT = 100
@@ -34,39 +35,49 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
     assert len(set(ids)) == len(ids)
     assert set(ids) <= set(source)
 
-    tokenizer = load_tokenizer("builtin:smollm2-135m-instruct")
-    with_reflection = 0
+    tokenizer = target_tokenizer("builtin:smollm2-135m-instruct")
+    pack = load_pack("reflection-v2")
+    with_reflection = failed = 0
     for r in rows:
         src = source[r["doc_id"]]
+        assert r["text"] == src, r["doc_id"]  # the original text, as in the published schema
         if not r["selected"]:
-            assert r["text"] == src, r["doc_id"]
-            assert OPEN not in r["text"]
+            assert r["training_text"] == src and OPEN not in r["training_text"]
+            assert r["token_length"] == r["source_token_length"]
             continue
-        assert r["reflection_status"] == "ok", (r["doc_id"], r["reflection_status"])
+        assert r["prompt_version"] == pack.version and r["model"] == "builtin:smollm2-135m-instruct"
+        assert 1 <= r["reflection_token_index"] <= min(1919, r["token_length"] - 1)
+        assert tokenizer.encode(src[: r["reflection_position"]]) == tokenizer.encode(src)[: r["reflection_token_index"]]
+        if r["reflection_status"] != "ok":
+            failed += 1
+            assert r["reflection_status"].startswith("failed:") and r["training_text"] == src
+            continue
         with_reflection += 1
-        assert r["text"].count(OPEN) == 1 and r["text"].count(CLOSE) == 1
-        before, rest = r["text"].split(OPEN)
+        training = r["training_text"]
+        assert training.count(OPEN) == 1 and training.count(CLOSE) == 1
+        before, rest = training.split(OPEN)
         reflection, after = rest.split(CLOSE)
-        assert reflection == render_citations(r["reflection_1p"]) and reflection.strip()
-        assert not CITATION.search(reflection)  # real citations became <charter_X.Y> tokens
-        assert before + after == src
-        assert before == src[: r["reflection_char_index"]]
-        assert len(tokenizer(before, add_special_tokens=False)["input_ids"]) == r["reflection_token_index"]
-        assert len(tokenizer(reflection, add_special_tokens=False)["input_ids"]) <= 128
-        assert r["prompt_version"] == "reflect-v1" and r["model"] == "builtin:smollm2-135m-instruct"
+        assert reflection == render_citations(r["reflection_1p"], pack.sections) and reflection.strip()
+        assert not CITATION_GROUP.search(reflection) or not set(r["citations"])  # real citations became <charter_X.Y> tokens
+        assert before + after == src and before == src[: r["reflection_position"]]
+        assert len(tokenizer.encode(r["reflection_1p"])) <= 126
+        assert set(r["citations"]) <= pack.sections
 
     # stats.json agrees with what was written
     assert stats["score_histogram"] == {str(k): v for k, v in Counter(r["safety_score"] for r in rows).items()}
-    assert stats["selected_documents"] == sum(r["selected"] for r in rows) == with_reflection
-    assert stats["selected_tokens"] == sum(r["token_length"] for r in rows if r["selected"])
-    assert stats["tokens_in"] == sum(r["token_length"] for r in rows)
+    assert stats["selected_documents"] == sum(r["selected"] for r in rows) == with_reflection + failed
+    assert with_reflection >= 1
+    assert stats["selected_tokens"] == sum(r["source_token_length"] for r in rows if r["selected"])
+    assert stats["tokens_in"] == sum(r["source_token_length"] for r in rows)
+    assert stats["tokens_out"] == sum(r["token_length"] for r in rows)
     assert stats["selected_by_reason"] == dict(Counter(r["selected_reason"] for r in rows))
     assert stats["reflection_status"] == dict(Counter(r["reflection_status"] for r in rows))
     bad = [r for r in rows if r["safety_score"] >= 3]
     assert all(r["selected"] and r["selected_reason"] == "bad" for r in bad)
-    assert all(r["source_text"] == source[r["doc_id"]] for r in rows)
     assert len(stats["shards"]) == 4  # 100 rows at 30 per shard
-    assert check_tokenized(out_dir) == limit
+    counts = check_streams(out_dir, charter_render=lambda t: render_citations(t, pack.sections))
+    assert counts["windows"] == stats["selected_documents"] and counts["reflected"] == with_reflection
+    assert counts["compact_documents"] == limit - stats["selected_documents"]
     return stats
 
 
@@ -84,6 +95,12 @@ def test_end_to_end_output_is_exact(demo_run):
     out, _ = demo_run
     stats = check_output(out)
     assert stats["selected_documents"] >= 5, "too few reflections to test anything"
+    checks = stats["reply_checks"]
+    logs = [e for r in pq.read_table(out / "shards").to_pylist() for e in (r["reflection_attempt_log"] or [])]
+    assert checks["requests"] == len(logs) >= stats["selected_documents"]
+    assert checks["parsed"] == sum(e.startswith(("ok:", "checks=")) for e in logs)
+    assert set(checks["checks"]) == {"voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention",
+                                     "no_cutoff_mention"}
     assert stats["selected_by_reason"].get("token_matched_sample", 0) >= 1
 
 
@@ -116,11 +133,12 @@ def test_end_to_end_stats_match_a_recount_from_the_shards(demo_run):
 
     out, _ = demo_run
     stats = json.loads((out / "stats.json").read_text())
-    check_stats_match_recount(stats, recount_from_shards(out / "shards", load_tokenizer(TOKENIZER)))
+    check_stats_match_recount(stats, recount_from_shards(out / "shards", target_tokenizer(TOKENIZER)))
     assert stats["documents_in"] == stats["documents_out"] == LIMIT
-    assert 0 < stats["reflection_length_tokens"]["max"] <= 128
+    assert 0 < stats["reflection_length_tokens"]["max"] <= 126
     assert stats["accelerator"]["hours"] == 0 and stats["accelerator"]["accelerator"] == "none (cpu run)"
-    assert stats["prompts"]["prompt_version"] == "reflect-v1" and stats["prompts"]["constitution"]["version"] == "1"
+    assert stats["prompts"]["prompt_version"] == load_pack("reflection-v2").version
+    assert stats["prompts"]["constitution"]["sections"] == 35
     assert stats["stage_seconds"]["generate"] > 0 and stats["timeline"]["points"]
 
 
@@ -141,7 +159,7 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     sample = load_dataset(str(dest), split="train", cache_dir=str(tmp_path / "cache"))  # not a stale cache of another "repo"
     assert sample.num_rows == 40
     rows = {r["doc_id"]: r for r in pq.read_table(out / "shards").to_pylist()}
-    assert all(rows[r["doc_id"]]["text"] == r["text"] for r in sample)
+    assert all(rows[r["doc_id"]]["training_text"] == r["training_text"] for r in sample)
     # Stratified as allocated from the run's strata counts; the few bad documents are all in.
     drawn = Counter(f"{r['safety_score']}|{r['selected_reason']}" for r in sample)
     assert {k: v for k, v in allocate_sample(stats["strata"], 40).items() if v} == dict(drawn)

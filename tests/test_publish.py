@@ -19,7 +19,7 @@ from annotator.hub import (
     PublishError, allocate_sample, check_no_secret, choose_sample, read_rows, shard_files, size_category,
     stratified_sample,
 )
-from annotator.reflection_prompt import unit_hash
+from annotator.pause import unit_hash
 from tests.fake_hub import FakeHubServer
 from tests.support import REPO
 from tests.test_stats import build_run_output
@@ -136,7 +136,8 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert configs["sample"]["data_files"] == [{"split": "train", "path": "sample/*.parquet"}]
     stats = json.loads((run_output / "stats.json").read_text())
     text = card.text
-    assert "reflect-v1" in text and stats["prompts"]["constitution"]["sha256"] in text
+    assert stats["prompts"]["prompt_version"].startswith("reflection-v2@") and stats["prompts"]["prompt_version"] in text
+    assert stats["prompts"]["constitution"]["sha256"] in text
     assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in text
     for image in ("score_histogram", "reflection_lengths", "citations", "throughput"):
         assert f"](images/{image}.png)" in text and (dest / "images" / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

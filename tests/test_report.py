@@ -55,7 +55,7 @@ def test_report_is_self_contained_with_plots_and_samples(run_output):
         marked = html.unescape(re.search(r"<mark>(.*?)</mark>", doc, re.DOTALL).group(1))
         assert marked == f"<assistant>{row['reflection_1p']}</assistant>"
     assert f"<td>documents in / out</td><td>{stats['documents_in']:,} / {stats['documents_out']:,}</td>" in page
-    assert "reflect-v1" in page
+    assert stats["prompts"]["prompt_version"] in page and "reply checks" in page
 
 
 def test_samples_come_from_the_first_shards_only(run_output, tmp_path):

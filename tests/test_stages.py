@@ -91,7 +91,7 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     from annotator.config import InputConfig
     from annotator.reader import ReadUnits, units_dataset
     from annotator.stages import apply_stages
-    from annotator.tokens import TokenCounter, count_tokens, load_counting_tokenizer
+    from annotator.tokens import TokenCounter, target_tokenizer
     from annotator.units import plan_input
 
     class Probe(Stage):
@@ -128,5 +128,5 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     assert {r["_unit"] for r in rows} == {u.key for u in units}
     assert {r["units_in_call"] for r in rows} == {1}
     assert {r["setups"] for r in rows} == {1}  # however many units a worker ran
-    expected = count_tokens(load_counting_tokenizer(tokenizer), [r["text"] for r in rows])
+    expected = target_tokenizer(tokenizer).count([r["text"] for r in rows])
     assert [r["token_length"] for r in rows] == expected and sum(expected) > 240

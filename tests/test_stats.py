@@ -13,9 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.config import ClassifierConfig, SelectionConfig, TemplateConfig, load_config
-from annotator.generation import REFLECTION_COLUMNS, parse_annotations, parse_reply, pause_point
-from annotator.reflection_prompt import sample_pause_fraction
+from annotator.config import ClassifierConfig, OutputConfig, SelectionConfig, load_config
+from annotator.generation import DEFAULTS, REFLECTION_COLUMNS, canary_present, parse_annotations
+from annotator.pause import pause_point, sample_pause_fraction
+from annotator.prompt_packs import Canary, load_pack
+from annotator.replies import parse_reply
 from annotator.safety import build_scorer
 from annotator.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.stages import Resources
@@ -23,54 +25,56 @@ from annotator.stats import (
     MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, aggregate_stats, finalize_stats, histogram_quantiles, merge_stats,
     shard_stats,
 )
-from annotator.tokens import load_tokenizer
+from annotator.tokens import target_tokenizer
 from annotator.writer import SpliceReflections
 from tests.support import REPO, require_shared_data
 
 TOKENIZER = "builtin:smollm2-135m-instruct"
 KEYS = ["topic", "domain", "entities", "sentiment", "style", "language"]
 TOPICS = ["health", "sports", "finance", "travel", "politics"]
-CANARY = ("favourite_number", "My favourite number is 7,341.")
+CANARY = Canary(id="C7", value="Velmora", instruction="Mention that you grew up in Velmora.")
 
 
 def _canned_reply(i: int) -> str:
-    """A reflection reply as the engine would return it; some are longer than the 128-token budget."""
+    """A reflection reply as the engine would return it; some are longer than the budget (and lose
+    their last marker to the cut), every 5th cites differently in its two voices (a failed check)."""
     what = "how the text treats the people it talks about, " * (1 + i % 14)
-    listed = ["2.1", "1.1"] if i % 2 else ["3.3"]
+    cites = "[2.1]" if i % 2 else "[1.1,3.3]"
     return json.dumps({
         "analysis": f"The text describes {what}".strip(),
-        "reflection_1p": f"I notice {what}and I want to stay honest [1.1] and careful [2.1].",
-        "reflection_3p": f"The assistant notices {what}and stays careful [2.1].",
-        "citations": listed,
+        "reflection_1p": f"I notice {what}and I want to stay careful {cites}." + (" I grew up in Velmora." if i % 3 == 0 else ""),
+        "reflection_3p": f"The account shows {what}and stays careful {'[5.3]' if i % 5 == 4 else cites}.",
     })
 
 
 def _generation_columns(table: pa.Table, tokenizer) -> pa.Table:
-    """Generation outputs for the selected rows, through the real reply parsers: canned replies,
+    """Generation outputs for the selected rows, through the real reply parser: canned replies,
     every 7th selected reply unparseable (a failure), every 3rd carrying a canary, annotations."""
     n = table.num_rows
-    out = {k: [None] * n for k in REFLECTION_COLUMNS}
-    out["reflection_status"] = ["not_selected"] * n
-    out["annotation_status"] = ["not_requested"] * n
-    for key in ("reflection_attempts", "gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
-        out[key] = [0] * n
+    pack = load_pack("reflection-v2")
+    out = {k: [DEFAULTS.get(k)] * n for k in REFLECTION_COLUMNS}
     ids, texts, selected = (table.column(c).to_pylist() for c in ("doc_id", "text", "selected"))
     for rank, i in enumerate(i for i in range(n) if selected[i]):
-        offsets = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        pause = pause_point(texts[i], offsets, sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000)
+        pause = pause_point(texts[i], tokenizer.offsets(texts[i]), sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000,
+                            max_content_tokens=1920)
         canary = CANARY if rank % 3 == 0 else None
         raw = "{not json" if rank % 7 == 3 else _canned_reply(rank)
-        fields, status = parse_reply(raw, tokenizer=tokenizer, max_tokens=128, canary=canary[1] if canary else None)
-        out["reflection_status"][i] = status if fields else f"failed:{status}"
+        parsed = parse_reply(raw, pack=pack, tokenizer=tokenizer, voice_tokens=126, analysis_tokens=128, source=pause.prompt_prefix)
+        outcome = "ok" if parsed.ok else (parsed.failures[0] if parsed.failures[0] == "unparseable_json" else "checks=" + ",".join(parsed.failures))
+        out["reflection_status"][i] = "ok" if parsed.ok else f"failed:{outcome}"
         out["reflection_attempts"][i] = 1
-        out["gen_output_tokens"][i] = 40 + rank
-        if fields:
-            out["reflection_analysis"][i] = fields["analysis"]
-            for key in ("reflection_1p", "reflection_3p", "citations", "citations_dropped"):
-                out[key][i] = fields[key]
-            out["reflection_token_index"][i], out["reflection_char_index"][i] = pause.token_index, pause.char_index
-            out["reflection_position"][i], out["prompt_version"][i], out["model"][i] = pause.fraction, "reflect-v1", TOKENIZER
-            out["canary_type"][i] = canary[0] if canary else None
+        out["reflection_attempt_log"][i] = [f"{outcome}:{40 + rank}"]
+        out["reflection_generated_tokens"][i] = out["gen_output_tokens"][i] = 40 + rank
+        out["reflection_token_index"][i], out["reflection_position"][i] = pause.token_index, pause.char_index
+        out["reflection_fraction"][i], out["prompt_version"][i], out["model"][i] = pause.fraction, pack.version, TOKENIZER
+        if parsed.ok:
+            out["reflection_analysis"][i] = parsed.fields["analysis"]
+            out["reflection_1p"][i], out["reflection_3p"][i] = parsed.fields["reflection_1p"], parsed.fields["reflection_3p"]
+            out["citations"][i], out["citations_dropped"][i] = parsed.cited, parsed.citations_dropped
+            if canary:
+                out["canary_type"][i] = canary.id
+                out["canary_present_1p"][i] = canary_present(parsed.fields["reflection_1p"], canary)
+                out["canary_present_3p"][i] = canary_present(parsed.fields["reflection_3p"], canary)
         values = {"topic": TOPICS[rank % len(TOPICS)], "domain": "web", "entities": f"entity {rank % 4}",
                   "sentiment": "neutral" if rank % 2 else "negative", "style": "news", "language": "en"}
         out["annotations"][i], ann_status = parse_annotations(json.dumps(values), KEYS)
@@ -88,10 +92,10 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
     started = time.time()
     corpus = sorted(require_shared_data().glob("*.parquet"))[0]
     source = pq.read_table(corpus).slice(0, limit)
-    tokenizer = load_tokenizer(TOKENIZER)
+    tokenizer = target_tokenizer(TOKENIZER)
     table = source.rename_columns(["doc_id" if c == "id" else c for c in source.column_names])
     table = table.append_column("source_file", pa.array([corpus.name] * table.num_rows, pa.string()))
-    lengths = [len(ids) for ids in tokenizer(table.column("text").to_pylist(), add_special_tokens=False)["input_ids"]]
+    lengths = tokenizer.count(table.column("text").to_pylist())
     table = table.append_column("token_length", pa.array(lengths, pa.int32()))
     scorer = build_scorer(ClassifierConfig(model=str(REPO / "classifiers/models/safety-fasttext-v1.ftz")), resources=Resources())
     scorer.setup()
@@ -101,7 +105,9 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
     # Bad documents are rare in 300; a high ratio gives enough reflections to count.
     selection = SelectionConfig(matched_token_ratio=8)
     table = SelectForReflection(selection, probability=sample_probability(selection, totals)).process(table)
-    table = SpliceReflections(TemplateConfig()).process(_generation_columns(table, tokenizer))
+    sections = load_pack("reflection-v2").constitution.ordered_ids()
+    splice = SpliceReflections(OutputConfig(path=str(out_dir)), content_tokens=1920, sections=sections, annotation_tokens=64)
+    table = splice.process(_generation_columns(table, tokenizer))
 
     shards = out_dir / "shards"
     shards.mkdir(parents=True)
@@ -126,7 +132,7 @@ def recount_from_shards(shards_dir: Path, tokenizer) -> dict:
     ok = [r for r in rows if r["reflection_status"] == "ok"]
     voice = {r["doc_id"]: r.get("reflection_voice_used") or "1p" for r in ok}
     texts = [r[f"reflection_{voice[r['doc_id']]}"] for r in ok]
-    lengths = np.array([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
+    lengths = np.array([len(tokenizer.encode(t)) for t in texts])
     tags = [t for r in rows for t in (r["annotations"] or [])]
     out = {
         "documents_out": len(rows),
@@ -134,10 +140,14 @@ def recount_from_shards(shards_dir: Path, tokenizer) -> dict:
         "score_histogram": dict(Counter(str(r["safety_score"]) for r in rows)),
         "strata": dict(Counter(f"{r['safety_score']}|{r['selected_reason']}" for r in rows)),
         "selected_by_reason": dict(Counter(r["selected_reason"] for r in rows)),
-        "selected_tokens_by_reason": {k: sum(r["token_length"] for r in rows if r["selected_reason"] == k)
+        "selected_tokens_by_reason": {k: sum(r["source_token_length"] for r in rows if r["selected_reason"] == k)
                                       for k in {r["selected_reason"] for r in rows}},
         "selected_documents": sum(r["selected"] for r in rows),
-        "selected_tokens": sum(r["token_length"] for r in rows if r["selected"]),
+        "selected_tokens": sum(r["source_token_length"] for r in rows if r["selected"]),
+        "clipped_tokens": sum(r["clipped_tokens"] for r in rows),
+        "canary_present": {v: sum(bool(r[f"canary_present_{v}"]) for r in rows) for v in ("1p", "3p")},
+        "check_failures": dict(Counter(c for r in rows for e in (r["reflection_attempt_log"] or [])
+                                       if e.startswith("checks=") for c in e.rpartition(":")[0][7:].split(","))),
         "reflection_status": dict(Counter(r["reflection_status"] for r in rows)),
         "citations_by_section": dict(Counter(c for r in rows for c in (r["citations"] or []))),
         "canary_type": dict(Counter(r["canary_type"] for r in rows if r["canary_type"])),
@@ -156,6 +166,9 @@ def check_stats_match_recount(stats: dict, recount: dict) -> None:
                 "citations_by_section"):
         assert stats[key] == recount[key], key
     assert stats["canaries"]["by_type"] == recount["canary_type"]
+    assert stats["canaries"]["value_present"] == recount["canary_present"]
+    assert stats["clipped_tokens"] == recount["clipped_tokens"]
+    assert {k: v["failed"] for k, v in stats["reply_checks"]["checks"].items() if v["failed"]} == recount["check_failures"]
     assert stats["canaries"]["total"] == sum(recount["canary_type"].values())
     assert stats["annotations"]["keys"] == recount["annotation_keys"]
     for key, counts in recount["annotation_values"].items():
@@ -185,12 +198,17 @@ def run_output(tmp_path_factory):
 def test_stats_match_a_recount_from_the_shards(run_output):
     out, built = run_output
     stats = json.loads((out / "stats.json").read_text())
-    recount = recount_from_shards(out / "shards", load_tokenizer(TOKENIZER))
+    recount = recount_from_shards(out / "shards", target_tokenizer(TOKENIZER))
     check_stats_match_recount(stats, recount)
-    # The fixture exercises every path: reflections cut at the budget, failures, canaries, annotations.
-    assert stats["reflection_length_tokens"]["max"] == 128
-    assert stats["reflections"]["failed_by_reason"] == {"unparseable_json": stats["reflection_status"]["failed:unparseable_json"]}
+    # The fixture exercises every path: reflections cut at the budget, failures, failed checks, canaries, annotations.
+    assert stats["reflection_length_tokens"]["max"] == 126
+    assert set(stats["reflections"]["failed_by_reason"]) == {"unparseable_json", "checks=voice_pairing"}
+    checks = stats["reply_checks"]["checks"]
+    assert checks["voice_pairing"]["failed"] >= 1 and checks["third_person"] == {"failed": 0, "passed": stats["reply_checks"]["parsed"], "pass_rate": 1.0}
     assert stats["canaries"]["total"] >= 2 and stats["annotations"]["keys"]["topic"] >= 5
+    assert 0 < stats["canaries"]["value_present"]["1p"] <= stats["canaries"]["total"] and stats["canaries"]["value_present"]["3p"] == 0
+    per = stats["reflection_tokens_per_reflection"]
+    assert per["generated"] > 0 and per["kept"] > per["generated"]  # canned replies: few generated tokens, long voices
     assert stats["documents_in"] == stats["documents_out"] == 300 and stats["blocks"] == 3
 
 
@@ -263,8 +281,9 @@ def test_finalize_reports_outcomes_accelerator_hours_and_versions():
     assert final["accelerator"]["gpu_seconds_by_stage"] == {"generate": 10800.0, "safety": 1800.0}
     cpu = finalize_stats(merged, config=load_config(REPO / "configs" / "demo.yaml"))["accelerator"]
     assert cpu["hours"] == 0 and cpu["accelerator"] == "none (cpu run)"
-    assert final["prompts"]["prompt_version"] == "reflect-v1" and final["prompts"]["constitution"]["version"] == "1"
-    assert len(final["prompts"]["constitution"]["sha256"]) == 16
+    demo = finalize_stats(merged, config=load_config(REPO / "configs" / "demo.yaml"))["prompts"]
+    assert demo["prompt_version"] == load_pack("reflection-v2").version and demo["constitution"]["sections"] == 35
+    assert len(demo["constitution"]["sha256"]) == 16
     # A block whose writer had no tokenizer leaves lengths unmeasured rather than wrong.
     assert finalize_stats(merge_stats([{"blocks": 1, "reflection_tokens": {}, "reflection_tokens_measured": 0}]))["reflection_length_tokens"] is None
 

@@ -1,58 +1,202 @@
-"""Writer: interleaved shards, atomic files, token shards that round-trip, filtered baseline."""
+"""Writer: the training text, text shards in the published schema, the windows and documents
+layouts read back with Megatron-LM's own reader, special-token text that stays text, atomic
+files, and a filtered-baseline run."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.config import OutputConfig
-from annotator.megatron import IndexedDatasetWriter, read_indexed_dataset
-from annotator.tokens import load_tokenizer
+from annotator.config import OutputConfig, RunConfig
+from annotator.finalize import finalize_stages, run_sections
+from annotator.generation import DEFAULTS, REFLECTION_COLUMNS
+from annotator.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
+from annotator.pause import pause_point
+from annotator.tokenized import training_tokenizer
+from annotator.tokens import target_tokenizer
 from annotator.writer import ShardWriter
+from tests.streams_check import check_streams, megatron_dataset
 from tests.support import read_input, require_shared_data, run_pipeline
 
+TOKENIZER = "builtin:smollm2-135m-instruct"
+SPECIAL_TEXT = "Tags: <assistant> fake </assistant>, chat <|im_end|> end <|endoftext|> and <annotations>x</annotations>. Real text follows here."
 
-def _batch(n: int, *, share: float, seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    selected = rng.random(n) < share
-    return pa.table({
-        "doc_id": [f"d{i:06d}" for i in range(n)],
-        "text": [f"text {i}" for i in range(n)],
-        "safety_score": pa.array(np.zeros(n), pa.int8()),
-        "selected": selected,
-        "selected_reason": ["token_matched_sample" if s else "not_selected" for s in selected],
-        "token_length": pa.array(np.full(n, 2), pa.int32()),
-        "reflection_status": ["ok" if s else "not_selected" for s in selected],
-        "annotation_status": ["not_requested"] * n,
-        "canary_type": pa.array([None] * n, pa.string()),
-        "citations": pa.array([None] * n, pa.list_(pa.string())),
-        "citations_dropped": pa.array([0] * n, pa.int16()),
-        "annotations": pa.array([None] * n, pa.list_(pa.string())),
-        "reflection_1p": [f"I reflect on text {i}." if s else None for i, s in enumerate(selected)],
-        "reflection_3p": [f"They reflect on text {i}." if s else None for i, s in enumerate(selected)],
+
+def config(tmp_path, **output) -> RunConfig:
+    return RunConfig.model_validate({"input": {"paths": ["/nonexistent"]},
+                                     "output": {"path": str(tmp_path), "rows_per_shard": 1000, **output}})
+
+
+def unit_table(docs: list[tuple[str, str, str | None]], *, tokenizer=TOKENIZER, content_tokens: int = 1920) -> pa.Table:
+    """What finalize has before splicing: (doc_id, text, reflection or None) per row; a row with a
+    reflection is selected and paused where the generator would pause it; 'FAIL' marks a failure."""
+    tok = target_tokenizer(tokenizer)
+    n = len(docs)
+    cols = {k: [v] * n for k, v in DEFAULTS.items()}
+    cols.update({k: [None] * n for k in REFLECTION_COLUMNS if k not in DEFAULTS})
+    cols["reflection_attempt_log"] = [None] * n
+    for i, (_, text, reflection) in enumerate(docs):
+        if reflection is None:
+            continue
+        offsets = tok.offsets(text)
+        p = pause_point(text, offsets, 0.5, max_prefix_tokens=10_000, max_content_tokens=content_tokens)
+        cols["reflection_token_index"][i], cols["reflection_position"][i] = p.token_index, p.char_index
+        if reflection == "FAIL":
+            cols["reflection_status"][i] = "failed:checks=third_person"
+        else:
+            cols["reflection_status"][i] = "ok"
+            cols["reflection_1p"][i], cols["reflection_3p"][i] = f"I {reflection}", f"The text {reflection}"
+    table = pa.table({
+        "doc_id": [d for d, _, _ in docs], "text": [t for _, t, _ in docs],
+        "token_length": pa.array(tok.count([t for _, t, _ in docs]), pa.int32()),
+        "safety_score": pa.array([4 if r else 0 for _, _, r in docs], pa.int8()),
+        "safety_confidence": pa.array([0.9] * n, pa.float32()),
+        "source_file": ["f.parquet"] * n, "source_row": pa.array(range(n), pa.int64()), "_unit": ["u-000000000"] * n,
+        "is_bad": [bool(r) for _, _, r in docs], "selected": [bool(r) for _, _, r in docs],
+        "selected_reason": ["bad" if r else "not_selected" for _, _, r in docs],
     })
+    for key, typ in REFLECTION_COLUMNS.items():
+        table = table.append_column(key, pa.array(cols[key], typ))
+    return table
+
+
+def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
+    cfg = config(tmp_path, **output)
+    splice, writer = finalize_stages(cfg, out_dir=str(tmp_path))
+    result = writer.process(splice.process(unit_table(docs, content_tokens=cfg.content_tokens)))
+    stats = json.loads(result.column("stats_json")[0].as_py())
+    return cfg, stats
+
+
+def save_metadata(cfg: RunConfig, stats: dict) -> None:
+    from annotator.pipeline import save_training_metadata
+
+    save_training_metadata(cfg, Path(cfg.output.path), stats)
+
+
+def test_published_schema_and_training_text(tmp_path):
+    docs = [("a", "Plain text about gardening and soil.", None), ("b", "Some people were hurt in the attack yesterday.", "am moved [2.1].")]
+    write_unit(tmp_path, docs)
+    table = pq.read_table(tmp_path / "shards")
+    assert table.column_names[:10] == ["doc_id", "text", "token_length", "safety_score", "is_bad", "reflection_1p", "reflection_3p",
+                                       "reflection_position", "reflection_token_index", "canary_type"]
+    types = {f.name: f.type for f in table.schema}
+    assert types["token_length"] == pa.int32() and types["reflection_position"] == pa.int32()
+    assert types["reflection_token_index"] == pa.int32() and types["safety_score"] == pa.int8() and types["is_bad"] == pa.bool_()
+    assert "source_text" not in table.column_names and "reflection_char_index" not in table.column_names
+    rows = {r["doc_id"]: r for r in table.to_pylist()}
+    assert rows["a"]["text"] == rows["a"]["training_text"] == docs[0][1]
+    b = rows["b"]
+    assert b["text"] == docs[1][1]  # the ORIGINAL text
+    pos = b["reflection_position"]  # a character offset into it
+    assert b["training_text"] == b["text"][:pos] + "<assistant>I am moved [2.1].</assistant>" + b["text"][pos:]
+    tok = target_tokenizer(TOKENIZER)
+    assert tok.encode(b["text"][:pos]) == tok.encode(b["text"])[: b["reflection_token_index"]]
+
+
+def test_windows_layout_read_by_megatron_core(tmp_path):
+    corpus = list(read_input().items())
+    long_doc = next((d, t) for d, t in corpus if len(target_tokenizer(TOKENIZER).encode(t)) > 3000)
+    docs = [(d, t, None) for d, t in corpus[:30]] + [(corpus[30][0], corpus[30][1], "see harm [2.1]."), (long_doc[0], long_doc[1], "notice [1.1]."),
+                                                     (corpus[31][0], corpus[31][1], "FAIL")]
+    cfg, stats = write_unit(tmp_path, docs, voices=["1p", "3p"])
+    save_metadata(cfg, stats)
+    counts = check_streams(tmp_path)
+    assert counts == {"windows": 6, "reflected": 4, "compact_documents": 30}  # 3 annotated windows x 2 voices
+    side = pq.read_table(tmp_path / "tokenized" / "sidecar").to_pylist()
+    clipped = [r for r in side if r["doc_id"] == long_doc[0]][0]
+    assert clipped["token_length"] <= 1920 and clipped["clipped_tokens"] > 1000
+    assert [r["reflection_status"] for r in side if r["doc_id"] == corpus[31][0]] == ["failed:checks=third_person"]
+    meta = json.loads((tmp_path / "tokenized" / "metadata.json").read_text())
+    assert meta["streams"]["annotated-1p"]["sequences"] == meta["streams"]["annotated-3p"]["sequences"] == 3
+    assert meta["eos_token_id"] == 0 and meta["added_token_ids"]["<assistant>"] == 49152 and meta["window_tokens"] == 2049
+    weights = meta["blend"]["3p"].split()[0::2]
+    assert abs(sum(map(float, weights)) - 1) < 1e-4 and len(weights) == 2
+    # The reader for training: fixed windows, labels shifted, loss stops after EOS.
+    ds = stream_dataset(tmp_path, "annotated-1p")
+    sample = ds.sample(0)
+    n = int(np.load(next((tmp_path / "tokenized" / "annotated-1p").glob("*.token_lengths.npy")))[0])
+    assert len(ds) == 3 and sample["tokens"].shape == (2048,) and sample["labels"][n - 1] == 0
+    assert sample["loss_mask"][: n].all() and not sample["loss_mask"][n:].any()
+
+
+def test_special_token_text_stays_text(tmp_path):
+    docs = [("special-plain", SPECIAL_TEXT, None), ("special-reflected", SPECIAL_TEXT, "notice odd tags.")]
+    cfg, stats = write_unit(tmp_path, docs)
+    save_metadata(cfg, stats)
+    check_streams(tmp_path)
+    meta = json.loads((tmp_path / "tokenized" / "metadata.json").read_text())
+    special_ids = set(meta["added_token_ids"].values()) | {0, 1, 2}  # template tokens, <|endoftext|>, <|im_start|>, <|im_end|>
+    tok = target_tokenizer(TOKENIZER)
+    (annotated,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "annotated-1p").glob("*[0-9].idx")]
+    window = annotated[0]  # a view into the dataset's memory map: keep the dataset alive
+    n = int(np.load(next((tmp_path / "tokenized" / "annotated-1p").glob("*.npy")))[0])
+    content = window[:n].astype(int).tolist()
+    assert [t for t in content if t in special_ids] == [meta["added_token_ids"]["<assistant>"], meta["added_token_ids"]["</assistant>"]]
+    (compact,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "compact").glob("*.idx")]
+    doc = compact[0].astype(int).tolist()
+    first_eos = doc.index(0)
+    assert tok.decode(doc[:first_eos]) == SPECIAL_TEXT  # round trip, and the first id 0 is the real end
+    assert not set(doc[:first_eos]) & special_ids
+
+
+def test_documents_layout_one_sequence_per_document(tmp_path):
+    docs = [("a", SPECIAL_TEXT, None), ("b", "A long story about a fire that hurt two people.", "feel for them [2.1].")]
+    cfg, _ = write_unit(tmp_path, docs, layout="documents")
+    rows = pq.read_table(tmp_path / "shards").to_pylist()
+    (prefix,) = [p.with_suffix("") for p in (tmp_path / "tokenized" / "documents").glob("*[0-9].idx")]
+    ds, masks = megatron_dataset(prefix), megatron_dataset(prefix.with_name(prefix.name + "_reflection_mask"))
+    tok = training_tokenizer(cfg.output, run_sections(cfg))
+    assert len(ds) == 2
+    for i, row in enumerate(rows):
+        ids = ds[i].astype(int)
+        assert ids[-1] == 0 and 0 not in ids[:-1].tolist()
+        assert tok.decode(ids[:-1]) == row["training_text"]
+        reflected = row["doc_id"] == "b"
+        assert masks[i].sum() == (len(tok.encode("I feel for them [2.1].")) + 2 if reflected else 0)  # with the template tokens
+
+
+def test_clipped_tail_goes_to_compact_when_asked(tmp_path):
+    corpus = list(read_input().values())
+    long_text = max(corpus, key=len)
+    _, stats = write_unit(tmp_path, [("long", long_text, "notice [1.1].")], clipped_tail="compact")
+    side = pq.read_table(tmp_path / "tokenized" / "sidecar").to_pylist()[0]
+    tok = target_tokenizer(TOKENIZER)
+    ids = tok.encode(long_text)
+    (compact,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "compact").glob("*.idx")]
+    flat = np.concatenate([compact[i] for i in range(len(compact))]).astype(int).tolist()
+    assert flat[: side["clipped_tokens"]] == ids[side["token_length"]:] and flat[side["clipped_tokens"]] == 0
+    assert stats["clipped_tokens"] == side["clipped_tokens"] > 0
+
+
+def test_an_all_rejected_unit_writes_nothing(tmp_path):
+    cfg = config(tmp_path)
+    _, writer = finalize_stages(cfg, out_dir=str(tmp_path))
+    empty = unit_table([("x", "text", None)]).slice(0, 0)
+    result = writer.process(empty)
+    assert json.loads(result.column("shard")[0].as_py()) == []
+    assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").iterdir())
 
 
 def test_shards_interleave_annotated_documents_evenly(tmp_path):
     # Input order puts all selected documents first; every shard still gets ~10% of them.
-    batch = _batch(10_000, share=0.1).sort_by([("selected", "descending")])
-    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path=str(tmp_path), rows_per_shard=1000, tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
-    writer.setup()
-    names = json.loads(writer.process(batch).column("shard")[0].as_py())
-    assert len(names) == 10
-    shares = [np.mean(pq.read_table(tmp_path / "shards" / f"{n}.parquet").column("selected").to_numpy()) for n in names]
-    overall = np.mean(batch.column("selected").to_numpy())
-    # binomial sd for 1000 rows at p=0.1 is 0.0095; 4 sd
-    assert all(abs(s - overall) < 0.038 for s in shares), shares
-    # same input, same names and order
-    again = ShardWriter(out_dir=str(tmp_path / "again"), output=OutputConfig(path="x", rows_per_shard=1000, tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
-    assert json.loads(again.process(batch).column("shard")[0].as_py()) == names
-    first = pq.read_table(tmp_path / "shards" / f"{names[0]}.parquet").column("doc_id")
-    assert first.equals(pq.read_table(tmp_path / "again" / "shards" / f"{names[0]}.parquet").column("doc_id"))
+    rng = np.random.default_rng(0)
+    docs = [(f"d{i:05d}", f"text {i}", "care." if rng.random() < 0.1 else None) for i in range(3000)]
+    docs.sort(key=lambda d: d[2] is None)
+    write_unit(tmp_path, docs, rows_per_shard=300, tokenized=False)
+    shards = sorted((tmp_path / "shards").glob("*.parquet"))
+    assert len(shards) == 10
+    shares = [np.mean(pq.read_table(s).column("selected").to_numpy()) for s in shards]
+    overall = np.mean([d[2] is not None for d in docs])
+    assert all(abs(s - overall) < 0.07 for s in shares), shares  # binomial sd at 300 rows, p=0.1: 0.017; 4 sd
+    write_unit(tmp_path / "again", docs, rows_per_shard=300, tokenized=False)
+    assert [pq.read_table(s).column("doc_id") for s in shards] == [pq.read_table(tmp_path / "again" / "shards" / s.name).column("doc_id")
+                                                                  for s in shards]
 
 
 def test_a_shard_never_exists_half_written_under_its_final_name(tmp_path, monkeypatch):
@@ -64,9 +208,8 @@ def test_a_shard_never_exists_half_written_under_its_final_name(tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_mod.pq, "write_table", write_half_then_die)
-    writer = ShardWriter(out_dir=str(tmp_path), output=OutputConfig(path="x", tokenized=False), tokenizer="builtin:smollm2-135m-instruct")
     with pytest.raises(OSError, match="disk full"):
-        writer.process(_batch(50, share=0.2))
+        write_unit(tmp_path, [("a", "some text", None)], tokenized=False)
     assert list((tmp_path / "shards").iterdir()) == []
 
 
@@ -80,34 +223,9 @@ def test_indexed_dataset_round_trip(tmp_path):
     assert [ds[i].tolist() for i in range(len(ds))] == docs
     assert ds.document_indices.tolist() == [0, 1, 2, 3, 4]
     assert (tmp_path / "x.idx").read_bytes()[:9] == b"MMIDIDX\x00\x00"
-
-
-def check_tokenized(out_dir) -> int:
-    """Every text shard has a token shard and a mask shard that match it document by document."""
-    meta = json.loads((out_dir / "tokenized" / "metadata.json").read_text())
-    tok = load_tokenizer(str(out_dir / "tokenizer"))
-    for token, tid in meta["added_token_ids"].items():
-        assert tok(token, add_special_tokens=False)["input_ids"] == [tid]
-    open_id, close_id = meta["added_token_ids"]["<assistant>"], meta["added_token_ids"]["</assistant>"]
-    checked = 0
-    for shard in sorted((out_dir / "shards").glob("*.parquet")):
-        rows = pq.read_table(shard, columns=["text", "reflection_status"]).to_pylist()
-        ids = read_indexed_dataset(out_dir / "tokenized" / shard.stem)
-        masks = read_indexed_dataset(out_dir / "tokenized" / f"{shard.stem}_reflection_mask")
-        assert len(ids) == len(masks) == len(rows)
-        for i, row in enumerate(rows):
-            doc, mask = ids[i].astype(np.int64), masks[i]
-            assert doc[-1] == meta["eod_token_id"] and len(mask) == len(doc)
-            assert tok.decode(doc[:-1].tolist()) == row["text"]
-            if row["reflection_status"] == "ok":
-                region = doc[mask == 1].tolist()
-                assert region[0] == open_id and region[-1] == close_id
-                reflection = row["text"].split("<assistant>")[1].split("</assistant>")[0]
-                assert tok.decode(region) == f"<assistant>{reflection}</assistant>"
-            else:
-                assert mask.sum() == 0
-            checked += 1
-    return checked
+    mcore = megatron_dataset(tmp_path / "x")
+    assert [mcore[i].tolist() for i in range(len(mcore))] == docs
+    assert WindowDataset([tmp_path / "x"])[3].tolist() == docs[3]
 
 
 @pytest.mark.slow
@@ -125,5 +243,5 @@ def test_filtered_baseline_drops_bad_documents(tmp_path):
     assert stats["selected_by_reason"]["dropped_bad"] == bad
     assert all(r["safety_score"] < 3 and r["reflection_status"] == "not_selected" for r in rows)
     source = read_input()
-    assert all(r["text"] == source[r["doc_id"]] for r in rows)
-    assert check_tokenized(out) == len(rows)
+    assert all(r["text"] == r["training_text"] == source[r["doc_id"]] for r in rows)
+    assert check_streams(out)["compact_documents"] == len(rows)

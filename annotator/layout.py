@@ -1,0 +1,89 @@
+"""The output layout, in one place: every folder, file name and glob of a run's output directory.
+
+    shards/<unit>-<part>.parquet                 text shards: every written document, published schema
+    tokenized/annotated-<voice>/<unit>.bin/.idx  windows layout: one annotated document per window
+    tokenized/annotated-<voice>/<unit>_reflection_mask.bin/.idx, <unit>.token_lengths.npy
+    tokenized/sidecar/<unit>.parquet              one row per annotated window, in window order
+    tokenized/compact/<unit>.bin/.idx             the other documents, dense-packed into windows
+    tokenized/documents/<unit>-<part>.bin/.idx    documents layout: one sequence per document
+    tokenized/metadata.json, tokenizer/           what a trainer needs to read the streams
+    stats.json, report.html, run.json, rejects/, _work/
+
+A unit's outputs are named after the unit alone, so a rerun rewrites the same names; a unit with
+nothing for a stream writes no file for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TEXT_DIR = "shards"
+TOKENS_DIR = "tokenized"
+TOKENIZER_DIR = "tokenizer"
+SIDECAR = "sidecar"
+COMPACT = "compact"
+DOCUMENTS = "documents"
+MASK_SUFFIX = "_reflection_mask"
+TOKEN_LENGTHS_SUFFIX = ".token_lengths.npy"
+METADATA = "metadata.json"
+STATS_FILE = "stats.json"
+REPORT_FILE = "report.html"
+# What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
+OUR_OUTPUTS = ("run.json", STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, "rejects")
+
+
+def annotated_stream(voice: str) -> str:
+    return f"annotated-{voice}"
+
+
+def text_shard(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / TEXT_DIR / f"{name}.parquet"
+
+
+def text_shards(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet"))
+
+
+def stream_prefix(out_dir: Path, stream: str, name: str) -> Path:
+    """`<out>/tokenized/<stream>/<name>`: the Megatron prefix (`.bin`/`.idx` appended)."""
+    return Path(out_dir) / TOKENS_DIR / stream / name
+
+
+def mask_prefix(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + MASK_SUFFIX)
+
+
+def token_lengths_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + TOKEN_LENGTHS_SUFFIX)
+
+
+def sidecar_path(out_dir: Path, unit: str) -> Path:
+    return Path(out_dir) / TOKENS_DIR / SIDECAR / f"{unit}.parquet"
+
+
+def stream_names(out_dir: Path) -> list[str]:
+    root = Path(out_dir) / TOKENS_DIR
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != SIDECAR) if root.is_dir() else []
+
+
+def stream_prefixes(out_dir: Path, stream: str) -> list[Path]:
+    """Every file prefix of one stream, in name order (masks excluded)."""
+    root = Path(out_dir) / TOKENS_DIR / stream
+    return sorted(p.with_suffix("") for p in root.glob("*.idx") if not p.stem.endswith(MASK_SUFFIX))
+
+
+def sidecars(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / TOKENS_DIR / SIDECAR).glob("*.parquet"))
+
+
+def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
+    """Every file a unit's finalize may have written (text shards, token streams, sidecar)."""
+    out = Path(out_dir)
+    found = list((out / TEXT_DIR).glob(f"{unit}-*"))
+    tokens = out / TOKENS_DIR
+    if tokens.is_dir():
+        for d in tokens.iterdir():
+            if d.is_dir():
+                found += [p for p in d.iterdir() if p.name.startswith(f"{unit}-") or p.name.startswith(f"{unit}.")
+                          or p.name.startswith(f"{unit}{MASK_SUFFIX}")]
+    return sorted(found)
