@@ -57,10 +57,10 @@ class ClassifierConfig(_Section):
         "fasttext", description="Safety scorer: a fastText model file, or any 6-label transformers sequence classifier."
     )
     model: str = Field(
-        "classifiers/models/safety-fasttext-v1.ftz",
-        description="fastText: model file. transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
+        "classifiers/models/safety-fasttext-v2.ftz",
+        description="fastText: model file (a binary model's `.calibration.json` beside it maps P(harmful) to 0-5). transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
-    version: str = Field("safety-fasttext-v1", description="Version string recorded in `safety_model` for every document.")
+    version: str = Field("safety-fasttext-v2", description="Version string recorded in `safety_model` for every document.")
     batch_size: int = Field(1024, ge=1, description="Documents per scoring (and token-counting) call.")
     concurrency: int = Field(1, ge=1, description="transformers: scoring actors (one model load each). fastText runs in pass 1's tasks.")
     num_cpus: float = Field(
