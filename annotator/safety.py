@@ -224,11 +224,46 @@ class TransformersSafetyScorer(SafetyScorer):
         return out
 
 
+class CascadeSafetyScorer(SafetyScorer):
+    """fastText on every document, then a transformers classifier only on those fastText scores
+    >= `threshold`, whose probabilities replace fastText's: the expensive model sees the small
+    share of documents that could be bad, and decides them. A stateful stage (an actor pool,
+    where the transformers model is loaded once per actor), as the transformers backend is."""
+
+    def __init__(self, *, fast: FastTextSafetyScorer, slow: TransformersSafetyScorer, threshold: int, version: str, resources: Resources):
+        super().__init__(model=fast.model, version=version, resources=resources)
+        self.fast, self.slow, self.threshold = fast, slow, threshold
+        self.max_chars = max(fast.max_chars, slow.max_chars)
+        self.rescored = 0  # documents sent to the transformers model so far (for measuring the share)
+
+    def setup(self) -> None:
+        self.fast.setup()
+        self.slow.setup()
+
+    def predict_probs(self, texts: list[str]) -> np.ndarray:
+        cleaned = [clean_text(t, max_chars=self.max_chars)[0] for t in texts]
+        return self.predict_cleaned(cleaned)
+
+    def predict_cleaned(self, texts: list[str]) -> np.ndarray:
+        probs = self.fast.predict_cleaned([t[: self.fast.max_chars] for t in texts])
+        rescore = np.flatnonzero(probs.argmax(axis=1) >= self.threshold)
+        if len(rescore):
+            probs[rescore] = self.slow.predict_cleaned([texts[i] for i in rescore])
+        self.rescored += len(rescore)
+        return probs
+
+
 def build_scorer(cfg, *, resources: Resources) -> SafetyScorer:
-    """The scorer named by a `ClassifierConfig`."""
-    if cfg.backend == "fasttext":
+    """The scorer named by a `ClassifierConfig` (with a cascade when `cfg.cascade.model` is set)."""
+    if cfg.backend == "fasttext" and cfg.cascade.model is None:
         return FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
-    return TransformersSafetyScorer(
-        model=cfg.model, version=cfg.version, resources=resources, max_length=cfg.max_length,
+    model = cfg.model if cfg.backend == "transformers" else cfg.cascade.model
+    transformers = TransformersSafetyScorer(
+        model=model, version=cfg.version, resources=resources, max_length=cfg.max_length,
         micro_batch_size=cfg.micro_batch_size, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
     )
+    if cfg.backend == "transformers":
+        return transformers
+    fast = FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
+    version = f"{cfg.version}+{cfg.cascade.version}@{cfg.cascade.threshold}"
+    return CascadeSafetyScorer(fast=fast, slow=transformers, threshold=cfg.cascade.threshold, version=version, resources=resources)

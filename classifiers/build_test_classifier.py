@@ -67,10 +67,9 @@ def sample(paths, *, rows: int, seed: int) -> tuple[list[str], np.ndarray]:
     return [texts[i] for i in picks], grades[picks]
 
 
-def build(*, out: Path, train_paths=DEFAULT_TRAIN, rows: int = 1800, steps: int = 300, seed: int = 0) -> Path:
-    """Embed, fit the head, save; returns `out`. Reuses a finished build."""
-    if is_complete(out):
-        return out
+def fit_head(texts: list[str], grades: np.ndarray, *, steps: int, seed: int = 0, max_tokens: int = MAX_TOKENS):
+    """MiniLM-L6 as a 6-label `BertForSequenceClassification` whose pooler and classifier are fitted
+    on the frozen encoder's [CLS] vectors of `texts`, embedded once. Returns (model, tokenizer, note)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -81,23 +80,19 @@ def build(*, out: Path, train_paths=DEFAULT_TRAIN, rows: int = 1800, steps: int 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.time()
-    texts, grades = sample(train_paths, rows=rows, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=6, id2label={i: str(i) for i in range(6)}, label2id={str(i): i for i in range(6)}
     )
     model.eval()
     encoder = model.base_model
-    cls = []
+    features = torch.zeros(len(texts), model.config.hidden_size)
     with torch.inference_mode():
         order = np.argsort([len(t) for t in texts], kind="stable")  # little padding per batch
         for start in range(0, len(texts), 64):
             idx = order[start : start + 64]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=MAX_TOKENS, padding=True, return_tensors="pt")
-            cls.append((idx, encoder(**enc).last_hidden_state[:, 0]))
-    features = torch.zeros(len(texts), model.config.hidden_size)
-    for idx, vectors in cls:
-        features[torch.as_tensor(idx)] = vectors
+            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+            features[torch.as_tensor(idx)] = encoder(**enc).last_hidden_state[:, 0]
     embedded = time.time() - started
 
     # The head exactly as the model computes it: tanh(pooler.dense(cls)) -> dropout -> classifier.
@@ -109,8 +104,7 @@ def build(*, out: Path, train_paths=DEFAULT_TRAIN, rows: int = 1800, steps: int 
     model.train()
     for _ in range(steps):
         logits = model.classifier(model.dropout(encoder.pooler.activation(encoder.pooler.dense(features))))
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
+        torch.nn.functional.cross_entropy(logits, labels).backward()
         optim.step()
         optim.zero_grad()
     model.eval()
@@ -118,6 +112,15 @@ def build(*, out: Path, train_paths=DEFAULT_TRAIN, rows: int = 1800, steps: int 
         p.requires_grad_(True)
     note = (f"head fitted on {len(texts)} cached [CLS] vectors x {steps} steps ({embedded:.0f}s embedding, "
             f"{time.time() - started:.0f}s in all) from {base}")
+    return model, tokenizer, note
+
+
+def build(*, out: Path, train_paths=DEFAULT_TRAIN, rows: int = 1800, steps: int = 300, seed: int = 0) -> Path:
+    """Embed, fit the head, save; returns `out`. Reuses a finished build."""
+    if is_complete(out):
+        return out
+    texts, grades = sample(train_paths, rows=rows, seed=seed)
+    model, tokenizer, note = fit_head(texts, grades, steps=steps, seed=seed)
     return save_model_dir(out, model=model, tokenizer=tokenizer, note=note)
 
 

@@ -58,15 +58,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--threshold", type=int, default=3)
     ap.add_argument("--by-category", action="store_true", help="also per category (needs a `source` column; else one category `all`)")
+    ap.add_argument("--cascade", default=None, help="transformers model that rescores documents the fastText --model scores >= --cascade-threshold")
+    ap.add_argument("--cascade-threshold", type=int, default=2)
     args = ap.parse_args(argv)
 
     texts, labels = read_labelled(args.data)
-    cfg = ClassifierConfig(backend=args.backend, model=args.model, version=Path(args.model).name, max_length=args.max_length)
+    cascade = {"model": args.cascade, "threshold": args.cascade_threshold}
+    cfg = ClassifierConfig(backend=args.backend, model=args.model, version=Path(args.model).name, max_length=args.max_length, cascade=cascade)
     scorer = build_scorer(cfg, resources=Resources())
     scorer.setup()
     scores, probs = score_texts(scorer, texts)
     metrics = label_metrics(scores, probs, labels, threshold=args.threshold)
-    print(f"model {args.model} on {args.data} ({metrics['n']} rows), bad = score >= {args.threshold}")
+    print(f"model {scorer.version} on {args.data} ({metrics['n']} rows), bad = score >= {args.threshold}")
+    if args.cascade:
+        metrics["cascade_share_rescored"] = round(scorer.rescored / max(1, len(texts)), 4)
+        print(f"cascade: {scorer.rescored} of {len(texts)} documents rescored by {args.cascade} ({metrics['cascade_share_rescored']:.2%})")
     print(f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
           f"FPR {metrics['fpr']:.4f}  accuracy {metrics['accuracy']:.4f}  AUROC {metrics['auroc']:.4f}")
     print("score histogram: " + "  ".join(f"{s}: {n}" for s, n in metrics["score_histogram"].items()))

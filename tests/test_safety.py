@@ -169,6 +169,30 @@ def test_transformers_backend_sorts_by_length_but_keeps_order(minilm_scorer):
     np.testing.assert_allclose(together, np.stack(alone), atol=1e-4)
 
 
+def test_cascade_rescores_only_documents_above_the_threshold(fasttext_scorer, minilm_scorer, minilm_classifier):
+    from annotator.safety import CascadeSafetyScorer, build_scorer
+
+    cfg = ClassifierConfig(cascade={"model": minilm_classifier, "threshold": 2, "version": "minilm"}, max_length=128)
+    cascade = build_scorer(cfg, resources=Resources())
+    assert isinstance(cascade, CascadeSafetyScorer) and cascade.stateful and cascade.adds == SAFETY_COLUMNS
+    cascade.setup()
+    table = pq.read_table(HARM / "dev.parquet")
+    texts = table.take(list(range(0, table.num_rows, 17))).column("text").to_pylist()  # ~100 rows of every source
+    out = cascade.process(pa.table({"text": texts}))
+    fast = np.stack(fasttext_scorer.process(pa.table({"text": texts})).column("safety_probs").to_pylist())
+    slow = minilm_scorer.predict_probs(texts)
+    rescored = fast.argmax(axis=1) >= 2
+    assert 0 < rescored.sum() < len(texts) and cascade.rescored == rescored.sum()
+    probs = np.stack(out.column("safety_probs").to_pylist())
+    np.testing.assert_allclose(probs[~rescored], fast[~rescored], atol=1e-6)
+    np.testing.assert_allclose(probs[rescored], slow[rescored], atol=1e-4)
+    assert set(out.column("safety_model").to_pylist()) == {"safety-fasttext-v2+minilm@2"}
+    with pytest.raises(ValueError, match="cascade.model: a cascade starts with the fastText scorer"):
+        ClassifierConfig(backend="transformers", cascade={"model": minilm_classifier})
+    with pytest.raises(ValueError, match="cascade.threshold"):
+        ClassifierConfig(cascade={"model": minilm_classifier, "threshold": 0})
+
+
 BAD_INPUTS = {
     "null": None,
     "empty": "",
