@@ -258,12 +258,12 @@ def build_scorer(cfg, *, resources: Resources) -> SafetyScorer:
     if cfg.backend == "fasttext" and cfg.cascade.model is None:
         return FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
     model = cfg.model if cfg.backend == "transformers" else cfg.cascade.model
-    transformers = TransformersSafetyScorer(
+    slow = TransformersSafetyScorer(
         model=model, version=cfg.version, resources=resources, max_length=cfg.max_length,
         micro_batch_size=cfg.micro_batch_size, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
     )
     if cfg.backend == "transformers":
-        return transformers
+        return slow
     fast = FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
     version = f"{cfg.version}+{cfg.cascade.version}@{cfg.cascade.threshold}"
-    return CascadeSafetyScorer(fast=fast, slow=transformers, threshold=cfg.cascade.threshold, version=version, resources=resources)
+    return CascadeSafetyScorer(fast=fast, slow=slow, threshold=cfg.cascade.threshold, version=version, resources=resources)

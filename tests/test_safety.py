@@ -235,7 +235,9 @@ def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier,
     # fastText with the config's defaults (v2, calibrated); the transformers backend named in full.
     runs = {"fasttext": ("safety-fasttext-v2", []),
             "transformers": ("transformers-v1", ["--set", "classifier.backend=transformers", "--set", f"classifier.model={minilm_classifier}",
-                                                 "--set", "classifier.version=transformers-v1", "--set", "classifier.max_length=128"])}
+                                                 "--set", "classifier.version=transformers-v1", "--set", "classifier.max_length=128"]),
+            "cascade": ("safety-fasttext-v2+minilm@2", ["--set", f"classifier.cascade.model={minilm_classifier}",
+                                                        "--set", "classifier.cascade.version=minilm", "--set", "classifier.max_length=128"])}
     for backend, (version, args) in runs.items():
         out = tmp_path / backend
         proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "60", "--output", str(out), "--set", "generation.enabled=false", *args)
@@ -244,12 +246,16 @@ def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier,
         assert table.num_rows == 60
         assert set(table.column("safety_model").to_pylist()) == {version}
         schemas[backend] = {name: str(table.schema.field(name).type) for name in SAFETY_COLUMNS}
-    # The pipeline scores as the scorer does on its own.
-    rows = pq.read_table(tmp_path / "fasttext" / "shards", columns=["source_text", "safety_score"]).to_pydict()
+    # The pipeline scores as the scorer does on its own; the cascade keeps fastText's low scores.
+    rows = pq.read_table(tmp_path / "fasttext" / "shards", columns=["doc_id", "source_text", "safety_score"]).to_pydict()
     direct = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="v2", resources=Resources())
     direct.setup()
     assert direct.process(pa.table({"text": rows["source_text"]})).column("safety_score").to_pylist() == rows["safety_score"]
-    assert schemas["fasttext"] == schemas["transformers"]
+    scored = pq.read_table(tmp_path / "cascade" / "shards", columns=["doc_id", "safety_score"]).to_pydict()
+    cascade = dict(zip(scored["doc_id"], scored["safety_score"]))
+    low = [(d, s) for d, s in zip(rows["doc_id"], rows["safety_score"]) if s < 2]
+    assert low and all(cascade[d] == s for d, s in low)
+    assert schemas["fasttext"] == schemas["transformers"] == schemas["cascade"]
     probs_type = pq.read_table(tmp_path / "fasttext" / "shards").schema.field("safety_probs").type
     assert pa.types.is_fixed_size_list(probs_type) and probs_type.list_size == 6 and probs_type.value_type == pa.float32()
 
