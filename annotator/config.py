@@ -52,15 +52,24 @@ class InputConfig(_Section):
         return paths
 
 
+class CascadeConfig(_Section):
+    model: str | None = Field(
+        None,
+        description="transformers 6-label classifier (directory or Hub id) that rescores the documents the fastText model scores >= `threshold`; null = no cascade.",
+    )
+    version: str = Field("cascade", description="Recorded in `safety_model` after the fastText version: `<version>+<this>@<threshold>`.")
+    threshold: int = Field(2, ge=1, le=5, description="fastText score at or above which a document is rescored by the transformers model.")
+
+
 class ClassifierConfig(_Section):
     backend: Literal["fasttext", "transformers"] = Field(
         "fasttext", description="Safety scorer: a fastText model file, or any 6-label transformers sequence classifier."
     )
     model: str = Field(
-        "classifiers/models/safety-fasttext-v1.ftz",
-        description="fastText: model file. transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
+        "classifiers/models/safety-fasttext-v2.ftz",
+        description="fastText: model file (a binary model's `.calibration.json` beside it maps P(harmful) to 0-5). transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
-    version: str = Field("safety-fasttext-v1", description="Version string recorded in `safety_model` for every document.")
+    version: str = Field("safety-fasttext-v2", description="Version string recorded in `safety_model` for every document.")
     batch_size: int = Field(1024, ge=1, description="Documents per scoring (and token-counting) call.")
     concurrency: int = Field(1, ge=1, description="transformers: scoring actors (one model load each). fastText runs in pass 1's tasks.")
     num_cpus: float = Field(
@@ -74,6 +83,16 @@ class ClassifierConfig(_Section):
         "auto", description="transformers on GPU: weights dtype (auto = bfloat16); CPU always runs float32."
     )
     trust_remote_code: bool = Field(False, description="transformers: allow model code from the Hub. Off unless set here.")
+    cascade: CascadeConfig = Field(
+        default_factory=CascadeConfig,
+        description="fastText first, a transformers model only on documents above a low fastText score (max_length, micro_batch_size, num_gpus, dtype apply to it).",
+    )
+
+    @model_validator(mode="after")
+    def _cascade_starts_with_fasttext(self) -> "ClassifierConfig":
+        if self.cascade.model is not None and self.backend != "fasttext":
+            raise ValueError(f"cascade.model: a cascade starts with the fastText scorer, so backend must be fasttext (got {self.backend})")
+        return self
 
 
 class SelectionConfig(_Section):

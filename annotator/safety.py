@@ -7,6 +7,7 @@ cleaning) get score 0 with a recorded `safety_note`, never an exception.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from math import comb
@@ -67,6 +68,25 @@ def binary_to_score_probs(p_harmful: np.ndarray) -> np.ndarray:
     return (coef * p**k * (1 - p) ** (5 - k)).astype(np.float32)
 
 
+def load_calibration(model: str) -> dict | None:
+    """The probability-to-score mapping saved beside a binary fastText model
+    (`<model>.calibration.json`, written by classifiers/train_safety_v2.py), or None (v1: none)."""
+    path = Path(model).with_suffix(".calibration.json")
+    if not path.is_file():
+        return None
+    cal = json.loads(path.read_text())
+    if cal.get("method") != "platt" or not {"a", "b"} <= set(cal):
+        raise ValueError(f"classifier.model: {path} is not a Platt calibration (method, a, b)")
+    return cal
+
+
+def calibrate(p_harmful: np.ndarray, *, a: float, b: float) -> np.ndarray:
+    """Platt scaling of the model's P(harmful): sigmoid(a * logit(p) + b), fitted on a
+    calibration split held out of training, so a calibrated q means what it says there."""
+    p = np.clip(np.asarray(p_harmful, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-np.clip(a * np.log(p / (1 - p)) + b, -500, 500)))
+
+
 class SafetyScorer(Stage):
     """Base scorer: subclasses load a model and implement `predict_probs` (n x 6)."""
 
@@ -107,7 +127,8 @@ class SafetyScorer(Stage):
 
 
 class FastTextSafetyScorer(SafetyScorer):
-    """fastText backend: a binary harmful/benign model or a distilled 6-way model. Stateless: it
+    """fastText backend: a binary harmful/benign model (its P(harmful) calibrated when a
+    `.calibration.json` lies beside it) or a distilled 6-way model. Stateless: it
     runs inside pass 1's unit tasks (the small model is loaded once per worker process), which
     keeps every CPU busy; an actor pool measured 10% slower on the same cores (bench/bench_scoring.py)."""
 
@@ -128,6 +149,7 @@ class FastTextSafetyScorer(SafetyScorer):
             self._six_way = False
         else:
             raise ValueError(f"classifier.model: {self.model} has labels {sorted(labels)}; expected __label__0/1 or __label__score0..5")
+        self._calibration = None if self._six_way else load_calibration(self.model)
         self._label_index = {SCORE_LABEL.format(i): i for i in range(NUM_SCORES)}
 
     def predict_probs(self, texts: list[str]) -> np.ndarray:
@@ -140,6 +162,8 @@ class FastTextSafetyScorer(SafetyScorer):
         if not self._six_way:
             labels, probs = self._model.predict(lines, k=2)
             p = np.array([dict(zip(ls, ps)).get(BINARY_HARMFUL, 0.0) for ls, ps in zip(labels, probs)])
+            if self._calibration is not None:
+                p = calibrate(p, a=self._calibration["a"], b=self._calibration["b"])
             return binary_to_score_probs(p)
         labels, probs = self._model.predict(lines, k=NUM_SCORES)
         out = np.zeros((len(lines), NUM_SCORES), dtype=np.float32)
@@ -200,11 +224,46 @@ class TransformersSafetyScorer(SafetyScorer):
         return out
 
 
+class CascadeSafetyScorer(SafetyScorer):
+    """fastText on every document, then a transformers classifier only on those fastText scores
+    >= `threshold`, whose probabilities replace fastText's: the expensive model sees the small
+    share of documents that could be bad, and decides them. A stateful stage (an actor pool,
+    where the transformers model is loaded once per actor), as the transformers backend is."""
+
+    def __init__(self, *, fast: FastTextSafetyScorer, slow: TransformersSafetyScorer, threshold: int, version: str, resources: Resources):
+        super().__init__(model=fast.model, version=version, resources=resources)
+        self.fast, self.slow, self.threshold = fast, slow, threshold
+        self.max_chars = max(fast.max_chars, slow.max_chars)
+        self.rescored = 0  # documents sent to the transformers model so far (for measuring the share)
+
+    def setup(self) -> None:
+        self.fast.setup()
+        self.slow.setup()
+
+    def predict_probs(self, texts: list[str]) -> np.ndarray:
+        cleaned = [clean_text(t, max_chars=self.max_chars)[0] for t in texts]
+        return self.predict_cleaned(cleaned)
+
+    def predict_cleaned(self, texts: list[str]) -> np.ndarray:
+        probs = self.fast.predict_cleaned([t[: self.fast.max_chars] for t in texts])
+        rescore = np.flatnonzero(probs.argmax(axis=1) >= self.threshold)
+        if len(rescore):
+            probs[rescore] = self.slow.predict_cleaned([texts[i] for i in rescore])
+        self.rescored += len(rescore)
+        return probs
+
+
 def build_scorer(cfg, *, resources: Resources) -> SafetyScorer:
-    """The scorer named by a `ClassifierConfig`."""
-    if cfg.backend == "fasttext":
+    """The scorer named by a `ClassifierConfig` (with a cascade when `cfg.cascade.model` is set)."""
+    if cfg.backend == "fasttext" and cfg.cascade.model is None:
         return FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
-    return TransformersSafetyScorer(
-        model=cfg.model, version=cfg.version, resources=resources, max_length=cfg.max_length,
+    model = cfg.model if cfg.backend == "transformers" else cfg.cascade.model
+    slow = TransformersSafetyScorer(
+        model=model, version=cfg.version, resources=resources, max_length=cfg.max_length,
         micro_batch_size=cfg.micro_batch_size, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
     )
+    if cfg.backend == "transformers":
+        return slow
+    fast = FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
+    version = f"{cfg.version}+{cfg.cascade.version}@{cfg.cascade.threshold}"
+    return CascadeSafetyScorer(fast=fast, slow=slow, threshold=cfg.cascade.threshold, version=version, resources=resources)

@@ -39,18 +39,46 @@ def _precision_recall(pred: np.ndarray, truth: np.ndarray) -> dict:
     return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
 
 
+def _fpr(pred: np.ndarray, truth: np.ndarray) -> float:
+    return round(int((pred & ~truth).sum()) / max(1, int((~truth).sum())), 4)
+
+
 def label_metrics(scores: np.ndarray, probs: np.ndarray, labels: np.ndarray, *, threshold: int = 3) -> dict:
-    """Bad (score >= threshold) vs harmful labels; AUROC ranks by P(score >= threshold)."""
+    """Bad (score >= threshold) vs harmful labels; AUROC ranks by P(score >= threshold);
+    `at_score` gives precision, recall and false-positive rate of score >= k for every k."""
     labels = np.asarray(labels).astype(int)
+    truth = labels == 1
     pred = scores >= threshold
     return {
         "n": int(len(labels)),
         "threshold": threshold,
-        **_precision_recall(pred, labels == 1),
-        "accuracy": round(float((pred == (labels == 1)).mean()), 4),
+        **_precision_recall(pred, truth),
+        "fpr": _fpr(pred, truth),
+        "accuracy": round(float((pred == truth).mean()), 4),
         "auroc": round(auroc(probs[:, threshold:].sum(axis=1), labels), 4),
         "score_histogram": {str(s): int((scores == s).sum()) for s in range(NUM_SCORES)},
+        "at_score": {str(k): {**_precision_recall(scores >= k, truth), "fpr": _fpr(scores >= k, truth)} for k in range(1, NUM_SCORES)},
     }
+
+
+def category_metrics(scores: np.ndarray, labels: np.ndarray, categories: list[str], *, threshold: int = 3) -> dict:
+    """Per category: rows of each class, recall (harmful rows flagged), false-positive rate (benign
+    rows flagged) and precision (flagged rows that are harmful), each only where it is defined."""
+    labels = np.asarray(labels).astype(int)
+    cats = np.asarray(categories)
+    out = {}
+    for cat in sorted(set(categories)):
+        rows = cats == cat
+        truth, pred = labels[rows] == 1, scores[rows] >= threshold
+        n_harmful, n_benign = int(truth.sum()), int((~truth).sum())
+        out[cat] = {
+            "harmful": n_harmful,
+            "benign": n_benign,
+            "recall": round(int((pred & truth).sum()) / n_harmful, 4) if n_harmful else None,
+            "fpr": _fpr(pred, truth) if n_benign else None,
+            "precision": round(int((pred & truth).sum()) / int(pred.sum()), 4) if n_harmful and n_benign and pred.any() else None,
+        }
+    return out
 
 
 def agreement(teacher: np.ndarray, student: np.ndarray, *, threshold: int = 3) -> dict:

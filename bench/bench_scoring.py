@@ -2,7 +2,7 @@
 model's own predict, on the same documents (the shared web corpus replicated with new ids).
 
     .venv/bin/python bench/bench_scoring.py [--docs 100000] [--cores 2] [--repeat 3] [--plain-processes]
-                                            [--transformers-docs 2000]
+                                            [--model classifiers/models/safety-fasttext-v2.ftz] [--transformers-docs 2000]
 
 Prints a table with documents/s and documents/s per core for both, and their ratio: the median
 over `--repeat` repetitions, each the plain loop followed by the Ray pipeline on a fresh local
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from annotator.config import InputConfig  # noqa: E402
+from annotator.config import ClassifierConfig, InputConfig  # noqa: E402
 from annotator.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.units import plan_input  # noqa: E402
 from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
@@ -64,7 +64,7 @@ def plain_loop(scorer: SafetyScorer, paths: list[str], *, batch_size: int) -> tu
 
 
 def _plain_worker(model: str, paths: list[str], batch_size: int, barrier) -> tuple[int, float, float]:
-    scorer = FastTextSafetyScorer(model=model, version="v1", resources=Resources())
+    scorer = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources())
     scorer.setup()
     barrier.wait()  # every process starts its loop at the same moment, model loaded
     started = time.time()
@@ -173,6 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--model", default=ClassifierConfig().model, help="fastText model (default: the config's, v2)")
     ap.add_argument("--batch-size", type=int, default=4096, help="documents per scoring batch in both runs")
     ap.add_argument("--layout", default="in-process", choices=["in-process", "separate"],
                     help="fastText: one task per unit reads and scores it (the pipeline's way), or reader and scorer "
@@ -198,11 +199,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = replicated_corpus(args.docs, Path(tmp))
-        model = str(REPO / "classifiers" / "models" / "safety-fasttext-v1.ftz")
-        plain = FastTextSafetyScorer(model=model, version="v1", resources=Resources())
+        model = str(REPO / args.model)
+        plain = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources())
         plain.setup()
         # One CPU per task, as the pipeline's default `classifier.num_cpus`.
-        staged = FastTextSafetyScorer(model=model, version="v1", resources=Resources(num_cpus=1, batch_size=args.batch_size))
+        staged = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources(num_cpus=1, batch_size=args.batch_size))
         # The machine's speed drifts by 10-20% over minutes (shared host): each repetition runs the
         # plain loop(s) right before the Ray run, and the ratio is taken within a repetition.
         for rep in range(1, args.repeat + 1):

@@ -12,13 +12,20 @@ import pytest
 from annotator.config import ClassifierConfig, InputConfig
 from annotator.reader import ReadUnits
 from annotator.units import Unit
-from annotator.safety import SAFETY_COLUMNS, FastTextSafetyScorer, TransformersSafetyScorer, binary_to_score_probs
+from annotator.safety import (
+    SAFETY_COLUMNS, FastTextSafetyScorer, TransformersSafetyScorer, binary_to_score_probs, calibrate, load_calibration,
+    normalize_for_fasttext,
+)
 from annotator.stages import Resources
 from classifiers import build_test_classifier, evaluate
+from classifiers.categories import row_categories
 from classifiers.distill import distill
 from tests.support import CORPUS, REPO, SAFETY, require_shared_data, run_pipeline
 
-FASTTEXT_MODEL = str(REPO / "classifiers" / "models" / "safety-fasttext-v1.ftz")
+MODELS = REPO / "classifiers" / "models"
+HARM = SAFETY.parent / "safety-v2"
+FASTTEXT_MODEL = str(REPO / ClassifierConfig().model)  # the default: v2
+V1_MODEL = str(MODELS / "safety-fasttext-v1.ftz")
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +37,7 @@ def minilm_classifier() -> str:
 
 @pytest.fixture(scope="session")
 def fasttext_scorer():
-    s = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="safety-fasttext-v1", resources=Resources())
+    s = FastTextSafetyScorer(model=FASTTEXT_MODEL, version=ClassifierConfig().version, resources=Resources())
     s.setup()
     return s
 
@@ -52,19 +59,91 @@ def test_binary_probability_to_score_keeps_the_decision_boundary():
     assert np.all(np.diff(scores) >= 0)
 
 
-def test_fasttext_dev_metrics_match_model_card(capsys):
-    metrics = evaluate.main(["--data", str(SAFETY / "dev.parquet")])
-    card = json.loads((REPO / "classifiers" / "models" / "safety-fasttext-v1.metrics.json").read_text())["dev"]
-    assert metrics == card
-    assert metrics["f1"] > 0.9 and metrics["auroc"] > 0.95
+def test_v2_is_the_default_and_v1_stays_loadable():
+    cfg = ClassifierConfig()
+    assert cfg.model == "classifiers/models/safety-fasttext-v2.ftz" and cfg.version == "safety-fasttext-v2"
+    v1 = FastTextSafetyScorer(model=V1_MODEL, version="safety-fasttext-v1", resources=Resources())
+    v1.setup()
+    assert v1._calibration is None and not v1._six_way  # v1 keeps its uncalibrated Binomial(5, p) mapping
+    texts = pq.read_table(SAFETY / "dev.parquet", columns=["text"]).column("text").to_pylist()[:200]
+    p = _raw_probability(V1_MODEL, texts)
+    scores = v1.process(pa.table({"text": texts})).column("safety_score").to_numpy()
+    np.testing.assert_array_equal(scores, np.minimum(np.floor(6 * p), 5).astype(int))
+
+
+def _raw_probability(model: str, texts: list[str]) -> np.ndarray:
+    import fasttext
+
+    labels, probs = fasttext.load_model(model).predict([normalize_for_fasttext(t) for t in texts], k=2)
+    return np.array([dict(zip(ls, ps)).get("__label__1", 0.0) for ls, ps in zip(labels, probs)])
+
+
+def test_v2_scores_are_the_calibrated_probability_in_sixths(fasttext_scorer):
+    """score = floor(6q), q = the Platt-calibrated P(harmful), so bad (>= 3) is q >= 0.5; and the raw
+    thresholds the calibration file states are the ones the scorer applies."""
+    cal = load_calibration(FASTTEXT_MODEL)
+    assert cal is not None and cal == fasttext_scorer._calibration
+    texts = pq.read_table(HARM / "dev.parquet", columns=["text"]).column("text").to_pylist()[:300]
+    p = _raw_probability(FASTTEXT_MODEL, texts)
+    q = calibrate(p, a=cal["a"], b=cal["b"])
+    scores = fasttext_scorer.process(pa.table({"text": texts})).column("safety_score").to_numpy()
+    np.testing.assert_array_equal(scores, np.minimum(np.floor(6 * q), 5).astype(int))
+    assert len(set(scores)) >= 4  # the scale is used, not just 0 and 5
+    for k, threshold in cal["raw_p_threshold_per_score"].items():
+        away = np.abs(p - threshold) > 1e-3  # clear of rounding in the file
+        np.testing.assert_array_equal((scores >= int(k))[away], (p >= threshold)[away])
+
+
+DEV_METRICS = [  # (model, metrics file key, dev split)
+    ("safety-fasttext-v2", "harm", HARM / "dev.parquet"),
+    ("safety-fasttext-v2", "toxicity", SAFETY / "dev.parquet"),
+    ("safety-fasttext-v1", None, SAFETY / "dev.parquet"),
+]
+
+
+@pytest.mark.parametrize("model,split,data", DEV_METRICS, ids=["v2-harm", "v2-toxicity", "v1-toxicity"])
+def test_fasttext_dev_metrics_match_model_card(model, split, data, capsys):
+    args = ["--data", str(data), "--model", str(MODELS / f"{model}.ftz")]
+    metrics = evaluate.main(args + (["--by-category"] if split else []))
+    saved = json.loads((MODELS / f"{model}.metrics.json").read_text())["dev"]
+    assert metrics == (saved[split] if split else saved)
     out = capsys.readouterr().out
     assert f"F1 {metrics['f1']:.4f}" in out and "score histogram: 0:" in out
     # The model card quotes the same figures (it once kept an earlier model's).
     text = (REPO / "classifiers" / "MODEL_CARD.md").read_text()
-    row = " | ".join(f"{metrics[k]:.4f}" for k in ("precision", "recall", "f1", "accuracy", "auroc"))
-    assert f"| {row} |" in text
+    row = " | ".join(f"{metrics[k]:.4f}" for k in ("precision", "recall", "f1", "fpr", "accuracy", "auroc"))
+    assert f"| {model} | {data.parent.name}/dev | {row} |" in text
     histogram = ", ".join(f"{k}: {v}" for k, v in metrics["score_histogram"].items())
-    assert f"Score histogram on dev: {histogram}." in text
+    assert f"Score histogram of {model} on {data.parent.name}/dev: {histogram}." in text
+    if split:
+        assert metrics["auroc"] > 0.9 and metrics["recall"] > 0.8
+        for cat, m in metrics["by_category"].items():
+            cells = " | ".join("-" if m[k] is None else f"{m[k]:.3f}" for k in ("recall", "fpr", "precision"))
+            assert f"| {cat} | {m['harmful']} | {m['benign']} | {cells} |" in text, (split, cat)
+
+
+def test_per_category_evaluation_on_a_small_slice(tmp_path, fasttext_scorer, capsys):
+    """The evaluation command's per-category table on ~120 rows, recounted from the scorer's own scores."""
+    table = pq.read_table(HARM / "dev.parquet")
+    table = table.take(list(range(0, table.num_rows, 14)))  # every 14th row: the file is ordered by source
+    pq.write_table(table, tmp_path / "slice.parquet")
+    metrics = evaluate.main(["--data", str(tmp_path / "slice.parquet"), "--by-category"])
+    printed = capsys.readouterr().out
+    scores = fasttext_scorer.process(table.select(["text"])).column("safety_score").to_numpy()
+    labels = np.array(table.column("label").to_pylist())
+    cats = np.array(row_categories(table))
+    assert set(metrics["by_category"]) == set(cats) and len(set(cats)) >= 8
+    for cat, m in metrics["by_category"].items():
+        rows = cats == cat
+        harmful, benign = rows & (labels == 1), rows & (labels == 0)
+        assert (m["harmful"], m["benign"]) == (harmful.sum(), benign.sum())
+        assert m["recall"] == (round((scores[harmful] >= 3).mean(), 4) if harmful.any() else None)
+        assert m["fpr"] == (round((scores[benign] >= 3).mean(), 4) if benign.any() else None)
+        line = next(l for l in printed.splitlines() if l.split()[:1] == [cat])
+        assert line.split()[1:3] == [str(m["harmful"]), str(m["benign"])]
+    flagged = scores >= 3
+    assert metrics["recall"] == round((flagged & (labels == 1)).sum() / (labels == 1).sum(), 4)
+    assert metrics["fpr"] == round((flagged & (labels == 0)).sum() / (labels == 0).sum(), 4)
 
 
 def test_transformers_backend_scores_dev_sample(minilm_scorer):
@@ -76,7 +155,11 @@ def test_transformers_backend_scores_dev_sample(minilm_scorer):
     assert np.array_equal(probs.argmax(axis=1), scores)
     np.testing.assert_allclose(out.column("safety_confidence").to_numpy(), probs.max(axis=1), atol=1e-6)
     labels = np.array(dev.column("label").to_pylist())
-    assert ((scores >= 3) == (labels == 1)).mean() > 0.85
+    # Only the head is trained (on frozen [CLS] vectors, to build in seconds): 0.825 measured here.
+    assert ((scores >= 3) == (labels == 1)).mean() > 0.8
+    harm = pq.read_table(HARM / "dev.parquet").slice(0, 200)
+    harm_scores = minilm_scorer.process(harm.select(["text"])).column("safety_score").to_numpy()
+    assert ((harm_scores >= 3) == (np.array(harm.column("label").to_pylist()) == 1)).mean() > 0.8
 
 
 def test_transformers_backend_sorts_by_length_but_keeps_order(minilm_scorer):
@@ -84,6 +167,30 @@ def test_transformers_backend_sorts_by_length_but_keeps_order(minilm_scorer):
     alone = [minilm_scorer.predict_probs([t])[0] for t in texts]
     together = minilm_scorer.predict_probs(texts)
     np.testing.assert_allclose(together, np.stack(alone), atol=1e-4)
+
+
+def test_cascade_rescores_only_documents_above_the_threshold(fasttext_scorer, minilm_scorer, minilm_classifier):
+    from annotator.safety import CascadeSafetyScorer, build_scorer
+
+    cfg = ClassifierConfig(cascade={"model": minilm_classifier, "threshold": 2, "version": "minilm"}, max_length=128)
+    cascade = build_scorer(cfg, resources=Resources())
+    assert isinstance(cascade, CascadeSafetyScorer) and cascade.stateful and cascade.adds == SAFETY_COLUMNS
+    cascade.setup()
+    table = pq.read_table(HARM / "dev.parquet")
+    texts = table.take(list(range(0, table.num_rows, 17))).column("text").to_pylist()  # ~100 rows of every source
+    out = cascade.process(pa.table({"text": texts}))
+    fast = np.stack(fasttext_scorer.process(pa.table({"text": texts})).column("safety_probs").to_pylist())
+    slow = minilm_scorer.predict_probs(texts)
+    rescored = fast.argmax(axis=1) >= 2
+    assert 0 < rescored.sum() < len(texts) and cascade.rescored == rescored.sum()
+    probs = np.stack(out.column("safety_probs").to_pylist())
+    np.testing.assert_allclose(probs[~rescored], fast[~rescored], atol=1e-6)
+    np.testing.assert_allclose(probs[rescored], slow[rescored], atol=1e-4)
+    assert set(out.column("safety_model").to_pylist()) == {"safety-fasttext-v2+minilm@2"}
+    with pytest.raises(ValueError, match="cascade.model: a cascade starts with the fastText scorer"):
+        ClassifierConfig(backend="transformers", cascade={"model": minilm_classifier})
+    with pytest.raises(ValueError, match="cascade.threshold"):
+        ClassifierConfig(cascade={"model": minilm_classifier, "threshold": 0})
 
 
 BAD_INPUTS = {
@@ -125,19 +232,30 @@ def test_unusable_text_is_marked_for_quarantine_at_read():
 def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier, tmp_path):
     require_shared_data()
     schemas = {}
-    for backend, model in (("fasttext", FASTTEXT_MODEL), ("transformers", minilm_classifier)):
+    # fastText with the config's defaults (v2, calibrated); the transformers backend named in full.
+    runs = {"fasttext": ("safety-fasttext-v2", []),
+            "transformers": ("transformers-v1", ["--set", "classifier.backend=transformers", "--set", f"classifier.model={minilm_classifier}",
+                                                 "--set", "classifier.version=transformers-v1", "--set", "classifier.max_length=128"]),
+            "cascade": ("safety-fasttext-v2+minilm@2", ["--set", f"classifier.cascade.model={minilm_classifier}",
+                                                        "--set", "classifier.cascade.version=minilm", "--set", "classifier.max_length=128"])}
+    for backend, (version, args) in runs.items():
         out = tmp_path / backend
-        proc = run_pipeline(
-            "--config", "configs/demo.yaml", "--limit", "60", "--output", str(out),
-            "--set", "generation.enabled=false", "--set", f"classifier.backend={backend}",
-            "--set", f"classifier.model={model}", "--set", f"classifier.version={backend}-v1", "--set", "classifier.max_length=128",
-        )
+        proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "60", "--output", str(out), "--set", "generation.enabled=false", *args)
         assert proc.returncode == 0, proc.stderr[-4000:]
         table = pq.read_table(out / "shards")
         assert table.num_rows == 60
-        assert set(table.column("safety_model").to_pylist()) == {f"{backend}-v1"}
+        assert set(table.column("safety_model").to_pylist()) == {version}
         schemas[backend] = {name: str(table.schema.field(name).type) for name in SAFETY_COLUMNS}
-    assert schemas["fasttext"] == schemas["transformers"]
+    # The pipeline scores as the scorer does on its own; the cascade keeps fastText's low scores.
+    rows = pq.read_table(tmp_path / "fasttext" / "shards", columns=["doc_id", "source_text", "safety_score"]).to_pydict()
+    direct = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="v2", resources=Resources())
+    direct.setup()
+    assert direct.process(pa.table({"text": rows["source_text"]})).column("safety_score").to_pylist() == rows["safety_score"]
+    scored = pq.read_table(tmp_path / "cascade" / "shards", columns=["doc_id", "safety_score"]).to_pydict()
+    cascade = dict(zip(scored["doc_id"], scored["safety_score"]))
+    low = [(d, s) for d, s in zip(rows["doc_id"], rows["safety_score"]) if s < 2]
+    assert low and all(cascade[d] == s for d, s in low)
+    assert schemas["fasttext"] == schemas["transformers"] == schemas["cascade"]
     probs_type = pq.read_table(tmp_path / "fasttext" / "shards").schema.field("safety_probs").type
     assert pa.types.is_fixed_size_list(probs_type) and probs_type.list_size == 6 and probs_type.value_type == pa.float32()
 
