@@ -182,10 +182,19 @@ class GenerationConfig(_Section):
         "builtin:smollm2-135m-instruct",
         description="Generator: a Hub id, a local model directory, or builtin:smollm2-135m-instruct (converted once into the cache).",
     )
+    recipes: list[str] = Field(
+        default_factory=lambda: ["reflection"],
+        description="Annotation tracks, each with its own columns and training stream, from one engine load: reflection, reflection_end, "
+                    "refusal_reflection, preflection, summary, rephrase, annotations. The first is the shards' training_text.",
+    )
     prompt_pack: str = Field(
         "reflection-v2",
-        description="Prompt pack: a built-in name (reflection-v2, reflection-v1), a pack folder, or a pack YAML file naming its files.",
+        description="The reflection recipe's prompt pack: a built-in name (reflection-v2, reflection-v1), a pack folder, or a pack YAML file naming its files.",
     )
+    packs: dict[str, str] = Field(
+        default_factory=dict, description="Other recipes' prompt packs by recipe name (default: each recipe's built-in pack)."
+    )
+    rephrase_max_tokens: int = Field(1024, ge=16, description="Generated-token cap of a rephrase request (the rewrite replaces the document).")
     concurrency: int = Field(1, ge=1, description="vLLM replica actors.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 runs vLLM on CPU).")
     num_cpus: float | Literal["auto"] = Field(
@@ -240,6 +249,16 @@ class GenerationConfig(_Section):
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Thinking and budget guard.")
     annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
     canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canaries in reflections, as the method does them.")
+
+    @field_validator("recipes")
+    @classmethod
+    def _known_recipes(cls, recipes: list[str]) -> list[str]:
+        from annotator.recipes import BUILTIN
+
+        unknown = [r for r in recipes if r not in BUILTIN]
+        if unknown or not recipes or len(set(recipes)) != len(recipes):
+            raise ValueError(f"recipes must be distinct names from {sorted(BUILTIN)}, got {recipes}")
+        return recipes
 
     @model_validator(mode="before")
     @classmethod

@@ -23,8 +23,8 @@ from annotator.checkpoint import read_unit_scored, write_atomically
 from annotator.config import SelectionConfig
 from annotator.finalize import EngineDocuments
 from annotator.selection import TokenTotals
-from annotator.stages import Resources, Stage
-from annotator.units import Unit, units_from_json, unit_json
+from annotator.stages import Resources, Stage, UnitStage
+from annotator.units import Unit, unit_json
 
 IDS = "_work/ids"
 ROWS_PER_BUCKET = 1_000_000
@@ -51,7 +51,7 @@ def units_with_index(units: list[Unit]):
                                override_num_blocks=max(1, len(units)))
 
 
-class SummarizeUnit(Stage):
+class SummarizeUnit(UnitStage):
     """Per unit: documents and tokens per safety score (and per score among the documents whose
     low confidence keeps a bad score from counting as bad); writes the unit's bucketed ids."""
 
@@ -100,10 +100,10 @@ class SummarizeUnit(Stage):
 
         write_atomically(path, write)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        units = units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
-        rows = [self._summarize(u, i) for u, i in zip(units, batch.column("unit_index").to_pylist())]
-        return pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.int64() if c == "unit_index" else pa.string()) for c in self.adds]))
+    output_schema = pa.schema([(c, pa.int64() if c == "unit_index" else pa.string()) for c in adds])
+
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        return [self._summarize(unit, row["unit_index"])]
 
 
 class FindDuplicates(Stage):
@@ -145,12 +145,11 @@ class CountForGeneration(EngineDocuments):
 
     name = "count_for_generation"
     adds = ("needs_generation",)
+    output_schema = pa.schema([("needs_generation", pa.int64())])
     resources = Resources(num_cpus=0.5, batch_size=1)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        units = units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
-        counts = [self.engine_documents(u, columns=["doc_id", "safety_score", "safety_confidence"]).num_rows for u in units]
-        return pa.table({"needs_generation": pa.array(counts, pa.int64())})
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        return [{"needs_generation": self.engine_documents(unit, columns=["doc_id", "safety_score", "safety_confidence"]).num_rows}]
 
 
 def corpus_totals(out_dir: Path, units: list[Unit], *, selection: SelectionConfig, find_duplicates: bool) -> tuple[TokenTotals, dict[str, list[int]]]:

@@ -26,8 +26,8 @@ from annotator.config import GenerationConfig, RunConfig, SelectionConfig
 from annotator.generation import DEFAULTS, FAILED_REPLY, REFLECTION_COLUMNS, REQUEST_COLUMN, NoReflections, ReflectionGenerator
 from annotator.prompt_packs import load_pack
 from annotator.selection import SelectForReflection
-from annotator.stages import TIMING_PREFIX, Resources, Stage, timed
-from annotator.units import Unit, units_from_json
+from annotator.stages import TIMING_PREFIX, Resources, Stage, UnitStage, timed
+from annotator.units import Unit
 from annotator.writer import ShardWriter, SpliceReflections
 
 def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
@@ -46,10 +46,8 @@ def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Tabl
     return table.filter(pc.invert(dup)), table.filter(dup)
 
 
-class EngineDocuments(Stage):
+class EngineDocuments(UnitStage):
     """Base of the stages that need, per unit, the documents the engine has to see."""
-
-    reads = ("unit",)
 
     def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
                  duplicates: dict[str, list[int]]):
@@ -77,24 +75,21 @@ class PlanGeneration(EngineDocuments):
 
     name = "plan_generation"
     adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags")
+    output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
+                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_()))])
     resources = Resources(num_cpus=0.25, batch_size=1)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        out = {name: [] for name in self.adds}
-        for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]}):
-            table = self.engine_documents(unit)
-            size = self.generation.batch_size
-            for index, start in enumerate(range(0, table.num_rows, size)):
-                if generated_batch_path(Path(self.out_dir), unit.key, index).exists():
-                    continue  # saved by an earlier run
-                piece = table.slice(start, size)
-                out["_unit"].append(unit.key)
-                out["batch_index"].append(index)
-                out["doc_ids"].append(piece.column("doc_id").to_pylist())
-                out["texts"].append(piece.column("text").to_pylist())
-                out["selected_flags"].append(piece.column("selected").to_pylist())
-        return pa.table(out, schema=pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
-                                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_()))]))
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        table = self.engine_documents(unit)
+        size = self.generation.batch_size
+        plans = []
+        for index, start in enumerate(range(0, table.num_rows, size)):
+            if generated_batch_path(Path(self.out_dir), unit.key, index).exists():
+                continue  # saved by an earlier run
+            piece = table.slice(start, size)
+            plans.append({"_unit": unit.key, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
+                          "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist()})
+        return plans
 
 
 def generated_batch_path(out_dir: Path, unit: str, index: int) -> Path:
@@ -195,12 +190,12 @@ def finalize_stages(cfg: RunConfig, *, out_dir: str) -> tuple[SpliceReflections,
             ShardWriter(out_dir=out_dir, output=cfg.output, sections=sections, annotation_tokens=block))
 
 
-class FinalizeUnit(Stage):
+class FinalizeUnit(UnitStage):
     """One unit from its scored documents and saved generations to shards and a manifest."""
 
     name = "finalize"
-    reads = ("unit",)
     adds = ("unit", "manifest")
+    output_schema = pa.schema([("unit", pa.string()), ("manifest", pa.string())])
 
     def __init__(self, cfg: RunConfig, *, out_dir: str, probability: float, generation_key: str, duplicates: dict[str, list[int]]):
         self.out_dir = out_dir
@@ -215,10 +210,8 @@ class FinalizeUnit(Stage):
     def setup(self) -> None:
         self.writer.setup()
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        units = units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
-        manifests = [self.finalize(u) for u in units]
-        return pa.table({"unit": [u.key for u in units], "manifest": [json.dumps(m) for m in manifests]})
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        return [{"unit": unit.key, "manifest": json.dumps(self.finalize(unit))}]
 
     def finalize(self, unit: Unit) -> dict:
         out = Path(self.out_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from annotator import __version__
 from annotator.checkpoint import (
-    DONE, GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION, WriteScored, clear_unit_scoring, config_differences,
+    GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION, WriteScored, clear_unit_scoring, config_differences,
     generation_key, load_manifests, output_settings, unit_done, unit_scored, write_json,
 )
 from annotator.config import RunConfig

@@ -27,6 +27,9 @@ _PLACEHOLDER_OR_ESCAPE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-
 # Placeholders filled per request; the system prompt must not use them (it stays prefix-cached).
 REQUEST_PLACEHOLDERS = ("text", "canary")
 CANARY_PLACEHOLDERS = ("instruction", "instruction_3p", "value", "id")
+# Reply formats: a JSON object of the pack's fields (structured outputs), plain text (one field),
+# or `key:value` tags (a JSON object of configured keys; the system template may name them as {keys}).
+FORMATS = ("json", "text", "tags")
 CHECKS = ("voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention", "no_cutoff_mention")
 _SECTION_HEADING = re.compile(r"^#{2,6}[ \t]*§?(\d+\.\d+)\.?[ \t]+(\S[^\n]*?)[ \t#]*$", re.MULTILINE)
 _SECTION_LINE = re.compile(r"^[ \t]*(\d+\.\d+)\.?[ \t]+(\S[^\n]*)$", re.MULTILINE)
@@ -105,6 +108,8 @@ class PromptPack:
     checks: dict[str, bool]
     version: str
     charter_terms: tuple[str, ...] = ("constitution", "charter")
+    format: str = "json"
+    styles: dict[str, str] = field(default_factory=dict)
 
     @property
     def voice_fields(self) -> tuple[str, ...]:
@@ -123,9 +128,14 @@ class PromptPack:
             values["charter"] = self.constitution.text
         return values
 
-    def system_prompt(self) -> str:
-        """Identical for every request of this pack, so vLLM's prefix cache computes it once."""
-        return fill(self.system_template, self._values())
+    def system_prompt(self, style: str | None = None, *, keys: list[str] = ()) -> str:
+        """Identical for every request of this pack (and style), so vLLM's prefix cache computes it once."""
+        values = self._values()
+        if self.styles:
+            values["style"] = self.styles[style or sorted(self.styles)[0]]
+        if self.format == "tags":
+            values["keys"] = ", ".join(keys)
+        return fill(self.system_template, values)
 
     def user_message(self, text: str, canary: Canary | None = None) -> str:
         block = ""
@@ -135,8 +145,9 @@ class PromptPack:
             block = fill(self.canary_template, canary_values(canary))
         return fill(self.user_template, {**self._values(), "text": text, "canary": block})
 
-    def messages(self, text: str, canary: Canary | None = None) -> list[dict]:
-        return [{"role": "system", "content": self.system_prompt()}, {"role": "user", "content": self.user_message(text, canary)}]
+    def messages(self, text: str, canary: Canary | None = None, *, style: str | None = None, keys: list[str] = ()) -> list[dict]:
+        return [{"role": "system", "content": self.system_prompt(style, keys=keys)},
+                {"role": "user", "content": self.user_message(text, canary)}]
 
 
 def canary_values(canary: Canary) -> dict[str, str]:
@@ -189,7 +200,7 @@ def load_pack(spec: str) -> PromptPack:
 
 
 _PACK_KEYS = {"name", "description", "constitution", "system", "user", "canary", "files", "fields", "voices", "checks",
-              "charter_terms"}
+              "charter_terms", "format", "styles"}
 
 
 def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
@@ -238,8 +249,15 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     for f, v in voices.items():
         if f not in fields or v not in VOICES:
             raise PackError(f"{manifest}: voices: {f!r}: {v!r} must map a reply field to one of {list(VOICES)}")
-    if sorted(voices.values()) != sorted(set(voices.values())):
-        raise PackError(f"{manifest}: voices: each voice may appear once, got {voices}")
+    fmt = data.get("format", "json")
+    if fmt not in FORMATS:
+        raise PackError(f"{manifest}: format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt == "text" and len(fields) != 1:
+        raise PackError(f"{manifest}: a text-format pack has exactly one field (the whole reply), got {list(fields)}")
+    styles_spec = data.get("styles") or {}
+    if not isinstance(styles_spec, dict):
+        raise PackError(f"{manifest}: 'styles' must map style names to files")
+    styles = {str(k): read(f"styles.{k}", v, required=True) for k, v in sorted(styles_spec.items())}
     checks = dict(data.get("checks") or {})
     bad = sorted(set(checks) - set(CHECKS))
     if bad or not all(isinstance(v, bool) for v in checks.values()):
@@ -247,7 +265,10 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
 
     known_static = {"charter", *files} if constitution is not None else set(files)
     where = {role: w for role, (w, _) in contents.items()}
-    _check_placeholders(system, where["system"], allowed=known_static, forbidden=REQUEST_PLACEHOLDERS)
+    system_names = known_static | ({"style"} if styles else set()) | ({"keys"} if fmt == "tags" else set())
+    _check_placeholders(system, where["system"], allowed=system_names, forbidden=REQUEST_PLACEHOLDERS)
+    if styles and "style" not in placeholders(system):
+        raise PackError(f"{where['system']}: missing placeholder {{style}}: the pack names styles {sorted(styles)}")
     _check_placeholders(user, where["user"], allowed=known_static | set(REQUEST_PLACEHOLDERS), forbidden=())
     if canary is not None:
         _check_placeholders(canary, where["canary"], allowed=set(CANARY_PLACEHOLDERS), forbidden=())
@@ -265,11 +286,11 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     digest = hashlib.sha256(name.encode())
     for role in sorted(contents):
         digest.update(f"\x00{role}\x00".encode() + contents[role][1].encode("utf-8"))
-    digest.update(repr((fields, sorted(voices.items()), sorted(checks.items()))).encode())
+    digest.update(repr((fields, sorted(voices.items()), sorted(checks.items()), fmt)).encode())
     terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
     return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
                       constitution=constitution, files=files, fields=fields, voices=voices, checks=checks,
-                      version=f"{name}@{digest.hexdigest()[:12]}", charter_terms=terms)
+                      version=f"{name}@{digest.hexdigest()[:12]}", charter_terms=terms, format=fmt, styles=styles)
 
 
 def _check_placeholders(template: str, where: str, *, allowed: set[str], forbidden) -> None:

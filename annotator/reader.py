@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotator.config import InputConfig
-from annotator.stages import Resources, Stage
-from annotator.units import Unit, open_parquet, unit_json, units_from_json
+from annotator.stages import Resources, UnitStage
+from annotator.units import Unit, open_parquet, unit_json
 
 
 class InputError(ValueError):
@@ -111,7 +110,7 @@ def reject_reasons(text: pa.Array, notes: list[str | None], *, max_chars: int) -
     return pc.coalesce(from_notes, found)
 
 
-class ReadUnits(Stage):
+class ReadUnits(UnitStage):
     """Reads whole work units (one per input row) and emits their documents: `doc_id`, `text`,
     the other input columns, `source_file`/`source_row`, and `reject_reason` for documents that
     go to `rejects/` (their `text` is emptied so later stages spend nothing on them)."""
@@ -143,9 +142,8 @@ class ReadUnits(Stage):
             reason = f"unreadable_rows: {type(err).__name__}: {err}"[:300]
             return pa.table({self.text_column: pa.nulls(unit.rows, pa.string()), "_read_error": [reason] * unit.rows})
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        tables = [self.normalize(self.read_unit(unit), unit) for unit in units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})]
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    def process_unit(self, unit: Unit, row: dict) -> pa.Table:
+        return self.normalize(self.read_unit(unit), unit)
 
     def normalize(self, table: pa.Table, unit: Unit) -> pa.Table:
         n = table.num_rows

@@ -52,6 +52,31 @@ class Stage:
         return f"{type(self).__qualname__}({public})"
 
 
+class UnitStage(Stage):
+    """The per-unit stage contract: each input row names one work unit (`unit`, decoded by
+    `units.units_in`); `process_unit` turns one unit (and its input row) into output rows, a table
+    with `output_schema`. Reading a unit, summarizing it, planning its engine batches and
+    finalizing it are all this shape; the rows they emit are small (counts, plans, manifests)."""
+
+    reads = ("unit",)
+    output_schema: pa.Schema = pa.schema([])
+
+    def process_unit(self, unit, row: dict) -> pa.Table | list[dict]:
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from annotator.units import units_in
+
+        rows = batch.to_pylist()
+        outs = []
+        for unit, row in zip(units_in(batch), rows):
+            out = self.process_unit(unit, row)
+            outs.append(out if isinstance(out, pa.Table) else pa.Table.from_pylist(out, schema=self.output_schema))
+        if not outs:
+            return self.output_schema.empty_table()
+        return pa.concat_tables(outs, promote_options="permissive") if len(outs) > 1 else outs[0]
+
+
 class InProcess(Stage):
     """Stages run one after another in one worker on each input batch, each over its own batch
     size. For work units: one task reads a unit, counts its tokens, scores and writes it, so the

@@ -130,5 +130,11 @@ def units_from_json(data: dict) -> list[Unit]:
     return [Unit(**{**u, "row_groups": tuple(u["row_groups"])}) for u in data["units"]]
 
 
+def units_in(batch: pa.Table) -> list[Unit]:
+    """The units a batch of a unit dataset names (its `unit` column of `unit_json` strings): the one
+    decoder every per-unit stage uses."""
+    return units_from_json({"units": [json.loads(u) for u in batch.column("unit").to_pylist()]})
+
+
 def unit_json(unit: Unit) -> str:
     return json.dumps(asdict(unit), sort_keys=True)

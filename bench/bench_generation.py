@@ -1,15 +1,26 @@
 """Benchmark: the generation stage inside the Ray pipeline vs one plain `vllm.LLM.chat` call on
-the whole prompt list, with the same prompts, sampling settings and engine arguments.
+the whole request list: the same requests (the pack's prompts, per-document seeds, structured
+outputs), the same engine arguments, the same cores (both bind their engine threads to the cores
+the replica's reservation gives, `engine.configure_cpu_threads`).
 
-    .venv/bin/python bench/bench_generation.py [--docs 64] [--batch-size 32] [--set generation.field=value ...]
+    .venv/bin/python bench/bench_generation.py [--docs 48] [--batch-size 48] [--repeat 3] [--pack bench|PATH]
+        [--set generation.field=value ...]
 
-Prints output and prompt tokens/s, prefix-cache hit rate, prompt tokens computed per document
-with and without prefix caching, and the ratio of the Ray stage to plain vLLM.
+`--pack bench` (default) is the built-in reflection-v2 pack plus a per-section guidance table, so
+its system prompt is ~3,500 target tokens, the size of the published SPP prompt. Each repetition
+runs the Ray stage, then the plain call, each in a fresh process; the table gives every
+repetition, the ratio of output tokens/s (Ray stage busy time / plain call time) per repetition,
+and the median and spread. Prompt tokens per document are given with and without prefix caching.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +34,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from annotator.config import load_config  # noqa: E402
-from annotator.generation import REFLECTION, ReflectionGenerator  # noqa: E402
-from annotator.stages import TIMING_PREFIX, apply_stages  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
+
+
+def bench_pack(dest: Path) -> Path:
+    """reflection-v2 with a guidance table (one guiding question per section) as its writing
+    guidelines: the published prompt's size, with this project's own words."""
+    from annotator.prompt_packs import load_pack, resolve_pack_path
+
+    src = resolve_pack_path("reflection-v2")
+    shutil.copytree(src, dest)
+    pack = load_pack("reflection-v2")
+    rows = [f"| {s.id} {s.title} | Who in this text could be affected by a failure of {s.title.lower()}, and does the text "
+            f"depict it, report it, excuse it or argue for it? Cite [{s.id}] only when the text itself engages it. |"
+            for s in pack.constitution.sections]
+    guidance = (dest / "writing_guidelines.md").read_text() + "\n\n| Section | Guiding question |\n|---|---|\n" + "\n".join(rows) + "\n"
+    (dest / "writing_guidelines.md").write_text(guidance)
+    text = (dest / "pack.yaml").read_text().replace("name: reflection-v2", "name: reflection-v2-bench")
+    (dest / "pack.yaml").write_text(text)
+    return dest
 
 
 def documents(n: int) -> pa.Table:
@@ -34,46 +61,63 @@ def documents(n: int) -> pa.Table:
     return pa.table({"doc_id": t.column("id"), "text": t.column("text"), "selected": pa.array([True] * t.num_rows)})
 
 
-def plain_vllm(cfg, docs: pa.Table) -> dict:
-    """The same requests the stage builds, sent as one list to one `vllm.LLM`."""
-    stage = ReflectionGenerator(cfg)
-    stage.load_engine()  # builds the vllm.LLM with the same engine arguments
-    _, pending, _ = stage.build_requests(docs)
-    keys = list(pending)
+def stage_for(cfg, *, eager: bool = False):
+    from annotator.generation import ReflectionGenerator
+    from annotator.pipeline import replica_cpus
+
+    class EagerGenerator(ReflectionGenerator):
+        """Loads the engine when the actor starts, as the pipeline's GenerateAndSave does before it
+        times a batch: the stage's busy time is then the engine's work on the batch alone."""
+
+        def setup(self) -> None:
+            self.load_engine()
+
+    cpus = replica_cpus(cfg, {"CPU": cfg.ray.num_cpus or 2})
+    cls = EagerGenerator if eager else ReflectionGenerator
+    return cls(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens, num_cpus=cpus)
+
+
+def side_plain(cfg, docs: pa.Table) -> dict:
+    """The stage's own requests, sent as one list to one `vllm.LLM.chat`."""
+    stage = stage_for(cfg)
+    stage.load_engine()  # the same engine arguments, threads bound to the same cores
+    _, requests = stage.build_requests(docs)
     ids = docs.column("doc_id").to_pylist()
-    params = [stage._sampling(task, ids[i], 0) for i, task in keys]
+    params = [stage._sampling(r.task, ids[r.row], 0) for r in requests]
     started = time.perf_counter()
-    outs = stage.llm.chat([pending[k] for k in keys], params, use_tqdm=False)
+    outs = stage._engine.llm.chat([r.messages for r in requests], params, use_tqdm=False)
     seconds = time.perf_counter() - started
-    result = {
-        "seconds": seconds,
-        "prompt": sum(len(o.prompt_token_ids) for o in outs),
-        "cached": sum(o.num_cached_tokens or 0 for o in outs),
-        "output": sum(len(o.outputs[0].token_ids) for o in outs),
-        "requests": len(outs),
-    }
-    del stage.llm
-    return result
+    return {"seconds": seconds, "prompt": sum(len(o.prompt_token_ids) for o in outs),
+            "cached": sum(o.num_cached_tokens or 0 for o in outs), "output": sum(len(o.outputs[0].token_ids) for o in outs),
+            "requests": len(outs), "threads": stage._engine.threads,
+            "system_tokens": len(stage._tok.encode(stage.pack.system_prompt()))}
 
 
-def ray_stage(cfg, docs: pa.Table, tmp: Path) -> dict:
+def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
+    import ray
     import ray.data
 
-    path = tmp / "docs.parquet"
-    pq.write_table(docs, path)
+    from annotator.stages import TIMING_PREFIX, apply_stages
+
+    ray.init(num_cpus=cfg.ray.num_cpus or 2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    stage = stage_for(cfg, eager=True)
     started = time.perf_counter()
-    out = apply_stages(ray.data.read_parquet(str(path)), [ReflectionGenerator(cfg)]).materialize()
+    # From the object store: no read task competes with the replica for the node's CPUs (the
+    # pipeline's own planning tasks reserve 0.25 CPU, which `num_cpus: auto` leaves them).
+    out = apply_stages(ray.data.from_arrow(docs), [stage]).materialize()
     wall = time.perf_counter() - started
     table = pa.concat_tables([ray.get(ref) for ref in out.to_arrow_refs()])
+    ray.shutdown()
     total = lambda col: int(pc.sum(table.column(col)).as_py())  # noqa: E731
+    first = pc.list_element(table.column("reflection_attempt_log"), 0).to_pylist()
     return {
         "seconds": float(pc.sum(table.column(TIMING_PREFIX + "generate")).as_py()),
         "wall_with_engine_load": wall,
-        "prompt": total("gen_prompt_tokens"),
-        "cached": total("gen_cached_prompt_tokens"),
-        "output": total("gen_output_tokens"),
-        "requests": int(pc.sum(pc.greater(table.column("reflection_attempts"), 0)).as_py()),
-        "attempts": total("reflection_attempts"),
+        "prompt": total("gen_prompt_tokens"), "cached": total("gen_cached_prompt_tokens"), "output": total("gen_output_tokens"),
+        # The first attempt of every document is the plain call's request; retries come on top.
+        "first_attempt_output": sum(int(e.rsplit(":", 1)[1]) for e in first if e),
+        "requests": total("reflection_attempts"), "cpus": stage.resources.num_cpus,
         "ok": int(pc.sum(pc.equal(table.column("reflection_status"), "ok")).as_py()),
     }
 
@@ -81,33 +125,72 @@ def ray_stage(cfg, docs: pa.Table, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--docs", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--docs", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--pack", default="bench", help="'bench' (v2 at the published prompt size) or a pack path/name")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--side", choices=["ray", "plain"], help=argparse.SUPPRESS)  # one side, in a child process
+    ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cfg = load_config(args.config, overrides=[f"generation.batch_size={args.batch_size}", *args.overrides]).generation
-    docs = documents(args.docs)
 
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
-        staged = ray_stage(cfg, docs, Path(tmp))
-    ray.shutdown()
-    plain = plain_vllm(cfg, docs)
+        pack = str(bench_pack(Path(tmp) / "pack")) if args.pack == "bench" else args.pack
+        overrides = [f"generation.batch_size={args.batch_size}", f"generation.prompt_pack={pack}", "generation.canaries.file=null",
+                     "generation.max_retries=0", *args.overrides]
+        if args.side:
+            cfg = load_config(args.config, overrides=overrides)
+            docs = documents(args.docs)
+            result = side_ray(cfg, docs, Path(tmp)) if args.side == "ray" else side_plain(cfg, docs)
+            Path(args.json).write_text(json.dumps(result))
+            sys.stdout.flush()
+            import psutil
 
-    print(f"\n{args.docs} documents, model {cfg.model}, batch size {cfg.batch_size}, enforce_eager={cfg.enforce_eager}")
-    print(f"{'what':<34} {'seconds':>8} {'out tok/s':>10} {'prompt tok/s':>13} {'cache hit':>10} {'computed prompt tok/doc':>24}")
-    for name, r in (("plain vllm.LLM.chat (all prompts)", plain), ("Ray pipeline stage (busy time)", staged)):
-        print(f"{name:<34} {r['seconds']:>8.1f} {r['output'] / r['seconds']:>10.1f} {r['prompt'] / r['seconds']:>13.1f} "
-              f"{r['cached'] / r['prompt']:>10.3f} {(r['prompt'] - r['cached']) / args.docs:>24.1f}")
-    print(f"\nprompt tokens per document without prefix caching: {plain['prompt'] / args.docs:.1f}; "
-          f"computed with caching: plain {(plain['prompt'] - plain['cached']) / args.docs:.1f}, "
-          f"Ray stage {(staged['prompt'] - staged['cached']) / args.docs:.1f}")
-    print(f"Ray stage: {staged['ok']}/{args.docs} reflections ok, {staged['attempts']} attempts; wall incl. engine load "
-          f"{staged['wall_with_engine_load']:.1f}s")
-    print(f"ratio Ray stage / plain vLLM, output tokens/s = {(staged['output'] / staged['seconds']) / (plain['output'] / plain['seconds']):.2f} (target >= 0.9)")
+            for child in psutil.Process().children(recursive=True):
+                child.kill()  # vLLM's engine processes would outlive us and hold our output pipes
+            os._exit(0)  # and its shutdown can hang the interpreter's exit; the result is written
+        runs = []
+        for rep in range(args.repeat):
+            rep_result = {}
+            for side in ("ray", "plain"):
+                out = Path(tmp) / f"{side}-{rep}.json"
+                cmd = [sys.executable, __file__, "--side", side, "--json", str(out), "--docs", str(args.docs),
+                       "--batch-size", str(args.batch_size), "--config", args.config, "--pack", pack]
+                for o in args.overrides:
+                    cmd += ["--set", o]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if proc.returncode:
+                    sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+                rep_result[side] = json.loads(out.read_text())
+            runs.append(rep_result)
+            print(f"repetition {rep + 1} done", flush=True)
+    report(args, runs)
+
+
+def report(args, runs: list[dict]) -> None:
+    plain0 = runs[0]["plain"]
+    print(f"\n{args.docs} documents, batch size {args.batch_size}, pack system prompt {plain0['system_tokens']} target tokens, "
+          f"engine threads: {plain0['threads']}")
+    print(f"{'rep':<4} {'what':<36} {'seconds':>8} {'out tok/s':>10} {'prompt tok/s':>13} {'cache hit':>10} {'computed prompt tok/doc':>24}")
+    ratios, times = [], []
+    for i, r in enumerate(runs, 1):
+        for name, side in (("plain vllm.LLM.chat (all prompts)", r["plain"]), ("Ray pipeline stage (busy time)", r["ray"])):
+            print(f"{i:<4} {name:<36} {side['seconds']:>8.1f} {side['output'] / side['seconds']:>10.1f} "
+                  f"{side['prompt'] / side['seconds']:>13.1f} {side['cached'] / side['prompt']:>10.3f} "
+                  f"{(side['prompt'] - side['cached']) / args.docs:>24.1f}")
+        ratios.append((r["ray"]["output"] / r["ray"]["seconds"]) / (r["plain"]["output"] / r["plain"]["seconds"]))
+        times.append(r["plain"]["seconds"] / r["ray"]["seconds"])
+    prompt = plain0["prompt"] / plain0["requests"]
+    print(f"\nprompt tokens per document without prefix caching: {prompt:.1f}; computed with caching: plain "
+          f"{(plain0['prompt'] - plain0['cached']) / plain0['requests']:.1f}, Ray stage "
+          f"{(runs[0]['ray']['prompt'] - runs[0]['ray']['cached']) / runs[0]['ray']['requests']:.1f}")
+    print("Ray stage reflections ok per repetition: " + ", ".join(f"{r['ray']['ok']}/{args.docs}" for r in runs)
+          + "; wall incl. engine load: " + ", ".join(f"{r['ray']['wall_with_engine_load']:.0f}s" for r in runs))
+    print("ratio Ray stage / plain vLLM, output tokens/s, per repetition: " + " / ".join(f"{x:.2f}" for x in ratios)
+          + f"; median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} (target >= 0.9)")
+    print("time for the same requests, plain seconds / Ray stage seconds, per repetition: " + " / ".join(f"{x:.2f}" for x in times)
+          + f"; median {statistics.median(times):.2f} (sampling is seeded per document, but the two engines' outputs can "
+          "differ in length, which moves the tokens/s ratio)")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,6 @@ def ray_stage(scorer: SafetyScorer, paths: list[str], *, layout: str = "in-proce
     """Whole pipeline wall time, start-up (workers, model loads) included. `in-process` is how the
     pipeline runs a CPU scorer (one task per unit reads and scores it); `separate` runs reader
     tasks and scorer tasks as two Ray Data operators, the documents passing through the object store."""
-    import ray.data
 
     started = time.perf_counter()
     cfg = InputConfig(paths=paths, rows_per_unit=10_000)

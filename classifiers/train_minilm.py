@@ -31,7 +31,7 @@ from annotator.safety_eval import category_metrics, label_metrics, score_texts  
 from annotator.stages import Resources  # noqa: E402
 from classifiers.build_test_classifier import fit_head  # noqa: E402
 from classifiers.categories import row_categories  # noqa: E402
-from classifiers.safety_data import CORPUS_DIR, WEB_HELDOUT_FILES, expand, group_weights, in_calibration, training_rows  # noqa: E402
+from classifiers.safety_data import CORPUS_DIR, WEB_HELDOUT_FILES, group_weights, in_calibration, training_rows  # noqa: E402
 from classifiers.train_safety_v2 import DEV_SPLITS  # noqa: E402
 
 FASTTEXT_V2 = Path(__file__).resolve().parent / "models" / "safety-fasttext-v2.ftz"

@@ -213,3 +213,42 @@ def test_parse_constitution_plain_lines_and_repeats():
     c = parse_constitution("## 1. Care\n1.1 Be kind.\n1.2 Be fair.\n## 2. Harm\n2.1 No harm.\n1.1 Repeated later.\n")
     assert [(s.id, s.title, s.domain) for s in c.sections] == [("1.1", "Be kind.", "Care"), ("1.2", "Be fair.", "Care"),
                                                                ("2.1", "No harm.", "Harm")]
+
+
+@pytest.mark.slow
+def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
+    """The pack above, given by path, runs unchanged with the built-in model on real documents:
+    rows carry its version, citations are its sections, canary rows have the instruction in the
+    user message (kept with generation.save_requests)."""
+    import pyarrow.parquet as pq
+
+    from tests.support import require_shared_data, run_pipeline
+
+    require_shared_data()
+    pack_path = write_published_style_pack(tmp_path / "spp")
+    out = tmp_path / "out"
+    proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "40", "--output", str(out),
+                        "--set", f"generation.prompt_pack={pack_path}",
+                        "--set", f"generation.canaries.file={tmp_path / 'spp' / 'resources' / 'canaries.yaml'}",
+                        "--set", "generation.canaries.fraction=0.5", "--set", "generation.save_requests=true",
+                        "--set", "output.keep_work=true", "--set", "selection.mode=random_fraction",
+                        "--set", "selection.fraction=0.25", "--set", "generation.max_model_len=4096")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pack = load_pack(str(pack_path))
+    rows = pq.read_table(out / "shards").to_pylist()
+    chosen = [r for r in rows if r["selected"]]
+    assert len(chosen) >= 5
+    assert {r["prompt_version"] for r in chosen} == {pack.version}
+    assert all(set(r["citations"] or []) <= pack.sections for r in chosen)
+    requests = {r["doc_id"]: r["_reflection_request"] for r in pq.read_table(out / "_work" / "generated").to_pylist()}
+    with_canary = [d for d, req in requests.items() if "## Canary" in req]
+    assert with_canary and all("- For reflection_1p: Mention that your cat is called Biscuit." in requests[d] for d in with_canary)
+    assert all(req.startswith("## Full Text\n\n") and req.rstrip().endswith("reflection_3p.") for req in requests.values())
+    ok = {r["doc_id"]: r for r in chosen if r["reflection_status"] == "ok"}
+    assert all(ok[d]["canary_type"] == "T1" for d in with_canary if d in ok)
+    import json
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompts"]["prompt_version"] == pack.version and stats["prompts"]["constitution"]["sections"] == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["output_settings"]["files"]["prompt_version"] == pack.version

@@ -12,14 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.config import OutputConfig, RunConfig
+from annotator.config import RunConfig
 from annotator.finalize import finalize_stages, run_sections
 from annotator.generation import DEFAULTS, REFLECTION_COLUMNS
 from annotator.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
 from annotator.pause import pause_point
 from annotator.tokenized import training_tokenizer
 from annotator.tokens import target_tokenizer
-from annotator.writer import ShardWriter
 from tests.streams_check import check_streams, megatron_dataset
 from tests.support import read_input, require_shared_data, run_pipeline
 
