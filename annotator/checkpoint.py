@@ -1,13 +1,6 @@
-"""Durable run state under the output directory, which is what makes a rerun resume exactly once.
-
-    run.json                            the config fingerprint and the unit plan of this output
-    _work/scored/<unit>/<first>-<n>.parquet   pass 1 results (n rows each; a unit is scored when
-                                              its parts and its rejects add up to its rows)
-    _work/ids/<unit>.parquet            a unit's ids in hash buckets, while duplicates are found (corpus.py)
-    _work/selection.json                sample probability and duplicate ids (fixed once computed)
-    _work/generated/<unit>/<batch>.parquet    generation results, one file per planned engine batch
-    _work/done/<unit>.json              a unit's manifest: its shards and statistics, written last
-    rejects/documents/<unit>-<first>-<n>.parquet   quarantined input documents
+"""Durable run state under the output directory, which is what makes a rerun resume exactly once:
+the config fingerprint (run.json), pass 1's scored parts, the selection, the saved generations per
+engine batch and each unit's manifest, written last (paths in annotator/layout.py).
 
 Every file is written under a temporary name and renamed, so a file that exists is complete.
 """
@@ -25,20 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.config import RunConfig
+from annotator.layout import (
+    DONE, REJECTED_DOCUMENTS, SCORED, generated_dir,
+)
 from annotator.reader import REJECT_COLUMNS
 from annotator.stages import Resources, Stage
 from annotator.units import Unit
 
-RUN_FILE = "run.json"
-SCORED = "_work/scored"
-GENERATED = "_work/generated"
-DONE = "_work/done"
-SELECTION = "_work/selection.json"
-REJECTS = "rejects"
-REJECTED_DOCUMENTS = "rejects/documents"
-REJECTED_DUPLICATES = "rejects/duplicates"
-REJECTED_GENERATIONS = "rejects/generations"
-REJECTED_FILES = "rejects/files.jsonl"
 
 # Settings that change how fast a run goes, not what it writes: a rerun may change them.
 OPERATIONAL_FIELDS = {
@@ -188,9 +174,9 @@ def generation_key(cfg: RunConfig) -> str:
     return digest(content_fingerprint(cfg), g, cfg.output.tokenizer, cfg.content_tokens)
 
 
-def cached_generations(out_dir: Path, unit_key: str, key: str) -> pa.Table | None:
+def cached_generations(out_dir: Path, unit_key: str, key: str, *, pass_name: str | None = None) -> pa.Table | None:
     """The generation results already saved for a unit under generation key `key`."""
-    parts = [pq.read_table(p) for p in sorted((out_dir / GENERATED / unit_key).glob("*.parquet"))]
+    parts = [pq.read_table(p) for p in sorted((generated_dir(out_dir, pass_name) / unit_key).glob("*.parquet"))]
     if not parts:
         return None
     table = pa.concat_tables(parts, promote_options="permissive")

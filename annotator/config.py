@@ -17,6 +17,15 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the offending field."""
 
 
+def refuse_moved(data: Any, **moved: str) -> Any:
+    """A config section's validator for fields that moved: the message says where to."""
+    if isinstance(data, dict):
+        for field, message in moved.items():
+            if field in data:
+                raise ValueError(message)
+    return data
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -115,7 +124,6 @@ class SelectionConfig(_Section):
 
 
 class AnnotationConfig(_Section):
-    enabled: bool = Field(False, description="Also produce semantic key:value annotations (same engine load as reflections).")
     apply_to: Literal["all", "selected"] = Field("selected", description="Annotate every document, or only those selected for a reflection.")
     keys: list[str] = Field(
         default_factory=lambda: ["topic", "domain", "entities", "sentiment", "style", "language"],
@@ -125,8 +133,13 @@ class AnnotationConfig(_Section):
     max_value_chars: int = Field(48, ge=4, description="Upper bound on each annotation value's length in characters.")
     max_block_tokens: int = Field(
         64, ge=8,
-        description="The annotation block in front of a document, in target tokens (tags that do not fit are left out); windows reserve this room.",
+        description="The annotation block in front of a document, in target tokens (tags that do not fit are left out); at most generation.max_reflection_tokens.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return refuse_moved(data, enabled="annotations.enabled was replaced by the annotations recipe: list it in generation.recipes")
 
     @field_validator("keys")
     @classmethod
@@ -247,7 +260,7 @@ class GenerationConfig(_Section):
     )
     pause: PauseConfig = Field(default_factory=PauseConfig, description="Reading pause points.")
     guard: GuardConfig = Field(default_factory=GuardConfig, description="Thinking and budget guard.")
-    annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="Semantic annotations task.")
+    annotations: AnnotationConfig = Field(default_factory=AnnotationConfig, description="The annotations recipe's settings.")
     canaries: CanaryConfig = Field(default_factory=CanaryConfig, description="Canaries in reflections, as the method does them.")
 
     @field_validator("recipes")
@@ -262,10 +275,9 @@ class GenerationConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _moved_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "tokenizer" in data:
-            raise ValueError("generation.tokenizer was replaced by output.tokenizer (the target tokenizer is independent of the generator)")
-        return data
+    def _moved(cls, data: Any) -> Any:
+        return refuse_moved(data, tokenizer="generation.tokenizer was replaced by output.tokenizer "
+                                            "(the target tokenizer is independent of the generator)")
 
     @field_validator("num_cpus")
     @classmethod
@@ -358,17 +370,18 @@ class RunConfig(_Section):
     def _window_fits(self) -> "RunConfig":
         if self.content_tokens < 16:
             raise ValueError(f"output.seq_length {self.output.seq_length} leaves {self.content_tokens} content tokens after the "
-                             "reflection budget and the annotation block")
+                             "reflection budget")
+        if self.generation.annotations.max_block_tokens > self.generation.max_reflection_tokens:
+            raise ValueError("generation.annotations.max_block_tokens must fit the budget a window reserves "
+                             f"(generation.max_reflection_tokens = {self.generation.max_reflection_tokens})")
         return self
 
     @property
     def content_tokens(self) -> int:
         """Content tokens an annotated document keeps (and where its pause point may lie): the
-        window's seq_length minus the reflection budget and, with annotations on selected
-        documents, the annotation block."""
-        gen = self.generation
-        block = gen.annotations.max_block_tokens if gen.annotations.enabled else 0
-        return self.output.seq_length - gen.max_reflection_tokens - block
+        window's seq_length minus the budget every recipe's placed text fits (reflection,
+        preflection field, summary, annotation block)."""
+        return self.output.seq_length - self.generation.max_reflection_tokens
 
     @model_validator(mode="after")
     def _output_not_input(self) -> "RunConfig":

@@ -17,23 +17,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.checkpoint import (
-    DONE, GENERATED, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, cached_generations,
-    read_unit_scored, rejected_count, write_json, write_table,
-)
 from annotator import layout
+from annotator.checkpoint import cached_generations, read_unit_scored, rejected_count, write_json, write_table
+from annotator.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, generated_batch_path
 from annotator.config import GenerationConfig, RunConfig, SelectionConfig
-from annotator.generation import DEFAULTS, FAILED_REPLY, REFLECTION_COLUMNS, REQUEST_COLUMN, NoReflections, ReflectionGenerator
-from annotator.prompt_packs import load_pack
+from annotator.generation import FAILED_REPLY, REQUEST_COLUMN, SHARED_COLUMNS, Generator, NoGeneration, column_defaults
+from annotator.prompt_packs import section_order
+from annotator.recipes import Recipe, run_recipes
 from annotator.selection import SelectForReflection
 from annotator.stages import TIMING_PREFIX, Resources, Stage, UnitStage, timed
 from annotator.units import Unit
-from annotator.writer import ShardWriter, SpliceReflections
+from annotator.writer import ShardWriter, TrainingText, placed_streams
+
 
 def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
-    """Rows the engine has to see: selected ones, and every row when all are annotated."""
-    ann = gen.annotations
-    if ann.enabled and ann.apply_to == "all":
+    """Rows the engine has to see: selected ones, and every row when a recipe applies to all."""
+    if any(r.applies_to == "all" for r in run_recipes(gen)):
         return pa.array([True] * len(selected))
     return pc.fill_null(selected, False)
 
@@ -74,36 +73,40 @@ class PlanGeneration(EngineDocuments):
     give identical reflections in a resumed run."""
 
     name = "plan_generation"
-    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags")
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
     output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
-                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_()))])
+                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_())),
+                               ("bad_flags", pa.list_(pa.bool_()))])
     resources = Resources(num_cpus=0.25, batch_size=1)
+    pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        table = self.engine_documents(unit)
-        size = self.generation.batch_size
-        plans = []
-        for index, start in enumerate(range(0, table.num_rows, size)):
-            if generated_batch_path(Path(self.out_dir), unit.key, index).exists():
-                continue  # saved by an earlier run
-            piece = table.slice(start, size)
-            plans.append({"_unit": unit.key, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
-                          "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist()})
-        return plans
+        return plan_batches(self.engine_documents(unit), unit=unit.key, out_dir=Path(self.out_dir),
+                            batch_size=self.generation.batch_size, pass_name=self.pass_name)
 
 
-def generated_batch_path(out_dir: Path, unit: str, index: int) -> Path:
-    return out_dir / GENERATED / unit / f"{index:06d}.parquet"
+def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, pass_name: str | None) -> list[dict]:
+    """A unit's documents that need the engine, in input order, cut into engine batches; the
+    batches already saved (by an earlier attempt) are left out."""
+    plans = []
+    for index, start in enumerate(range(0, table.num_rows, batch_size)):
+        if generated_batch_path(out_dir, unit, index, pass_name=pass_name).exists():
+            continue  # saved by an earlier run
+        piece = table.slice(start, batch_size)
+        plans.append({"_unit": unit, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
+                      "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist(),
+                      "bad_flags": piece.column("is_bad").to_pylist()})
+    return plans
 
 
-def save_generations(batch: pa.Table, *, path: Path, generation_key: str) -> dict:
+def save_generations(batch: pa.Table, *, path: Path, generation_key: str, columns: list[str], main_status: str) -> dict:
     """Saves one generated engine batch; returns its counts for progress."""
     extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c == REQUEST_COLUMN]
-    saved = batch.select(["doc_id", *REFLECTION_COLUMNS, FAILED_REPLY, *extra]).append_column(
+    saved = batch.select(["doc_id", *columns, FAILED_REPLY, *extra]).append_column(
         "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
     write_table(path, saved)
-    status = batch.column("reflection_status").to_pylist()
-    return {"documents": batch.num_rows, "selected": sum(s != "not_selected" for s in status),
+    status = batch.column(main_status).to_pylist()
+    return {"documents": batch.num_rows, "selected": sum(s not in ("not_selected", "not_requested") for s in status),
             "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
             "failures": sum(s.startswith("failed") for s in status if s)}
 
@@ -115,13 +118,15 @@ class GenerateAndSave(Stage):
 
     name = "generate"
     reads = PlanGeneration.adds
-    adds = ("unit", "documents", "selected", "generated_tokens", "failures")
+    adds = ("unit", "documents", "selected", "generated_tokens", "failures", "engine_loads")
     stateful = True
 
-    def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None):
-        self.generator = generator_stage(cfg, num_cpus=num_cpus)
+    def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,
+                 recipes: list[Recipe] | None = None, pass_name: str | None = None):
+        self.generator = generator_stage(cfg, num_cpus=num_cpus, recipes=recipes)
         self.out_dir = out_dir
         self.generation_key = generation_key
+        self.pass_name = pass_name
         # One planned batch per call: the engine batch is exactly the planned one.
         self.resources = replace(self.generator.resources, batch_size=1)
 
@@ -131,23 +136,34 @@ class GenerateAndSave(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         rows = []
         for plan in batch.to_pylist():
+            loads = 0
             docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
-                             "selected": pa.array(plan["selected_flags"], pa.bool_())})
+                             "selected": pa.array(plan["selected_flags"], pa.bool_()), "is_bad": pa.array(plan["bad_flags"], pa.bool_())})
             if not self.generator.loaded and docs.num_rows:
                 self.generator.load_engine()  # outside the timing: stage seconds are engine busy time, not its start
+                loads = 1
             generated = timed(self.generator, docs)
-            path = generated_batch_path(Path(self.out_dir), plan["_unit"], plan["batch_index"])
-            rows.append({"unit": plan["_unit"], **save_generations(generated, path=path, generation_key=self.generation_key)})
+            path = generated_batch_path(Path(self.out_dir), plan["_unit"], plan["batch_index"], pass_name=self.pass_name)
+            main = self.generator.runs[0].recipe.column("status")
+            rows.append({"unit": plan["_unit"], "engine_loads": loads,
+                         **save_generations(generated, path=path, generation_key=self.generation_key,
+                                            columns=list(self.generator.columns), main_status=main)})
         return pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.string()), ("documents", pa.int64()), ("selected", pa.int64()),
-                                                             ("generated_tokens", pa.int64()), ("failures", pa.int64())]))
+                                                             ("generated_tokens", pa.int64()), ("failures", pa.int64()),
+                                                             ("engine_loads", pa.int64())]))
 
 
-def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: GenerationConfig, unit: str) -> pa.Table:
-    """The generation columns for every row: the saved result where the row needed the engine,
-    the not-selected defaults elsewhere. A needed row without a saved result is a bug, not a default."""
+def attach_generations(table: pa.Table, cache: pa.Table | None, *, cfg: RunConfig, unit: str,
+                       recipes: list[Recipe] | None = None, needed=None, shared: bool = True) -> pa.Table:
+    """The generation columns of `recipes` (default: the run's) for every row: the saved result
+    where the row needed the engine, each recipe's defaults elsewhere. A needed row without a saved
+    result is a bug, not a default."""
+    gen = cfg.generation
     if not gen.enabled:
-        return NoReflections().process(table).append_column(FAILED_REPLY, pa.nulls(table.num_rows, pa.string()))
-    needed = needs_generation(table.column("selected"), gen).to_pylist()
+        return NoGeneration(gen, recipes=recipes).process(table).append_column(FAILED_REPLY, pa.nulls(table.num_rows, pa.string()))
+    stage = generator_stage(cfg, recipes=recipes)
+    defaults = column_defaults(stage.runs)
+    needed = (needed if needed is not None else needs_generation(table.column("selected"), gen)).to_pylist()
     index: dict[str, int] = {}
     if cache is not None:
         for i, doc_id in enumerate(cache.column("doc_id").to_pylist()):
@@ -158,36 +174,58 @@ def attach_generations(table: pa.Table, cache: pa.Table | None, *, gen: Generati
             raise RuntimeError(f"unit {unit}: document {doc_id!r} needed generation but has no saved result")
         take.append(index[doc_id] if need else None)
     picked = cache.take(pa.array(take, pa.int64())) if cache is not None else None
-    for key, typ in {**REFLECTION_COLUMNS, FAILED_REPLY: pa.string()}.items():
+    columns = stage.columns if shared else {k: t for k, t in stage.columns.items() if k not in SHARED_COLUMNS}
+    for key, typ in {**columns, FAILED_REPLY: pa.string()}.items():
         values = picked.column(key) if picked is not None else pa.nulls(table.num_rows, typ)
-        default = DEFAULTS.get(key)
+        default = defaults.get(key)
         if default is not None:
             values = pc.fill_null(values, pa.scalar(default, typ))
         table = table.append_column(key, values.cast(typ))
-    if picked is not None:
+    if picked is not None and shared:
         # Engine time of the rows generated for (possibly in an earlier run), for the per-stage stats.
         for col in (c for c in picked.column_names if c.startswith(TIMING_PREFIX)):
             table = table.append_column(col, pc.fill_null(picked.column(col), 0.0))
     return table
 
 
-def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None) -> ReflectionGenerator:
-    return ReflectionGenerator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens, num_cpus=num_cpus)
+def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None, recipes: list[Recipe] | None = None) -> Generator:
+    return Generator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens,
+                     replace_tokens=cfg.output.seq_length, num_cpus=num_cpus, recipes=recipes)
 
 
 def run_sections(cfg: RunConfig) -> list[str]:
-    """The constitution sections of the run's pack, in order (charter tokens are numbered by it)."""
-    pack = load_pack(cfg.generation.prompt_pack)
-    return pack.constitution.ordered_ids() if pack.constitution else []
+    """The constitution sections of the run's packs, in order (charter tokens are numbered by them)."""
+    ids = {s for r in run_recipes(cfg.generation) if (p := r.load_pack()).constitution for s in p.constitution.ids}
+    return sorted(ids, key=section_order)
 
 
-def finalize_stages(cfg: RunConfig, *, out_dir: str) -> tuple[SpliceReflections, ShardWriter]:
+def finalize_stages(cfg: RunConfig, *, out_dir: str) -> tuple[TrainingText, ShardWriter]:
     """The per-unit chain after generation, built once: the pipeline's chain check, its reserved
     columns and `FinalizeUnit` all use it."""
     sections = run_sections(cfg)
+    recipes = [(r, r.load_pack()) for r in run_recipes(cfg.generation)]
+    streams = placed_streams(recipes, cfg.output.voices)
     block = cfg.generation.annotations.max_block_tokens
-    return (SpliceReflections(cfg.output, content_tokens=cfg.content_tokens, sections=sections, annotation_tokens=block),
-            ShardWriter(out_dir=out_dir, output=cfg.output, sections=sections, annotation_tokens=block))
+    enabled = cfg.generation.enabled
+    return (TrainingText(cfg.output, content_tokens=cfg.content_tokens, sections=sections, annotation_tokens=block, streams=streams,
+                         generation_enabled=enabled),
+            ShardWriter(out_dir=out_dir, output=cfg.output, sections=sections, annotation_tokens=block, streams=streams,
+                        recipes=recipes, generation_enabled=enabled))
+
+
+def failed_generations(table: pa.Table, recipes: list[Recipe]) -> pa.Table:
+    """rejects/generations rows: one per (document, recipe) whose requests all failed, with the
+    recipe's status and the model's last reply."""
+    by_name = {r.name: r for r in recipes}
+    statuses = [r.column("status") for r in recipes]
+    rows = []
+    for r in table.select(["doc_id", "source_file", "source_row", FAILED_REPLY, *statuses]).to_pylist():
+        for recipe, reply in sorted(json.loads(r[FAILED_REPLY] or "{}").items()):
+            status = r.get(by_name[recipe].column("status"))
+            rows.append({"doc_id": r["doc_id"], "source_file": r["source_file"], "source_row": r["source_row"],
+                         "recipe": recipe, "reason": status, "reply": reply})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("doc_id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
+                                                        ("recipe", pa.string()), ("reason", pa.string()), ("reply", pa.string())]))
 
 
 class FinalizeUnit(UnitStage):
@@ -199,6 +237,7 @@ class FinalizeUnit(UnitStage):
 
     def __init__(self, cfg: RunConfig, *, out_dir: str, probability: float, generation_key: str, duplicates: dict[str, list[int]]):
         self.out_dir = out_dir
+        self.cfg = cfg
         self.select = SelectForReflection(cfg.selection, probability=probability)
         self.generation = cfg.generation
         self.generation_key = generation_key
@@ -230,15 +269,12 @@ class FinalizeUnit(UnitStage):
         failed_rows = 0
         if kept.num_rows:
             table = self.select.process(kept)
-            table = attach_generations(table, cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None,
-                                       gen=self.generation, unit=unit.key)
-            failed = table.filter(pc.starts_with(pc.fill_null(table.column("reflection_status"), ""), "failed"))
-            failed_rows = failed.num_rows
-            if failed.num_rows:
-                write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", pa.table({
-                    "doc_id": failed.column("doc_id"), "source_file": failed.column("source_file"),
-                    "source_row": failed.column("source_row"), "reason": failed.column("reflection_status"),
-                    "reply": failed.column(FAILED_REPLY)}))
+            cache = cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None
+            table = attach_generations(table, cache, cfg=self.cfg, unit=unit.key)
+            failed = failed_generations(table, run_recipes(self.generation)) if self.generation.enabled else None
+            if failed is not None and failed.num_rows:
+                failed_rows = failed.num_rows
+                write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", failed)
             table = self.splice.process(table)
             if "_unit" not in table.column_names:
                 table = table.append_column("_unit", pa.array([unit.key] * table.num_rows, pa.string()))
@@ -252,7 +288,7 @@ class FinalizeUnit(UnitStage):
             stats["documents_rejected"]["duplicate_id"] = dups.num_rows
         stats["generation_rejects"] = failed_rows
         stats["finished_at"] = stats.get("finished_at", time.time())
-        manifest = {"unit": unit.key, "rows": unit.rows, "shards": shards, "stats": stats}
+        manifest = {"unit": unit.key, "rows": unit.rows, "shards": shards, "recipes": list(self.generation.recipes), "stats": stats}
         write_json(out / DONE / f"{unit.key}.json", manifest)
         return manifest
 

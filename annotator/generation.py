@@ -1,74 +1,51 @@
-"""The generation stage: reflections (and key:value annotations) for the documents that need them.
+"""The generation stage: every recipe of a run (`recipes.py`) from one engine load per replica.
 
-Per selected document: a seeded pause point inside the content a training window keeps, a seeded
-canary from the run's canary set, the pack's messages (system prompt first and identical, so the
-prefix cache computes it once per replica); replies go through `replies.parse_reply` (inline
-citations, budget cut, checks), and a failed reply is retried with a new seed, then recorded with
-its reason. The engine itself is `engine.Engine`; prompts are the pack's (`prompt_packs`).
+Per document that needs the engine: one request per recipe that applies to it, all recipes'
+requests sharing the replica's engine calls (each pack's system prompt first and identical, so the
+prefix cache computes it once per replica). A recipe at the reading pause gets a seeded point inside
+the content a training window keeps (recipes at the pause share it); the others see the whole kept
+content. Canaries (one per document, seeded) go to the recipes that take them. Replies go through
+`replies` (inline citations, budget cut, checks); a failed reply is retried with a new seed, then
+recorded with its reason. The engine itself is `engine.Engine`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from annotator.config import ConfigError, GenerationConfig
 from annotator.engine import Engine
-from annotator.pause import pause_point, sample_pause_fraction, unit_hash
-from annotator.prompt_packs import Canary, PromptPack, load_canaries, load_pack
-from annotator.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning
+from annotator.pause import Pause, pause_point, sample_pause_fraction, unit_hash
+from annotator.prompt_packs import Canary, PromptPack, load_canaries
+from annotator.recipes import Recipe, recipe_columns, run_recipes
+from annotator.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
 from annotator.stages import Resources, Stage
 from annotator.tokens import target_tokenizer
 
 NOT_SELECTED = "not_selected"
+NOT_APPLICABLE = "not_applicable"
 NOT_REQUESTED = "not_requested"
-REFLECTION, ANNOTATION = "reflection", "annotation"
-# Template tokens around a spliced reflection; the budget covers them too.
+# Template tokens around a placed text; the budget covers them too.
 TEMPLATE_TOKENS = 2
-# Room for the JSON keys and quotes beside the texts in the generated-token cap.
 _JSON_OVERHEAD_TOKENS = 64
 _PROMPT_MARGIN_TOKENS = 32
-
-REFLECTION_COLUMNS = {
-    "reflection_analysis": pa.string(),
-    "reflection_1p": pa.string(),
-    "reflection_3p": pa.string(),
-    "citations": pa.list_(pa.string()),
-    "citations_dropped": pa.int16(),
-    "reflection_token_index": pa.int32(),
-    "reflection_position": pa.int32(),  # character offset into the original text
-    "reflection_fraction": pa.float32(),
-    "reflection_status": pa.string(),
-    "reflection_attempts": pa.int8(),
-    # One entry per request: "<outcome>:<generated tokens>", outcome ok, a parse failure, or
-    # "checks=<failed checks>"; stats count check pass rates from it.
-    "reflection_attempt_log": pa.list_(pa.string()),
-    "reflection_generated_tokens": pa.int32(),
-    "canary_type": pa.string(),
-    "canary_present_1p": pa.bool_(),
-    "canary_present_3p": pa.bool_(),
-    "prompt_version": pa.string(),
-    "model": pa.string(),  # the generator that wrote the reflection
-    "annotations": pa.list_(pa.string()),
-    "annotation_status": pa.string(),
-    # Engine usage summed over this row's requests (retries included), for throughput and cache stats.
-    "gen_prompt_tokens": pa.int32(),
-    "gen_cached_prompt_tokens": pa.int32(),
-    "gen_output_tokens": pa.int32(),
-}
-# Defaults of the generation columns for a row the engine never saw.
-DEFAULTS = {"reflection_status": NOT_SELECTED, "annotation_status": NOT_REQUESTED, "reflection_attempts": 0,
-            "reflection_generated_tokens": 0, "gen_prompt_tokens": 0, "gen_cached_prompt_tokens": 0, "gen_output_tokens": 0}
-# The last reply of a reflection that failed every attempt (for rejects/generations, not the shards).
-FAILED_REPLY = "_failed_reply"
-# With generation.save_requests: the user message of each reflection request (saved generations only).
-REQUEST_COLUMN = "_reflection_request"
+# Columns every generated row has, whatever the recipes: the generator and the engine's usage
+# summed over the row's requests (retries included), for throughput and cache stats.
+SHARED_COLUMNS = {"model": pa.string(), "gen_prompt_tokens": pa.int32(), "gen_cached_prompt_tokens": pa.int32(),
+                  "gen_output_tokens": pa.int32()}
+# Per row, JSON {recipe: last reply} of the requests that failed every attempt (for
+# rejects/generations, not the shards).
+FAILED_REPLY = "_failed_replies"
 FAILED_REPLY_CHARS = 4000
+# With generation.save_requests: the user message of each document's first recipe's request.
+REQUEST_COLUMN = "_request"
 
 
 class GenerationGuardError(RuntimeError):
-    """The generator spends far more tokens per reflection than it keeps (it is 'thinking')."""
+    """The generator spends far more tokens per reply than it keeps (it is 'thinking')."""
 
 
 def run_canaries(cfg: GenerationConfig) -> list[Canary]:
@@ -92,27 +69,22 @@ def canary_present(text: str | None, canary: Canary) -> bool:
     return bool(text) and canary.value.casefold() in text.casefold()
 
 
-def reflection_schema(pack: PromptPack, *, max_chars: int) -> dict:
-    """The JSON object vLLM's structured outputs enforce: the pack's fields as strings. What they
-    cite is read from the text, so no citation list is forced on a benign document."""
+def choose_style(pack: PromptPack, *, seed: int, doc_id: str) -> str | None:
+    """One of the pack's styles, uniform over their sorted names, from (seed, doc_id)."""
+    if not pack.styles:
+        return None
+    names = sorted(pack.styles)
+    return names[int(unit_hash("style", seed, doc_id) * len(names))]
+
+
+def json_schema(fields, *, max_chars: int) -> dict:
+    """The JSON object vLLM's structured outputs enforce: the fields as strings. What a reply cites
+    is read from its text, so no citation list is forced on a benign document."""
     text = {"type": "string", "maxLength": max_chars}
-    return {"type": "object", "properties": {f: text for f in pack.fields}, "required": list(pack.fields),
-            "additionalProperties": False}
+    return {"type": "object", "properties": {f: text for f in fields}, "required": list(fields), "additionalProperties": False}
 
 
-def annotation_messages(keys: list[str], head: str) -> list[dict]:
-    system = ("You label web documents with short semantic annotations. Reply with JSON only, one short value "
-              f"(a few words, lowercase) for each of these keys: {', '.join(keys)}. "
-              "For entities give the main named entities separated by commas, or none.")
-    return [{"role": "system", "content": system}, {"role": "user", "content": f"Document:\n<<<\n{head}\n>>>\nWrite your JSON annotations."}]
-
-
-def annotation_schema(keys: list[str], *, max_chars: int) -> dict:
-    value = {"type": "string", "minLength": 1, "maxLength": max_chars}
-    return {"type": "object", "properties": {k: value for k in keys}, "required": list(keys), "additionalProperties": False}
-
-
-def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]:
+def parse_tags(raw: str, keys: list[str]) -> tuple[list[str] | None, str]:
     """`key:value` tags from one annotation reply, in the configured key order."""
     text, _ = strip_reasoning(raw)
     obj = json_object(text) if text is not None else None
@@ -130,14 +102,14 @@ def parse_annotations(raw: str, keys: list[str]) -> tuple[list[str] | None, str]
 @dataclass
 class Request:
     row: int
-    task: str
+    recipe: "RecipeRun"
     messages: list[dict]
-    source: str = ""            # what the generator was shown (checks compare against it)
+    source: str = ""             # what the generator was shown (checks compare against it)
     canary: Canary | None = None
 
 
 class BudgetGuard:
-    """Generated tokens per reflection request over a replica's first requests, against the budget."""
+    """Generated tokens per budgeted request over a replica's first requests, against the budget."""
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
@@ -162,15 +134,101 @@ class BudgetGuard:
                 "lower generation.max_output_tokens, or raise generation.guard.max_generated_multiple.")
 
 
-class ReflectionGenerator(Stage):
-    """A vLLM replica: adds reflections (selected rows) and annotations (configured rows)."""
+class RecipeRun:
+    """One recipe inside a replica: its pack, columns, limits, and how it turns replies into columns."""
+
+    def __init__(self, recipe: Recipe, cfg: GenerationConfig, *, replace_tokens: int):
+        self.recipe = recipe
+        self.cfg = cfg
+        self.pack = recipe.load_pack()
+        self.columns = recipe_columns(recipe, self.pack)
+        self.col = recipe.column
+        budget = cfg.max_reflection_tokens
+        self.voice_tokens = budget - TEMPLATE_TOKENS if recipe.wrapped else budget
+        self.replace_tokens = replace_tokens
+        fmt = self.pack.format
+        if fmt == "json":
+            self.max_new_tokens = cfg.max_output_tokens or (len(self.pack.fields) + 1) * budget + _JSON_OVERHEAD_TOKENS
+            self.schema = json_schema(self.pack.fields, max_chars=budget * 5)
+        elif fmt == "tags":
+            ann = cfg.annotations
+            self.max_new_tokens = len(ann.keys) * (ann.max_value_chars + 8) + 16
+            self.schema = {"type": "object", "properties": {k: {"type": "string", "minLength": 1, "maxLength": ann.max_value_chars}
+                                                            for k in ann.keys}, "required": list(ann.keys), "additionalProperties": False}
+        else:
+            self.max_new_tokens = cfg.rephrase_max_tokens
+            self.schema = None
+        self.budgeted = fmt == "json"
+
+    def applies(self, *, selected: bool, bad: bool) -> bool:
+        if self.recipe.applies_to == "all":
+            return True
+        if not selected:
+            return False
+        return bad if self.recipe.applies_to == "bad" else True
+
+    def messages(self, text: str, *, canary: Canary | None, doc_id: str) -> list[dict]:
+        style = choose_style(self.pack, seed=self.cfg.seed, doc_id=doc_id)
+        return self.pack.messages(text, canary if self.recipe.canaries else None, style=style, keys=self.cfg.annotations.keys)
+
+    def warm_messages(self) -> list[list[dict]]:
+        styles = sorted(self.pack.styles) or [None]
+        return [self.pack.messages("", style=s, keys=self.cfg.annotations.keys) for s in styles]
+
+    def defaults(self, *, selected: bool = False) -> dict:
+        """The recipe's columns for a row it does not apply to (before any request)."""
+        if self.pack.format == "tags":
+            status = NOT_REQUESTED
+        else:
+            status = NOT_APPLICABLE if selected else NOT_SELECTED
+        return {self.col("status"): status, self.col("attempts"): 0, self.col("generated_tokens"): 0,
+                self.col("prompt_tokens"): 0, self.col("cached_prompt_tokens"): 0}
+
+    def record(self, out: dict, req: Request, raw: str, tokens: int, tok) -> tuple[bool, str]:
+        """Reads one reply into the row's columns; (done, outcome for the attempt log)."""
+        i = req.row
+        fmt = self.pack.format
+        if fmt == "tags":
+            tags, status = parse_tags(raw, self.cfg.annotations.keys)
+            out[self.col("tags")][i] = tags
+            out[self.col("status")][i] = status if status == OK else f"failed:{status}"
+            return tags is not None, status
+        if fmt == "text":
+            text, _ = strip_reasoning(raw)
+            if text is None or trivial(text):
+                reason = "unclosed_reasoning" if text is None else "checks=voices_present"
+                out[self.col("status")][i] = f"failed:{reason}"
+                return False, reason
+            out[self.col(self.pack.fields[0])][i] = cut_to_tokens(text, tok, self.replace_tokens)
+            out[self.col("status")][i] = OK
+            return True, OK
+        parsed = parse_reply(raw, pack=self.pack, tokenizer=tok, voice_tokens=self.voice_tokens,
+                             analysis_tokens=self.cfg.max_reflection_tokens, source=req.source)
+        if not parsed.ok:
+            reason = parsed.failures[0] if parsed.failures[0] in ("unparseable_json", "unclosed_reasoning") else "checks=" + ",".join(parsed.failures)
+            out[self.col("status")][i] = f"failed:{reason}"
+            return False, reason
+        out[self.col("status")][i] = OK
+        for f in self.pack.fields:
+            out[self.col(f)][i] = parsed.fields[f]
+        if self.col("citations") in self.columns:
+            out[self.col("citations")][i] = parsed.cited
+            out[self.col("citations_dropped")][i] = parsed.citations_dropped
+        if req.canary is not None and self.recipe.canaries:
+            for f, v in self.pack.voices.items():
+                out[self.col(f"canary_present_{v}")][i] = canary_present(parsed.fields[f], req.canary)
+        return True, OK
+
+
+class Generator(Stage):
+    """A vLLM replica: adds every recipe's columns for the documents that need the engine."""
 
     name = "generate"
-    reads = ("doc_id", "text", "selected")
-    adds = (*REFLECTION_COLUMNS, FAILED_REPLY)
+    reads = ("doc_id", "text", "selected", "is_bad")
     stateful = True
 
-    def __init__(self, cfg: GenerationConfig, *, tokenizer: str, content_tokens: int, num_cpus: float | None = None):
+    def __init__(self, cfg: GenerationConfig, *, tokenizer: str, content_tokens: int, replace_tokens: int = 2048,
+                 num_cpus: float | None = None, recipes: list[Recipe] | None = None):
         self.cfg = cfg
         self.tokenizer_spec = tokenizer
         self.content_tokens = content_tokens
@@ -179,10 +237,13 @@ class ReflectionGenerator(Stage):
             num_cpus=cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
             max_in_flight=cfg.max_batches_in_flight, max_restarts=cfg.max_replica_restarts,
         )
-        self.pack = load_pack(cfg.prompt_pack)
+        self.runs = [RecipeRun(r, cfg, replace_tokens=replace_tokens) for r in (recipes if recipes is not None else run_recipes(cfg))]
         self.canaries = run_canaries(cfg)
-        if self.canaries and self.pack.canary_template is None:
-            raise ConfigError(f"generation.canaries are set but the prompt pack {self.pack.source} has no canary template")
+        for run in self.runs:
+            if self.canaries and run.recipe.canaries and run.pack.canary_template is None:
+                raise ConfigError(f"generation.canaries are set but the {run.recipe.name} recipe's pack {run.pack.source} has no canary template")
+        self.columns = {**{k: t for run in self.runs for k, t in run.columns.items()}, **SHARED_COLUMNS}
+        self.adds = (*self.columns, FAILED_REPLY, *((REQUEST_COLUMN,) if cfg.save_requests else ()))
         self._engine: Engine | None = None
 
     def setup(self) -> None:
@@ -198,179 +259,195 @@ class ReflectionGenerator(Stage):
         self._tok = target_tokenizer(self.tokenizer_spec)
         engine = Engine(cfg, num_cpus=self.resources.num_cpus)
         engine.load()
-        self.voice_tokens = cfg.max_reflection_tokens - TEMPLATE_TOKENS
-        self.max_new_tokens = cfg.max_output_tokens or 4 * cfg.max_reflection_tokens + _JSON_OVERHEAD_TOKENS
-        # The whole chat prompt around an empty document (with the longest canary block).
         longest = max(self.canaries, key=lambda c: len(c.instruction) + len(c.instruction_3p or ""), default=None)
-        self.prompt_budget = cfg.max_model_len - self.max_new_tokens - _PROMPT_MARGIN_TOKENS
-        self.max_prefix_tokens = self.prompt_budget - engine.prompt_tokens(self.pack.messages("", longest))
-        if self.max_prefix_tokens < 64:
-            raise ValueError(f"generation.max_model_len={cfg.max_model_len} leaves only {self.max_prefix_tokens} tokens for the "
-                             f"document after the {self.pack.name} pack's prompt and a {self.max_new_tokens}-token reply")
-        # ~5 characters per token: room for the full budget; the exact cut is made after generation.
-        self.schema = reflection_schema(self.pack, max_chars=cfg.max_reflection_tokens * 5)
-        ann = cfg.annotations
-        self.annotation_schema = annotation_schema(ann.keys, max_chars=ann.max_value_chars)
-        self.annotation_max_tokens = len(ann.keys) * (ann.max_value_chars + 8) + 16
-        warm = [self.pack.messages("")]
-        if ann.enabled:
-            warm.append(annotation_messages(ann.keys, ""))
-        engine.warm(warm)
+        self._engine_tok = engine.tokenizer()
+        for run in self.runs:
+            run.prompt_budget = cfg.max_model_len - run.max_new_tokens - _PROMPT_MARGIN_TOKENS
+            prompts = [engine.prompt_tokens(m) for m in run.warm_messages()]
+            canary = engine.prompt_tokens(run.pack.messages("", longest, keys=cfg.annotations.keys)) if longest and run.recipe.canaries else 0
+            # The whole chat prompt around an empty document, in the generator's own tokens.
+            run.base_prompt_tokens = max([*prompts, canary])
+            run.max_prefix_tokens = run.prompt_budget - run.base_prompt_tokens
+            if run.max_prefix_tokens < 64:
+                raise ValueError(f"generation.max_model_len={cfg.max_model_len} leaves only {run.max_prefix_tokens} tokens for the "
+                                 f"document after the {run.pack.name} pack's prompt and a {run.max_new_tokens}-token reply")
+        warm = [(m, run.schema) for run in self.runs for m in run.warm_messages()]
+        engine.warm([m for m, _ in warm], [schema for _, schema in warm])
         self.guard = BudgetGuard(cfg)
         self._engine = engine
 
-    def _sampling(self, task: str, doc_id: str, attempt: int):
-        seed = int(unit_hash(task, self.cfg.seed, doc_id, attempt) * 2**31)
-        if task == REFLECTION:
-            return self._engine.sampling(seed=seed, max_tokens=self.max_new_tokens, schema=self.schema)
-        return self._engine.sampling(seed=seed, max_tokens=self.annotation_max_tokens, schema=self.annotation_schema)
+    def _sampling(self, run: RecipeRun, doc_id: str, attempt: int):
+        seed = int(unit_hash(run.recipe.name, self.cfg.seed, doc_id, attempt) * 2**31)
+        return self._engine.sampling(seed=seed, max_tokens=run.max_new_tokens, schema=run.schema)
 
-    def _fit(self, text: str, canary: Canary | None) -> list[dict]:
-        """The pack's messages for `text`; when the generator's own tokenizer counts more than the
+    def _fit(self, run: RecipeRun, text: str, canary: Canary | None, doc_id: str) -> list[dict]:
+        """The recipe's messages for `text`; when the generator's own tokenizer counts more than the
         engine's context holds (its vocabulary differs from the target's), the text loses tokens
-        from its start until it fits."""
-        messages = self.pack.messages(text, canary)
-        if len(self._tok.offsets(text)) <= 0.9 * self.max_prefix_tokens:
-            return messages  # far from the limit in any vocabulary: no need to count
+        from its start until it fits. The prompt around the text was counted once at load."""
         for _ in range(4):
-            over = self._engine.prompt_tokens(messages) - self.prompt_budget
+            over = run.base_prompt_tokens + len(self._engine_tok(text, add_special_tokens=False)["input_ids"]) - run.prompt_budget
             if over <= 0:
                 break
             offsets = self._tok.offsets(text)
             drop = min(len(offsets), over + 16)
             text = text[offsets[drop][0]:] if drop < len(offsets) else ""
-            messages = self.pack.messages(text, canary)
-        return messages
+        return run.messages(text, canary=canary, doc_id=doc_id)
+
+    def _point(self, run: RecipeRun, text: str, offsets, doc_id: str) -> Pause:
+        placement = run.recipe.placement
+        if placement == "prefix":  # the annotator reads the document's opening
+            head = cut_to_tokens(text, self._tok, self.cfg.annotations.max_document_tokens)
+            return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=head)
+        end = pause_point(text, offsets, 1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
+                          snap=self.cfg.pause.snap, at_end=placement != "pause")
+        if placement == "pause":
+            end = pause_point(text, offsets, sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
+                              max_content_tokens=self.content_tokens, snap=self.cfg.pause.snap)
+        if placement == "before":
+            return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=end.prompt_prefix)
+        return end
 
     def build_requests(self, batch: pa.Table) -> tuple[dict, list[Request]]:
-        """Output columns prefilled for `batch` and its chat requests."""
+        """Output columns prefilled for `batch` and its chat requests, recipe by recipe."""
         n = batch.num_rows
         ids = batch.column("doc_id").to_pylist()
         texts = batch.column("text").to_pylist()
         selected = batch.column("selected").to_pylist()
-        ann = self.cfg.annotations
-        out = {k: [None] * n for k in self.adds}
-        for key, value in DEFAULTS.items():
-            out[key] = [value] * n
+        bad = batch.column("is_bad").to_pylist() if "is_bad" in batch.column_names else [False] * n
+        out = {k: [None] * n for k in self.columns}
+        for k in ("gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
+            out[k] = [0] * n
         fraction = self.cfg.canaries.effective_fraction
         requests: list[Request] = []
         for i in range(n):
-            if selected[i]:
-                pause = pause_point(texts[i], self._tok.offsets(texts[i]), sample_pause_fraction(self.cfg.seed, ids[i]),
-                                    max_prefix_tokens=self.max_prefix_tokens, max_content_tokens=self.content_tokens,
-                                    snap=self.cfg.pause.snap)
-                canary = assign_canary(self.canaries, fraction=fraction, seed=self.cfg.canaries.seed, doc_id=ids[i])
-                requests.append(Request(i, REFLECTION, self._fit(pause.prompt_prefix, canary), pause.prompt_prefix, canary))
-                out["reflection_token_index"][i] = pause.token_index
-                out["reflection_position"][i] = pause.char_index
-                out["reflection_fraction"][i] = pause.fraction
-                out["prompt_version"][i] = self.pack.version
+            offsets = None
+            canary = assign_canary(self.canaries, fraction=fraction, seed=self.cfg.canaries.seed, doc_id=ids[i])
+            for run in self.runs:
+                for key, value in run.defaults(selected=bool(selected[i])).items():
+                    out[key][i] = value
+                if not run.applies(selected=bool(selected[i]), bad=bool(bad[i])):
+                    continue
+                offsets = offsets if offsets is not None else self._tok.offsets(texts[i])
+                point = self._point(run, texts[i], offsets, ids[i])
+                req_canary = canary if run.recipe.canaries else None
+                requests.append(Request(i, run, self._fit(run, point.prompt_prefix, req_canary, ids[i]), point.prompt_prefix, req_canary))
+                col = run.col
+                if col("token_index") in run.columns and run.recipe.placement != "replace":
+                    out[col("token_index")][i], out[col("position")][i], out[col("fraction")][i] = point.token_index, point.char_index, point.fraction
+                if col("prompt_version") in run.columns:
+                    out[col("prompt_version")][i] = run.pack.version
+                if col("style") in run.columns:
+                    out[col("style")][i] = choose_style(run.pack, seed=self.cfg.seed, doc_id=ids[i])
+                if req_canary is not None:
+                    out[col("canary_type")][i] = req_canary.id
+                if col("attempt_log") in run.columns:
+                    out[col("attempt_log")][i] = []
                 out["model"][i] = self.cfg.model
-                if canary is not None:
-                    out["canary_type"][i] = canary.id
-            if ann.enabled and (ann.apply_to == "all" or selected[i]):
-                head = cut_to_tokens(texts[i], self._tok, ann.max_document_tokens)
-                requests.append(Request(i, ANNOTATION, annotation_messages(ann.keys, head)))
         return out, requests
 
     def process(self, batch: pa.Table) -> pa.Table:
         if not self.loaded and batch.num_rows:
             self.load_engine()
         ids = batch.column("doc_id").to_pylist()
-        out, pending = self.build_requests(batch) if batch.num_rows else ({k: [] for k in self.adds}, [])
-        asked = [r for r in pending if r.task == REFLECTION]
-        for key in ("reflection_attempt_log",):
-            out[key] = [[] if r is None else r for r in out[key]]
-        failed_reply: list[str | None] = [None] * batch.num_rows
+        out, pending = self.build_requests(batch) if batch.num_rows else ({k: [] for k in self.columns}, [])
+        first_request: list[str | None] = [None] * batch.num_rows
+        for req in pending:
+            if first_request[req.row] is None:
+                first_request[req.row] = req.messages[-1]["content"]
+        failed_reply: list[dict] = [{} for _ in range(batch.num_rows)]
+        if pending:
+            self._engine.begin_batch()
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            replies = self._engine.chat([r.messages for r in pending], [self._sampling(r.task, ids[r.row], attempt) for r in pending])
-            retry = []
-            generated = []
+            replies = self._engine.chat([r.messages for r in pending], [self._sampling(r.recipe, ids[r.row], attempt) for r in pending])
+            retry, budgeted = [], []
             for req, reply in zip(pending, replies):
                 if not self._handle(req, reply, out, failed_reply, attempt):
                     retry.append(req)
-                if req.task == REFLECTION and not isinstance(reply, Exception):
-                    generated.append(reply.output_tokens)
-            self.guard.observe(generated)
+                if req.recipe.budgeted and not isinstance(reply, Exception):
+                    budgeted.append(reply.output_tokens)
+            self.guard.observe(budgeted)
             pending = retry
         for req in pending:
-            if req.task == REFLECTION:
-                out["canary_type"][req.row] = None  # a failed reflection carries no canary
-        if self.cfg.save_requests:
-            requests = [None] * batch.num_rows
-            for req in asked:
-                requests[req.row] = req.messages[-1]["content"]
-        for i in range(batch.num_rows):
-            if not out["reflection_attempt_log"][i]:
-                out["reflection_attempt_log"][i] = None
-        for key, typ in REFLECTION_COLUMNS.items():
+            col = req.recipe.col
+            if col("canary_type") in req.recipe.columns:
+                out[col("canary_type")][req.row] = None  # a failed reply carries no canary
+        for run in self.runs:
+            log = run.col("attempt_log")
+            if log in out:
+                out[log] = [v or None for v in out[log]]
+        for key, typ in self.columns.items():
             batch = batch.append_column(key, pa.array(out[key], typ))
         if self.cfg.save_requests:
-            batch = batch.append_column(REQUEST_COLUMN, pa.array(requests, pa.string()))
-        return batch.append_column(FAILED_REPLY, pa.array(failed_reply, pa.string()))
+            batch = batch.append_column(REQUEST_COLUMN, pa.array(first_request, pa.string()))
+        failed = [json.dumps(f, sort_keys=True) if f else None for f in failed_reply]
+        return batch.append_column(FAILED_REPLY, pa.array(failed, pa.string()))
 
     def _handle(self, req: Request, reply, out: dict, failed_reply: list, attempt: int) -> bool:
         """Records one reply into the row's columns; True when the request is done."""
-        i = req.row
+        i, run = req.row, req.recipe
+        col = run.col
+        out[col("attempts")][i] = attempt + 1
         if isinstance(reply, Exception):
-            status, tokens = f"engine_error:{type(reply).__name__}", 0
+            reason, tokens, done = f"engine_error:{type(reply).__name__}", 0, False
+            out[col("status")][i] = f"failed:{reason}"
         else:
-            out["gen_prompt_tokens"][i] += reply.prompt_tokens
-            out["gen_cached_prompt_tokens"][i] += reply.cached_tokens
-            out["gen_output_tokens"][i] += reply.output_tokens
+            for key, value in (("gen_prompt_tokens", reply.prompt_tokens), ("gen_cached_prompt_tokens", reply.cached_tokens),
+                               ("gen_output_tokens", reply.output_tokens), (col("prompt_tokens"), reply.prompt_tokens),
+                               (col("cached_prompt_tokens"), reply.cached_tokens)):
+                out[key][i] += value
             tokens = reply.output_tokens
-        if req.task == ANNOTATION:
-            tags, status = parse_annotations(reply.text, self.cfg.annotations.keys) if not isinstance(reply, Exception) else (None, status)
-            out["annotation_status"][i] = status if status == OK else f"failed:{status}"
-            out["annotations"][i] = tags
-            return tags is not None
-        out["reflection_attempts"][i] = attempt + 1
-        out["reflection_generated_tokens"][i] += tokens
-        if isinstance(reply, Exception):
-            out["reflection_attempt_log"][i].append(f"{status}:0")
-            out["reflection_status"][i] = f"failed:{status}"
-            return False
-        parsed = parse_reply(reply.text, pack=self.pack, tokenizer=self._tok, voice_tokens=self.voice_tokens,
-                             analysis_tokens=self.cfg.max_reflection_tokens, source=req.source)
-        if not parsed.ok:
-            reason = parsed.failures[0] if parsed.failures[0] in ("unparseable_json", "unclosed_reasoning") else "checks=" + ",".join(parsed.failures)
-            out["reflection_attempt_log"][i].append(f"{reason}:{tokens}")
-            out["reflection_status"][i] = f"failed:{reason}"
-            failed_reply[i] = reply.text[:FAILED_REPLY_CHARS]
-            return False
-        out["reflection_attempt_log"][i].append(f"{OK}:{tokens}")
-        out["reflection_status"][i] = OK
-        failed_reply[i] = None
-        out["reflection_analysis"][i] = parsed.fields.get("analysis") if "analysis" in self.pack.fields else None
-        for field, voice in self.pack.voices.items():
-            out[f"reflection_{voice}"][i] = parsed.fields[field]
-            if req.canary is not None:
-                out[f"canary_present_{voice}"][i] = canary_present(parsed.fields[field], req.canary)
-        out["citations"][i] = parsed.cited
-        out["citations_dropped"][i] = parsed.citations_dropped
-        return True
+            done, reason = run.record(out, req, reply.text, tokens, self._tok)
+            if done:
+                failed_reply[i].pop(run.recipe.name, None)
+            else:
+                failed_reply[i][run.recipe.name] = reply.text[:FAILED_REPLY_CHARS]
+        out[col("generated_tokens")][i] += tokens
+        if col("attempt_log") in run.columns:
+            out[col("attempt_log")][i].append(f"{reason}:{tokens}")
+        return done
 
 
-class NoReflections(Stage):
+class NoGeneration(Stage):
     """Stands in for generation when it is disabled (score-and-select runs): same columns, no engine."""
 
     name = "generate"
     reads = ("selected",)
-    adds = tuple(REFLECTION_COLUMNS)
 
-    def __init__(self):
+    def __init__(self, cfg: GenerationConfig, *, recipes: list[Recipe] | None = None):
+        self.runs = [(r, recipe_columns(r, r.load_pack())) for r in (recipes if recipes is not None else run_recipes(cfg))]
+        self.columns = {**{k: t for _, cols in self.runs for k, t in cols.items()}, **SHARED_COLUMNS}
+        self.adds = tuple(self.columns)
         self.resources = Resources(num_cpus=0.25, batch_size=4096)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        status = ["generation_disabled" if s else NOT_SELECTED for s in batch.column("selected").to_pylist()]
-        for key, typ in REFLECTION_COLUMNS.items():
-            if key == "reflection_status":
-                values = status
-            elif key in DEFAULTS:
-                values = [DEFAULTS[key]] * batch.num_rows
-            else:
-                values = [None] * batch.num_rows
-            batch = batch.append_column(key, pa.array(values, typ))
+        n = batch.num_rows
+        selected = batch.column("selected").to_pylist()
+        values = {k: [None] * n for k in self.columns}
+        for k in ("gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
+            values[k] = [0] * n
+        for recipe, cols in self.runs:
+            c = recipe.column
+            values[c("status")] = ["generation_disabled" if s else NOT_SELECTED for s in selected]
+            for key in ("attempts", "generated_tokens", "prompt_tokens", "cached_prompt_tokens"):
+                values[c(key)] = [0] * n
+        for key, typ in self.columns.items():
+            batch = batch.append_column(key, pa.array(values[key], typ))
         return batch
+
+
+def column_defaults(source) -> dict:
+    """Values of the generation columns for rows the engine never saw: each recipe's defaults and
+    zero engine usage (everything else null). `source`: RecipeRuns, or a GenerationConfig."""
+    runs = [RecipeRun(r, source, replace_tokens=0) for r in run_recipes(source)] if isinstance(source, GenerationConfig) else source
+    out = {"gen_prompt_tokens": 0, "gen_cached_prompt_tokens": 0, "gen_output_tokens": 0}
+    for run in runs:
+        out.update(run.defaults())
+    return out
+
+
+def generator_columns(cfg: GenerationConfig, recipes: list[Recipe] | None = None) -> dict[str, pa.DataType]:
+    """Every column the generation stage adds for a config's recipes (or `recipes`), with types."""
+    recipes = recipes if recipes is not None else run_recipes(cfg)
+    return {**{k: t for r in recipes for k, t in recipe_columns(r, r.load_pack()).items()}, **SHARED_COLUMNS}

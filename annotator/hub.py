@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.pause import unit_hash
-from annotator.report import PLOTS, REPORT_FILE, render_report, run_plots, sample_documents, summary_rows
+from annotator.report import (
+    PLOTS, RECIPE_HEADER, REPORT_FILE, recipe_rows, render_report, run_plots, sample_documents, summary_rows,
+)
 from annotator.stats import STRATUM_SEPARATOR, provenance, stratum_key
 from annotator import layout
 
@@ -177,11 +179,10 @@ def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
     return data.to_yaml()
 
 
-def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
-    def cell(v: str) -> str:
-        return v.replace("|", "\\|").replace("\n", " ")
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    return "\n".join(lines + [f"| {cell(k)} | {cell(v)} |" for k, v in rows])
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    def line(cells) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
 
 
 def _number(value) -> str:
@@ -263,6 +264,8 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
         "`training_text` (reflection spliced in), `selected_reason`, `citations`, `reflection_status`, `prompt_version`, "
         "`model`; `stats.json` and the project README document the rest.", "",
         "## Statistics", "", _table(summary_rows(stats), ("statistic", "value")), "", plots, "",
+        *(["## Recipes", "", "Each annotation track of the run, served by the same engine load.", "",
+           _table(recipe_rows(stats), RECIPE_HEADER), ""] if recipe_rows(stats) else []),
         "## Sample strata", "",
         "Each stratum gives an equal share of the sample where it has enough rows (small strata give all of theirs), "
         "so per-stratum estimates need the weights `rows_in_run / rows_in_sample`.", "",

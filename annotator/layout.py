@@ -1,13 +1,20 @@
 """The output layout, in one place: every folder, file name and glob of a run's output directory.
 
     shards/<unit>-<part>.parquet                 text shards: every written document, published schema
-    tokenized/annotated-<voice>/<unit>.bin/.idx  windows layout: one annotated document per window
-    tokenized/annotated-<voice>/<unit>_reflection_mask.bin/.idx, <unit>.token_lengths.npy
+    tokenized/<stream>/<unit>.bin/.idx           windows layout: one annotated document per window, per
+    tokenized/<stream>/<unit>_reflection_mask.bin/.idx, <unit>.token_lengths.npy   recipe field (reflection-1p, ...)
     tokenized/sidecar/<unit>.parquet              one row per annotated window, in window order
     tokenized/compact/<unit>.bin/.idx             the other documents, dense-packed into windows
     tokenized/documents/<unit>-<part>.bin/.idx    documents layout: one sequence per document
     tokenized/metadata.json, tokenizer/           what a trainer needs to read the streams
-    stats.json, report.html, run.json, rejects/, _work/
+    stats.json, report.html
+    run.json                                      the config, the unit plan, one record per attempt
+    rejects/documents/<unit>-<first>-<n>.parquet  quarantined input documents
+    rejects/duplicates/<unit>.parquet, rejects/generations/<unit>.parquet, rejects/files.jsonl
+    _work/scored/<unit>/<first>-<n>.parquet       pass 1 results
+    _work/selection.json                          sample probability and duplicate ids (kept after a run)
+    _work/generated[-<recipes>]/<unit>/<batch>.parquet   generation results per engine batch
+    _work/done/<unit>.json                        a unit's manifest, written last
 
 A unit's outputs are named after the unit alone, so a rerun rewrites the same names; a unit with
 nothing for a stream writes no file for it.
@@ -28,12 +35,18 @@ TOKEN_LENGTHS_SUFFIX = ".token_lengths.npy"
 METADATA = "metadata.json"
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.html"
+RUN_FILE = "run.json"
+SCORED = "_work/scored"
+GENERATED = "_work/generated"
+DONE = "_work/done"
+SELECTION = "_work/selection.json"
+REJECTS = "rejects"
+REJECTED_DOCUMENTS = "rejects/documents"
+REJECTED_DUPLICATES = "rejects/duplicates"
+REJECTED_GENERATIONS = "rejects/generations"
+REJECTED_FILES = "rejects/files.jsonl"
 # What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
-OUR_OUTPUTS = ("run.json", STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, "rejects")
-
-
-def annotated_stream(voice: str) -> str:
-    return f"annotated-{voice}"
+OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS)
 
 
 def text_shard(out_dir: Path, name: str) -> Path:
@@ -87,3 +100,13 @@ def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
                 found += [p for p in d.iterdir() if p.name.startswith(f"{unit}-") or p.name.startswith(f"{unit}.")
                           or p.name.startswith(f"{unit}{MASK_SUFFIX}")]
     return sorted(found)
+
+
+def generated_dir(out_dir: Path, pass_name: str | None = None) -> Path:
+    """Saved generations of the run (`_work/generated/`) or of recipes added to it
+    (`_work/generated-<recipes>/`)."""
+    return out_dir / (GENERATED if pass_name is None else f"{GENERATED}-{pass_name}")
+
+
+def generated_batch_path(out_dir: Path, unit: str, index: int, *, pass_name: str | None = None) -> Path:
+    return generated_dir(out_dir, pass_name) / unit / f"{index:06d}.parquet"

@@ -141,5 +141,5 @@ class WindowDataset:
 
 
 def stream_dataset(out_dir: str | Path, stream: str) -> WindowDataset:
-    """All files of one stream of a run (`annotated-1p`, `annotated-3p`, `compact`), in name order."""
+    """All files of one stream of a run (`reflection-1p`, `reflection-3p`, `summary`, `compact`, ...), in name order."""
     return WindowDataset(layout.stream_prefixes(Path(out_dir), stream))

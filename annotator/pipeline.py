@@ -17,14 +17,15 @@ from pathlib import Path
 
 from annotator import __version__
 from annotator.checkpoint import (
-    GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION, WriteScored, clear_unit_scoring, config_differences,
-    generation_key, load_manifests, output_settings, unit_done, unit_scored, write_json,
+    WriteScored, clear_unit_scoring, config_differences, generation_key, load_manifests, output_settings, unit_done,
+    unit_scored, write_json,
 )
+from annotator.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
 from annotator.config import RunConfig
 from annotator.corpus import IDS, corpus_totals, count_for_generation
 from annotator import layout
 from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage, run_sections
-from annotator.generation import REFLECTION_COLUMNS, NoReflections
+from annotator.generation import NoGeneration
 from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
@@ -84,7 +85,7 @@ def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
             raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_file, {**settings, "created_at": time.time(), "versions": _versions()})
+    write_json(run_file, {**settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(), "versions": _versions()})
     return False
 
 
@@ -114,7 +115,7 @@ def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
 def second_pass_stages(cfg: RunConfig, *, out_dir: Path) -> list[Stage]:
     """Per unit after scoring: select, generate (or stand in for it), splice, write. Built once
     for the chain check and the reserved columns; FinalizeUnit builds its own from the same parts."""
-    generate = generator_stage(cfg) if cfg.generation.enabled else NoReflections()
+    generate = generator_stage(cfg) if cfg.generation.enabled else NoGeneration(cfg.generation)
     return [SelectForReflection(cfg.selection, probability=0.0), generate, *finalize_stages(cfg, out_dir=str(out_dir))]
 
 
@@ -132,7 +133,7 @@ def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]
 
 def reserved_columns(cfg: RunConfig) -> set[str]:
     """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
-    names = {"unit", *REFLECTION_COLUMNS, *ReadUnits.adds}
+    names = {"unit", *ReadUnits.adds}
     for stage in (*scoring_stages(cfg, out_dir=Path(cfg.output.path), extra_columns={})[1:-1],
                   *second_pass_stages(cfg, out_dir=Path(cfg.output.path))[:-1]):
         names |= set(stage.adds)
@@ -252,6 +253,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
             progress.update(documents=row["documents"], selected=row["selected"],
                             generated_tokens=row["generated_tokens"], failures=row["failures"])
             work["generations_made"] += row["documents"]
+            work["engine_loads"] += row["engine_loads"]
     return time.time() - t0
 
 
@@ -314,7 +316,8 @@ def run(cfg: RunConfig, *, log=print) -> dict:
 
     work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
             "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
-            "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "units_finalized": len(pending)}
+            "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
+            "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
         timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log)
     if pending:
@@ -442,11 +445,13 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
         "window_tokens": cfg.output.seq_length + 1 if cfg.output.layout == "windows" else None,
         "content_tokens": cfg.content_tokens if cfg.output.layout == "windows" else None,
         "reflection_budget_tokens": cfg.generation.max_reflection_tokens,
+        "annotation_block_tokens": cfg.generation.annotations.max_block_tokens,
         "voices": cfg.output.voices,
         "reflection_mask_suffix": layout.MASK_SUFFIX,
         "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
         "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
         "streams": streams,
+        "recipes": stream_recipes(cfg),
         "blend": blend_lines(out_dir, streams, cfg),
     }
     path = out_dir / layout.TOKENS_DIR / layout.METADATA
@@ -456,16 +461,37 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
                                                                            for k, v in streams.items()}}
 
 
+def stream_recipes(cfg: RunConfig) -> dict:
+    """Per recipe: its pack version, what it applies to, where its text goes, and its streams."""
+    from annotator.recipes import placed_fields, run_recipes, stream_name
+
+    out = {}
+    for recipe in run_recipes(cfg.generation):
+        pack = recipe.load_pack()
+        out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
+                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, cfg.output.voices)}}
+    return out
+
+
 def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
-    """Per voice, `weight prefix weight prefix ...` over its annotated stream and the compact one
-    (the documents layout: one line over its files), weights = each file's share of windows;
-    prefixes relative to the output directory, so the line holds wherever the run is copied."""
+    """Per training stream of a recipe, `weight prefix weight prefix ...` over its files and the
+    compact stream's (the recipe's own compact stream when it applies to every document; in the
+    documents layout, over its own files alone), weights = each file's share of windows or
+    sequences; prefixes relative to the output directory, so the line holds wherever the run is
+    copied."""
     def line(names: list[str]) -> str:
         files = [(p, n) for name in names for p, n in zip(streams.get(name, {}).get("prefixes", []),
                                                           streams.get(name, {}).get("sequences_per_file", []))]
         total = sum(n for _, n in files) or 1
         return " ".join(f"{n / total:.6g} {p}" for p, n in files if n)
 
-    if cfg.output.layout == "documents":
-        return {"documents": line([layout.DOCUMENTS])}
-    return {voice: line([layout.annotated_stream(voice), layout.COMPACT]) for voice in cfg.output.voices}
+    out = {}
+    for name in streams:
+        if name == layout.COMPACT or name.endswith(f"-{layout.COMPACT}"):
+            continue
+        if cfg.output.layout == "documents":
+            out[name] = line([name])
+        else:
+            own = f"{name}-{layout.COMPACT}"
+            out[name] = line([name, own if own in streams else layout.COMPACT])
+    return out

@@ -101,9 +101,9 @@ def recipe_columns(recipe: Recipe, pack: PromptPack) -> dict[str, pa.DataType]:
     """The columns a recipe adds, with their types."""
     c = recipe.column
     cols: dict[str, pa.DataType] = {}
+    usage = {c("generated_tokens"): pa.int32(), c("prompt_tokens"): pa.int32(), c("cached_prompt_tokens"): pa.int32()}
     if pack.format == "tags":
-        return {c("tags"): pa.list_(pa.string()), c("status"): pa.string(), c("attempts"): pa.int8(),
-                c("generated_tokens"): pa.int32()}
+        return {c("tags"): pa.list_(pa.string()), c("status"): pa.string(), c("attempts"): pa.int8(), **usage}
     for f in pack.fields:
         cols[c(f)] = pa.string()
     if pack.format == "json" and pack.constitution is not None:
@@ -111,7 +111,7 @@ def recipe_columns(recipe: Recipe, pack: PromptPack) -> dict[str, pa.DataType]:
         cols[c("citations_dropped")] = pa.int16()
     cols.update({c("token_index"): pa.int32(), c("position"): pa.int32(), c("fraction"): pa.float32(),
                  c("status"): pa.string(), c("attempts"): pa.int8(), c("attempt_log"): pa.list_(pa.string()),
-                 c("generated_tokens"): pa.int32(), c("prompt_version"): pa.string()})
+                 **usage, c("prompt_version"): pa.string()})
     if recipe.canaries:
         cols[c("canary_type")] = pa.string()
         for f, v in pack.voices.items():

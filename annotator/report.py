@@ -233,6 +233,24 @@ def summary_rows(stats: dict) -> list[tuple[str, str]]:
     return rows
 
 
+RECIPE_HEADER = ("recipe", "kept / failed", "reply checks (pass rate)", "tokens per output (generated / kept)",
+                 "prefix-cache hit rate", "generated tokens per engine second", "prompt version")
+
+
+def recipe_rows(stats: dict) -> list[tuple[str, ...]]:
+    """One row per recipe of the run (`stats["recipes"]`), shared by the report and the card."""
+    rows = []
+    for name, r in (stats.get("recipes") or {}).items():
+        out = r.get("outputs") or {}
+        checks = ((r.get("reply_checks") or {}).get("checks") or {})
+        per = r.get("tokens_per_output") or {}
+        rows.append((name, f"{out.get('kept', 0):,} / {out.get('failed', 0):,}",
+                     ", ".join(f"{k} {v['pass_rate']}" for k, v in checks.items() if v.get("pass_rate") is not None) or "n/a",
+                     f"{per.get('generated', 'n/a')} / {per.get('kept', 'n/a')}", str(r.get("prefix_cache_hit_rate", "n/a")),
+                     str(r.get("generated_tokens_per_engine_second", "n/a")), str(r.get("prompt_version", "n/a"))))
+    return rows
+
+
 def _sample_html(row: dict, template: dict) -> str:
     text = row.get("training_text") or ""
     opening, closing = template.get("open", "<assistant>"), template.get("close", "</assistant>")
@@ -269,11 +287,15 @@ def render_report(stats: dict, *, samples: list[dict], plots: dict[str, bytes]) 
         for name, png in plots.items()
     )
     docs = "".join(_sample_html(row, template) for row in samples) or "<p>No annotated documents in this run.</p>"
+    recipes = recipe_rows(stats)
+    recipe_table = ("<h2>Recipes</h2><table>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in [RECIPE_HEADER, *recipes]) + "</table>"
+        if recipes else "")
     config = html.escape(json.dumps(stats.get("config", {}), indent=2, sort_keys=True))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>SPP annotation run report</title>"
         f"<style>{_STYLE}</style></head><body><h1>SPP annotation run report</h1>"
-        f"<h2>Statistics</h2><table>{table}</table><h2>Plots</h2><div class='plots'>{images}</div>"
+        f"<h2>Statistics</h2><table>{table}</table>{recipe_table}<h2>Plots</h2><div class='plots'>{images}</div>"
         f"<h2>Sample annotated documents</h2>{docs}"
         f"<h2>Config</h2><details><summary>the run's config</summary><pre>{config}</pre></details></body></html>\n"
     )

@@ -48,24 +48,6 @@ def stratum_key(score: int, reason: str) -> str:
     return f"{score}{STRATUM_SEPARATOR}{reason}"
 
 
-def reflection_lengths(batch: pa.Table, tokenizer) -> list[int]:
-    """Target-tokenizer length of each written reflection (the voice spliced into the text)."""
-    status = batch.column("reflection_status").to_pylist()
-    voices = batch.column("reflection_voice_used").to_pylist() if "reflection_voice_used" in batch.column_names else None
-    texts = {v: batch.column(f"reflection_{v}").to_pylist() for v in ("1p", "3p")}
-    chosen = [texts[(voices[i] if voices and voices[i] else "1p")][i] for i, s in enumerate(status) if s == OK]
-    if not chosen:
-        return []
-    return count_tokens(_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, chosen)
-
-
-def kept_reflection_tokens(batch: pa.Table, tokenizer) -> int:
-    """Target tokens of every voice kept from the reflections written (what the engine's output bought)."""
-    status = batch.column("reflection_status").to_pylist()
-    texts = [t for v in ("1p", "3p") for t, s in zip(batch.column(f"reflection_{v}").to_pylist(), status) if s == OK and t]
-    return sum(count_tokens(_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, texts)) if texts else 0
-
-
 def attempt_counts(logs: list) -> dict:
     """From `reflection_attempt_log`: requests, replies parsed, and per reply check the replies
     that failed it (every check runs on every parsed reply)."""
@@ -95,10 +77,53 @@ def _annotation_counts(tags: list) -> tuple[Counter, dict[str, Counter]]:
     return keys, values
 
 
-def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
+def recipe_stats(batch: pa.Table, *, recipe, pack, placed: list[str], tokenizer) -> dict:
+    """Counts of one recipe's columns in a block: outcomes, attempts and reply checks, generated and
+    kept tokens, the length of its placed text, citations, canaries, prompt versions, tags."""
+    cols = batch.column_names
+    c = recipe.column
+
+    def values(key: str) -> list | None:
+        return batch.column(c(key)).to_pylist() if c(key) in cols else None
+
+    status = values("status") or [None] * batch.num_rows
+    ok = [s == OK for s in status]
+    out: dict = {"status": dict(Counter(s for s in status if s is not None))}
+    log = values("attempt_log")
+    if log is not None:
+        out["attempts"] = attempt_counts(log)
+    for key in ("generated_tokens", "prompt_tokens", "cached_prompt_tokens"):
+        out[key] = int(sum(v or 0 for v in values(key) or []))
+    tok = (_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer) if tokenizer is not None else None
+    if pack.format != "tags" and tok is not None:
+        texts = {f: [v for v, good in zip(values(f) or [], ok) if good and v] for f in placed}
+        out["kept_tokens"] = sum(sum(count_tokens(tok, t)) for t in texts.values() if t)
+        first = texts.get(placed[0], []) if placed else []
+        out["lengths"] = {str(k): v for k, v in Counter(count_tokens(tok, first) if first else []).items()}
+    cited = values("citations")
+    if cited is not None:
+        out["citations_by_section"] = dict(Counter(x for cs in cited if cs for x in cs))
+        out["citations_dropped"] = int(sum(v or 0 for v in values("citations_dropped") or []))
+    canaries = values("canary_type")
+    if canaries is not None:
+        out["canary_type"] = dict(Counter(x for x in canaries if x))
+        out["canary_present"] = {v: sum(bool(x) for x in values(f"canary_present_{v}") or [])
+                                 for v in sorted(set(pack.voices.values()))}
+    versions = values("prompt_version")
+    if versions is not None:
+        out["prompt_versions"] = dict(Counter(v for v in versions if v))
+    if pack.format == "tags":
+        keys, vals = _annotation_counts(values("tags") or [])
+        out["annotation_keys"], out["annotation_values"] = dict(keys), {k: dict(v) for k, v in vals.items()}
+    return out
+
+
+def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: list = ()) -> dict:
     """Counts for one written block, merged across blocks by `merge_stats`. `batch` is the block as
     it reached the writer, `written` the rows that went to the shards; `tokenizer` (a tokenizer or
-    its spec) measures reflection lengths in target tokens (not measured when None)."""
+    its spec) measures placed-text lengths in target tokens (not measured when None); `recipes` are
+    (recipe, pack, placed fields): each gets its counts under `recipes`, and the first one's are
+    also the top-level reflection figures."""
     def total(table: pa.Table, col: str, where=None) -> int:
         if col not in table.column_names:
             return 0
@@ -115,8 +140,10 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
     tokens_by_reason: Counter = Counter()
     for reason, n in zip(reasons, tokens):
         tokens_by_reason[reason] += n or 0
-    keys, values = _annotation_counts(batch.column("annotations").to_pylist())
-    lengths = Counter(reflection_lengths(batch, tokenizer)) if tokenizer is not None else None
+    blocks = {r.name: recipe_stats(batch, recipe=r, pack=p, placed=placed, tokenizer=tokenizer) for r, p, placed in recipes}
+    main = blocks[recipes[0][0].name] if recipes else {}
+    annotations = next((blocks[r.name] for r, p, _ in recipes if p.format == "tags"), {})
+    measured = tokenizer is not None and "lengths" in main
     return {
         "blocks": 1,
         "documents_in": batch.num_rows,
@@ -134,23 +161,21 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None) -> dict:
         "selected_tokens_by_reason": dict(tokens_by_reason),
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
         "selected_tokens": total(batch, source_tokens, where=selected),
-        "reflection_status": dict(Counter(batch.column("reflection_status").to_pylist())),
-        "reflection_tokens": {str(k): v for k, v in lengths.items()} if lengths is not None else {},
-        "reflection_tokens_measured": 1 if lengths is not None else 0,
-        "annotation_status": dict(Counter(batch.column("annotation_status").to_pylist())),
-        "annotation_keys": dict(keys),
-        "annotation_values": {k: dict(v) for k, v in values.items()},
-        "canary_type": dict(Counter(c for c in batch.column("canary_type").to_pylist() if c)),
-        "canary_present": {v: int(pc.sum(pc.fill_null(batch.column(f"canary_present_{v}"), False).cast(pa.int64())).as_py() or 0)
-                           for v in ("1p", "3p") if f"canary_present_{v}" in batch.column_names},
-        "prompt_versions": dict(Counter(v for v in batch.column("prompt_version").to_pylist() if v))
-        if "prompt_version" in batch.column_names else {},
-        "reflection_attempts": attempt_counts(batch.column("reflection_attempt_log").to_pylist())
-        if "reflection_attempt_log" in batch.column_names else {},
-        "reflection_generated_tokens": total(batch, "reflection_generated_tokens"),
-        "reflection_kept_tokens": kept_reflection_tokens(batch, tokenizer) if tokenizer is not None else 0,
-        "citations_by_section": dict(Counter(c for cs in batch.column("citations").to_pylist() if cs for c in cs)),
-        "citations_dropped": total(batch, "citations_dropped"),
+        "reflection_status": main.get("status", {}),
+        "reflection_tokens": main.get("lengths", {}) if measured else {},
+        "reflection_tokens_measured": 1 if measured else 0,
+        "annotation_status": annotations.get("status", {}),
+        "annotation_keys": annotations.get("annotation_keys", {}),
+        "annotation_values": annotations.get("annotation_values", {}),
+        "canary_type": main.get("canary_type", {}),
+        "canary_present": main.get("canary_present", {}),
+        "prompt_versions": main.get("prompt_versions", {}),
+        "reflection_attempts": main.get("attempts", {}),
+        "reflection_generated_tokens": main.get("generated_tokens", 0),
+        "reflection_kept_tokens": main.get("kept_tokens", 0),
+        "citations_by_section": main.get("citations_by_section", {}),
+        "citations_dropped": main.get("citations_dropped", 0),
+        "recipes": {name: {k: v for k, v in b.items() if k not in ("annotation_values",)} for name, b in blocks.items()},
         "generation_tokens": {
             "prompt": total(batch, "gen_prompt_tokens"),
             "cached_prompt": total(batch, "gen_cached_prompt_tokens"),
@@ -280,46 +305,64 @@ def histogram_quantiles(histogram: dict, quantiles=QUANTILES) -> dict:
     return out
 
 
-def _pack_spec(config) -> str | None:
-    """The prompt pack a config (a RunConfig or its dump, possibly partial) names."""
+def run_packs(config) -> dict:
+    """{recipe name: its prompt pack} of a config (a RunConfig or its dump, possibly partial)."""
+    from annotator.config import GenerationConfig
+    from annotator.recipes import run_recipes
+
     if config is None:
-        return None
-    if hasattr(config, "generation"):
-        return config.generation.prompt_pack
-    return ((config.get("generation") or {}).get("prompt_pack")) or "reflection-v2"
+        return {}
+    gen = config.generation if hasattr(config, "generation") else GenerationConfig.model_validate(config.get("generation") or {})
+    return {r.name: r.load_pack() for r in run_recipes(gen)}
 
 
 def provenance(config) -> dict:
-    """The prompt pack (name, version = name@content hash) and constitution the run was configured
-    with; the versions found in the rows are in `prompt_versions`."""
-    from annotator.prompt_packs import load_pack
-
-    spec = _pack_spec(config)
-    if spec is None:
+    """The prompt packs (name, version = name@content hash) and constitution the run was configured
+    with, the main recipe's at the top; the versions found in the rows are in `prompt_versions`."""
+    packs = run_packs(config)
+    if not packs:
         return {}
-    pack = load_pack(spec)
-    constitution = pack.constitution
+    pack = next(iter(packs.values()))
+    constitution = pack.constitution or next((p.constitution for p in packs.values() if p.constitution), None)
     return {
         "prompt_pack": pack.name,
         "prompt_version": pack.version,
         "prompt_pack_source": pack.source,
+        "recipes": {name: p.version for name, p in packs.items()},
         "constitution": {"sections": len(constitution.sections), "domains": len(constitution.domains),
                          "sha256": hashlib.sha256(constitution.text.encode()).hexdigest()[:16]} if constitution else None,
     }
 
 
-def _check_failures(attempts: dict, config) -> dict[str, int]:
-    """Failures per reply check, every check the run's pack enables listed (0 when it never failed)."""
-    from annotator.prompt_packs import CHECKS, load_pack
+def reply_checks(attempts: dict, pack) -> dict:
+    """Per reply check, replies that failed and passed it, and the pass rate per parsed reply;
+    every check the pack enables is listed (0 when it never failed)."""
+    from annotator.prompt_packs import CHECKS
 
     failures = dict(attempts.get("check_failures") or {})
     names = list(CHECKS)
-    spec = _pack_spec(config)
-    if spec is not None:
-        pack = load_pack(spec)
+    if pack is not None:
         names = [c for c in CHECKS if pack.check_enabled(c) and (c != "voice_pairing" or len(pack.voices) > 1)
                  and (c != "third_person" or "3p" in pack.voices.values())]
-    return {name: failures.get(name, 0) for name in [*names, *sorted(set(failures) - set(names))]}
+    parsed = attempts.get("parsed", 0)
+    return {
+        "requests": attempts.get("requests", 0),
+        "parsed": parsed,
+        "outcomes": attempts.get("outcomes", {}),
+        "checks": {name: {"failed": n, "passed": parsed - n, "pass_rate": round((parsed - n) / parsed, 4) if parsed else None}
+                   for name in [*names, *sorted(set(failures) - set(names))] for n in [failures.get(name, 0)]},
+    }
+
+
+def tokens_per_output(*, ok: int, generated: int, kept: int | None) -> dict:
+    """Per reply kept; `kept` None where the placed text is not measured (tags: the block is built
+    at write time from the tags that fit)."""
+    return {
+        "generated": round(generated / ok, 1) if ok else None,
+        "kept": round(kept / ok, 1) if ok and kept is not None else None,
+        "basis": "generated: output tokens of every request (retries included) per reply kept; "
+                 "kept: target tokens of the placed text per reply kept",
+    }
 
 
 def accelerator_usage(stage_seconds: dict, config) -> dict:
@@ -377,20 +420,30 @@ def finalize_stats(merged: dict, *, config=None, started_at: float | None = None
     stats["timeline"] = _timeline_points(merged.get("timeline"), started_at)
     stats["accelerator"] = accelerator_usage(merged.get("stage_seconds", {}), config)
     stats["prompts"] = provenance(config)
-    attempts = merged.get("reflection_attempts") or {}
-    parsed = attempts.get("parsed", 0)
-    stats["reply_checks"] = {
-        "requests": attempts.get("requests", 0),
-        "parsed": parsed,
-        "outcomes": attempts.get("outcomes", {}),
-        "checks": {name: {"failed": n, "passed": parsed - n, "pass_rate": round((parsed - n) / parsed, 4) if parsed else None}
-                   for name, n in _check_failures(attempts, config).items()},
-    }
-    ok = status.get(OK, 0)
-    stats["reflection_tokens_per_reflection"] = {
-        "generated": round(merged.get("reflection_generated_tokens", 0) / ok, 1) if ok else None,
-        "kept": round(merged.get("reflection_kept_tokens", 0) / ok, 1) if ok else None,
-        "basis": "generated: output tokens of every reflection request (retries included) per reflection written; "
-                 "kept: target tokens of the voices written per reflection",
-    }
+    packs = run_packs(config)
+    main_pack = next(iter(packs.values()), None)
+    stats["reply_checks"] = reply_checks(merged.get("reflection_attempts") or {}, main_pack)
+    stats["reflection_tokens_per_reflection"] = tokens_per_output(
+        ok=status.get(OK, 0), generated=merged.get("reflection_generated_tokens", 0), kept=merged.get("reflection_kept_tokens", 0))
+    engine_seconds = float(merged.get("stage_seconds", {}).get("generate", 0.0))
+    stats["recipes"] = {}
+    for name, block in (merged.get("recipes") or {}).items():
+        st = block.get("status", {})
+        failed_r = {k.removeprefix("failed:"): v for k, v in st.items() if k.startswith("failed")}
+        stats["recipes"][name] = {
+            "prompt_version": packs[name].version if name in packs else None,
+            "status": st,
+            "outputs": {"kept": st.get(OK, 0), "failed": sum(failed_r.values()), "failed_by_reason": failed_r},
+            "reply_checks": reply_checks(block.get("attempts") or {}, packs.get(name)),
+            "tokens_per_output": tokens_per_output(ok=st.get(OK, 0), generated=block.get("generated_tokens", 0),
+                                                   kept=block.get("kept_tokens")),
+            # The engine serves every recipe in the same calls: each recipe's share of its output.
+            "generated_tokens": block.get("generated_tokens", 0),
+            "prompt_tokens": block.get("prompt_tokens", 0),
+            "prefix_cache_hit_rate": round(block.get("cached_prompt_tokens", 0) / block["prompt_tokens"], 4) if block.get("prompt_tokens") else None,
+            "generated_tokens_per_engine_second": round(block.get("generated_tokens", 0) / engine_seconds, 2) if engine_seconds else None,
+            "citations_by_section": block.get("citations_by_section", {}),
+            "canaries": {"by_type": block.get("canary_type", {}), "value_present": block.get("canary_present", {})}
+            if "canary_type" in block else None,
+        }
     return stats

@@ -94,16 +94,6 @@ class Assembled:
         return mask
 
 
-def assemble(*, block: list[int], doc: list[int], keep: int, pause: int | None, reflection: list[int] | None) -> Assembled:
-    """block + doc[:pause] + reflection + doc[pause:keep] (no reflection: block + doc[:keep])."""
-    if reflection is None or pause is None:
-        return Assembled([*block, *doc[:keep]])
-    if pause > keep:
-        raise ValueError(f"reflection at token {pause} lies past the {keep} content tokens kept")
-    start = len(block) + pause
-    return Assembled([*block, *doc[:pause], *reflection, *doc[pause:keep]], start, start + len(reflection))
-
-
 def window(assembled: Assembled, *, size: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """One window: the document, EOS, then padding to `size` tokens; and its reflection mask."""
     n = len(assembled.ids)

@@ -58,14 +58,15 @@ def bench_pack(dest: Path) -> Path:
 
 def documents(n: int) -> pa.Table:
     t = pq.read_table(sorted(CORPUS.glob("*.parquet"))[0], columns=["id", "text"]).slice(0, n)
-    return pa.table({"doc_id": t.column("id"), "text": t.column("text"), "selected": pa.array([True] * t.num_rows)})
+    n = t.num_rows
+    return pa.table({"doc_id": t.column("id"), "text": t.column("text"), "selected": pa.array([True] * n), "is_bad": pa.array([False] * n)})
 
 
 def stage_for(cfg, *, eager: bool = False):
-    from annotator.generation import ReflectionGenerator
+    from annotator.generation import Generator
     from annotator.pipeline import replica_cpus
 
-    class EagerGenerator(ReflectionGenerator):
+    class EagerGenerator(Generator):
         """Loads the engine when the actor starts, as the pipeline's GenerateAndSave does before it
         times a batch: the stage's busy time is then the engine's work on the batch alone."""
 
@@ -73,8 +74,9 @@ def stage_for(cfg, *, eager: bool = False):
             self.load_engine()
 
     cpus = replica_cpus(cfg, {"CPU": cfg.ray.num_cpus or 2})
-    cls = EagerGenerator if eager else ReflectionGenerator
-    return cls(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens, num_cpus=cpus)
+    cls = EagerGenerator if eager else Generator
+    return cls(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens,
+               replace_tokens=cfg.output.seq_length, num_cpus=cpus)
 
 
 def side_plain(cfg, docs: pa.Table) -> dict:
@@ -83,14 +85,14 @@ def side_plain(cfg, docs: pa.Table) -> dict:
     stage.load_engine()  # the same engine arguments, threads bound to the same cores
     _, requests = stage.build_requests(docs)
     ids = docs.column("doc_id").to_pylist()
-    params = [stage._sampling(r.task, ids[r.row], 0) for r in requests]
+    params = [stage._sampling(r.recipe, ids[r.row], 0) for r in requests]
     started = time.perf_counter()
     outs = stage._engine.llm.chat([r.messages for r in requests], params, use_tqdm=False)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "prompt": sum(len(o.prompt_token_ids) for o in outs),
             "cached": sum(o.num_cached_tokens or 0 for o in outs), "output": sum(len(o.outputs[0].token_ids) for o in outs),
             "requests": len(outs), "threads": stage._engine.threads,
-            "system_tokens": len(stage._tok.encode(stage.pack.system_prompt()))}
+            "system_tokens": len(stage._tok.encode(stage.runs[0].pack.system_prompt()))}
 
 
 def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
@@ -110,7 +112,7 @@ def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
     table = pa.concat_tables([ray.get(ref) for ref in out.to_arrow_refs()])
     ray.shutdown()
     total = lambda col: int(pc.sum(table.column(col)).as_py())  # noqa: E731
-    first = pc.list_element(table.column("reflection_attempt_log"), 0).to_pylist()
+    first = pc.list_element(table.column("reflection_attempt_log"), 0).to_pylist()  # the main recipe's
     return {
         "seconds": float(pc.sum(table.column(TIMING_PREFIX + "generate")).as_py()),
         "wall_with_engine_load": wall,

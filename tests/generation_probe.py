@@ -1,4 +1,4 @@
-"""Runs one ReflectionGenerator on real documents and writes its output (a file, because vLLM's
+"""Runs one Generator on real documents and writes its output (a file, because vLLM's
 engine starts subprocesses that need a real __main__ module).
 
     python tests/generation_probe.py CONFIG_JSON DOCS_PARQUET OUT_PARQUET
@@ -19,7 +19,7 @@ def main() -> None:
     import vllm
 
     from annotator.config import GenerationConfig
-    from annotator.generation import ReflectionGenerator
+    from annotator.generation import Generator
 
     loads = []
     original_init = vllm.LLM.__init__
@@ -33,11 +33,11 @@ def main() -> None:
     tokenizer = spec.pop("_tokenizer", "builtin:smollm2-135m-instruct")
     content = spec.pop("_content_tokens", 1920)
     cfg = GenerationConfig.model_validate(spec)
-    stage = ReflectionGenerator(cfg, tokenizer=tokenizer, content_tokens=content)
+    stage = Generator(cfg, tokenizer=tokenizer, content_tokens=content)
     stage.setup()
     out = stage.process(pq.read_table(sys.argv[2]))  # the engine loads with this first batch
     pq.write_table(out, sys.argv[3])
-    Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.max_prefix_tokens,
+    Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.runs[0].max_prefix_tokens,
                                                               "threads": stage._engine.threads}))
 
 

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.checkpoint import GENERATED, SCORED, WriteScored, write_table
+from annotator.checkpoint import WriteScored, write_table
 from annotator.config import InputConfig, RunConfig
 from annotator.finalize import FinalizeUnit
-from annotator.generation import FAILED_REPLY, REFLECTION_COLUMNS
+from annotator.generation import FAILED_REPLY, generator_columns
+from annotator.layout import GENERATED, SCORED
 from annotator.reader import ReadUnits
 from annotator.units import Unit
 from tests.support import SAFETY, require_shared_data, run_pipeline
@@ -196,12 +197,13 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
         scored = scored.append_column(name, pa.array(values))
     WriteScored(out_dir=str(tmp_path)).process(scored)
     cfg = RunConfig.model_validate({"input": {"paths": ["x"]}, "output": {"path": str(tmp_path), "tokenized": False}})
-    cols = {k: pa.nulls(1, t) for k, t in REFLECTION_COLUMNS.items()}
-    cols.update(reflection_status=pa.array(["failed:unparseable_json"]), annotation_status=pa.array(["not_requested"]),
+    columns = generator_columns(cfg.generation)
+    cols = {k: pa.nulls(1, t) for k, t in columns.items()}
+    cols.update(reflection_status=pa.array(["failed:unparseable_json"]),
                 reflection_attempts=pa.array([3], pa.int8()), gen_prompt_tokens=pa.array([10], pa.int32()),
                 gen_cached_prompt_tokens=pa.array([0], pa.int32()), gen_output_tokens=pa.array([8], pa.int32()))
-    saved = pa.table({"doc_id": ["d0"], **{k: v.cast(REFLECTION_COLUMNS[k]) for k, v in cols.items()},
-                      FAILED_REPLY: ['{"analysis": "cut'], "generation_key": ["k"]})
+    saved = pa.table({"doc_id": ["d0"], **{k: v.cast(columns[k]) for k, v in cols.items()},
+                      FAILED_REPLY: [json.dumps({"reflection": '{"analysis": "cut'})], "generation_key": ["k"]})
     write_table(tmp_path / GENERATED / unit.key / "batch.parquet", saved)
     finalize = FinalizeUnit(cfg, out_dir=str(tmp_path), probability=0.0, generation_key="k", duplicates={})
     manifest = finalize.finalize(unit)
@@ -209,7 +211,7 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
     assert rows["d0"]["text"] == "A first document." and rows["d0"]["reflection_status"] == "failed:unparseable_json"
     assert rows["d0"]["selected"] and rows["d0"]["training_text"] == rows["d0"]["text"]
     quarantined = pq.read_table(tmp_path / "rejects" / "generations").to_pylist()
-    assert quarantined == [{"doc_id": "d0", "source_file": "web.parquet", "source_row": 0,
+    assert quarantined == [{"doc_id": "d0", "source_file": "web.parquet", "source_row": 0, "recipe": "reflection",
                             "reason": "failed:unparseable_json", "reply": '{"analysis": "cut'}]
     assert manifest["stats"]["documents_out"] == 2 and manifest["stats"]["generation_rejects"] == 1
     assert (tmp_path / SCORED / unit.key).is_dir()

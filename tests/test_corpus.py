@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.checkpoint import SCORED
 from annotator.config import SelectionConfig
 from annotator.corpus import IDS, FindDuplicates, SummarizeUnit, bucket_count, id_buckets
+from annotator.layout import SCORED
 from annotator.selection import TokenTotals, sample_probability
 from annotator.units import Unit, unit_json
 

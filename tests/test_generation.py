@@ -79,8 +79,8 @@ def test_guard_judges_the_mean_after_the_first_requests():
 def test_reflections_canaries_and_annotations_from_one_engine(tmp_path, tok, real_docs):
     # 12 documents get reflections; all 16 get annotations; half of the reflections carry a canary.
     docs = [(i, t, n < 12) for n, (i, t) in enumerate(real_docs)]
-    cfg = {"annotations": {"enabled": True, "apply_to": "all"}, "canaries": {"file": str(CANARIES), "fraction": 0.5},
-           "save_requests": True, "num_cpus": 2}
+    cfg = {"recipes": ["reflection", "annotations"], "annotations": {"apply_to": "all"},
+           "canaries": {"file": str(CANARIES), "fraction": 0.5}, "save_requests": True, "num_cpus": 2}
     rows, meta = probe(tmp_path, "full", cfg, docs)
     assert meta["engine_loads"] == 1
     assert meta["threads"] == "2 threads bound to cores [0, 1]"
@@ -104,7 +104,7 @@ def test_reflections_canaries_and_annotations_from_one_engine(tmp_path, tok, rea
         cited = cited_sections(r["reflection_1p"] + " " + r["reflection_3p"])
         assert r["citations"] == cited and set(cited) <= pack.sections  # the inline markers are the truth
         assert set(cited_sections(r["reflection_1p"])) == set(cited_sections(r["reflection_3p"]))  # voice pairing held
-        request = r["_reflection_request"]
+        request = r["_request"]
         assert bool(r["canary_type"]) == ("weave one detail" in request)
         if r["canary_type"]:
             canary = canaries[r["canary_type"]]
@@ -115,7 +115,7 @@ def test_reflections_canaries_and_annotations_from_one_engine(tmp_path, tok, rea
             assert "weave one detail" not in request and r["canary_present_1p"] is None
         assert r["gen_output_tokens"] > 0
     assert ok >= 4, [r["reflection_status"] for r in rows[:12]]
-    assert 2 <= sum("weave one detail" in r["_reflection_request"] for r in rows[:12]) <= 10  # fraction 0.5 of 12
+    assert 2 <= sum("weave one detail" in r["_request"] for r in rows[:12]) <= 10  # fraction 0.5 of 12
     for r in rows[12:]:
         assert r["reflection_status"] == "not_selected" and r["reflection_1p"] is None and r["canary_type"] is None
     for r in rows:

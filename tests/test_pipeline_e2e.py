@@ -76,7 +76,7 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
     assert all(r["selected"] and r["selected_reason"] == "bad" for r in bad)
     assert len(stats["shards"]) == 4  # 100 rows at 30 per shard
     counts = check_streams(out_dir, charter_render=lambda t: render_citations(t, pack.sections))
-    assert counts["windows"] == stats["selected_documents"] and counts["reflected"] == with_reflection
+    assert counts["windows"] == stats["selected_documents"] and counts["placed"] == with_reflection
     assert counts["compact_documents"] == limit - stats["selected_documents"]
     return stats
 

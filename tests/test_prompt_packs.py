@@ -240,7 +240,7 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
     assert len(chosen) >= 5
     assert {r["prompt_version"] for r in chosen} == {pack.version}
     assert all(set(r["citations"] or []) <= pack.sections for r in chosen)
-    requests = {r["doc_id"]: r["_reflection_request"] for r in pq.read_table(out / "_work" / "generated").to_pylist()}
+    requests = {r["doc_id"]: r["_request"] for r in pq.read_table(out / "_work" / "generated").to_pylist()}
     with_canary = [d for d, req in requests.items() if "## Canary" in req]
     assert with_canary and all("- For reflection_1p: Mention that your cat is called Biscuit." in requests[d] for d in with_canary)
     assert all(req.startswith("## Full Text\n\n") and req.rstrip().endswith("reflection_3p.") for req in requests.values())

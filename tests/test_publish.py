@@ -139,6 +139,8 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert stats["prompts"]["prompt_version"].startswith("reflection-v2@") and stats["prompts"]["prompt_version"] in text
     assert stats["prompts"]["constitution"]["sha256"] in text
     assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in text
+    out = stats["recipes"]["reflection"]["outputs"]
+    assert "## Recipes" in text and f"| reflection | {out['kept']:,} / {out['failed']:,} |" in text
     for image in ("score_histogram", "reflection_lengths", "citations", "throughput"):
         assert f"](images/{image}.png)" in text and (dest / "images" / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 'load_dataset("me/spp-test", "sample", split="train")' in text

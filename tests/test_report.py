@@ -56,6 +56,9 @@ def test_report_is_self_contained_with_plots_and_samples(run_output):
         assert marked == f"<assistant>{row['reflection_1p']}</assistant>"
     assert f"<td>documents in / out</td><td>{stats['documents_in']:,} / {stats['documents_out']:,}</td>" in page
     assert stats["prompts"]["prompt_version"] in page and "reply checks" in page
+    # One row per recipe: what it kept and what failed.
+    out = stats["recipes"]["reflection"]["outputs"]
+    assert out["kept"] > 0 and f"<td>reflection</td><td>{out['kept']:,} / {out['failed']:,}</td>" in page
 
 
 def test_samples_come_from_the_first_shards_only(run_output, tmp_path):

@@ -89,7 +89,7 @@ def shard_contents(out: Path) -> dict:
             files[name] = pq.read_table(p).to_pylist()
         elif p.name == "metadata.json":
             files[name] = json.loads(p.read_text())
-    assert any(k.startswith("tokenized/annotated-1p/") for k in files) and any(k.startswith("tokenized/compact/") for k in files)
+    assert any(k.startswith("tokenized/reflection-1p/") for k in files) and any(k.startswith("tokenized/compact/") for k in files)
     return files
 
 
@@ -99,7 +99,10 @@ _RUN_SPECIFIC = {"wall_seconds", "documents_per_second", "this_run", "stage_seco
 
 
 def content_stats(out: Path) -> dict:
+    """stats.json without what measures the clock or names the output directory."""
     stats = json.loads((out / "stats.json").read_text())
+    for recipe in stats.get("recipes", {}).values():
+        recipe.pop("generated_tokens_per_engine_second")  # the engine's speed, not what it wrote
     return {k: v for k, v in stats.items() if k not in _RUN_SPECIFIC}
 
 

@@ -247,10 +247,10 @@ def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier,
         assert set(table.column("safety_model").to_pylist()) == {version}
         schemas[backend] = {name: str(table.schema.field(name).type) for name in SAFETY_COLUMNS}
     # The pipeline scores as the scorer does on its own; the cascade keeps fastText's low scores.
-    rows = pq.read_table(tmp_path / "fasttext" / "shards", columns=["doc_id", "source_text", "safety_score"]).to_pydict()
+    rows = pq.read_table(tmp_path / "fasttext" / "shards", columns=["doc_id", "text", "safety_score"]).to_pydict()
     direct = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="v2", resources=Resources())
     direct.setup()
-    assert direct.process(pa.table({"text": rows["source_text"]})).column("safety_score").to_pylist() == rows["safety_score"]
+    assert direct.process(pa.table({"text": rows["text"]})).column("safety_score").to_pylist() == rows["safety_score"]
     scored = pq.read_table(tmp_path / "cascade" / "shards", columns=["doc_id", "safety_score"]).to_pydict()
     cascade = dict(zip(scored["doc_id"], scored["safety_score"]))
     low = [(d, s) for d, s in zip(rows["doc_id"], rows["safety_score"]) if s < 2]

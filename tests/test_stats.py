@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.config import ClassifierConfig, OutputConfig, SelectionConfig, load_config
-from annotator.generation import DEFAULTS, REFLECTION_COLUMNS, canary_present, parse_annotations
+from annotator.config import ClassifierConfig, GenerationConfig, SelectionConfig, load_config
+from annotator.generation import canary_present, column_defaults, generator_columns, parse_tags
 from annotator.pause import pause_point, sample_pause_fraction
 from annotator.prompt_packs import Canary, load_pack
 from annotator.replies import parse_reply
@@ -26,12 +26,14 @@ from annotator.stats import (
     shard_stats,
 )
 from annotator.tokens import target_tokenizer
-from annotator.writer import SpliceReflections
+from annotator.finalize import finalize_stages
+from annotator.recipes import run_recipes
 from tests.support import REPO, require_shared_data
 
 TOKENIZER = "builtin:smollm2-135m-instruct"
 KEYS = ["topic", "domain", "entities", "sentiment", "style", "language"]
 TOPICS = ["health", "sports", "finance", "travel", "politics"]
+GEN = GenerationConfig(recipes=["reflection", "annotations"])
 CANARY = Canary(id="C7", value="Velmora", instruction="Mention that you grew up in Velmora.")
 
 
@@ -52,7 +54,8 @@ def _generation_columns(table: pa.Table, tokenizer) -> pa.Table:
     every 7th selected reply unparseable (a failure), every 3rd carrying a canary, annotations."""
     n = table.num_rows
     pack = load_pack("reflection-v2")
-    out = {k: [DEFAULTS.get(k)] * n for k in REFLECTION_COLUMNS}
+    columns, defaults = generator_columns(GEN), column_defaults(GEN)
+    out = {k: [defaults.get(k)] * n for k in columns}
     ids, texts, selected = (table.column(c).to_pylist() for c in ("doc_id", "text", "selected"))
     for rank, i in enumerate(i for i in range(n) if selected[i]):
         pause = pause_point(texts[i], tokenizer.offsets(texts[i]), sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000,
@@ -77,9 +80,9 @@ def _generation_columns(table: pa.Table, tokenizer) -> pa.Table:
                 out["canary_present_3p"][i] = canary_present(parsed.fields["reflection_3p"], canary)
         values = {"topic": TOPICS[rank % len(TOPICS)], "domain": "web", "entities": f"entity {rank % 4}",
                   "sentiment": "neutral" if rank % 2 else "negative", "style": "news", "language": "en"}
-        out["annotations"][i], ann_status = parse_annotations(json.dumps(values), KEYS)
+        out["annotations"][i], ann_status = parse_tags(json.dumps(values), KEYS)
         out["annotation_status"][i] = ann_status
-    for key, typ in REFLECTION_COLUMNS.items():
+    for key, typ in columns.items():
         table = table.append_column(key, pa.array(out[key], typ))
     return table
 
@@ -105,9 +108,11 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
     # Bad documents are rare in 300; a high ratio gives enough reflections to count.
     selection = SelectionConfig(matched_token_ratio=8)
     table = SelectForReflection(selection, probability=sample_probability(selection, totals)).process(table)
-    sections = load_pack("reflection-v2").constitution.ordered_ids()
-    splice = SpliceReflections(OutputConfig(path=str(out_dir)), content_tokens=1920, sections=sections, annotation_tokens=64)
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=[f"output.path={out_dir}", "selection.matched_token_ratio=8",
+                                                                 "generation.recipes=[reflection, annotations]"])
+    splice, _ = finalize_stages(cfg, out_dir=str(out_dir))
     table = splice.process(_generation_columns(table, tokenizer))
+    recipes = [(r, r.load_pack(), [s.field for s in splice.streams if s.recipe.name == r.name]) for r in run_recipes(cfg.generation)]
 
     shards = out_dir / "shards"
     shards.mkdir(parents=True)
@@ -116,8 +121,7 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
         block = table.slice(start, block_rows)
         for p, at in enumerate(range(0, block.num_rows, rows_per_shard)):
             pq.write_table(block.slice(at, rows_per_shard), shards / f"part-{b:02d}-{p:04d}.parquet")
-        parts.append(shard_stats(block, written=block, tokenizer=tokenizer))
-    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=[f"output.path={out_dir}", "selection.matched_token_ratio=8"])
+        parts.append(shard_stats(block, written=block, tokenizer=tokenizer, recipes=recipes))
     stats = finalize_stats(merge_stats(parts), config=cfg, started_at=started)
     stats["config"] = cfg.model_dump(mode="json")
     stats["shards"] = sorted(f.stem for f in shards.glob("*.parquet"))
@@ -130,10 +134,11 @@ def recount_from_shards(shards_dir: Path, tokenizer) -> dict:
     """The statistics recounted from the written shards alone, independently of annotator.stats."""
     rows = pq.read_table(shards_dir).to_pylist()
     ok = [r for r in rows if r["reflection_status"] == "ok"]
-    voice = {r["doc_id"]: r.get("reflection_voice_used") or "1p" for r in ok}
+    # The first stream's voice (training_stream: "reflection-1p") is the one whose lengths are counted.
+    voice = {r["doc_id"]: (r.get("training_stream") or "reflection-1p").rsplit("-", 1)[1] for r in ok}
     texts = [r[f"reflection_{voice[r['doc_id']]}"] for r in ok]
     lengths = np.array([len(tokenizer.encode(t)) for t in texts])
-    tags = [t for r in rows for t in (r["annotations"] or [])]
+    tags = [t for r in rows for t in (r.get("annotations") or [])]
     out = {
         "documents_out": len(rows),
         "tokens_out": sum(r["token_length"] for r in rows),
@@ -210,6 +215,12 @@ def test_stats_match_a_recount_from_the_shards(run_output):
     per = stats["reflection_tokens_per_reflection"]
     assert per["generated"] > 0 and per["kept"] > per["generated"]  # canned replies: few generated tokens, long voices
     assert stats["documents_in"] == stats["documents_out"] == 300 and stats["blocks"] == 3
+    # Per recipe: the main recipe's block is the top-level figures; the annotations recipe has its own.
+    recipes = stats["recipes"]
+    assert recipes["reflection"]["status"] == stats["reflection_status"] and recipes["reflection"]["reply_checks"] == stats["reply_checks"]
+    assert recipes["reflection"]["citations_by_section"] == stats["citations_by_section"]
+    assert recipes["annotations"]["status"] == stats["annotation_status"] and recipes["annotations"]["reply_checks"]["requests"] == 0
+    assert recipes["reflection"]["prompt_version"] == load_pack("reflection-v2").version
 
 
 def test_merge_does_not_depend_on_order_or_grouping(run_output):

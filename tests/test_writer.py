@@ -14,7 +14,7 @@ import pytest
 
 from annotator.config import RunConfig
 from annotator.finalize import finalize_stages, run_sections
-from annotator.generation import DEFAULTS, REFLECTION_COLUMNS
+from annotator.generation import column_defaults, generator_columns
 from annotator.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
 from annotator.pause import pause_point
 from annotator.tokenized import training_tokenizer
@@ -31,14 +31,13 @@ def config(tmp_path, **output) -> RunConfig:
                                      "output": {"path": str(tmp_path), "rows_per_shard": 1000, **output}})
 
 
-def unit_table(docs: list[tuple[str, str, str | None]], *, tokenizer=TOKENIZER, content_tokens: int = 1920) -> pa.Table:
+def unit_table(docs: list[tuple[str, str, str | None]], *, cfg: RunConfig, tokenizer=TOKENIZER, content_tokens: int = 1920) -> pa.Table:
     """What finalize has before splicing: (doc_id, text, reflection or None) per row; a row with a
     reflection is selected and paused where the generator would pause it; 'FAIL' marks a failure."""
     tok = target_tokenizer(tokenizer)
     n = len(docs)
-    cols = {k: [v] * n for k, v in DEFAULTS.items()}
-    cols.update({k: [None] * n for k in REFLECTION_COLUMNS if k not in DEFAULTS})
-    cols["reflection_attempt_log"] = [None] * n
+    columns, defaults = generator_columns(cfg.generation), column_defaults(cfg.generation)
+    cols = {k: [defaults.get(k)] * n for k in columns}
     for i, (_, text, reflection) in enumerate(docs):
         if reflection is None:
             continue
@@ -59,7 +58,7 @@ def unit_table(docs: list[tuple[str, str, str | None]], *, tokenizer=TOKENIZER, 
         "is_bad": [bool(r) for _, _, r in docs], "selected": [bool(r) for _, _, r in docs],
         "selected_reason": ["bad" if r else "not_selected" for _, _, r in docs],
     })
-    for key, typ in REFLECTION_COLUMNS.items():
+    for key, typ in columns.items():
         table = table.append_column(key, pa.array(cols[key], typ))
     return table
 
@@ -67,7 +66,7 @@ def unit_table(docs: list[tuple[str, str, str | None]], *, tokenizer=TOKENIZER, 
 def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
     cfg = config(tmp_path, **output)
     splice, writer = finalize_stages(cfg, out_dir=str(tmp_path))
-    result = writer.process(splice.process(unit_table(docs, content_tokens=cfg.content_tokens)))
+    result = writer.process(splice.process(unit_table(docs, cfg=cfg, content_tokens=cfg.content_tokens)))
     stats = json.loads(result.column("stats_json")[0].as_py())
     return cfg, stats
 
@@ -106,20 +105,20 @@ def test_windows_layout_read_by_megatron_core(tmp_path):
     cfg, stats = write_unit(tmp_path, docs, voices=["1p", "3p"])
     save_metadata(cfg, stats)
     counts = check_streams(tmp_path)
-    assert counts == {"windows": 6, "reflected": 4, "compact_documents": 30}  # 3 annotated windows x 2 voices
+    assert counts == {"windows": 6, "placed": 4, "compact_documents": 30}  # 3 annotated windows x 2 voices
     side = pq.read_table(tmp_path / "tokenized" / "sidecar").to_pylist()
     clipped = [r for r in side if r["doc_id"] == long_doc[0]][0]
     assert clipped["token_length"] <= 1920 and clipped["clipped_tokens"] > 1000
     assert [r["reflection_status"] for r in side if r["doc_id"] == corpus[31][0]] == ["failed:checks=third_person"]
     meta = json.loads((tmp_path / "tokenized" / "metadata.json").read_text())
-    assert meta["streams"]["annotated-1p"]["sequences"] == meta["streams"]["annotated-3p"]["sequences"] == 3
+    assert meta["streams"]["reflection-1p"]["sequences"] == meta["streams"]["reflection-3p"]["sequences"] == 3
     assert meta["eos_token_id"] == 0 and meta["added_token_ids"]["<assistant>"] == 49152 and meta["window_tokens"] == 2049
-    weights = meta["blend"]["3p"].split()[0::2]
+    weights = meta["blend"]["reflection-3p"].split()[0::2]
     assert abs(sum(map(float, weights)) - 1) < 1e-4 and len(weights) == 2
     # The reader for training: fixed windows, labels shifted, loss stops after EOS.
-    ds = stream_dataset(tmp_path, "annotated-1p")
+    ds = stream_dataset(tmp_path, "reflection-1p")
     sample = ds.sample(0)
-    n = int(np.load(next((tmp_path / "tokenized" / "annotated-1p").glob("*.token_lengths.npy")))[0])
+    n = int(np.load(next((tmp_path / "tokenized" / "reflection-1p").glob("*.token_lengths.npy")))[0])
     assert len(ds) == 3 and sample["tokens"].shape == (2048,) and sample["labels"][n - 1] == 0
     assert sample["loss_mask"][: n].all() and not sample["loss_mask"][n:].any()
 
@@ -132,9 +131,9 @@ def test_special_token_text_stays_text(tmp_path):
     meta = json.loads((tmp_path / "tokenized" / "metadata.json").read_text())
     special_ids = set(meta["added_token_ids"].values()) | {0, 1, 2}  # template tokens, <|endoftext|>, <|im_start|>, <|im_end|>
     tok = target_tokenizer(TOKENIZER)
-    (annotated,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "annotated-1p").glob("*[0-9].idx")]
+    (annotated,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "reflection-1p").glob("*[0-9].idx")]
     window = annotated[0]  # a view into the dataset's memory map: keep the dataset alive
-    n = int(np.load(next((tmp_path / "tokenized" / "annotated-1p").glob("*.npy")))[0])
+    n = int(np.load(next((tmp_path / "tokenized" / "reflection-1p").glob("*.npy")))[0])
     content = window[:n].astype(int).tolist()
     assert [t for t in content if t in special_ids] == [meta["added_token_ids"]["<assistant>"], meta["added_token_ids"]["</assistant>"]]
     (compact,) = [megatron_dataset(p.with_suffix("")) for p in (tmp_path / "tokenized" / "compact").glob("*.idx")]
@@ -148,7 +147,7 @@ def test_documents_layout_one_sequence_per_document(tmp_path):
     docs = [("a", SPECIAL_TEXT, None), ("b", "A long story about a fire that hurt two people.", "feel for them [2.1].")]
     cfg, _ = write_unit(tmp_path, docs, layout="documents")
     rows = pq.read_table(tmp_path / "shards").to_pylist()
-    (prefix,) = [p.with_suffix("") for p in (tmp_path / "tokenized" / "documents").glob("*[0-9].idx")]
+    (prefix,) = [p.with_suffix("") for p in (tmp_path / "tokenized" / "reflection-1p").glob("*[0-9].idx")]
     ds, masks = megatron_dataset(prefix), megatron_dataset(prefix.with_name(prefix.name + "_reflection_mask"))
     tok = training_tokenizer(cfg.output, run_sections(cfg))
     assert len(ds) == 2
@@ -176,7 +175,7 @@ def test_clipped_tail_goes_to_compact_when_asked(tmp_path):
 def test_an_all_rejected_unit_writes_nothing(tmp_path):
     cfg = config(tmp_path)
     _, writer = finalize_stages(cfg, out_dir=str(tmp_path))
-    empty = unit_table([("x", "text", None)]).slice(0, 0)
+    empty = unit_table([("x", "text", None)], cfg=cfg).slice(0, 0)
     result = writer.process(empty)
     assert json.loads(result.column("shard")[0].as_py()) == []
     assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").iterdir())

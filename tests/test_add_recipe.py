@@ -1,0 +1,158 @@
+"""Recipes on real documents with the built-in model: six tracks in one run from one engine load,
+each on the right documents with its text where its placement says (checked in every stream by
+Megatron-LM's reader); then `--add-recipe preflection` on that finished run: nothing rescored or
+regenerated, the first run's files untouched, and a SIGKILL during the add resumes to the output
+of an uninterrupted add."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.streams_check import check_streams
+from tests.support import REPO, require_shared_data, run_pipeline
+from tests.test_resume import content_stats, kill_when, run_to_end, shard_contents
+
+FIRST = ["reflection", "reflection_end", "refusal_reflection", "summary", "rephrase", "annotations"]
+REAL, HARMFUL = 8, 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Real web pages and a few harmful texts (so some documents are bad), two units."""
+    require_shared_data()
+    web = pq.read_table(sorted(require_shared_data().glob("*.parquet"))[0], columns=["id", "text"]).slice(0, 200).to_pylist()
+    web = [r for r in web if 400 <= len(r["text"]) <= 2500][:REAL]  # short pages: CPU decoding over six recipes is the cost
+    harm = pq.read_table(REPO.parent / "shared" / "data" / "safety-v2" / "dev.parquet").to_pylist()
+    harmful = sorted((r["text"] for r in harm if r["label"] == 1 and r["source"] == "aart" and len(r["text"]) > 300))[:HARMFUL]
+    ids = [r["id"] for r in web] + [f"harm-{i}" for i in range(len(harmful))]
+    texts = [r["text"] for r in web] + harmful
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())  # harmful ones spread over units
+    out = tmp_path_factory.mktemp("recipes-corpus")
+    pq.write_table(pa.table({"id": [ids[i] for i in order], "text": [texts[i] for i in order]}), out / "mixed.parquet", row_group_size=4)
+    return out
+
+
+def args(corpus: Path) -> list[str]:
+    return ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null",
+            "--set", "input.rows_per_unit=4", "--set", "selection.matched_token_ratio=2", "--set", "generation.batch_size=4",
+            "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=1",
+            "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=4096",
+            "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps(FIRST)}"]
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("recipes") / "base"
+    run_to_end(args(corpus), out, out.parent / "base.log")
+    return out
+
+
+def file_digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and not str(p.relative_to(out)).startswith("_work")}
+
+
+@pytest.mark.slow
+def test_six_recipes_from_one_engine_load_each_where_it_belongs(base_run):
+    out = base_run
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["this_run"]["engine_loads"] == 1  # one replica, one load, every recipe's requests in its calls
+    rows = pq.read_table(out / "shards").to_pylist()
+    bad = [r for r in rows if r["is_bad"]]
+    chosen = [r for r in rows if r["selected"]]
+    assert bad and len(chosen) > len(bad)
+    for r in rows:
+        if not r["selected"]:
+            for status in ("reflection_status", "reflection_end_status", "refusal_reflection_status", "summary_status", "rephrase_status"):
+                assert r[status] == "not_selected"
+            assert r["annotation_status"] == "not_requested"
+            continue
+        for status in ("reflection_status", "reflection_end_status", "refusal_reflection_status", "summary_status", "annotation_status"):
+            assert r[status] == "ok" or r[status].startswith("failed:"), (status, r[status])
+        # Rephrasing is for bad documents only; the others keep their text in that track.
+        assert (r["rephrase_status"] == "not_applicable") == (not r["is_bad"])
+        if r["rephrase_status"] == "ok":
+            assert r["rephrase_style"] in ("podcast", "textbook", "teacher_script", "ted_talk", "parent_child", "friends", "youtube_kids")
+        # refusal_reflection pauses where reflection does (the same seeded point).
+        assert r["refusal_reflection_token_index"] == r["reflection_token_index"]
+        assert r["reflection_end_token_index"] == r["token_length"]  # at the end of the kept content
+    counts = check_streams(out)  # every stream: windows, lengths, the text placed where its recipe says
+    meta = json.loads((out / "tokenized" / "metadata.json").read_text())
+    assert set(meta["streams"]) == {"reflection-1p", "reflection_end-1p", "refusal_reflection-1p", "summary", "rephrase", "annotations",
+                                    "compact"}
+    assert counts["windows"] == 6 * len(chosen) and counts["placed"] >= len(chosen)
+    per = stats["recipes"]
+    assert set(per) == set(FIRST)
+    for name in FIRST:
+        assert per[name]["reply_checks"]["requests"] >= (len(bad) if name == "rephrase" else len(chosen)) or name == "annotations"
+        assert per[name]["prompt_tokens"] > 0 and per[name]["generated_tokens_per_engine_second"] > 0
+    for name in ("reflection", "reflection_end", "refusal_reflection"):
+        # Each recipe's long system prompt stays in the prefix cache beside the others' (prompts
+        # shorter than one of vLLM's cache blocks, like the annotator's, are not cached at all).
+        assert per[name]["prefix_cache_hit_rate"] > 0.8, (name, per[name])
+    assert per["summary"]["reply_checks"]["checks"].keys() == {"voices_present", "no_key_leak", "third_person", "no_charter_mention",
+                                                                  "no_cutoff_mention"}
+
+
+@pytest.fixture(scope="module")
+def added(base_run, tmp_path_factory) -> Path:
+    """An uninterrupted `--add-recipe preflection` on a copy of the base run."""
+    out = tmp_path_factory.mktemp("added") / "run"
+    shutil.copytree(base_run, out)
+    proc = run_pipeline("--output", str(out), "--add-recipe", "preflection")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
+    stats = json.loads((added / "stats.json").read_text())
+    windows = stats["selected_documents"]
+    assert stats["this_run"]["added_recipes"] == ["preflection"]
+    assert stats["this_run"]["documents_scored"] == 0 and stats["this_run"]["generations_made"] == windows
+    assert stats["this_run"]["engine_loads"] == 1
+    before, after = file_digests(base_run), file_digests(added)
+    rewritten = {k for k in before if after.get(k) != before[k]}
+    assert rewritten <= {"stats.json", "report.html", "run.json", "tokenized/metadata.json"} | {k for k in before if "/sidecar/" in k}
+    assert all(after[k] == before[k] for k in before if k.startswith(("shards/", "tokenized/reflection", "tokenized/compact",
+                                                                        "tokenized/summary", "tokenized/rephrase")))
+    for side in sorted((base_run / "tokenized" / "sidecar").glob("*.parquet")):
+        old, new = pq.read_table(side), pq.read_table(added / "tokenized" / "sidecar" / side.name)
+        assert all(old.column(c).equals(new.column(c)) for c in old.column_names)
+        assert {"preflection_neutral", "preflection_status", "window_tokens_preflection-neutral"} <= set(new.column_names)
+    check_streams(added)
+    assert set(stats["recipes"]) == {*FIRST, "preflection"}
+    assert json.loads((added / "run.json").read_text())["config"]["generation"]["recipes"] == [*FIRST, "preflection"]
+    assert not (added / "_work" / "generated-preflection").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_add_resumes_to_the_uninterrupted_add(base_run, added, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    add = ["--add-recipe", "preflection"]
+    kill_when(add, out, tmp_path / "1-add.log", lambda o: any((o / "_work" / "generated-preflection").glob("*/*.parquet")))
+    assert any((out / "_work" / "generated-preflection").glob("*/*.parquet"))
+    manifests = [json.loads(m.read_text()) for m in (out / "_work" / "done").glob("*.json")]
+    assert not all("preflection" in m["recipes"] for m in manifests)  # killed before every unit was written
+    log = run_to_end(add, out, tmp_path / "2-add.log")
+    assert "adding ['preflection']" in log
+    assert shard_contents(out) == shard_contents(added)
+    assert content_stats(out) == content_stats(added)
+
+
+@pytest.mark.slow
+def test_adding_is_refused_when_the_run_or_config_does_not_fit(base_run, corpus, tmp_path):
+    again = run_pipeline("--output", str(base_run), "--add-recipe", "reflection_end", timeout=300)
+    assert again.returncode == 2 and "['reflection_end'] already in the run's recipes" in again.stderr
+    changed = run_pipeline(*args(corpus), "--output", str(base_run), "--set", "selection.seed=9", "--add-recipe", "preflection", timeout=300)
+    assert changed.returncode == 2 and "selection.seed: 0 -> 9" in changed.stderr
+    missing = run_pipeline("--output", str(tmp_path / "nothing"), "--add-recipe", "preflection", timeout=300)
+    assert missing.returncode == 2 and "holds no run of this tool" in missing.stderr
