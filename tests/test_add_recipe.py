@@ -42,7 +42,7 @@ def corpus(tmp_path_factory) -> Path:
 def args(corpus: Path) -> list[str]:
     return ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null",
             "--set", "input.rows_per_unit=4", "--set", "selection.matched_token_ratio=2", "--set", "generation.batch_size=4",
-            "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=1",
+            "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=0",
             "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=4096",
             "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps(FIRST)}"]
 
