@@ -298,11 +298,11 @@ class Generator(Stage):
         if placement == "prefix":  # the annotator reads the document's opening
             head = cut_to_tokens(text, self._tok, self.cfg.annotations.max_document_tokens)
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=head)
-        end = pause_point(text, offsets, 1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
-                          snap=self.cfg.pause.snap, at_end=placement != "pause")
         if placement == "pause":
-            end = pause_point(text, offsets, sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
-                              max_content_tokens=self.content_tokens, snap=self.cfg.pause.snap)
+            return pause_point(text, offsets, sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
+                               max_content_tokens=self.content_tokens, snap=self.cfg.pause.snap)
+        end = pause_point(text, offsets, 1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
+                          snap=self.cfg.pause.snap, at_end=True)
         if placement == "before":
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=end.prompt_prefix)
         return end

@@ -228,7 +228,7 @@ class StreamWriter:
                     sizes[name] = self._compact(plain, unit, tails, placed=placed, stream=name)
         return sizes
 
-    def _annotated(self, table: pa.Table, unit: str, tails: list, *, compression: str) -> dict:
+    def _annotated(self, table: pa.Table, unit: str, tails: list | None, *, compression: str) -> dict:
         sizes, lengths = self.window_streams(table, unit, tails)
         self._sidecar(table, unit, lengths, compression=compression)
         return sizes
@@ -237,9 +237,7 @@ class StreamWriter:
         """For recipes added to a finished run: their streams over the unit's windows (`table` is
         its sidecar, without `window`, with the new recipes' columns), and the sidecar rewritten
         with those columns; every other file stays as it is."""
-        sizes, lengths = self.window_streams(table, unit, None)
-        self._sidecar(table, unit, lengths, compression=compression)
-        return sizes
+        return self._annotated(table, unit, None, compression=compression)
 
     def window_streams(self, table: pa.Table, unit: str, tails: list | None) -> tuple[dict, dict[str, list[int]]]:
         """Every stream's windows for the chosen documents of `table`; clipped tails go to `tails`
