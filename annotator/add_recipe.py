@@ -22,11 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator import layout
-from annotator.checkpoint import OPERATIONAL_FIELDS, cached_generations, config_differences, digest, write_json, write_table
+from annotator.checkpoint import (
+    OPERATIONAL_FIELDS, cached_generations, config_differences, digest, output_settings, write_json, write_table,
+)
 from annotator.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
 from annotator.config import RunConfig
 from annotator.finalize import GenerateAndSave, attach_generations, failed_generations, plan_batches, run_sections
-from annotator.generation import FAILED_REPLY
+from annotator.generation import FAILED_REPLY, SHARED_COLUMNS, generator_columns
 from annotator.recipes import Recipe, run_recipes
 from annotator.stages import Resources, UnitStage, apply_stages
 from annotator.stats import recipe_stats
@@ -183,10 +185,7 @@ class AddRecipeUnit(UnitStage):
 
     def _without_added(self, side: pa.Table) -> pa.Table:
         """The sidecar as the run wrote it: columns of these recipes from an interrupted attempt dropped."""
-        from annotator.generation import generator_columns
-
-        added = set(generator_columns(self.cfg.generation, self.recipes)) - set(["model", "gen_prompt_tokens", "gen_cached_prompt_tokens",
-                                                                               "gen_output_tokens"])
+        added = set(generator_columns(self.cfg.generation, self.recipes)) - set(SHARED_COLUMNS)
         added |= {f"window_tokens_{s.stream}" for s in self.streams}
         return side.drop_columns([c for c in side.column_names if c in added])
 
@@ -228,8 +227,6 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0
     record = json.loads((out_dir / RUN_FILE).read_text())
-    from annotator.checkpoint import output_settings
-
     record["output_settings"] = json.loads(json.dumps(output_settings(cfg)))
     record["config"] = cfg.model_dump(mode="json")
     write_json(out_dir / RUN_FILE, record)

@@ -21,7 +21,9 @@ from annotator import layout
 from annotator.checkpoint import cached_generations, read_unit_scored, rejected_count, write_json, write_table
 from annotator.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, generated_batch_path
 from annotator.config import GenerationConfig, RunConfig, SelectionConfig
-from annotator.generation import FAILED_REPLY, REQUEST_COLUMN, SHARED_COLUMNS, Generator, NoGeneration, column_defaults
+from annotator.generation import (
+    FAILED_REPLY, NOT_REQUESTED, NOT_SELECTED, REQUEST_COLUMN, SHARED_COLUMNS, Generator, NoGeneration, column_defaults,
+)
 from annotator.prompt_packs import section_order
 from annotator.recipes import Recipe, run_recipes
 from annotator.selection import SelectForReflection
@@ -106,7 +108,7 @@ def save_generations(batch: pa.Table, *, path: Path, generation_key: str, column
         "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
     write_table(path, saved)
     status = batch.column(main_status).to_pylist()
-    return {"documents": batch.num_rows, "selected": sum(s not in ("not_selected", "not_requested") for s in status),
+    return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
             "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
             "failures": sum(s.startswith("failed") for s in status if s)}
 
