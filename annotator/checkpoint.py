@@ -36,6 +36,10 @@ OPERATIONAL_FIELDS = {
     "output": {"path", "overwrite", "keep_work"},
     "publish": None,
     "ray": None,
+    # Read by other commands (audit, --plan, SFT data), never by the annotation run itself.
+    "audit": None,
+    "plan": None,
+    "sft": None,
 }
 
 

@@ -337,10 +337,70 @@ class OutputConfig(_Section):
         return voices
 
 
+class JudgeConfig(_Section):
+    model: str | None = Field(
+        None, description="Judge model on the cluster's vLLM replicas (Hub id, directory or builtin:...); null: the run's generator. Ignored with base_url."
+    )
+    base_url: str | None = Field(
+        None, description="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) to judge through instead of replicas; `model` is the name it serves."
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key (read at run time, never written).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per judge replica; null: generation.num_gpus. The other engine settings are generation's.")
+    concurrency: int | None = Field(None, ge=1, description="Judge replicas (or, with base_url, requests in flight); null: generation.concurrency (x16 with base_url).")
+    max_model_len: int | None = Field(None, ge=256, description="Judge context length; null: generation.max_model_len.")
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (retries use a new seed).")
+    max_output_tokens: int = Field(256, ge=16, description="Generated-token cap of one judgement.")
+    max_retries: int = Field(2, ge=0, description="Retries (new seed) of a judgement that does not parse before it is recorded as failed.")
+    max_document_chars: int = Field(6000, ge=100, description="The document shown to the judge is cut to this many characters.")
+    batch_size: int = Field(64, ge=1, description="Judgements per batch: the grain of resume (each batch is saved when done).")
+    request_timeout_s: float = Field(300, gt=0, description="With base_url: seconds one request may take.")
+    reflection_pack: str = Field("judge-reflection-v1", description="Rubric of the reflection audit (fields: integer scores, then `reason`).")
+    harm_pack: str = Field("judge-harm-v1", description="Rubric of the ledger's 0-5 harm re-scoring (fields: score, reason).")
+
+
+class ReflectionAuditConfig(_Section):
+    sample: int = Field(200, ge=1, description="Reflections judged: a seeded sample stratified by safety score and selection reason.")
+    seed: int = Field(0, description="Seed of the sample.")
+    floor: int = Field(2, ge=0, description="Any dimension scored at or below this rejects the reflection.")
+    accept_mean: float = Field(4.0, ge=0, description="Above the floor, a reflection is accepted when its mean score is at least this.")
+
+
+class LedgerConfig(_Section):
+    per_bucket: int = Field(50, ge=1, description="Documents re-scored per classifier score bucket (0-5; all of a smaller bucket).")
+    seed: int = Field(0, description="Seed of the sample.")
+    teacher: Literal["judge", "classifier"] = Field(
+        "judge", description="Who re-scores: the audit's judge with the harm rubric, or a transformers 6-label classifier (`teacher_model`)."
+    )
+    teacher_model: str | None = Field(None, description="teacher=classifier: a transformers 6-label classifier directory or Hub id.")
+    teacher_max_length: int = Field(512, ge=8, description="teacher=classifier: inputs are cut at this many tokens.")
+
+
+class AuditConfig(_Section):
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge model and how it runs.")
+    reflections: ReflectionAuditConfig = Field(default_factory=ReflectionAuditConfig, description="The judge audit of reflections.")
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="The calibration ledger of the safety scorer.")
+
+
+class PlanConfig(_Section):
+    calibration_documents: int = Field(64, ge=1, description="Selected documents generated on the configured engine to measure the run's rates.")
+    score_documents: int | None = Field(
+        None, ge=1, description="Documents scored to count what the run selects (null: all of the input; the count is scaled to the input)."
+    )
+    documents: int | None = Field(
+        None, ge=1, description="Project for this many documents of the same kind instead of the input's count (e.g. the full corpus from a sample)."
+    )
+
+
 class PublishConfig(_Section):
     repo_id: str | None = Field(None, description="Hugging Face dataset repository to publish to (null: do not publish).")
     private: bool = Field(True, description="Create the Hub repository as private.")
     sample_rows: int = Field(2000, ge=1, description="Rows in the published stratified sample.")
+    license: str = Field("other", description="Licence id in the card's metadata (a Hub licence id, or other).")
+    license_name: str | None = Field(None, description="With license other: its name (default source-licences).")
+    license_link: str | None = Field(None, description="With license other: where its terms are (default: a LICENSE.md the publisher writes).")
+    language: list[str] | None = Field(
+        None, description="Language codes the card declares (e.g. [en, fr]); null: none declared, as nothing here identifies languages."
+    )
 
 
 class RayConfig(_Section):
@@ -352,9 +412,67 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance (null: all).")
     object_store_memory_gb: float | None = Field(None, gt=0, description="Object store size of a locally started Ray instance.")
+    worker_logs_to_driver: bool = Field(
+        False, description="Copy every worker's output (vLLM engines, replicas) to this console; off: it stays in Ray's log files (the run prints where)."
+    )
     progress_interval_s: float = Field(
         30.0, gt=0, description="Seconds between one-line progress logs when stdout is not a terminal (e.g. `ray job submit` logs)."
     )
+
+
+class SftSourceConfig(_Section):
+    name: str = Field(description="Source name, recorded in every SFT row's `source` (distinct per source).")
+    path: str = Field(description="Parquet prompts: a file, folder or glob, local or a URL (hf://datasets/..., s3://) read through fsspec.")
+    prompt_column: str = Field("text", description="Column holding the user prompt.")
+    id_column: str | None = Field(None, description="Column holding a row id; null: the row's position in the source (files sorted, row order).")
+    category_column: str | None = Field(None, description="Column recorded as each row's `category` (e.g. the source's harm category); null: none.")
+    harm_category: Literal["harmful", "benign", "adversarial_harmful", "adversarial_benign", "unknown"] = Field(
+        "unknown", description="Which screening hint goes in front of this source's prompts (unknown: no hint); recorded as `harm_category`."
+    )
+    weight: float = Field(1.0, gt=0, description="Share of `sft.prompts` drawn from this source, relative to the other sources' weights.")
+    where: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Keep only rows whose column holds one of the listed values, e.g. {label: [1], source: [aart]}."
+    )
+    max_chars: int = Field(4000, ge=1, description="Prompts longer than this (in characters) are not drawn.")
+
+
+class SftConfig(_Section):
+    sources: list[SftSourceConfig] = Field(default_factory=list, description="Prompt datasets of `pipelines/spp_sft.py`, drawn by weight.")
+    prompts: int = Field(300, ge=1, description="Prompts drawn in all (without duplicates, capped at what the sources hold).")
+    seed: int = Field(0, description="Seed of the draw, the multi-turn and canary choices and every request's sampling seed.")
+    pack: str = Field("sft-v1", description="The assistant's prompt pack (fields analysis, cited, uncited): a built-in name or a path.")
+    followup_pack: str | None = Field(None, description="The simulated user's prompt pack for follow-up turns; null: `followup.yaml` beside the SFT pack.")
+    multi_turn_fraction: float = Field(0.0, ge=0, le=1, description="Share of conversations that get follow-up user turns (seeded per prompt).")
+    max_followups: int = Field(2, ge=1, description="A multi-turn conversation gets 1 to this many follow-up turns (seeded per prompt).")
+    batch_size: int = Field(
+        32, ge=1, description="Conversations per engine batch (the grain of resume; part of the fingerprint, as vLLM numerics depend on the batch)."
+    )
+    max_output_tokens: int = Field(512, ge=16, description="Generated-token cap of one assistant reply (analysis, cited and uncited together).")
+    followup_max_tokens: int = Field(128, ge=8, description="Generated-token cap of one simulated follow-up user message.")
+    max_citations: int = Field(3, ge=0, description="A `cited` rendering with more distinct section markers than this fails (too_many_citations).")
+    canary_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of conversations asked to weave in one `sft_action: inject` canary of generation.canaries.file."
+    )
+    taxonomy_terms: list[str] = Field(
+        default_factory=lambda: ["constitution", "charter", "guideline", "guidelines", "principle", "principles", "section", "my values"],
+        description="Words the `uncited` rendering must not contain (case-insensitive, whole words): it reads as if no charter exists.",
+    )
+    min_rendering_overlap: float = Field(
+        0.5, ge=0, le=1,
+        description="Least word overlap (Jaccard of word sets, markers removed) of `uncited` with `cited`; below it the renderings differ in substance (renderings_differ).",
+    )
+    identity_leak_terms: list[str] = Field(
+        default_factory=lambda: ["SmolLM", "Hugging Face", "HuggingFace"],
+        description="Names of the generator itself; a rendering that contains one fails (identity_leak).",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_names(cls, sources: list[SftSourceConfig]) -> list[SftSourceConfig]:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be distinct, got {names}")
+        return sources
 
 
 class RunConfig(_Section):
@@ -365,6 +483,9 @@ class RunConfig(_Section):
     output: OutputConfig = Field(description="Where and how to write.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Publishing to the Hugging Face Hub.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
+    sft: SftConfig = Field(default_factory=SftConfig, description="Persona-binding SFT data (`pipelines/spp_sft.py`).")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="Judge audit and calibration ledger of a finished run (`pipelines/audit.py`).")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="The cost plan (`--plan`).")
 
     @model_validator(mode="after")
     def _window_fits(self) -> "RunConfig":

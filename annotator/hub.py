@@ -7,27 +7,30 @@ schema, and optionally the full shards. `publish` uploads that folder with huggi
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.pause import unit_hash
+from annotator.report import PLOTS
 from annotator.report import (
-    PLOTS, RECIPE_HEADER, REPORT_FILE, recipe_rows, render_report, run_plots, sample_documents, summary_rows,
+    RECIPE_HEADER, REPORT_FILE, audit_rows, plot_titles, recipe_rows, render_report, run_plots, sample_documents, summary_rows,
 )
 from annotator.stats import STRATUM_SEPARATOR, provenance, stratum_key
-from annotator import layout
+from annotator import layout, sampling
+from annotator.sampling import allocate_sample, read_rows  # noqa: F401 - re-exported
 
 CARD_FILE, STATS_FILE = "README.md", "stats.json"
+PLOTS_MAIN = set(PLOTS)
 SAMPLE_DIR, SHARDS_IN_REPO, IMAGES_DIR = "sample", "shards", "images"
 SAMPLE_FILE = f"{SAMPLE_DIR}/train-00000-of-00001.parquet"
+# With --license other and no link of the user's: the card links this file, which says what holds.
+LICENSE_FILE, DEFAULT_LICENSE_NAME = "LICENSE.md", "source-licences"
 STRATUM_COLUMNS = ["doc_id", "safety_score", "selected_reason"]
 # Upper bounds of the Hub's size categories (number of rows).
 SIZE_CATEGORIES = [
@@ -51,7 +54,10 @@ class PublishOptions:
     include_shards: bool = False
     private: bool = True
     license: str = "other"
-    language: list[str] = field(default_factory=lambda: ["en"])
+    license_name: str | None = None
+    license_link: str | None = None
+    # None: not declared (web text holds many languages; nothing here identifies them).
+    language: list[str] | None = None
 
 
 def size_category(rows: int) -> str:
@@ -61,25 +67,6 @@ def size_category(rows: int) -> str:
     return "n>1T"
 
 
-def allocate_sample(strata: dict[str, int], total: int) -> dict[str, int]:
-    """Rows per stratum: as equal as the strata sizes allow (small strata give all their rows and
-    the rest is shared by the others), so rare bad documents are not drowned by score 0."""
-    alloc = {k: 0 for k in strata}
-    open_strata = sorted(k for k, n in strata.items() if n > 0)
-    left = min(total, sum(strata.values()))
-    while left > 0 and open_strata:
-        share = max(1, left // len(open_strata))
-        for key in list(open_strata):
-            take = min(share, strata[key] - alloc[key], left)
-            alloc[key] += take
-            left -= take
-            if alloc[key] == strata[key]:
-                open_strata.remove(key)
-            if left == 0:
-                break
-    return alloc
-
-
 def shard_files(out_dir: Path) -> list[Path]:
     files = layout.text_shards(Path(out_dir))
     if not files:
@@ -87,65 +74,19 @@ def shard_files(out_dir: Path) -> list[Path]:
     return files
 
 
+def _stratum(score, reason) -> str:
+    return stratum_key(score, reason)
+
+
 def count_strata(files: list[Path]) -> dict[str, int]:
     """Rows per stratum, read from the shards' two stratum columns (for stats without `strata`)."""
-    counts: dict[str, int] = {}
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=STRATUM_COLUMNS[1:], batch_size=65_536):
-            for s, r in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                counts[stratum_key(s, r)] = counts.get(stratum_key(s, r), 0) + 1
-    return counts
+    return sampling.count_strata(files, columns=STRATUM_COLUMNS[1:], stratum=_stratum)
 
 
 def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int) -> list[tuple[float, Path, int]]:
-    """(hash, file, row) of the rows in the sample: per stratum, the `allocation[stratum]` rows with
-    the smallest seeded hash of doc_id. One streaming pass over three columns; memory is bounded
-    by the sample size, not the corpus."""
-    kept: dict[str, list] = {k: [] for k, n in allocation.items() if n > 0}  # max-heaps of (-hash, file, row)
-    for f in files:
-        offset = 0
-        for batch in pq.ParquetFile(f).iter_batches(columns=STRATUM_COLUMNS, batch_size=65_536):
-            ids, scores, reasons = (batch.column(c).to_pylist() for c in STRATUM_COLUMNS)
-            for i, (doc_id, score, reason) in enumerate(zip(ids, scores, reasons)):
-                heap = kept.get(stratum_key(score, reason))
-                if heap is None:
-                    continue
-                h = unit_hash("publish-sample", seed, doc_id)
-                item = (-h, str(f), offset + i)
-                if len(heap) < allocation[stratum_key(score, reason)]:
-                    heapq.heappush(heap, item)
-                elif -heap[0][0] > h:
-                    heapq.heapreplace(heap, item)
-            offset += batch.num_rows
-    return sorted((-neg, Path(f), row) for heap in kept.values() for neg, f, row in heap)
-
-
-def read_rows(picks: list[tuple[float, Path, int]], *, batch_size: int = 4096) -> pa.Table:
-    """The picked rows with all columns, in pick order. Only files and row groups holding picks are
-    read, a batch at a time, so memory stays at one batch plus the picked rows."""
-    by_file: dict[Path, set[int]] = {}
-    for _, f, row in picks:
-        by_file.setdefault(f, set()).add(row)
-    tables, order = [], []
-    for f, rows in by_file.items():
-        pf = pq.ParquetFile(f)
-        start = 0
-        for g in range(pf.num_row_groups):
-            size = pf.metadata.row_group(g).num_rows
-            wanted = sorted(r for r in rows if start <= r < start + size)
-            at = start
-            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g]) if wanted else ():
-                local = [r - at for r in wanted if at <= r < at + batch.num_rows]
-                if local:
-                    tables.append(pa.Table.from_batches([batch]).take(local))
-                    order.extend((f, at + i) for i in local)
-                at += batch.num_rows
-            start += size
-    if not tables:
-        return pa.table({})
-    table = pa.concat_tables(tables, promote_options="permissive")
-    position = {key: i for i, key in enumerate(order)}
-    return table.take([position[(f, row)] for _, f, row in picks])
+    """(hash, file, row) of the rows in the published sample: per (score, reason) stratum, the
+    `allocation[stratum]` rows with the smallest seeded hash of doc_id."""
+    return sampling.choose_sample(files, allocation=allocation, seed=seed, columns=STRATUM_COLUMNS, stratum=_stratum)
 
 
 def stratified_sample(out_dir: Path, stats: dict, *, rows: int, seed: int) -> tuple[pa.Table, dict]:
@@ -168,7 +109,8 @@ def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
         configs.append({"config_name": "full", "data_files": [{"split": "train", "path": f"{SHARDS_IN_REPO}/*.parquet"}]})
     data = DatasetCardData(
         license=options.license,
-        language=list(options.language),
+        **license_metadata(options),
+        language=list(options.language) if options.language else None,
         size_categories=[size_category(rows)],
         task_categories=["text-generation"],
         annotations_creators=["machine-generated"],
@@ -237,13 +179,18 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
          f"{v['rows_in_run']:,} in the run, {v['rows_in_sample']:,} in the sample")
         for k, v in strata.items()
     ]
-    plots = "\n\n".join(f"![{title}]({IMAGES_DIR}/{name}.png)" for name, title in PLOTS.items())
+    plots = "\n\n".join(f"![{title}]({IMAGES_DIR}/{name}.png)" for name, title in plot_titles(stats).items() if name in PLOTS_MAIN)
+    audit_plots = "\n\n".join(f"![{title}]({IMAGES_DIR}/{name}.png)" for name, title in plot_titles(stats).items() if name not in PLOTS_MAIN)
     files = [
         f"- `{SAMPLE_DIR}/` (config `sample`, the default): {sample.num_rows:,} rows, stratified by safety score and "
         f"selection reason (seed {options.seed}), same columns as the shards.",
     ]
     if options.include_shards:
         files.append(f"- `{SHARDS_IN_REPO}/` (config `full`): all {stats.get('documents_out', 0):,} written documents.")
+        if stats.get("tokenized"):
+            files.append(f"- `{layout.TOKENS_DIR}/` and `{layout.TOKENIZER_DIR}/`: the training data as a trainer reads it "
+                         f"(Megatron `.bin/.idx` token streams, the window sidecars, `{layout.TOKENS_DIR}/{layout.METADATA}` with the "
+                         "stream blend), and the extended tokenizer those token ids belong to.")
     files.append(f"- `{STATS_FILE}`: the run's statistics, config and versions; `{REPORT_FILE}`: the run report; "
                  f"`{IMAGES_DIR}/`: its plots.")
     load = f'load_dataset("{options.repo_id}", "sample", split="train")'
@@ -266,12 +213,45 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
         "## Statistics", "", _table(summary_rows(stats), ("statistic", "value")), "", plots, "",
         *(["## Recipes", "", "Each annotation track of the run, served by the same engine load.", "",
            _table(recipe_rows(stats), RECIPE_HEADER), ""] if recipe_rows(stats) else []),
+        *(["## Judge audit", "", "An LLM judge's scores of a stratified sample of the reflections, and a calibration ledger "
+           "of the safety scorer against a teacher (`pipelines/audit.py`).", "",
+           _table(audit_rows(stats), ("audit", "value")), "", audit_plots, ""] if audit_rows(stats) else []),
         "## Sample strata", "",
         "Each stratum gives an equal share of the sample where it has enough rows (small strata give all of theirs), "
         "so per-stratum estimates need the weights `rows_in_run / rows_in_sample`.", "",
         _table(strata_rows, ("stratum", "rows")), "",
+        "## Languages", "",
+        (f"Declared: {', '.join(f'`{x}`' for x in options.language)}." if options.language else
+         "Not declared: web text holds several languages and this run did not identify them (declare them with "
+         "`--language` or `publish.language`)."), "",
         "## Licence", "",
-        f"Declared licence: `{options.license}`.{_license_note(sample)} Reflections are machine-generated.", "",
+        f"Declared licence: `{options.license}`" + (f" ({options.license_name or DEFAULT_LICENSE_NAME}, see "
+                                                    f"`{options.license_link or LICENSE_FILE}`)" if options.license == "other" else "")
+        + f".{_license_note(sample)} Reflections are machine-generated.", "",
+    ])
+
+
+def license_metadata(options: PublishOptions) -> dict:
+    """`license_name` and `license_link`, which the Hub expects beside `license: other`."""
+    if options.license != "other":
+        return {}
+    return {"license_name": options.license_name or DEFAULT_LICENSE_NAME, "license_link": options.license_link or LICENSE_FILE}
+
+
+def write_license_file(dest: Path, options: PublishOptions, sample: pa.Table) -> None:
+    """LICENSE.md in the staged repository when the card links it (licence other, no link given)."""
+    write_license_file(dest, options, sample)
+
+
+def license_text(options: PublishOptions, sample: pa.Table) -> str:
+    """LICENSE.md for a card that declares `other` without a link of its own."""
+    return "\n".join([
+        f"# Licence of {options.repo_id}", "",
+        "The documents are web text under the terms of their sources; this dataset does not relicense them."
+        + _license_note(sample), "",
+        "The reflections and other annotations are machine-generated by the model named in each row's `model` column, "
+        "under that model's licence terms for its outputs.", "",
+        "Check each source's terms before redistributing or training on this data.", "",
     ])
 
 
@@ -309,6 +289,12 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
     if options.include_shards:
         for f in shard_files(out_dir):
             _place(f, dest / SHARDS_IN_REPO / f.name)
+        for folder in (layout.TOKENS_DIR, layout.TOKENIZER_DIR):  # what a trainer needs besides the text
+            for f in sorted((out_dir / folder).rglob("*")):
+                if f.is_file():
+                    _place(f, dest / f.relative_to(out_dir))
+    if options.license == "other" and not options.license_link:
+        (dest / LICENSE_FILE).write_text(license_text(options, sample), encoding="utf-8")
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
     token = _hub_token()
     if token:  # a dry run refuses what an upload would refuse
@@ -322,7 +308,7 @@ def _hub_token() -> str | None:
     return get_token()
 
 
-def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO,)) -> None:
+def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO, layout.TOKENS_DIR)) -> None:
     """Refuses to publish a staged file that contains `secret` (the Hub token). The shards are
     skipped: they are the run's own output, written before any token was in play."""
     needle, leaks = secret.encode(), []

@@ -8,6 +8,7 @@
     tokenized/documents/<unit>-<part>.bin/.idx    documents layout: one sequence per document
     tokenized/metadata.json, tokenizer/           what a trainer needs to read the streams
     stats.json, report.html
+    plan.json                                     the cost plan (`--plan`), kept by the run it plans
     run.json                                      the config, the unit plan, one record per attempt
     rejects/documents/<unit>-<first>-<n>.parquet  quarantined input documents
     rejects/duplicates/<unit>.parquet, rejects/generations/<unit>.parquet, rejects/files.jsonl
@@ -36,6 +37,8 @@ METADATA = "metadata.json"
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.html"
 RUN_FILE = "run.json"
+PLAN_FILE = "plan.json"
+PLAN_WORK = "_plan"
 SCORED = "_work/scored"
 GENERATED = "_work/generated"
 DONE = "_work/done"
@@ -46,7 +49,9 @@ REJECTED_DUPLICATES = "rejects/duplicates"
 REJECTED_GENERATIONS = "rejects/generations"
 REJECTED_FILES = "rejects/files.jsonl"
 # What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
-OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS)
+OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS, PLAN_FILE, PLAN_WORK)
+# Written before a run (`--plan`) and kept when the run replaces the directory.
+KEPT_ON_OVERWRITE = (PLAN_FILE,)
 
 
 def text_shard(out_dir: Path, name: str) -> Path:

@@ -55,6 +55,9 @@ def _convert_gguf(package: str, gguf_name: str, *, target: Path) -> None:
         raise RuntimeError("converting the built-in model needs torch and transformers: install the `cpu` extra") from err
 
     src = Path(spec.origin).parent
+    # Once per cache: one line instead of transformers' per-tensor progress bars in a job log.
+    print(f"[spp] converting the built-in model {package}/{gguf_name} once into {target}", flush=True)
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
     gguf_model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     config = gguf_model.config

@@ -26,6 +26,7 @@ from annotator.corpus import IDS, corpus_totals, count_for_generation
 from annotator import layout
 from annotator.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage, run_sections
 from annotator.generation import NoGeneration
+from annotator.plan import load_plan, plan_vs_actual
 from annotator.progress import Progress
 from annotator.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.safety import build_scorer
@@ -78,13 +79,16 @@ def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
                 f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
                 "use --overwrite (output.overwrite=true) to start a fresh run there"
             )
-    if out_dir.exists() and any(out_dir.iterdir()):
+    kept = {name: (out_dir / name).read_bytes() for name in layout.KEPT_ON_OVERWRITE if (out_dir / name).is_file()}
+    if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE for p in out_dir.iterdir()):
         if not cfg.output.overwrite:
             raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
         if not any((out_dir / name).exists() for name in layout.OUR_OUTPUTS):
             raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in kept.items():
+        (out_dir / name).write_bytes(data)
     write_json(run_file, {**settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(), "versions": _versions()})
     return False
 
@@ -170,8 +174,9 @@ def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
 
 
-def _progress(cfg: RunConfig, total: int, label: str, log) -> Progress:
-    progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log)
+def _progress(cfg: RunConfig, total: int, label: str, log, *, expected_docs_per_s: float | None = None) -> Progress:
+    progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
+                        expected_docs_per_s=expected_docs_per_s)
     progress.configure_ray_data()
     configure_backpressure()
     return progress
@@ -236,7 +241,8 @@ def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict,
     return time.time() - t0
 
 
-def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, cpus: float, work: dict, log) -> float:
+def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, cpus: float, work: dict, log,
+                  cost_plan: dict | None = None) -> float:
     """Pass 2a: the documents that need the engine, in planned batches, through the replicas;
     every batch is saved as it completes."""
     t0 = time.time()
@@ -248,7 +254,9 @@ def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
     log(f"[spp] pass 2a: generating for {len(units)} units -> {out_dir / GENERATED} ({cfg.generation.concurrency} replica(s), "
         f"{cpus:g} CPUs each)")
     remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
-    with _progress(cfg, remaining, "pass 2a", log) as progress:
+    rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
+    expected = rate * cfg.generation.concurrency if rate else None
+    with _progress(cfg, remaining, "pass 2a", log, expected_docs_per_s=expected) as progress:
         for row in apply_stages(units_dataset(units), stages).iter_rows():
             progress.update(documents=row["documents"], selected=row["selected"],
                             generated_tokens=row["generated_tokens"], failures=row["failures"])
@@ -291,6 +299,7 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     cpus = replica_cpus(cfg, cluster)
     check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=ray.nodes())
     resumed = open_output(out_dir, cfg, plan)
+    cost_plan = load_plan(out_dir, cfg, log)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
 
@@ -319,16 +328,21 @@ def run(cfg: RunConfig, *, log=print) -> dict:
             "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
             "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
-        timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log)
+        timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
+                                                   cost_plan=cost_plan)
     if pending:
         timings["finalize_pass"] = finalize_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, log=log)
-    return finish_run(cfg, out_dir, plan, state=state, timings=timings, started=started, work=work, log=log)
+    return finish_run(cfg, out_dir, plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan)
 
 
-def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, work: dict, log) -> dict:
+def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, work: dict, log,
+               cost_plan: dict | None = None) -> dict:
     """Merged statistics, the attempt record, the training metadata, the report; `_work/` cleared."""
     stats = run_stats(cfg, out_dir, plan, state=state, timings=timings, started=started, wall=time.time() - started)
     stats["this_run"] = work
+    if cost_plan is not None:
+        stats["plan"] = plan_vs_actual(cost_plan, stats)
+        log(f"[spp] plan vs this run (actual / projected): {stats['plan']['actual_over_projected']}")
     log(f"[spp] this run: {work}")
     record = json.loads((out_dir / RUN_FILE).read_text())
     record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})

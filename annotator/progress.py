@@ -61,12 +61,15 @@ class Progress:
         label: str = "pass 2",
         clock: Callable[[], float] = time.monotonic,
         window_s: float = DEFAULT_WINDOW_S,
+        expected_docs_per_s: float | None = None,
     ):
         self.total_documents = total_documents
         self.interval_s = interval_s
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.label = label
         self.window_s = window_s
+        # The cost plan's rate (`--plan`): the ETA before the first documents are done.
+        self.expected_docs_per_s = expected_docs_per_s
         self._log = log
         self._clock = clock
         self.started = clock()
@@ -102,6 +105,8 @@ class Progress:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = self.interactive
+        quiet_ray_data_console()
+
 
     def update(self, *, documents: int, selected: int = 0, generated_tokens: int = 0, failures: int = 0) -> None:
         """Add the counts of one result row (a written shard); logs when a status line is due."""
@@ -127,13 +132,16 @@ class Progress:
         return (self.documents - first.documents) / elapsed, (self.generated_tokens - first.generated_tokens) / elapsed
 
     def eta_seconds(self, now: float | None = None) -> float | None:
-        """Seconds left at the recent rate; None without a total or before any document."""
+        """Seconds left at the recent rate (before any document: at the plan's rate, if there is
+        one); None without a total or a rate."""
         if self.total_documents is None:
             return None
         remaining = max(0, self.total_documents - self.documents)
         if remaining == 0:
             return 0.0
         docs_per_s, _ = self.rates(now)
+        if not (docs_per_s > 0 and self.documents) and self.expected_docs_per_s:
+            docs_per_s = self.expected_docs_per_s
         return remaining / docs_per_s if docs_per_s > 0 else None
 
     def status_line(self, now: float | None = None) -> str:
@@ -214,3 +222,13 @@ def count_input_documents(paths: list[str], *, limit: int | None = None, max_wor
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
         total = sum(pool.map(rows, jobs))
     return min(total, limit) if limit else total
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (execution plans, 'Tip:' lines, per-dataset timings) off the console:
+    they stay in Ray Data's own log file (ray-data.log in the session's logs), warnings still show."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))

@@ -24,6 +24,12 @@ PLOTS = {
     "citations": "Citations per constitution section",
     "throughput": "Throughput over time",
 }
+# Drawn when the run has been audited (`pipelines/audit.py`).
+AUDIT_PLOTS = {
+    "audit_accept": "Judge audit: accept rate and mean score by safety score",
+    "ledger": "Calibration ledger: teacher's share of bad per classifier score",
+}
+MIN_TIMELINE_POINTS = 3
 SAMPLE_COLUMNS = [
     "doc_id", "training_text", "safety_score", "selected_reason", "reflection_status", "reflection_token_index",
     "reflection_position", "citations", "canary_type", "annotations", "prompt_version",
@@ -138,12 +144,33 @@ def plot_citations(stats: dict) -> bytes:
     return _png(fig)
 
 
+def plot_stage_seconds(stats: dict, ax) -> None:
+    """Worker seconds per stage and its documents/s: what a run too short for a timeline shows."""
+    seconds = {k: v for k, v in (stats.get("stage_seconds") or {}).items() if v}
+    if not seconds:
+        _empty(ax, "no timeline or stage times recorded")
+        return
+    names = list(seconds)
+    bars = ax.barh(names, [seconds[n] for n in names], color="#2e86c1")
+    rates = stats.get("documents_per_second") or {}
+    for bar, name in zip(bars, names):
+        # The engine's rate is what it generated for; the other stages see every document.
+        rate, unit = ((rates.get("reflections_per_generate_worker"), "reflections/s") if name == "generate"
+                      else (rates.get(f"{name}_per_worker"), "docs/s"))
+        ax.annotate(f"{seconds[name]:.1f} s" + (f", {rate:,.1f} {unit}" if rate is not None else ""),
+                    (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8, xytext=(3, 0), textcoords="offset points")
+    ax.set_xlabel("worker seconds (the run wrote too few blocks for a timeline)")
+    ax.margins(x=0.35)
+
+
 def plot_throughput(stats: dict) -> bytes:
     timeline = stats.get("timeline") or {}
     points = timeline.get("points") or []
     fig, ax = _figure()
-    if not points:
-        _empty(ax, "no timeline recorded")
+    if len(points) < MIN_TIMELINE_POINTS:
+        plot_stage_seconds(stats, ax)
+        ax.set_title("Time per stage")
+        return _png(fig)
     else:
         width = timeline["bucket_seconds"]
         # A bucket's documents count as written at its end; the rate is averaged since the previous write.
@@ -167,15 +194,70 @@ def plot_throughput(stats: dict) -> bytes:
     return _png(fig)
 
 
+def plot_audit(stats: dict) -> bytes:
+    audit = (stats.get("audit") or {}).get("reflections") or {}
+    by_score = {k: v for k, v in (audit.get("by_safety_score") or {}).items() if v.get("judged")}
+    fig, ax = _figure()
+    if not by_score:
+        _empty(ax, "no judged reflections")
+    else:
+        scores = sorted(by_score, key=int)
+        bars = ax.bar(scores, [by_score[s]["accept_rate"] for s in scores], color="#27ae60", alpha=0.6, label="accept rate")
+        for bar, s in zip(bars, scores):
+            ax.annotate(f"n={by_score[s]['judged']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel("safety score")
+        ax.set_ylabel("accept rate")
+        means = ax.twinx()
+        for dim in audit.get("dimensions", []):
+            means.plot(scores, [by_score[s]["mean"][dim] for s in scores], marker="o", label=dim)
+        means.set_ylim(0.8, 5.2)
+        means.set_ylabel("mean score (1-5)")
+        means.legend(fontsize=7, loc="upper right")
+    ax.set_title(AUDIT_PLOTS["audit_accept"], fontsize=10)
+    return _png(fig)
+
+
+def plot_ledger(stats: dict) -> bytes:
+    ledger = (stats.get("audit") or {}).get("ledger") or {}
+    buckets = ledger.get("per_bucket") or {}
+    fig, ax = _figure()
+    known = [b for b in sorted(buckets, key=int) if buckets[b].get("teacher_bad_share") is not None]
+    if not known:
+        _empty(ax, "no re-scored documents")
+    else:
+        threshold = ledger.get("threshold", 3)
+        shares = [buckets[b]["teacher_bad_share"] for b in known]
+        bars = ax.bar(known, shares, color=["#c0392b" if int(b) >= threshold else "#2e86c1" for b in known])
+        for bar, b in zip(bars, known):
+            ax.annotate(f"{buckets[b]['teacher_bad']}/{buckets[b]['sampled']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel(f"classifier score (red: counted bad, >= {threshold})")
+        ax.set_ylabel(f"share the teacher scores >= {threshold}")
+    ax.set_title(AUDIT_PLOTS["ledger"], fontsize=10)
+    return _png(fig)
+
+
+def plot_titles(stats: dict) -> dict[str, str]:
+    """Name -> title of the plots this run has: the standard ones, and the audit's once it ran."""
+    audit = stats.get("audit") or {}
+    extra = {k: v for k, v in AUDIT_PLOTS.items() if (k == "audit_accept" and "reflections" in audit) or (k == "ledger" and "ledger" in audit)}
+    return {**PLOTS, **extra}
+
+
 def run_plots(stats: dict) -> dict[str, bytes]:
-    """PNG bytes of every plot in `PLOTS`, keyed by plot name."""
+    """PNG bytes of every plot of `plot_titles(stats)`, keyed by plot name."""
     draw = {
         "score_histogram": plot_score_histogram,
         "reflection_lengths": plot_reflection_lengths,
         "citations": plot_citations,
         "throughput": plot_throughput,
+        "audit_accept": plot_audit,
+        "ledger": plot_ledger,
     }
-    return {name: draw[name](stats) for name in PLOTS}
+    return {name: draw[name](stats) for name in plot_titles(stats)}
 
 
 def sample_documents(out_dir: Path, *, n: int = 3) -> list[dict]:
@@ -195,6 +277,29 @@ def sample_documents(out_dir: Path, *, n: int = 3) -> list[dict]:
     return found
 
 
+def readable(value) -> str:
+    """A statistic for people: `{"0": 235, "1": 45}` -> `0: 235, 1: 45`; nested mappings in parentheses."""
+    if isinstance(value, dict):
+        if not value:
+            return "none"
+        return ", ".join(f"{k}: {readable(v) if not isinstance(v, dict) else '(' + readable(v) + ')'}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(v) for v in value) or "none"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def training_tokens(stats: dict) -> str:
+    """Tokens in the training files, per stream (content, template and reflections; padding apart)."""
+    streams = (stats.get("tokenized") or {}).get("streams") or {}
+    if not streams:
+        return "no token streams written"
+    total = sum(s.get("tokens", 0) for s in streams.values())
+    parts = ", ".join(f"{k} {s.get('tokens', 0):,} in {s.get('sequences', 0):,} sequences" for k, s in streams.items())
+    return f"{total:,} ({parts})"
+
+
 def summary_rows(stats: dict) -> list[tuple[str, str]]:
     """(label, value) pairs summarising a run, shared by the report and the dataset card."""
     refl = stats.get("reflections") or {}
@@ -204,32 +309,61 @@ def summary_rows(stats: dict) -> list[tuple[str, str]]:
     wall = stats.get("wall_seconds", {}).get("total")
     rows = [
         ("documents in / out", f"{stats.get('documents_in', 0):,} / {stats.get('documents_out', 0):,}"),
-        ("tokens in / out", f"{stats.get('tokens_in', 0):,} / {stats.get('tokens_out', 0):,}"),
-        ("safety score histogram", json.dumps(dict(sorted(stats.get("score_histogram", {}).items())))),
+        ("source tokens read / written", f"{stats.get('tokens_in', 0):,} / {stats.get('tokens_out', 0):,} (documents as given, target tokenizer)"),
+        ("training tokens (token streams)", training_tokens(stats)),
+        ("safety score histogram", readable(dict(sorted(stats.get("score_histogram", {}).items())))),
         ("selected documents / tokens", f"{stats.get('selected_documents', 0):,} / {stats.get('selected_tokens', 0):,}"),
-        ("documents by selection reason", json.dumps(stats.get("selected_by_reason", {}), sort_keys=True)),
-        ("tokens by selection reason", json.dumps(stats.get("selected_tokens_by_reason", {}), sort_keys=True)),
+        ("documents by selection reason", readable(dict(sorted(stats.get("selected_by_reason", {}).items())))),
+        ("tokens by selection reason", readable(dict(sorted(stats.get("selected_tokens_by_reason", {}).items())))),
         ("reflections generated / failed", f"{refl.get('generated', 0):,} / {refl.get('failed', 0):,}"
-         + (f" {json.dumps(refl['failed_by_reason'], sort_keys=True)}" if refl.get("failed_by_reason") else "")),
+         + (f" ({readable(dict(sorted(refl['failed_by_reason'].items())))})" if refl.get("failed_by_reason") else "")),
         ("reflection length (tokens)", ", ".join(f"{k} {v}" for k, v in lengths.items() if k != "histogram") or "not measured"),
-        ("citations per section", json.dumps(dict(sorted(stats.get("citations_by_section", {}).items(),
-                                                          key=lambda kv: _section_order(kv[0]))))),
+        ("citations per section", readable(dict(sorted(stats.get("citations_by_section", {}).items(),
+                                                        key=lambda kv: _section_order(kv[0]))))),
         ("reply checks (pass rate per parsed reply)", ", ".join(
             f"{k} {v['pass_rate']}" for k, v in ((stats.get("reply_checks") or {}).get("checks") or {}).items()) or "n/a"),
         ("tokens per reflection (generated / kept)", "{generated} / {kept}".format(
             **{k: (stats.get("reflection_tokens_per_reflection") or {}).get(k, "n/a") for k in ("generated", "kept")})),
-        ("canaries", json.dumps((stats.get("canaries") or {}).get("by_type", stats.get("canary_type", {})), sort_keys=True)
-         + (f", value present {json.dumps(stats['canaries'].get('value_present'), sort_keys=True)}"
+        ("canaries", readable(dict(sorted(((stats.get("canaries") or {}).get("by_type", stats.get("canary_type", {})) or {}).items())))
+         + (f"; value present {readable(stats['canaries'].get('value_present'))}"
             if (stats.get("canaries") or {}).get("value_present") else "")),
-        ("annotation keys", json.dumps((stats.get("annotations") or {}).get("keys", {}), sort_keys=True)),
+        ("annotation keys", readable((stats.get("annotations") or {}).get("keys", {}))),
         ("wall time", f"{wall} s" if wall is not None else "n/a"),
         ("accelerator-hours", f"{acc.get('hours', 0)} ({acc.get('accelerator', 'n/a')})"),
-        ("documents/s", json.dumps(stats.get("documents_per_second", {}))),
+        ("documents/s", readable(stats.get("documents_per_second", {}))),
         ("prompt version", str(prompts.get("prompt_version", "n/a"))),
-        ("constitution", json.dumps(prompts.get("constitution", {}), sort_keys=True)),
+        ("constitution", readable(prompts.get("constitution", {}))),
         ("generator", str(stats.get("config", {}).get("generation", {}).get("model", "n/a"))),
-        ("versions", json.dumps(stats.get("versions", {}), sort_keys=True)),
+        ("versions", readable(dict(sorted(stats.get("versions", {}).items())))),
     ]
+    return rows
+
+
+def audit_rows(stats: dict) -> list[tuple[str, str]]:
+    """The audit's figures (judge of reflections, calibration ledger), once the run was audited."""
+    audit = stats.get("audit") or {}
+    rows = []
+    r = audit.get("reflections")
+    if r:
+        rows += [
+            ("judge audit: reflections judged", f"{r.get('judged', 0):,} of a {r['sample']:,}-reflection sample (of {r['reflections_in_run']:,}) "
+             f"by {r['judge']} with {r['rubric']}" + (f"; failed {readable(r['failed'])}" if r.get("failed") else "")),
+            ("judge audit: accept rate", f"{r.get('accept_rate', 0):.3f} in the sample, {r.get('accept_rate_run_weighted', 0):.3f} "
+             f"weighted to the run (floor <= {r['floor']} rejects; accept at mean >= {r['accept_mean']})"),
+            ("judge audit: mean score per dimension", f"{r.get('mean_score', 0):.2f} overall; {readable(r.get('mean', {}))}"),
+            ("judge audit: accept rate by safety score", readable({k: v.get("accept_rate", "n/a") for k, v in r.get("by_safety_score", {}).items()})),
+        ]
+    led = audit.get("ledger")
+    if led:
+        rows += [
+            ("calibration ledger: teacher", f"{led['teacher']}; {led['rescored']:,} of {led['sampled']:,} documents re-scored"
+             + (f", failed {readable(led['failed'])}" if led.get("failed") else "")),
+            ("calibration ledger: precision of bad per score", readable(led.get("precision_of_bad", {})) + " (the teacher's share of bad)"),
+            ("calibration ledger: estimated truly bad", f"{led.get('estimated_truly_bad_share_of_selected')} of the selected documents; "
+             f"{led.get('estimated_precision_of_bad_in_run')} of those scored bad"),
+            ("calibration ledger: confusion (classifier score: teacher score counts)",
+             "; ".join(f"{b}: {readable({t: n for t, n in row.items() if n})}" for b, row in led.get("confusion", {}).items())),
+        ]
     return rows
 
 
@@ -282,10 +416,15 @@ def render_report(stats: dict, *, samples: list[dict], plots: dict[str, bytes]) 
     """The report as one HTML string, images embedded as base64 PNG."""
     template = stats.get("config", {}).get("output", {}).get("template", {})
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in summary_rows(stats))
+    titles = plot_titles(stats)
     images = "".join(
-        f"<figure><img alt='{html.escape(PLOTS[name])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
+        f"<figure id='plot-{name}'><img alt='{html.escape(titles.get(name, name))}' "
+        f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
         for name, png in plots.items()
     )
+    audit = audit_rows(stats)
+    audit_table = ("<h2>Judge audit and calibration ledger</h2><table>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in audit) + "</table>") if audit else ""
     docs = "".join(_sample_html(row, template) for row in samples) or "<p>No annotated documents in this run.</p>"
     recipes = recipe_rows(stats)
     recipe_table = ("<h2>Recipes</h2><table>" + "".join(
@@ -295,7 +434,7 @@ def render_report(stats: dict, *, samples: list[dict], plots: dict[str, bytes]) 
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>SPP annotation run report</title>"
         f"<style>{_STYLE}</style></head><body><h1>SPP annotation run report</h1>"
-        f"<h2>Statistics</h2><table>{table}</table>{recipe_table}<h2>Plots</h2><div class='plots'>{images}</div>"
+        f"<h2>Statistics</h2><table>{table}</table>{recipe_table}{audit_table}<h2>Plots</h2><div class='plots'>{images}</div>"
         f"<h2>Sample annotated documents</h2>{docs}"
         f"<h2>Config</h2><details><summary>the run's config</summary><pre>{config}</pre></details></body></html>\n"
     )

@@ -8,6 +8,7 @@ model loads. Nothing outside this module needs Ray Data's API for stages.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -224,12 +225,15 @@ def apply_stages(ds, stages: Iterable[Stage]):
         if stage.stateful:
             if res.max_restarts is not None:
                 common["max_restarts"] = res.max_restarts
-            ds = ds.map_batches(
-                _StageActor,
-                fn_constructor_kwargs={"stage": stage},
-                compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
-                **common,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 deprecates free remote args but has no named parameter for max_restarts yet.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = ds.map_batches(
+                    _StageActor,
+                    fn_constructor_kwargs={"stage": stage},
+                    compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
+                    **common,
+                )
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
     return ds

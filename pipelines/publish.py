@@ -32,8 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--include-shards", action="store_true", help="also upload the full text shards (config 'full')")
     ap.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                     help="create the repository as private (default: publish.private, true)")
-    ap.add_argument("--license", default="other", help="licence id for the card metadata (default: other)")
-    ap.add_argument("--language", action="append", help="language code(s) for the card metadata (default: en)")
+    ap.add_argument("--license", help="licence id for the card metadata (default: publish.license, other)")
+    ap.add_argument("--license-name", help="with licence other: its name (default: publish.license_name, source-licences)")
+    ap.add_argument("--license-link", help="with licence other: a URL or repository file with its terms (default: a LICENSE.md written "
+                                           "into the repository)")
+    ap.add_argument("--language", action="append", help="language code(s) for the card metadata, repeatable (default: "
+                                                        "publish.language; none declared if unset)")
     return ap.parse_args(argv)
 
 
@@ -50,7 +54,10 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
         raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
     private = args.private if args.private is not None else defaults.get("private", True)
     return PublishOptions(repo_id=repo_id, sample_rows=rows, seed=args.seed, include_shards=args.include_shards,
-                          private=private, license=args.license, language=args.language or ["en"])
+                          private=private, license=args.license or defaults.get("license") or "other",
+                          license_name=args.license_name or defaults.get("license_name"),
+                          license_link=args.license_link or defaults.get("license_link"),
+                          language=args.language or defaults.get("language"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (output / STATS_FILE).exists():
             raise PublishError(f"{output / STATS_FILE} not found; is --output a finished run's output directory?")
-        options = options_from(args, json.loads((output / STATS_FILE).read_text()), output)
+        stats = json.loads((output / STATS_FILE).read_text())
+        options = options_from(args, stats, output)
+        stage, upload = build_repo_folder, publish
+        if stats.get("kind") == "sft":  # an SFT run (pipelines/spp_sft.py): one config per rendering
+            from annotator.sft_hub import build_sft_repo_folder as stage, publish_sft as upload
         if args.dry_run:
-            paths = build_repo_folder(output, Path(args.dry_run), options=options)
+            paths = stage(output, Path(args.dry_run), options=options)
             print(f"[publish] dry run: staged {len(paths)} files for {options.repo_id} in {Path(args.dry_run).resolve()}")
             for p in paths:
                 print(f"  {p}")
             return 0
-        url = publish(output, options=options, staging=output / STAGING)
+        url = upload(output, options=options, staging=output / STAGING)
     except PublishError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--add-recipe", dest="add_recipes", action="append", default=[], metavar="RECIPE",
                     help="add a recipe (e.g. reflection_end, preflection) to the finished run in --output, without rescoring or "
                          "regenerating anything; repeatable")
+    ap.add_argument("--plan", action="store_true",
+                    help="measure what the run will cost (scoring, then the engine on a calibration slice) and write the projection "
+                         "to <output>/plan.json instead of running it; the run started later keeps plan and outcome in stats.json")
     args = ap.parse_args(argv)
+    if args.plan and args.add_recipes:
+        ap.error("--plan plans a run; it does not combine with --add-recipe")
     if not args.config and not args.add_recipes:
         ap.error("--config is required (or --add-recipe with --output)")
     if args.add_recipes and not args.output:
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start_ray(cfg)
     try:
+        if args.plan:
+            print(format_plan(cost_plan(cfg), output=cfg.output.path))
+            return 0
         stats = run(cfg)
     except (InputError, PipelineError, OutputDirError, FileNotFoundError, ConfigError, PackError, ResourceError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -79,14 +87,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cost_plan(cfg) -> dict:
+    from annotator.plan import make_plan
+    from annotator.reader import expand_paths
+    from annotator.units import plan_input
+
+    documents = plan_input(expand_paths(cfg.input.paths), cfg.input).documents
+    return make_plan(cfg, documents_in_input=documents)
+
+
+def format_plan(plan: dict, *, output: str) -> str:
+    m, p = plan["measured"], plan["projection"]
+    hours = "GPU-hours" if p["gpus_per_replica"] else "CPU replica-hours (no GPUs configured)"
+    lines = [
+        f"plan:        {output}/plan.json (measured in {plan['measured_in_seconds']:.0f}s)",
+        f"selection:   {m['selected']} of {m['documents_scored']} scored documents selected ({100 * m['selected_share']:.2f}%) "
+        f"-> {p['selected']:,} of {p['documents']:,}",
+    ]
+    if "replica_hours" in p:
+        lines += [
+            f"engine:      {m['calibration_documents']} calibration documents in {m['generate_seconds']}s: "
+            f"{m['reflections_per_second_per_replica']} reflections/s per replica; per reflection {m['prompt_tokens_per_reflection']} "
+            f"prompt tokens ({m['prompt_tokens_computed_per_reflection']} computed), {m['generated_tokens_per_reflection']} generated; "
+            f"prefix-cache hit rate {m['prefix_cache_hit_rate']}; engine start {m['engine_start_seconds']}s",
+            f"projection:  {p['replica_hours']} replica-hours = {p['gpu_hours'] if p['gpus_per_replica'] else p['replica_hours']} {hours}; "
+            f"wall {p['total_wall_seconds'] / 3600:.2f} h at {p['replicas']} replica(s) "
+            f"(generation {p['generation_wall_seconds']:.0f}s, the rest {p['other_wall_seconds']:.0f}s)",
+        ]
+    else:
+        lines.append("projection:  no generation measured (generation disabled or nothing selected)")
+    return "\n".join(lines)
+
+
 def start_ray(cfg) -> None:
     import ray
 
+    to_driver = cfg.ray.worker_logs_to_driver
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+        ray.init(address=cfg.ray.address, log_to_driver=to_driver)
     else:
         object_store = int(cfg.ray.object_store_memory_gb * 2**30) if cfg.ray.object_store_memory_gb else None
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store)
+        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, log_to_driver=to_driver)
+    if not to_driver:
+        print(f"[spp] worker output (vLLM engines, replicas) goes to Ray's logs: {worker_log_dir()}/worker-*.err "
+              "(ray.worker_logs_to_driver=true copies it here)", flush=True)
+
+
+def worker_log_dir() -> str:
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a remote cluster: its nodes' own session folders
+        return "/tmp/ray/session_latest/logs (on each node)"
 
 
 def add(args, overrides: list[str]) -> int:

@@ -189,3 +189,16 @@ def test_ray_data_bars_only_in_a_terminal(interactive):
         assert ctx.enable_progress_bars is interactive
     finally:
         ctx.enable_progress_bars = before
+
+
+def test_eta_starts_from_the_cost_plan_until_the_run_has_its_own_rate():
+    now = [0.0]
+    lines: list[str] = []
+    p = Progress(total_documents=100, interval_s=10, interactive=False, log=lines.append, clock=lambda: now[0],
+                 expected_docs_per_s=4.0)
+    assert p.eta_seconds() == 25.0 and "ETA 25s" in p.status_line()
+    now[0] = 10.0
+    p.update(documents=10)  # 1 document/s measured: the run's own rate wins
+    assert p.eta_seconds() == pytest.approx(90.0)
+    unplanned = Progress(total_documents=100, interval_s=10, interactive=False, log=lines.append, clock=lambda: 0.0)
+    assert unplanned.eta_seconds() is None and "ETA ?" in unplanned.status_line()

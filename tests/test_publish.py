@@ -106,7 +106,7 @@ def test_dry_run_folder_loads_with_datasets(run_output, dry_run, tmp_path):
 
     dest, proc = dry_run
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["README.md", "images/citations.png", "images/reflection_lengths.png", "images/score_histogram.png",
+    assert files == ["LICENSE.md", "README.md", "images/citations.png", "images/reflection_lengths.png", "images/score_histogram.png",
                      "images/throughput.png", "report.html", "sample/train-00000-of-00001.parquet", "stats.json"]
     assert all(f"  {f}" in proc.stdout for f in files)
     # datasets caches a local folder by its name and file patterns, not its contents: a fresh cache per test.
@@ -128,7 +128,10 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert isinstance(card.data, DatasetCardData)
     meta = card.data.to_dict()
     assert meta["license"] == "other" and meta["task_categories"] == ["text-generation"]
-    assert set(meta["language"]) <= set(json.loads((DATASETS_RESOURCES / "languages.json").read_text()))
+    # `other` says which licence and where its terms are; no language is claimed unless given.
+    assert meta["license_name"] == "source-licences" and meta["license_link"] == "LICENSE.md"
+    assert "language" not in meta and "Not declared: web text holds several languages" in card.text
+    assert "machine-generated" in (dest / "LICENSE.md").read_text()
     assert meta["size_categories"] == ["n<1K"]
     assert set(meta["size_categories"]) <= set(json.loads((DATASETS_RESOURCES / "size_categories.json").read_text()))
     configs = MetadataConfigs.from_dataset_card_data(card.data)
@@ -139,6 +142,11 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert stats["prompts"]["prompt_version"].startswith("reflection-v2@") and stats["prompts"]["prompt_version"] in text
     assert stats["prompts"]["constitution"]["sha256"] in text
     assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in text
+    # Source tokens beside what the training files hold (this in-process run wrote no token streams,
+    # tests/test_audit.py checks the figure on a real run); values readable, not JSON.
+    assert "source tokens read / written" in text and "| training tokens (token streams) | no token streams written |" in text
+    hist = ", ".join(f"{k}: {v:,}" for k, v in sorted(stats["score_histogram"].items()))
+    assert f"| safety score histogram | {hist} |" in text and '{"' not in text.split("## Statistics")[1]
     out = stats["recipes"]["reflection"]["outputs"]
     assert "## Recipes" in text and f"| reflection | {out['kept']:,} / {out['failed']:,} |" in text
     for image in ("score_histogram", "reflection_lengths", "citations", "throughput"):
@@ -151,12 +159,16 @@ def test_dry_run_with_shards_adds_the_full_config(run_output, tmp_path):
     from huggingface_hub import DatasetCard
 
     dest = tmp_path / "repo"
-    proc = run_publish("--output", str(run_output), "--dry-run", str(dest), "--sample-rows", "30", "--include-shards")
+    proc = run_publish("--output", str(run_output), "--dry-run", str(dest), "--sample-rows", "30", "--include-shards",
+                       "--language", "en", "--language", "fr", "--license", "odc-by")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted(p.name for p in (run_output / "shards").glob("*.parquet"))
     assert sorted(p.name for p in (dest / "shards").iterdir()) == shards
     assert all((dest / "shards" / n).read_bytes() == (run_output / "shards" / n).read_bytes() for n in shards)
     card = DatasetCard.load(dest / "README.md")
+    meta = card.data.to_dict()
+    assert meta["language"] == ["en", "fr"] and meta["license"] == "odc-by" and "license_name" not in meta
+    assert not (dest / "LICENSE.md").exists()
     assert [c["config_name"] for c in card.data.to_dict()["configs"]] == ["sample", "full"]
     full = load_dataset(str(dest), "full", split="train", cache_dir=str(tmp_path / "cache"))
     assert full.num_rows == json.loads((run_output / "stats.json").read_text())["documents_out"] == 300

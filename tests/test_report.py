@@ -11,7 +11,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.report import PLOTS, run_plots, sample_documents, write_report
+from annotator.report import PLOTS, plot_throughput, readable, run_plots, sample_documents, write_report
 from tests.test_stats import build_run_output
 
 
@@ -80,3 +80,17 @@ def test_plots_handle_a_run_without_reflections():
     plots = run_plots(stats)
     assert list(plots) == list(PLOTS)
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" and png_size(png)[0] >= 500 for png in plots.values())
+
+
+def test_statistics_read_as_text_and_a_short_run_plots_its_stages(run_output):
+    assert readable({"0": 235, "1": 45}) == "0: 235, 1: 45"
+    assert readable({"vllm": "0.32.0", "by": {"a": 1200}}) == "vllm: 0.32.0, by: (a: 1,200)"
+    assert readable({}) == "none" and readable(["x", 3]) == "x, 3"
+    page = write_report(run_output, json.loads((run_output / "stats.json").read_text())).read_text()
+    table = page.split("<h2>Statistics</h2>")[1].split("</table>")[0]
+    assert "{&quot;" not in table and "<td>safety score histogram</td><td>0: " in table
+    # One or two writes make no timeline: the plot shows time per stage instead of a single step.
+    short = {"timeline": {"bucket_seconds": 5, "points": [[3, 300]]}, "stage_seconds": {"read": 0.5, "safety": 1.2, "generate": 40.0},
+             "documents_per_second": {"read_per_worker": 600.0, "generate_per_worker": 7.5}}
+    png = plot_throughput(short)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png != plot_throughput({**short, "stage_seconds": {}})

