@@ -203,8 +203,11 @@ def teacher_scores(rows: list[dict], cfg: RunConfig, out_dir: Path, *, num_cpus:
     rubric, system, settings = _judge_setup(cfg, judge.harm_pack, low=0, high=5)
     items = [{"id": r["doc_id"], "user": harm_user_message(r["text"], max_chars=judge.max_document_chars)} for r in rows]
     key = _settings_key("ledger", settings | {"per_bucket": ledger.per_bucket, "seed": ledger.seed})
-    judged, work = run_judge(items, cfg=cfg, rubric=rubric, system=system, task="audit-ledger", work_dir=out_dir / AUDIT_WORK / key,
+    work_dir = out_dir / AUDIT_WORK / key
+    judged, work = run_judge(items, cfg=cfg, rubric=rubric, system=system, task="audit-ledger", work_dir=work_dir,
                              num_cpus=num_cpus, log=log)
+    # The judgements are in the ledger from here on; a rerun with the same settings judges again.
+    shutil.rmtree(work_dir, ignore_errors=True)
     statuses = judged.column("status").to_pylist()
     scores = [s if status == OK else None for s, status in zip(judged.column("score").to_pylist(), statuses)]
     return scores, judged.column(REASON).to_pylist(), statuses, {"teacher": f"judge:{settings['model']} ({rubric.pack.version})", "work": work}
