@@ -206,11 +206,10 @@ def teacher_scores(rows: list[dict], cfg: RunConfig, out_dir: Path, *, num_cpus:
     work_dir = out_dir / AUDIT_WORK / key
     judged, work = run_judge(items, cfg=cfg, rubric=rubric, system=system, task="audit-ledger", work_dir=work_dir,
                              num_cpus=num_cpus, log=log)
-    # The judgements are in the ledger from here on; a rerun with the same settings judges again.
-    shutil.rmtree(work_dir, ignore_errors=True)
     statuses = judged.column("status").to_pylist()
     scores = [s if status == OK else None for s, status in zip(judged.column("score").to_pylist(), statuses)]
-    return scores, judged.column(REASON).to_pylist(), statuses, {"teacher": f"judge:{settings['model']} ({rubric.pack.version})", "work": work}
+    return scores, judged.column(REASON).to_pylist(), statuses, {"teacher": f"judge:{settings['model']} ({rubric.pack.version})", "work": work,
+                                                                 "_work_dir": work_dir}
 
 
 def calibration_ledger(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=print) -> tuple[pa.Table, dict]:
@@ -236,6 +235,9 @@ def calibration_ledger(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pr
                           ("teacher_score", pa.int8()), ("teacher_bad", pa.bool_()), ("teacher_reason", pa.string()), ("teacher_status", pa.string())]))
     table = table.replace_schema_metadata({b"teacher": about["teacher"].encode()})
     write_table(out_dir / LEDGER_FILE, table)
+    work_dir = about.pop("_work_dir", None)
+    if work_dir is not None:  # the judgements are in the ledger now; a rerun with the same settings judges again
+        shutil.rmtree(work_dir, ignore_errors=True)
     selected = count_strata(files, columns=["safety_score", "selected"], stratum=lambda s, sel: str(s) if sel else None)
     figures = ledger_figures(table, buckets=buckets, selected=selected, threshold=threshold)
     return table, figures | about
