@@ -57,17 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import os
-
-    import ray
-
     from annotator.sft_export import SftRunError, run_sft
+    from pipelines.spp_reflections import start_ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
-        store = int(cfg.ray.object_store_memory_gb * 2**30) if cfg.ray.object_store_memory_gb else None
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=store)
+    start_ray(cfg)  # as the annotation runs: worker output in Ray's logs unless ray.worker_logs_to_driver
     try:
         stats = run_sft(cfg)
     except (ConfigError, PackError, SftRunError, FileNotFoundError) as err:
