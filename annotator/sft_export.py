@@ -27,7 +27,8 @@ from annotator.config import RunConfig
 from annotator.progress import quiet_ray_data_console
 from annotator.prompt_packs import file_digest
 from annotator.replies import cited_sections
-from annotator.sft import OK, SKIP, RESULT_SCHEMA, SftGenerateAndSave, batch_path, load_sft_packs, with_engine_cpus
+from annotator.sft import OK, SKIP, RESULT_SCHEMA, load_sft_packs
+from annotator.sft_stage import SftGenerateAndSave, batch_path, with_engine_cpus
 from annotator.sft_prompts import materialise_prompts
 
 RENDERINGS = ("cited", "uncited")
