@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from annotator.checkpoint import write_table
 from annotator.config import ConfigError, GenerationConfig, JudgeConfig, RunConfig
 from annotator.engine import Engine, Reply
 from annotator.pause import unit_hash
-from annotator.progress import quiet_ray_data_console
+from annotator.progress import configure_ray_data_console
 from annotator.prompt_packs import PromptPack
 from annotator.replies import json_object, strip_reasoning
 from annotator.stages import Resources, Stage, apply_stages
@@ -77,7 +76,7 @@ def judge_engine_config(cfg: RunConfig) -> GenerationConfig:
         num_gpus=gen.num_gpus if judge.num_gpus is None else judge.num_gpus,
         concurrency=judge.concurrency or gen.concurrency,
         max_model_len=judge.max_model_len or gen.max_model_len,
-        temperature=judge.temperature, top_p=1.0, repetition_penalty=1.0, sampling={},
+        temperature=judge.temperature, top_p=1.0, repetition_penalty=1.0, sampling={}, max_output_tokens=judge.max_output_tokens,
     ))
 
 
@@ -130,7 +129,7 @@ class JudgeAndSave(Stage):
         self.work_dir = work_dir
         self.seed = cfg.generation.seed
         remote = self.judge.base_url is not None
-        concurrency = self.judge.concurrency or (cfg.generation.concurrency if not remote else 1)
+        concurrency = 1 if remote and not self.judge.concurrency else self.engine_cfg.concurrency
         self.resources = Resources(num_cpus=0.5 if remote else num_cpus, num_gpus=0 if remote else self.engine_cfg.num_gpus,
                                    concurrency=concurrency, batch_size=1, max_restarts=cfg.generation.max_replica_restarts)
         self._backend = None
@@ -141,8 +140,7 @@ class JudgeAndSave(Stage):
         if self.judge.base_url:
             self._backend = EndpointClient(self.judge, concurrency=(self.judge.concurrency or 1) * ENDPOINT_REQUESTS_PER_REPLICA)
             return 0
-        cfg = replace_max_tokens(self.engine_cfg, self.judge.max_output_tokens)
-        engine = Engine(cfg, num_cpus=self.resources.num_cpus)
+        engine = Engine(self.engine_cfg, num_cpus=self.resources.num_cpus)
         engine.load()
         engine.warm([self.messages("")], [self.rubric.schema()])
         self._backend = engine
@@ -206,10 +204,6 @@ class JudgeAndSave(Stage):
         return pa.Table.from_pylist(out, schema=pa.schema([(k, pa.int64()) for k in self.adds]))
 
 
-def replace_max_tokens(cfg: GenerationConfig, max_tokens: int) -> GenerationConfig:
-    return cfg.model_copy(update={"max_output_tokens": max_tokens})
-
-
 def batch_path(work_dir: Path, index: int) -> Path:
     return work_dir / f"batch-{index:05d}.parquet"
 
@@ -233,8 +227,7 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
         log(f"[spp] judging {sum(len(batches[b]) for b in todo)} items ({task}) with {where}")
         stage = JudgeAndSave(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)
         plans = [{"batch_index": b, "items": json.dumps(batches[b])} for b in todo]
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
-        quiet_ray_data_console()
+        configure_ray_data_console()
         ds = ray.data.from_items(plans, override_num_blocks=len(plans))
         for row in apply_stages(ds, [stage]).iter_rows():
             work["engine_loads"] += row["engine_loads"]

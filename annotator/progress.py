@@ -102,10 +102,7 @@ class Progress:
     def configure_ray_data(self) -> None:
         """Ray Data's bars in a terminal; off otherwise, where Ray would log a multi-line
         block every 10 s that buries the status lines."""
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = self.interactive
-        quiet_ray_data_console()
+        configure_ray_data_console(interactive=self.interactive)
 
 
     def update(self, *, documents: int, selected: int = 0, generated_tokens: int = 0, failures: int = 0) -> None:
@@ -224,11 +221,15 @@ def count_input_documents(paths: list[str], *, limit: int | None = None, max_wor
     return min(total, limit) if limit else total
 
 
-def quiet_ray_data_console() -> None:
-    """Ray Data's INFO lines (execution plans, 'Tip:' lines, per-dataset timings) off the console:
-    they stay in Ray Data's own log file (ray-data.log in the session's logs), warnings still show."""
+def configure_ray_data_console(*, interactive: bool | None = None) -> None:
+    """Ray Data's bars in a terminal only (`interactive`, default: stdout is a terminal), and its
+    INFO lines (execution plans, 'Tip:' lines, per-dataset timings) off the console: they stay in
+    Ray Data's own log file (ray-data.log in the session's logs), warnings still show."""
     import logging
 
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty() if interactive is None else interactive
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))

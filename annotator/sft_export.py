@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 
 from annotator.checkpoint import OPERATIONAL_FIELDS, config_differences, write_json, write_table
 from annotator.config import RunConfig
-from annotator.progress import quiet_ray_data_console
+from annotator.progress import configure_ray_data_console
 from annotator.prompt_packs import file_digest
 from annotator.replies import cited_sections
 from annotator.sft import OK, SKIP, RESULT_SCHEMA, load_sft_packs
@@ -111,8 +110,7 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
     if pending:
         cpus = with_engine_cpus(cfg, float(ray.cluster_resources().get("CPU", 1)))
         stage = SftGenerateAndSave(cfg, out_dir=str(out), num_cpus=cpus)
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
-        quiet_ray_data_console()  # as in the annotation runs: status lines, not Ray Data's blocks
+        configure_ray_data_console()  # as in the annotation runs: status lines, not Ray Data's blocks
         ds = ray.data.from_items([{"batch_index": i, "rows": json.dumps(b)} for i, b in pending], override_num_blocks=len(pending))
         done = 0
         for row in apply_stages(ds, [stage]).iter_rows():

@@ -48,13 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.limit is not None:
-        overrides.append(f"input.limit={args.limit}")
-    if args.output:
-        overrides.append(f"output.path={args.output}")
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
+    overrides = cli_overrides(args, {"input.limit": args.limit})
     if args.add_recipes:
         return add(args, overrides)
     try:
@@ -85,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_summary(stats, output=cfg.output.path))
     return 0
+
+
+def cli_overrides(args: argparse.Namespace, fields: dict[str, object]) -> list[str]:
+    """The config overrides a command line makes: --set first, then the flags that stand for a
+    field (`fields`: field -> the flag's value, None when not given), --output and --overwrite."""
+    overrides = list(args.overrides) + [f"{field}={value}" for field, value in fields.items() if value is not None]
+    if args.output:
+        overrides.append(f"output.path={args.output}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    return overrides
 
 
 def cost_plan(cfg) -> dict:

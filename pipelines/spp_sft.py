@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.prompt_packs import PackError  # noqa: E402
+from pipelines.spp_reflections import cli_overrides, start_ray  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,14 +41,7 @@ def load(args: argparse.Namespace):
         raise ConfigError(f"{args.config}: top level must be a mapping")
     sources = (tree.get("sft") or {}).get("sources") or []
     tree.setdefault("input", {"paths": [s.get("path") for s in sources if isinstance(s, dict)] or ["(sft sources)"]})
-    overrides = list(args.overrides)
-    if args.prompts is not None:
-        overrides.append(f"sft.prompts={args.prompts}")
-    if args.output:
-        overrides.append(f"output.path={args.output}")
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
-    return load_config(None, overrides=overrides, base=tree)
+    return load_config(None, overrides=cli_overrides(args, {"sft.prompts": args.prompts}), base=tree)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from annotator.sft_export import SftRunError, run_sft
-    from pipelines.spp_reflections import start_ray
 
     start_ray(cfg)  # as the annotation runs: worker output in Ray's logs unless ray.worker_logs_to_driver
     try:

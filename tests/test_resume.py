@@ -51,9 +51,14 @@ def run_to_end(args: list[str], out: Path, log: Path) -> str:
 
 def kill_when(args: list[str], out: Path, log: Path, condition) -> None:
     """Start a run and SIGKILL its driver the moment `condition(out)` holds."""
+    kill_process_when(start(args, out, log), out, log, condition)
+
+
+def kill_process_when(proc: subprocess.Popen, out: Path, log: Path, condition) -> None:
+    """SIGKILL a started driver (`log`: its output) the moment `condition(out)` holds, then the
+    local Ray cluster it started."""
     import psutil
 
-    proc = start(args, out, log)
     deadline = time.time() + 900
     cluster: list = []
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from annotator.sft import load_sft_packs, parse_sft_reply, render_user
 from annotator.sft_export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
 from annotator.sft_prompts import allocate, draw_prompts
 from tests.support import REPO
+from tests.test_resume import kill_process_when
 
 SAFETY = REPO.parent / "shared" / "data" / "safety-v2"
 DEMO = REPO / "configs" / "sft-demo.yaml"
@@ -192,27 +192,11 @@ def test_output_loads_as_a_chat_dataset_the_chat_template_accepts(run):
 
 
 def test_sigkill_mid_run_and_rerun_gives_the_rows_of_an_uninterrupted_run(run, tmp_path):
-    import psutil
-
     out = tmp_path / "killed"
-    proc = start(out, tmp_path / "killed.log")
     generated = out / "_work" / "generated"
-    cluster: list = []
-    deadline = time.time() + 600
-    try:
-        # Whichever batch is saved first: a replica takes its two batches in either order.
-        while proc.poll() is None and time.time() < deadline and not list(generated.glob("batch-*.parquet")):
-            time.sleep(0.01)
-        cluster = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill point"
-    finally:
-        for p in cluster:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(cluster, timeout=30)
+    # Whichever batch is saved first: a replica takes its two batches in either order.
+    kill_process_when(start(out, tmp_path / "killed.log"), out, tmp_path / "killed.log",
+                      lambda o: list(generated.glob("batch-*.parquet")))
     assert not (out / "stats.json").exists() and len(list(generated.glob("batch-*.parquet"))) == 1
     run_to_end(out, tmp_path / "rerun.log")
     assert rows_of(out) == rows_of(run)
