@@ -21,6 +21,18 @@ def require_shared_data() -> Path:
     return CORPUS
 
 
+def in_child_process(fn, /, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a fresh spawned interpreter, its result returned here. For a test that
+    hosts a Ray driver: the driver's native threads (gRPC, core worker IO) outlive `ray.shutdown()`
+    and raced the interpreter's teardown at exit (a SIGSEGV after every test had passed), so the
+    pytest process hosts none. `fn` must be importable at module level."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def run_pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """The entry point as a user runs it; vLLM needs a real file as __main__ for its subprocesses."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

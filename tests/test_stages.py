@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pytest
 from annotator.config import RunConfig
 from annotator.pipeline import scoring_ops, scoring_stages
 from annotator.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, _setup_key
-from tests.support import require_shared_data
+from tests.support import in_child_process, require_shared_data
 
 
 class Batched(Stage):
@@ -81,32 +82,48 @@ def test_pass_one_runs_a_cpu_scorer_in_the_unit_task_and_a_transformers_scorer_i
     assert write.name == "write_scored"
 
 
+class Probe(Stage):
+    """How many units one call of the chain holds, and how many setups its worker has done."""
+
+    name = "probe"
+    reads = ("_unit", "token_length")
+    adds = ("units_in_call", "setups")
+    resources = Resources(batch_size=None)
+
+    def setup(self):
+        os.environ["SPP_PROBE_SETUPS"] = str(int(os.environ.get("SPP_PROBE_SETUPS", "0")) + 1)
+
+    def process(self, batch):
+        n = batch.num_rows
+        return (batch.append_column("units_in_call", pa.array([len(set(batch.column("_unit").to_pylist()))] * n))
+                .append_column("setups", pa.array([int(os.environ["SPP_PROBE_SETUPS"])] * n)))
+
+
+def probe_chain_on_ray(cfg, units, tokenizer: str) -> list[dict]:
+    """The pass-1 reader, the token counter and the probe in one task, on a local Ray (run in a child
+    process: see `in_child_process`)."""
+    import ray
+
+    from annotator.reader import ReadUnits, units_dataset
+    from annotator.stages import apply_stages
+    from annotator.tokens import TokenCounter
+
+    chain = InProcess([ReadUnits(cfg, extra_columns={}), TokenCounter(tokenizer=tokenizer, resources=Resources(batch_size=16)),
+                       Probe()], resources=Resources(num_cpus=1, batch_size=1))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return apply_stages(units_dataset(units), [chain]).select_columns(
+            ["_unit", "doc_id", "text", "token_length", "units_in_call", "setups"]).take_all()
+    finally:
+        ray.shutdown()
+
+
 def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     """On real Ray, with the pass-1 reader and token counter: every call of the in-process chain
     holds exactly one work unit, and a worker loads the stages once however many units it runs."""
-    import os
-
-    import ray
-
     from annotator.config import InputConfig
-    from annotator.reader import ReadUnits, units_dataset
-    from annotator.stages import apply_stages
-    from annotator.tokens import TokenCounter, target_tokenizer
+    from annotator.tokens import target_tokenizer
     from annotator.units import plan_input
-
-    class Probe(Stage):
-        name = "probe"
-        reads = ("_unit", "token_length")
-        adds = ("units_in_call", "setups")
-        resources = Resources(batch_size=None)
-
-        def setup(self):
-            os.environ["SPP_PROBE_SETUPS"] = str(int(os.environ.get("SPP_PROBE_SETUPS", "0")) + 1)
-
-        def process(self, batch):
-            n = batch.num_rows
-            return (batch.append_column("units_in_call", pa.array([len(set(batch.column("_unit").to_pylist()))] * n))
-                    .append_column("setups", pa.array([int(os.environ["SPP_PROBE_SETUPS"])] * n)))
 
     # 240 real documents in row groups of 40: six units.
     docs = pq.read_table(sorted(require_shared_data().glob("*.parquet"))[0], columns=["id", "text"]).slice(0, 240)
@@ -116,14 +133,7 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     units = plan_input([path], cfg).units
     assert len(units) == 6
     tokenizer = "builtin:smollm2-135m-instruct"
-    chain = InProcess([ReadUnits(cfg, extra_columns={}), TokenCounter(tokenizer=tokenizer, resources=Resources(batch_size=16)),
-                       Probe()], resources=Resources(num_cpus=1, batch_size=1))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        rows = apply_stages(units_dataset(units), [chain]).select_columns(
-            ["_unit", "doc_id", "text", "token_length", "units_in_call", "setups"]).take_all()
-    finally:
-        ray.shutdown()
+    rows = in_child_process(probe_chain_on_ray, cfg, units, tokenizer)
     assert len(rows) == 240 and len({r["doc_id"] for r in rows}) == 240
     assert {r["_unit"] for r in rows} == {u.key for u in units}
     assert {r["units_in_call"] for r in rows} == {1}
