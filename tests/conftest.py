@@ -1,12 +1,14 @@
 """Session hooks: the test process ends without interpreter teardown once pytest has reported.
 
-The test process loads torch, tokenizers, pyarrow (with its jemalloc thread), `datasets` and
-vLLM's Python side together. One CI run (2026-12-02) died with SIGSEGV after printing "207 passed":
-the Ray drivers that two tests hosted here left gRPC and core-worker threads alive until exit.
-Those tests now run their driver in a child process (`support.in_child_process`); this hook makes
-the rest of native teardown unable to turn a reported result into a different exit status. Every
-result is decided and printed by then; pipelines under test run in their own processes and their
-exit codes are asserted by the tests.
+The test process loads torch, transformers, tokenizers, fastText, pyarrow (with its jemalloc
+thread), `datasets` and Ray's client together. One CI run (2026-12-02) died with SIGSEGV after
+printing "207 passed": the Ray drivers that two tests hosted here left gRPC and core-worker threads
+alive until exit. Those tests now run their driver in a child process (`support.in_child_process`);
+this hook makes the rest of native teardown unable to turn a reported result into a different exit
+status. Every result is decided and printed by then; pipelines under test run in their own
+processes and their exit codes are asserted by the tests. Only a pytest that owns its process (the
+`pytest` / `python -m pytest` command line) exits early; `pytest.main()` called from a program
+returns to it as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if EXIT_STATUS not in config.stash or os.environ.get("SPP_TEST_FULL_TEARDOWN"):
+    owns_process = config.invocation_params.args == tuple(sys.argv[1:])
+    if EXIT_STATUS not in config.stash or not owns_process or os.environ.get("SPP_TEST_FULL_TEARDOWN"):
         return
     sys.stdout.flush()
     sys.stderr.flush()
