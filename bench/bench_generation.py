@@ -41,7 +41,7 @@ CORPUS = REPO.parent / "shared" / "data" / "corpus"
 def bench_pack(dest: Path) -> Path:
     """reflection-v2 with a guidance table (one guiding question per section) as its writing
     guidelines: the published prompt's size, with this project's own words."""
-    from annotator.prompt_packs import load_pack, resolve_pack_path
+    from annotator.method.prompt_packs import load_pack, resolve_pack_path
 
     src = resolve_pack_path("reflection-v2")
     shutil.copytree(src, dest)
@@ -63,8 +63,8 @@ def documents(n: int) -> pa.Table:
 
 
 def stage_for(cfg, *, eager: bool = False):
-    from annotator.generation import Generator
-    from annotator.pipeline import replica_cpus
+    from annotator.generate.generator import Generator
+    from annotator.run.pipeline import replica_cpus
 
     class EagerGenerator(Generator):
         """Loads the engine when the actor starts, as the pipeline's GenerateAndSave does before it
@@ -99,7 +99,7 @@ def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
     import ray
     import ray.data
 
-    from annotator.stages import TIMING_PREFIX, apply_stages
+    from annotator.core.stages import TIMING_PREFIX, apply_stages
 
     ray.init(num_cpus=cfg.ray.num_cpus or 2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from annotator.config import ClassifierConfig, InputConfig  # noqa: E402
-from annotator.reader import ReadUnits, units_dataset  # noqa: E402
-from annotator.units import plan_input  # noqa: E402
-from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
-from annotator.stages import TIMING_PREFIX, InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
+from annotator.score.reader import ReadUnits, units_dataset  # noqa: E402
+from annotator.core.units import plan_input  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
+from annotator.core.stages import TIMING_PREFIX, InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 

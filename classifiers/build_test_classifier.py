@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.models import cache_dir, is_complete, save_model_dir  # noqa: E402
+from annotator.engine.models import cache_dir, is_complete, save_model_dir  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_TRAIN = (SHARED / "safety" / "train.parquet", SHARED / "safety-v2" / "train.parquet")

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer  # noqa: E402
-from annotator.safety_eval import agreement, format_confusion, score_texts  # noqa: E402
-from annotator.stages import Resources  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer  # noqa: E402
+from annotator.score.safety_eval import agreement, format_confusion, score_texts  # noqa: E402
+from annotator.core.stages import Resources  # noqa: E402
 from classifiers.fasttext_training import train_fasttext  # noqa: E402
 
 

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ClassifierConfig  # noqa: E402
-from annotator.safety import build_scorer  # noqa: E402
-from annotator.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
+from annotator.score.safety import build_scorer  # noqa: E402
+from annotator.score.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
 from classifiers.categories import row_categories  # noqa: E402
-from annotator.stages import Resources  # noqa: E402
+from annotator.core.stages import Resources  # noqa: E402
 
 LABEL_COLUMNS = ("label", "harmful")
 

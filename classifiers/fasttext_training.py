@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from annotator.safety import normalize_for_fasttext
+from annotator.score.safety import normalize_for_fasttext
 
 # Character 3-grams only: 2x faster predict than 2-4-grams on web pages for -0.002 dev F1.
 DEFAULT_PARAMS = dict(epoch=10, dim=64, wordNgrams=2, minn=3, maxn=3, lr=0.5, loss="softmax", thread=1, seed=0)

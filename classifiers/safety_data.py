@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.safety import normalize_for_fasttext
+from annotator.score.safety import normalize_for_fasttext
 from classifiers.categories import row_categories
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

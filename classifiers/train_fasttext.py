@@ -4,7 +4,7 @@
         --dev ../shared/data/safety/dev.parquet --out classifiers/models/safety-fasttext-v1.ftz
 
 Labels 1 (harmful) / 0 (benign) become __label__1 / __label__0. At scoring time P(harmful) becomes
-a 0-5 score (annotator.safety.binary_to_score_probs); see classifiers/MODEL_CARD.md.
+a 0-5 score (annotator.score.safety.binary_to_score_probs); see classifiers/MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.safety import FastTextSafetyScorer  # noqa: E402
-from annotator.safety_eval import label_metrics, score_texts  # noqa: E402
-from annotator.stages import Resources  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer  # noqa: E402
+from annotator.score.safety_eval import label_metrics, score_texts  # noqa: E402
+from annotator.core.stages import Resources  # noqa: E402
 from classifiers.evaluate import read_labelled  # noqa: E402
 from classifiers.fasttext_training import DEFAULT_PARAMS, train_fasttext  # noqa: E402
 

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.models import cache_dir, save_model_dir  # noqa: E402
-from annotator.safety import FastTextSafetyScorer, TransformersSafetyScorer  # noqa: E402
-from annotator.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
-from annotator.stages import Resources  # noqa: E402
+from annotator.engine.models import cache_dir, save_model_dir  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer  # noqa: E402
+from annotator.score.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
+from annotator.core.stages import Resources  # noqa: E402
 from classifiers.build_test_classifier import fit_head  # noqa: E402
 from classifiers.categories import row_categories  # noqa: E402
 from classifiers.safety_data import CORPUS_DIR, WEB_HELDOUT_FILES, group_weights, in_calibration, training_rows  # noqa: E402

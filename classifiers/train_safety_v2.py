@@ -26,9 +26,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.safety import FastTextSafetyScorer, normalize_for_fasttext  # noqa: E402
-from annotator.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
-from annotator.stages import Resources  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer, normalize_for_fasttext  # noqa: E402
+from annotator.score.safety_eval import category_metrics, label_metrics, score_texts  # noqa: E402
+from annotator.core.stages import Resources  # noqa: E402
 from classifiers.fasttext_training import DEFAULT_PARAMS, train_fasttext  # noqa: E402
 from classifiers.safety_data import (  # noqa: E402
     CORPUS_DIR, HARM_DIR, TOXICITY_DIR, WEB_HELDOUT_FILES, expand, group_weights, in_calibration, training_rows,

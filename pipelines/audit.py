@@ -15,11 +15,11 @@ from pathlib import Path
 # Runs as a script (also under `ray job submit --working-dir .`), where the repo root is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.add_recipe import AddRecipeError, recorded_config  # noqa: E402
-from annotator.audit import AuditError, audit_reflections, calibration_ledger, record  # noqa: E402
+from annotator.run.add_recipe import AddRecipeError, recorded_config  # noqa: E402
+from annotator.audit.audits import AuditError, audit_reflections, calibration_ledger, record  # noqa: E402
 from annotator.config import ConfigError, load_config  # noqa: E402
-from annotator.pipeline import ResourceError, replica_cpus  # noqa: E402
-from annotator.prompt_packs import PackError  # noqa: E402
+from annotator.run.pipeline import ResourceError, replica_cpus  # noqa: E402
+from annotator.method.prompt_packs import PackError  # noqa: E402
 from pipelines.spp_reflections import start_ray  # noqa: E402
 
 PARTS = ("reflections", "ledger")

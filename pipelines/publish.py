@@ -17,7 +17,7 @@ from pathlib import Path
 # Runs as a script, where the repo root is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
+from annotator.publish.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
 
 STAGING = "_work/publish"
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from(args, stats, output)
         stage, upload = build_repo_folder, publish
         if stats.get("kind") == "sft":  # an SFT run (pipelines/spp_sft.py): one config per rendering
-            from annotator.sft_hub import build_sft_repo_folder as stage, publish_sft as upload
+            from annotator.publish.sft_hub import build_sft_repo_folder as stage, publish_sft as upload
         if args.dry_run:
             paths = stage(output, Path(args.dry_run), options=options)
             print(f"[publish] dry run: staged {len(paths)} files for {options.repo_id} in {Path(args.dry_run).resolve()}")

@@ -15,11 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ConfigError, load_config  # noqa: E402
-from annotator.reader import InputError  # noqa: E402
-from annotator.stages import PipelineError  # noqa: E402
-from annotator.pipeline import OutputDirError, ResourceError, RunError, run  # noqa: E402
-from annotator.prompt_packs import PackError  # noqa: E402
-from annotator.summary import format_summary  # noqa: E402
+from annotator.score.reader import InputError  # noqa: E402
+from annotator.core.stages import PipelineError  # noqa: E402
+from annotator.run.pipeline import OutputDirError, ResourceError, RunError, run  # noqa: E402
+from annotator.method.prompt_packs import PackError  # noqa: E402
+from annotator.output.summary import format_summary  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,9 +93,9 @@ def cli_overrides(args: argparse.Namespace, fields: dict[str, object]) -> list[s
 
 
 def cost_plan(cfg) -> dict:
-    from annotator.plan import make_plan
-    from annotator.reader import expand_paths
-    from annotator.units import plan_input
+    from annotator.run.plan import make_plan
+    from annotator.score.reader import expand_paths
+    from annotator.core.units import plan_input
 
     documents = plan_input(expand_paths(cfg.input.paths), cfg.input).documents
     return make_plan(cfg, documents_in_input=documents)
@@ -149,7 +149,7 @@ def worker_log_dir() -> str:
 
 def add(args, overrides: list[str]) -> int:
     """--add-recipe: the run's recorded config (or --config, which must match it) plus the recipes."""
-    from annotator.add_recipe import AddRecipeError, add_recipes, recorded_config
+    from annotator.run.add_recipe import AddRecipeError, add_recipes, recorded_config
 
     out = Path(args.output)
     try:

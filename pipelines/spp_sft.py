@@ -19,7 +19,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ConfigError, load_config  # noqa: E402
-from annotator.prompt_packs import PackError  # noqa: E402
+from annotator.method.prompt_packs import PackError  # noqa: E402
 from pipelines.spp_reflections import cli_overrides, start_ray  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from annotator.sft_export import SftRunError, run_sft
+    from annotator.sft.export import SftRunError, run_sft
 
     start_ray(cfg)  # as the annotation runs: worker output in Ray's logs unless ray.worker_logs_to_driver
     try:

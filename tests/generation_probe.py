@@ -19,7 +19,7 @@ def main() -> None:
     import vllm
 
     from annotator.config import GenerationConfig
-    from annotator.generation import Generator
+    from annotator.generate.generator import Generator
 
     loads = []
     original_init = vllm.LLM.__init__

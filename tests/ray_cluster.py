@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from annotator.models import cache_dir
+from annotator.engine.models import cache_dir
 from tests.support import REPO
 
 BIN = Path(sys.executable).parent

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from annotator.config import OutputConfig
-from annotator.recipes import BUILTIN, Recipe
-from annotator.tokenized import annotation_block
-from annotator.tokens import TargetTokenizer, load_tokenizer
+from annotator.method.recipes import BUILTIN, Recipe
+from annotator.output.tokenized import annotation_block
+from annotator.core.tokens import TargetTokenizer, load_tokenizer
 
 OPEN, CLOSE = "<assistant>", "</assistant>"
 

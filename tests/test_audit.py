@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.audit import LEDGER_FILE, REFLECTIONS_FILE
+from annotator.audit.audits import LEDGER_FILE, REFLECTIONS_FILE
 from annotator.config import load_config
-from annotator.judge import Rubric
-from annotator.prompt_packs import load_pack
-from annotator.sampling import allocate_sample
-from annotator.stats import stratum_key
+from annotator.audit.judge import Rubric
+from annotator.method.prompt_packs import load_pack
+from annotator.audit.sampling import allocate_sample
+from annotator.output.stats import stratum_key
 from tests.support import REPO, require_shared_data
 from tests.test_resume import run_to_end
 
@@ -120,14 +120,14 @@ def test_judge_audit_of_the_run_reflections(planned_run, audited):
     # The report and the Hub card show it.
     report = (out / "report.html").read_text()
     assert "Judge audit" in report and "audit_accept" in report
-    from annotator.hub import PublishOptions, build_card
+    from annotator.publish.hub import PublishOptions, build_card
 
     card = build_card(stats, options=PublishOptions(repo_id="org/demo"), sample=pq.read_table(out / "shards"), strata={})
     assert "## Judge audit" in card and f"{fig['accept_rate']:.3f}" in card
     # The card counts what the token streams hold, and --include-shards publishes them with the tokenizer.
     streams = stats["tokenized"]["streams"]
     assert f"| training tokens (token streams) | {sum(v['tokens'] for v in streams.values()):,} (" in card
-    from annotator.hub import build_repo_folder
+    from annotator.publish.hub import build_repo_folder
 
     repo = out.parent / "repo"
     build_repo_folder(out, repo, options=PublishOptions(repo_id="org/demo", include_shards=True, sample_rows=20))
@@ -173,7 +173,7 @@ def _free_port() -> int:
 def test_audit_through_an_openai_compatible_vllm_server(planned_run, audited, tmp_path):
     """A real `vllm serve` of the built-in model on loopback; the key comes from the environment
     and is written nowhere."""
-    from annotator.models import resolve_model
+    from annotator.engine.models import resolve_model
 
     out, _ = planned_run
     copy = tmp_path / "run"

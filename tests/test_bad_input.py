@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.checkpoint import WriteScored, write_table
+from annotator.core.checkpoint import WriteScored, write_table
 from annotator.config import InputConfig, RunConfig
-from annotator.finalize import FinalizeUnit
-from annotator.generation import FAILED_REPLY, generator_columns
-from annotator.layout import GENERATED, SCORED
-from annotator.reader import ReadUnits
-from annotator.units import Unit
+from annotator.output.finalize import FinalizeUnit
+from annotator.generate.generator import FAILED_REPLY, generator_columns
+from annotator.core.layout import GENERATED, SCORED
+from annotator.score.reader import ReadUnits
+from annotator.core.units import Unit
 from tests.support import SAFETY, require_shared_data, run_pipeline
 
 SECRET = "hf_FAKE_secret_token_must_not_leak_0123456789"

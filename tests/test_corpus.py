@@ -1,4 +1,4 @@
-"""Corpus totals and duplicate ids, computed unit by unit and bucket by bucket (`annotator/corpus.py`)."""
+"""Corpus totals and duplicate ids, computed unit by unit and bucket by bucket (`annotator/score/corpus.py`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import SelectionConfig
-from annotator.corpus import IDS, FindDuplicates, SummarizeUnit, bucket_count, id_buckets
-from annotator.layout import SCORED
-from annotator.selection import TokenTotals, sample_probability
-from annotator.units import Unit, unit_json
+from annotator.score.corpus import IDS, FindDuplicates, SummarizeUnit, bucket_count, id_buckets
+from annotator.core.layout import SCORED
+from annotator.score.selection import TokenTotals, sample_probability
+from annotator.core.units import Unit, unit_json
 
 
 def _scored_unit(out: Path, key: str, ids: list[str], scores: list[int], confidence: list[float], lengths: list[int],

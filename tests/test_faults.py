@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from annotator.engine import EngineWatchdog
+from annotator.engine.vllm_engine import EngineWatchdog
 from tests.support import require_shared_data, run_pipeline
 
 

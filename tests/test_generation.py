@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.generation import BudgetGuard, GenerationGuardError, assign_canary, run_canaries
+from annotator.generate.generator import BudgetGuard, GenerationGuardError, assign_canary, run_canaries
 from annotator.config import GenerationConfig
-from annotator.prompt_packs import load_canaries, load_pack
-from annotator.replies import cited_sections
-from annotator.tokens import target_tokenizer
+from annotator.method.prompt_packs import load_canaries, load_pack
+from annotator.generate.replies import cited_sections
+from annotator.core.tokens import target_tokenizer
 from tests.support import REPO, read_input
 
 BASE = {"enforce_eager": True, "gpu_memory_utilization": 0.3, "max_model_len": 6144, "seed": 3}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from annotator.pause import pause_fraction_from_uniform, pause_point, sample_pause_fraction, word_boundary
-from annotator.tokens import target_tokenizer
+from annotator.generate.pause import pause_fraction_from_uniform, pause_point, sample_pause_fraction, word_boundary
+from annotator.core.tokens import target_tokenizer
 from tests.support import read_input
 
 

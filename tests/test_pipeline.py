@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from annotator.config import load_config
-from annotator.pipeline import ResourceError, check_reservations, replica_cpus
+from annotator.run.pipeline import ResourceError, check_reservations, replica_cpus
 from tests.support import REPO, run_pipeline
 
 TWO_CPUS = {"CPU": 2.0, "memory": 1e10}

@@ -8,10 +8,10 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.prompt_packs import load_pack
-from annotator.replies import CITATION_GROUP
-from annotator.tokenized import render_citations
-from annotator.tokens import target_tokenizer
+from annotator.method.prompt_packs import load_pack
+from annotator.generate.replies import CITATION_GROUP
+from annotator.output.tokenized import render_citations
+from annotator.core.tokens import target_tokenizer
 from tests.streams_check import check_streams
 from tests.support import read_input, require_shared_data, run_pipeline
 
@@ -147,8 +147,8 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from annotator.hub import allocate_sample
-    from annotator.report import write_report
+    from annotator.publish.hub import allocate_sample
+    from annotator.output.report import write_report
     from tests.test_publish import run_publish
 
     out, _ = demo_run

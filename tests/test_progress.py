@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import load_config
-from annotator.progress import Progress, count_input_documents, format_duration
+from annotator.core.progress import Progress, count_input_documents, format_duration
 from tests.support import require_shared_data
 
 

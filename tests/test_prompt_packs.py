@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from annotator.prompt_packs import PackError, fill, load_canaries, load_pack, parse_constitution, placeholders
+from annotator.method.prompt_packs import PackError, fill, load_canaries, load_pack, parse_constitution, placeholders
 
 # A constitution in the published layout, in this test's own words.
 PUBLISHED_STYLE_CONSTITUTION = textwrap.dedent("""\

@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.hub import (
+from annotator.publish.hub import (
     PublishError, allocate_sample, check_no_secret, choose_sample, read_rows, shard_files, size_category,
     stratified_sample,
 )
-from annotator.pause import unit_hash
+from annotator.generate.pause import unit_hash
 from tests.fake_hub import FakeHubServer
 from tests.support import REPO
 from tests.test_stats import build_run_output

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from annotator.config import ConfigError, GenerationConfig, load_config
-from annotator.generation import choose_style
-from annotator.prompt_packs import load_pack
-from annotator.recipes import BUILTIN, placed_fields, recipe_columns, run_recipes, stream_name
+from annotator.generate.generator import choose_style
+from annotator.method.prompt_packs import load_pack
+from annotator.method.recipes import BUILTIN, placed_fields, recipe_columns, run_recipes, stream_name
 from tests.support import REPO
 
 ALL = ["reflection", "reflection_end", "refusal_reflection", "preflection", "summary", "rephrase", "annotations"]

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from annotator.prompt_packs import load_pack
-from annotator.replies import (
+from annotator.method.prompt_packs import load_pack
+from annotator.generate.replies import (
     cut_to_tokens, extract_citations, first_person, json_object, mentions_charter, mentions_cutoff, parse_reply, strip_reasoning,
 )
-from annotator.tokens import target_tokenizer
+from annotator.core.tokens import target_tokenizer
 
 VALID = frozenset({"1.2", "1.4", "2.1", "2.3", "5.3"})
 

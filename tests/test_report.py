@@ -11,7 +11,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.report import PLOTS, plot_throughput, readable, run_plots, sample_documents, write_report
+from annotator.output.report import PLOTS, plot_throughput, readable, run_plots, sample_documents, write_report
 from tests.test_stats import build_run_output
 
 

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import ClassifierConfig, InputConfig
-from annotator.reader import ReadUnits
-from annotator.units import Unit
-from annotator.safety import (
+from annotator.score.reader import ReadUnits
+from annotator.core.units import Unit
+from annotator.score.safety import (
     SAFETY_COLUMNS, FastTextSafetyScorer, TransformersSafetyScorer, binary_to_score_probs, calibrate, load_calibration,
     normalize_for_fasttext,
 )
-from annotator.stages import Resources
+from annotator.core.stages import Resources
 from classifiers import build_test_classifier, evaluate
 from classifiers.categories import row_categories
 from classifiers.distill import distill
@@ -170,7 +170,7 @@ def test_transformers_backend_sorts_by_length_but_keeps_order(minilm_scorer):
 
 
 def test_cascade_rescores_only_documents_above_the_threshold(fasttext_scorer, minilm_scorer, minilm_classifier):
-    from annotator.safety import CascadeSafetyScorer, build_scorer
+    from annotator.score.safety import CascadeSafetyScorer, build_scorer
 
     cfg = ClassifierConfig(cascade={"model": minilm_classifier, "threshold": 2, "version": "minilm"}, max_length=128)
     cascade = build_scorer(cfg, resources=Resources())

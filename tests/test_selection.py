@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from annotator.config import SelectionConfig
-from annotator.selection import SelectForReflection, TokenTotals, sample_probability
+from annotator.score.selection import SelectForReflection, TokenTotals, sample_probability
 
 
 def _select(cfg: SelectionConfig, totals: TokenTotals, ids, scores, confidence=None):

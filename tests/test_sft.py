@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from annotator.config import RunConfig, SftConfig, load_config
-from annotator.replies import CITATION_GROUP
-from annotator.sft import load_sft_packs, parse_sft_reply, render_user
-from annotator.sft_export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
-from annotator.sft_prompts import allocate, draw_prompts
+from annotator.generate.replies import CITATION_GROUP
+from annotator.sft.conversation import load_sft_packs, parse_sft_reply, render_user
+from annotator.sft.export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
+from annotator.sft.prompts import allocate, draw_prompts
 from tests.support import REPO
 from tests.test_resume import kill_process_when
 
@@ -176,7 +176,7 @@ def test_output_loads_as_a_chat_dataset_the_chat_template_accepts(run):
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from annotator.models import resolve_model
+    from annotator.engine.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
     for name in (*RENDERINGS, SKIP_SPLIT):

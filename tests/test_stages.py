@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import RunConfig
-from annotator.pipeline import scoring_ops, scoring_stages
-from annotator.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, _setup_key
+from annotator.run.pipeline import scoring_ops, scoring_stages
+from annotator.core.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, _setup_key
 from tests.support import in_child_process, require_shared_data
 
 
@@ -104,9 +104,9 @@ def probe_chain_on_ray(cfg, units, tokenizer: str) -> list[dict]:
     process: see `in_child_process`)."""
     import ray
 
-    from annotator.reader import ReadUnits, units_dataset
-    from annotator.stages import apply_stages
-    from annotator.tokens import TokenCounter
+    from annotator.score.reader import ReadUnits, units_dataset
+    from annotator.core.stages import apply_stages
+    from annotator.core.tokens import TokenCounter
 
     chain = InProcess([ReadUnits(cfg, extra_columns={}), TokenCounter(tokenizer=tokenizer, resources=Resources(batch_size=16)),
                        Probe()], resources=Resources(num_cpus=1, batch_size=1))
@@ -122,8 +122,8 @@ def test_one_task_reads_one_unit_and_sets_up_once_per_worker(tmp_path):
     """On real Ray, with the pass-1 reader and token counter: every call of the in-process chain
     holds exactly one work unit, and a worker loads the stages once however many units it runs."""
     from annotator.config import InputConfig
-    from annotator.tokens import target_tokenizer
-    from annotator.units import plan_input
+    from annotator.core.tokens import target_tokenizer
+    from annotator.core.units import plan_input
 
     # 240 real documents in row groups of 40: six units.
     docs = pq.read_table(sorted(require_shared_data().glob("*.parquet"))[0], columns=["id", "text"]).slice(0, 240)

