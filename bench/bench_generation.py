@@ -64,7 +64,7 @@ def documents(n: int) -> pa.Table:
 
 def stage_for(cfg, *, eager: bool = False):
     from annotator.generate.generator import Generator
-    from annotator.run.pipeline import replica_cpus
+    from annotator.engine.resources import replica_cpus
 
     class EagerGenerator(Generator):
         """Loads the engine when the actor starts, as the pipeline's GenerateAndSave does before it

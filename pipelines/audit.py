@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.run.add_recipe import AddRecipeError, recorded_config  # noqa: E402
 from annotator.audit.audits import AuditError, audit_reflections, calibration_ledger, record  # noqa: E402
 from annotator.config import ConfigError, load_config  # noqa: E402
-from annotator.run.pipeline import ResourceError, replica_cpus  # noqa: E402
+from annotator.core.errors import ResourceError  # noqa: E402
+from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from pipelines.spp_reflections import start_ray  # noqa: E402
 

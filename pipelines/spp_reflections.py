@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.score.reader import InputError  # noqa: E402
 from annotator.core.stages import PipelineError  # noqa: E402
-from annotator.run.pipeline import OutputDirError, ResourceError, RunError, run  # noqa: E402
+from annotator.core.errors import OutputDirError, ResourceError, RunError  # noqa: E402
+from annotator.run.pipeline import run  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.output.summary import format_summary  # noqa: E402
 

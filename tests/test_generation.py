@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.generate.generator import BudgetGuard, GenerationGuardError, assign_canary, run_canaries
+from annotator.generate.canaries import assign_canary, run_canaries
+from annotator.generate.guard import BudgetGuard, GenerationGuardError
 from annotator.config import GenerationConfig
 from annotator.method.prompt_packs import load_canaries, load_pack
 from annotator.generate.replies import cited_sections

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from annotator.config import load_config
-from annotator.run.pipeline import ResourceError, check_reservations, replica_cpus
+from annotator.core.errors import ResourceError
+from annotator.engine.resources import check_reservations, replica_cpus
 from tests.support import REPO, run_pipeline
 
 TWO_CPUS = {"CPU": 2.0, "memory": 1e10}

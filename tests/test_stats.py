@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import ClassifierConfig, GenerationConfig, SelectionConfig, load_config
-from annotator.generate.generator import canary_present, column_defaults, generator_columns, parse_tags
+from annotator.generate.canaries import canary_present
+from annotator.generate.generator import column_defaults, generator_columns, parse_tags
 from annotator.generate.pause import pause_point, sample_pause_fraction
 from annotator.method.prompt_packs import Canary, load_pack
 from annotator.generate.replies import parse_reply

@@ -72,7 +72,7 @@ def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
 
 
 def save_metadata(cfg: RunConfig, stats: dict) -> None:
-    from annotator.run.pipeline import save_training_metadata
+    from annotator.output.training_metadata import save_training_metadata
 
     save_training_metadata(cfg, Path(cfg.output.path), stats)
 

@@ -19,11 +19,13 @@ import pyarrow as pa
 from annotator.config import ConfigError, GenerationConfig
 from annotator.engine.vllm_engine import Engine
 from annotator.generate.pause import Pause, pause_point, sample_pause_fraction, unit_hash
-from annotator.method.prompt_packs import Canary, PromptPack, load_canaries
+from annotator.method.prompt_packs import Canary, PromptPack
 from annotator.method.recipes import Recipe, recipe_columns, run_recipes
 from annotator.generate.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
 from annotator.core.stages import Resources, Stage
 from annotator.core.tokens import target_tokenizer
+from annotator.generate.canaries import assign_canary, canary_present, run_canaries
+from annotator.generate.guard import BudgetGuard
 
 NOT_SELECTED = "not_selected"
 NOT_APPLICABLE = "not_applicable"
@@ -42,31 +44,6 @@ FAILED_REPLY = "_failed_replies"
 FAILED_REPLY_CHARS = 4000
 # With generation.save_requests: the user message of each document's first recipe's request.
 REQUEST_COLUMN = "_request"
-
-
-class GenerationGuardError(RuntimeError):
-    """The generator spends far more tokens per reply than it keeps (it is 'thinking')."""
-
-
-def run_canaries(cfg: GenerationConfig) -> list[Canary]:
-    """The canaries a run draws from: the file's `inject` entries, then the inline items."""
-    items = load_canaries(cfg.canaries.file) if cfg.canaries.file else []
-    items += [Canary(id=c.id, value=c.value, instruction=c.instruction, instruction_3p=c.instruction_3p) for c in cfg.canaries.items]
-    ids = [c.id for c in items]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"generation.canaries: canary ids must be distinct, got {ids}")
-    return items
-
-
-def assign_canary(canaries: list[Canary], *, fraction: float, seed: int, doc_id: str) -> Canary | None:
-    """A canary for `fraction` of documents, chosen uniformly; a pure function of (seed, doc_id)."""
-    if not canaries or unit_hash("canary", seed, doc_id) >= fraction:
-        return None
-    return canaries[int(unit_hash("canary-choice", seed, doc_id) * len(canaries))]
-
-
-def canary_present(text: str | None, canary: Canary) -> bool:
-    return bool(text) and canary.value.casefold() in text.casefold()
 
 
 def choose_style(pack: PromptPack, *, seed: int, doc_id: str) -> str | None:
@@ -106,32 +83,6 @@ class Request:
     messages: list[dict]
     source: str = ""             # what the generator was shown (checks compare against it)
     canary: Canary | None = None
-
-
-class BudgetGuard:
-    """Generated tokens per budgeted request over a replica's first requests, against the budget."""
-
-    def __init__(self, cfg: GenerationConfig):
-        self.cfg = cfg
-        self.requests = 0
-        self.tokens = 0
-        self.judged = False
-
-    def observe(self, generated: list[int]) -> None:
-        self.requests += len(generated)
-        self.tokens += sum(generated)
-        if self.judged or self.requests < self.cfg.guard.min_requests:
-            return
-        self.judged = True
-        mean = self.tokens / self.requests
-        limit = self.cfg.guard.max_generated_multiple * self.cfg.max_reflection_tokens
-        if mean > limit:
-            raise GenerationGuardError(
-                f"generation guard: {self.cfg.model} generated {mean:.0f} tokens per reflection request over its first "
-                f"{self.requests} requests, {mean / self.cfg.max_reflection_tokens:.1f}x the {self.cfg.max_reflection_tokens}-token "
-                f"budget (limit generation.guard.max_generated_multiple = {self.cfg.guard.max_generated_multiple}); it is probably "
-                "reasoning before it answers. Turn thinking off (e.g. --set 'generation.chat_template_kwargs={enable_thinking: false}'), "
-                "lower generation.max_output_tokens, or raise generation.guard.max_generated_multiple.")
 
 
 class RecipeRun:

@@ -15,7 +15,7 @@ from annotator.method.prompt_packs import PromptPack
 OK = "ok"
 # A bracket group of section ids: [2.3], [1.2,1.4], [1.2, 1.4]; [1.2][1.4] is two groups.
 CITATION_GROUP = re.compile(r"\[\s*(\d+\.\d+(?:\s*,\s*\d+\.\d+)*)\s*\]")
-_SECTION_ID = re.compile(r"\d+\.\d+")
+SECTION_ID = re.compile(r"\d+\.\d+")
 # A marker the token cut split in two ("... [2." at the very end).
 _PARTIAL_MARKER = re.compile(r"\s*\[[\d.,\s]*$")
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -114,7 +114,7 @@ def extract_citations(text: str, valid: frozenset[str]) -> tuple[str, list[str],
 
     def rewrite(m: re.Match) -> str:
         nonlocal dropped
-        ids = _SECTION_ID.findall(m.group(2))
+        ids = SECTION_ID.findall(m.group(2))
         known = [i for i in ids if i in valid]
         cited.extend(known)
         if len(known) == len(ids):
@@ -127,7 +127,7 @@ def extract_citations(text: str, valid: frozenset[str]) -> tuple[str, list[str],
 
 
 def cited_sections(text: str) -> list[str]:
-    return list(dict.fromkeys(i for g in CITATION_GROUP.findall(text) for i in _SECTION_ID.findall(g)))
+    return list(dict.fromkeys(i for g in CITATION_GROUP.findall(text) for i in SECTION_ID.findall(g)))
 
 
 def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:

@@ -29,6 +29,7 @@ from annotator.method.recipes import Recipe, run_recipes
 from annotator.score.selection import SelectForReflection
 from annotator.core.stages import TIMING_PREFIX, Resources, Stage, UnitStage, timed
 from annotator.core.units import Unit
+from annotator.engine.resources import PLANNING_TASK_CPUS
 from annotator.output.writer import ShardWriter, TrainingText, placed_streams
 
 
@@ -79,7 +80,7 @@ class PlanGeneration(EngineDocuments):
     output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
                                ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_())),
                                ("bad_flags", pa.list_(pa.bool_()))])
-    resources = Resources(num_cpus=0.25, batch_size=1)
+    resources = Resources(num_cpus=PLANNING_TASK_CPUS, batch_size=1)
     pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from annotator.config import OutputConfig
-from annotator.generate.replies import CITATION_GROUP, _SECTION_ID
+from annotator.generate.replies import CITATION_GROUP, SECTION_ID
 from annotator.core.tokens import TargetTokenizer, target_tokenizer
 
 
@@ -39,7 +39,7 @@ def training_tokenizer(output: OutputConfig, sections: list[str] = ()) -> Target
 def render_citations(reflection: str, valid: frozenset[str]) -> str:
     """[X.Y] citations of real sections become <charter_X.Y> tokens (as text)."""
     def sub(m):
-        ids = _SECTION_ID.findall(m.group(1))
+        ids = SECTION_ID.findall(m.group(1))
         return "".join(charter_token(i) for i in ids) if all(i in valid for i in ids) else m.group(0)
 
     return CITATION_GROUP.sub(sub, reflection)
@@ -53,7 +53,7 @@ def reflection_ids(tok: TargetTokenizer, reflection: str, *, open_id: int, close
         return [open_id, *tok.encode(reflection), close_id]
     ids, last = [open_id], 0
     for m in CITATION_GROUP.finditer(reflection):
-        sections = _SECTION_ID.findall(m.group(1))
+        sections = SECTION_ID.findall(m.group(1))
         if not all(s in valid for s in sections):
             continue
         ids += tok.encode(reflection[last:m.start()])

@@ -118,7 +118,7 @@ def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
     return data.to_yaml()
 
 
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     def line(cells) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
     return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
@@ -207,16 +207,16 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
         "`reflection_3p`, `reflection_position` (character offset), `reflection_token_index`, `canary_type`; then "
         "`training_text` (reflection spliced in), `selected_reason`, `citations`, `reflection_status`, `prompt_version`, "
         "`model`; `stats.json` and the project README document the rest.", "",
-        "## Statistics", "", _table(summary_rows(stats), ("statistic", "value")), "", plots, "",
+        "## Statistics", "", markdown_table(summary_rows(stats), ("statistic", "value")), "", plots, "",
         *(["## Recipes", "", "Each annotation track of the run, served by the same engine load.", "",
-           _table(recipe_rows(stats), RECIPE_HEADER), ""] if recipe_rows(stats) else []),
+           markdown_table(recipe_rows(stats), RECIPE_HEADER), ""] if recipe_rows(stats) else []),
         *(["## Judge audit", "", "An LLM judge's scores of a stratified sample of the reflections, and a calibration ledger "
            "of the safety scorer against a teacher (`pipelines/audit.py`).", "",
-           _table(audit_rows(stats), ("audit", "value")), "", audit_plots, ""] if audit_rows(stats) else []),
+           markdown_table(audit_rows(stats), ("audit", "value")), "", audit_plots, ""] if audit_rows(stats) else []),
         "## Sample strata", "",
         "Each stratum gives an equal share of the sample where it has enough rows (small strata give all of theirs), "
         "so per-stratum estimates need the weights `rows_in_run / rows_in_sample`.", "",
-        _table(strata_rows, ("stratum", "rows")), "",
+        markdown_table(strata_rows, ("stratum", "rows")), "",
         "## Languages", "",
         (f"Declared: {', '.join(f'`{x}`' for x in options.language)}." if options.language else
          "Not declared: web text holds several languages and this run did not identify them (declare them with "
@@ -293,13 +293,13 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
                     _place(f, dest / f.relative_to(out_dir))
     write_license_file(dest, options, sample)
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
-    token = _hub_token()
+    token = hub_token()
     if token:  # a dry run refuses what an upload would refuse
         check_no_secret(dest, token)
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
 
 
-def _hub_token() -> str | None:
+def hub_token() -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
@@ -323,7 +323,7 @@ def publish(out_dir: Path, *, options: PublishOptions, staging: Path, log=print)
     and is never printed or written. Returns the URL of the last commit."""
     from huggingface_hub import HfApi
 
-    if not _hub_token():
+    if not hub_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     paths = build_repo_folder(out_dir, staging, options=options)  # also refuses files holding the token
     api = HfApi()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.publish.hub import (
-    CARD_FILE, STATS_FILE, PublishError, PublishOptions, _hub_token, _table, check_no_secret, license_metadata, size_category,
+    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, size_category,
     write_license_file,
 )
 from annotator.sft.export import DATA_DIR, RENDERINGS, SKIP_SPLIT, dataset_file
@@ -68,8 +68,8 @@ def build_sft_card(stats: dict, *, options: PublishOptions) -> str:
         "Replies are JSON (`analysis`, `cited`, `uncited`) enforced by structured outputs, then checked: both renderings "
         "present, `cited` cites only real sections, `uncited` has no markers and no taxonomy words; a failed reply is "
         "retried with a new seed. Some conversations continue with follow-up user turns written by the same engine.", "",
-        "## Statistics", "", _table(figures, ("statistic", "value")), "",
-        "## Sources", "", _table(sources, ("source", "rows")), "",
+        "## Statistics", "", markdown_table(figures, ("statistic", "value")), "",
+        "## Sources", "", markdown_table(sources, ("source", "rows")), "",
         "## Licence", "", f"Declared licence: `{options.license}`"
         + (f" ({license_metadata(options)['license_name']}, see `{license_metadata(options)['license_link']}`)" if options.license == "other" else "")
         + ". Replies are machine-generated; prompts keep their sources' terms.", "",
@@ -96,7 +96,7 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
     shutil.copy2(out_dir / STATS_FILE, dest / STATS_FILE)
     (dest / CARD_FILE).write_text(build_sft_card(stats, options=options), encoding="utf-8")
     write_license_file(dest, options, pa.table({}))
-    token = _hub_token()
+    token = hub_token()
     if token:
         check_no_secret(dest, token, skip=())
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
@@ -106,7 +106,7 @@ def publish_sft(out_dir: Path, *, options: PublishOptions, staging: Path, log=pr
     """Stages and uploads an SFT run (token from HF_TOKEN or the saved login); returns the commit URL."""
     from huggingface_hub import HfApi
 
-    if not _hub_token():
+    if not hub_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     paths = build_sft_repo_folder(out_dir, staging, options=options)
     api = HfApi()

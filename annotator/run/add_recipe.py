@@ -192,7 +192,8 @@ class AddRecipeUnit(UnitStage):
 
 def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = None, log=print) -> dict:
     """Adds `names` to the finished run in `out_dir`; returns the updated stats."""
-    from annotator.run.pipeline import _progress, finish_run, replica_cpus
+    from annotator.engine.resources import replica_cpus
+    from annotator.run.pipeline import finish_run, progress_for
     from annotator.score.reader import units_dataset
 
     import ray
@@ -213,7 +214,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         cpus = replica_cpus(cfg, ray.cluster_resources())
         stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
                   GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
-        with _progress(cfg, None, "pass 2a", log) as progress:
+        with progress_for(cfg, None, "pass 2a", log) as progress:
             for row in apply_stages(units_dataset(pending), stages).iter_rows():
                 progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
                                 failures=row["failures"])
@@ -222,7 +223,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         timings["generation_pass"] = time.time() - t0
         t0 = time.time()
         add = AddRecipeUnit(cfg, out_dir=str(out_dir), recipes=recipes, generation_key=gen_key, pass_name=pass_name)
-        with _progress(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
+        with progress_for(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
             for row in apply_stages(units_dataset(pending), [add]).iter_rows():
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0

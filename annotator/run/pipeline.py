@@ -22,11 +22,14 @@ from annotator.core.checkpoint import (
 )
 from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
 from annotator.config import RunConfig
+from annotator.core.errors import OutputDirError, RunError
+from annotator.engine.resources import check_reservations, replica_cpus
+from annotator.output.training_metadata import save_training_metadata
 from annotator.score.corpus import IDS, corpus_totals, count_for_generation
 from annotator.core import layout
-from annotator.output.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage, run_sections
+from annotator.output.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage
 from annotator.generate.generator import NoGeneration
-from annotator.run.plan import load_plan, plan_vs_actual
+from annotator.run.projection import load_plan, plan_vs_actual
 from annotator.core.progress import Progress
 from annotator.score.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.score.safety import build_scorer
@@ -38,14 +41,6 @@ from annotator.output.report import write_report
 from annotator.output.stats import aggregate_stats, finalize_stats
 
 SHARDS_DIR = layout.TEXT_DIR
-
-
-class OutputDirError(ValueError):
-    """The output directory cannot be used as it is."""
-
-
-class RunError(RuntimeError):
-    """The run finished in a state that breaks its own invariants."""
 
 
 def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> None:
@@ -174,55 +169,12 @@ def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
 
 
-def _progress(cfg: RunConfig, total: int, label: str, log, *, expected_docs_per_s: float | None = None) -> Progress:
+def progress_for(cfg: RunConfig, total: int, label: str, log, *, expected_docs_per_s: float | None = None) -> Progress:
     progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
                         expected_docs_per_s=expected_docs_per_s)
     progress.configure_ray_data()
     configure_backpressure()
     return progress
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot hold what a pass reserves: said at start instead of waiting forever."""
-
-
-def replica_cpus(cfg: RunConfig, cluster: dict) -> float:
-    """CPUs per replica: the configured number, or with `auto` on a CPU run the cluster's CPUs left
-    by pass 2a's planning tasks, shared by the replicas (1 per replica on GPUs)."""
-    g = cfg.generation
-    if g.num_cpus != "auto":
-        return float(g.num_cpus)
-    if g.num_gpus:
-        return 1.0
-    return max(0.5, (float(cluster.get("CPU", 1)) - PlanGeneration.resources.num_cpus) / g.concurrency)
-
-
-def check_reservations(cfg: RunConfig, *, replica_cpus: float, cluster: dict, nodes: list[dict]) -> None:
-    """Every pass's reservations against the cluster (unless it autoscales): a replica or task that
-    fits no node, or replicas that together need more than the cluster has, stop the run here."""
-    if cfg.ray.autoscaling:
-        return
-    g, c = cfg.generation, cfg.classifier
-    have = {k: float(cluster.get(k, 0)) for k in ("CPU", "GPU")}
-    largest = {k: max((float(n.get("Resources", {}).get(k, 0)) for n in nodes if n.get("Alive", True)), default=0.0) for k in ("CPU", "GPU")}
-    problems = []
-    if c.num_cpus > largest["CPU"]:
-        problems.append(f"pass 1 tasks ask {c.num_cpus:g} CPUs each (classifier.num_cpus); the largest node has {largest['CPU']:g}")
-    if g.enabled:
-        plan = PlanGeneration.resources.num_cpus
-        need = {"CPU": g.concurrency * replica_cpus + plan, "GPU": g.concurrency * g.num_gpus}
-        for k, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-            per = replica_cpus if k == "CPU" else g.num_gpus
-            if per > largest[k]:
-                problems.append(f"pass 2a (generate): one replica asks {per:g} {k}s (generation.{field}); the largest node has {largest[k]:g}")
-            elif need[k] > have[k] + 1e-9:
-                extra = f" + {plan:g} for the planning tasks" if k == "CPU" else ""
-                problems.append(f"pass 2a (generate): {g.concurrency} replicas x {per:g} {k}s (generation.{field}){extra} = "
-                                f"{need[k]:g} {k}s; the cluster has {have[k]:g}")
-    if problems:
-        raise ResourceError("the cluster cannot run this config: " + "; ".join(problems) +
-                            ". Lower the reservation (generation.num_cpus: auto shares a CPU node's cores), generation.concurrency, "
-                            "or add nodes (ray.autoscaling=true when the cluster adds them on demand).")
 
 
 def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict, log) -> float:
@@ -232,7 +184,7 @@ def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict,
         clear_unit_scoring(out_dir, unit)
     log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
     ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
-    with _progress(cfg, sum(u.rows for u in units), "pass 1", log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), "pass 1", log) as progress:
         for row in apply_stages(units_dataset(units), ops).iter_rows():
             progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
     unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
@@ -256,7 +208,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
     remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
     rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
     expected = rate * cfg.generation.concurrency if rate else None
-    with _progress(cfg, remaining, "pass 2a", log, expected_docs_per_s=expected) as progress:
+    with progress_for(cfg, remaining, "pass 2a", log, expected_docs_per_s=expected) as progress:
         for row in apply_stages(units_dataset(units), stages).iter_rows():
             progress.update(documents=row["documents"], selected=row["selected"],
                             generated_tokens=row["generated_tokens"], failures=row["failures"])
@@ -271,7 +223,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
     finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
                             duplicates=state["duplicates"])
     log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
-    with _progress(cfg, sum(u.rows for u in units), "pass 2b", log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), "pass 2b", log) as progress:
         for row in apply_stages(units_dataset(units), [finalize]).iter_rows():
             manifest = json.loads(row["manifest"])
             stats = manifest["stats"]
@@ -415,97 +367,3 @@ def _versions() -> dict:
     return out
 
 
-def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
-    """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
-    `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
-    size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
-    windows: the natural mix of annotated and compact windows)."""
-    from annotator.output.megatron import read_indexed_dataset, token_dtype
-    from annotator.output.tokenized import special_tokens, training_tokenizer
-    from annotator.core.tokens import load_tokenizer
-
-    pack_sections = run_sections(cfg)
-    added = special_tokens(cfg.output, pack_sections)
-    tokenizer = load_tokenizer(cfg.output.tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
-    tokenizer.eos_token = cfg.output.eos_token
-    tokenizer.save_pretrained(out_dir / layout.TOKENIZER_DIR)
-    target = training_tokenizer(cfg.output, pack_sections)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in added}
-    if ids != target.added_ids:
-        raise RunError(f"the saved tokenizer numbers the template tokens {ids}, the streams {target.added_ids}")
-    streams = {}
-    for name in layout.stream_names(out_dir):
-        prefixes = layout.stream_prefixes(out_dir, name)
-        sequences = [len(read_indexed_dataset(p)) for p in prefixes]
-        merged = stats.get("streams", {}).get(name, {})
-        streams[name] = {"files": len(prefixes), "sequences": sum(sequences), "tokens": merged.get("tokens", 0),
-                         "padding": merged.get("padding", 0),
-                         "prefixes": [str(p.relative_to(out_dir)) for p in prefixes], "sequences_per_file": sequences}
-    pad = cfg.output.pad_token_id if cfg.output.pad_token_id is not None else target.eos_id
-    meta = {
-        "format": "megatron-mmidx",
-        "layout": cfg.output.layout,
-        "tokenizer": layout.TOKENIZER_DIR,
-        "tokenizer_source": cfg.output.tokenizer,
-        "base_vocab_size": target.base_vocab_size,
-        "vocab_size": len(target),
-        "dtype": token_dtype(len(target)).name,
-        "eos_token": cfg.output.eos_token,
-        "eos_token_id": target.eos_id,
-        "pad_token_id": pad,
-        "added_token_ids": target.added_ids,
-        "seq_length": cfg.output.seq_length,
-        "window_tokens": cfg.output.seq_length + 1 if cfg.output.layout == "windows" else None,
-        "content_tokens": cfg.content_tokens if cfg.output.layout == "windows" else None,
-        "reflection_budget_tokens": cfg.generation.max_reflection_tokens,
-        "annotation_block_tokens": cfg.generation.annotations.max_block_tokens,
-        "voices": cfg.output.voices,
-        "reflection_mask_suffix": layout.MASK_SUFFIX,
-        "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
-        "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
-        "streams": streams,
-        "recipes": stream_recipes(cfg),
-        "blend": blend_lines(out_dir, streams, cfg),
-    }
-    path = out_dir / layout.TOKENS_DIR / layout.METADATA
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, meta)
-    return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
-                                                                           for k, v in streams.items()}}
-
-
-def stream_recipes(cfg: RunConfig) -> dict:
-    """Per recipe: its pack version, what it applies to, where its text goes, and its streams."""
-    from annotator.method.recipes import placed_fields, run_recipes, stream_name
-
-    out = {}
-    for recipe in run_recipes(cfg.generation):
-        pack = recipe.load_pack()
-        out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
-                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, cfg.output.voices)}}
-    return out
-
-
-def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
-    """Per training stream of a recipe, `weight prefix weight prefix ...` over its files and the
-    compact stream's (the recipe's own compact stream when it applies to every document; in the
-    documents layout, over its own files alone), weights = each file's share of windows or
-    sequences; prefixes relative to the output directory, so the line holds wherever the run is
-    copied."""
-    def line(names: list[str]) -> str:
-        files = [(p, n) for name in names for p, n in zip(streams.get(name, {}).get("prefixes", []),
-                                                          streams.get(name, {}).get("sequences_per_file", []))]
-        total = sum(n for _, n in files) or 1
-        return " ".join(f"{n / total:.6g} {p}" for p, n in files if n)
-
-    out = {}
-    for name in streams:
-        if name == layout.COMPACT or name.endswith(f"-{layout.COMPACT}"):
-            continue
-        if cfg.output.layout == "documents":
-            out[name] = line([name])
-        else:
-            own = f"{name}-{layout.COMPACT}"
-            out[name] = line([name, own if own in streams else layout.COMPACT])
-    return out

@@ -27,7 +27,8 @@ from annotator.core.progress import configure_ray_data_console
 from annotator.method.prompt_packs import file_digest
 from annotator.generate.replies import cited_sections
 from annotator.sft.conversation import OK, SKIP, RESULT_SCHEMA, load_sft_packs
-from annotator.sft.stage import SftGenerateAndSave, batch_path, with_engine_cpus
+from annotator.engine.resources import replica_cpus
+from annotator.sft.stage import SftGenerateAndSave, batch_path
 from annotator.sft.prompts import materialise_prompts
 
 RENDERINGS = ("cited", "uncited")
@@ -108,7 +109,7 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
     log(f"[sft] {len(rows)} prompts ({draw.get('drawn')}), {len(batches)} batches of {size}, {len(pending)} to generate -> {out}")
     started = time.time()
     if pending:
-        cpus = with_engine_cpus(cfg, float(ray.cluster_resources().get("CPU", 1)))
+        cpus = replica_cpus(cfg, ray.cluster_resources(), beside=0.0)
         stage = SftGenerateAndSave(cfg, out_dir=str(out), num_cpus=cpus)
         configure_ray_data_console()  # as in the annotation runs: status lines, not Ray Data's blocks
         ds = ray.data.from_items([{"batch_index": i, "rows": json.dumps(b)} for i, b in pending], override_num_blocks=len(pending))

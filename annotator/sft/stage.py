@@ -74,13 +74,3 @@ class SftGenerateAndSave(Stage):
                         "failures": sum(st.startswith("failed") for st in status),
                         "output_tokens": sum(table.column("output_tokens").to_pylist()), "engine_loads": loads})
         return pa.Table.from_pylist(out, schema=pa.schema([(k, pa.int64()) for k in self.adds]))
-
-
-def with_engine_cpus(cfg: RunConfig, cluster_cpus: float) -> float:
-    """CPUs per replica: the configured number; `auto` shares a CPU cluster's cores among the
-    replicas (1 per replica with GPUs)."""
-    g = cfg.generation
-    if g.num_cpus != "auto":
-        return float(g.num_cpus)
-    return 1.0 if g.num_gpus else max(0.5, cluster_cpus / g.concurrency)
-

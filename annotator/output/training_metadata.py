@@ -1,0 +1,109 @@
+"""The training side of a run's output: the extended target tokenizer saved beside the token
+streams, and `tokenized/metadata.json` (ids, window, streams, recipes, Megatron blend lines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from annotator.config import RunConfig
+from annotator.core import layout
+from annotator.core.checkpoint import write_json
+from annotator.core.errors import RunError
+from annotator.output.finalize import run_sections
+
+
+def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
+    """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
+    `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
+    size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
+    windows: the natural mix of annotated and compact windows)."""
+    from annotator.output.megatron import read_indexed_dataset, token_dtype
+    from annotator.output.tokenized import special_tokens, training_tokenizer
+    from annotator.core.tokens import load_tokenizer
+
+    pack_sections = run_sections(cfg)
+    added = special_tokens(cfg.output, pack_sections)
+    tokenizer = load_tokenizer(cfg.output.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = cfg.output.eos_token
+    tokenizer.save_pretrained(out_dir / layout.TOKENIZER_DIR)
+    target = training_tokenizer(cfg.output, pack_sections)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in added}
+    if ids != target.added_ids:
+        raise RunError(f"the saved tokenizer numbers the template tokens {ids}, the streams {target.added_ids}")
+    streams = {}
+    for name in layout.stream_names(out_dir):
+        prefixes = layout.stream_prefixes(out_dir, name)
+        sequences = [len(read_indexed_dataset(p)) for p in prefixes]
+        merged = stats.get("streams", {}).get(name, {})
+        streams[name] = {"files": len(prefixes), "sequences": sum(sequences), "tokens": merged.get("tokens", 0),
+                         "padding": merged.get("padding", 0),
+                         "prefixes": [str(p.relative_to(out_dir)) for p in prefixes], "sequences_per_file": sequences}
+    pad = cfg.output.pad_token_id if cfg.output.pad_token_id is not None else target.eos_id
+    meta = {
+        "format": "megatron-mmidx",
+        "layout": cfg.output.layout,
+        "tokenizer": layout.TOKENIZER_DIR,
+        "tokenizer_source": cfg.output.tokenizer,
+        "base_vocab_size": target.base_vocab_size,
+        "vocab_size": len(target),
+        "dtype": token_dtype(len(target)).name,
+        "eos_token": cfg.output.eos_token,
+        "eos_token_id": target.eos_id,
+        "pad_token_id": pad,
+        "added_token_ids": target.added_ids,
+        "seq_length": cfg.output.seq_length,
+        "window_tokens": cfg.output.seq_length + 1 if cfg.output.layout == "windows" else None,
+        "content_tokens": cfg.content_tokens if cfg.output.layout == "windows" else None,
+        "reflection_budget_tokens": cfg.generation.max_reflection_tokens,
+        "annotation_block_tokens": cfg.generation.annotations.max_block_tokens,
+        "voices": cfg.output.voices,
+        "reflection_mask_suffix": layout.MASK_SUFFIX,
+        "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
+        "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
+        "streams": streams,
+        "recipes": stream_recipes(cfg),
+        "blend": blend_lines(out_dir, streams, cfg),
+    }
+    path = out_dir / layout.TOKENS_DIR / layout.METADATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, meta)
+    return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
+                                                                           for k, v in streams.items()}}
+
+
+def stream_recipes(cfg: RunConfig) -> dict:
+    """Per recipe: its pack version, what it applies to, where its text goes, and its streams."""
+    from annotator.method.recipes import placed_fields, run_recipes, stream_name
+
+    out = {}
+    for recipe in run_recipes(cfg.generation):
+        pack = recipe.load_pack()
+        out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
+                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, cfg.output.voices)}}
+    return out
+
+
+def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
+    """Per training stream of a recipe, `weight prefix weight prefix ...` over its files and the
+    compact stream's (the recipe's own compact stream when it applies to every document; in the
+    documents layout, over its own files alone), weights = each file's share of windows or
+    sequences; prefixes relative to the output directory, so the line holds wherever the run is
+    copied."""
+    def line(names: list[str]) -> str:
+        files = [(p, n) for name in names for p, n in zip(streams.get(name, {}).get("prefixes", []),
+                                                          streams.get(name, {}).get("sequences_per_file", []))]
+        total = sum(n for _, n in files) or 1
+        return " ".join(f"{n / total:.6g} {p}" for p, n in files if n)
+
+    out = {}
+    for name in streams:
+        if name == layout.COMPACT or name.endswith(f"-{layout.COMPACT}"):
+            continue
+        if cfg.output.layout == "documents":
+            out[name] = line([name])
+        else:
+            own = f"{name}-{layout.COMPACT}"
+            out[name] = line([name, own if own in streams else layout.COMPACT])
+    return out
