@@ -242,6 +242,28 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
         files[key] = read(f"files.{key}", entry, required=True)
     constitution = parse_constitution(constitution_text, source=contents["constitution"][0]) if constitution_text is not None else None
 
+    fields, voices, fmt, checks = _reply_shape(data, manifest=manifest)
+    styles_spec = data.get("styles") or {}
+    if not isinstance(styles_spec, dict):
+        raise PackError(f"{manifest}: 'styles' must map style names to files")
+    styles = {str(k): read(f"styles.{k}", v, required=True) for k, v in sorted(styles_spec.items())}
+
+    known_static = {"charter", *files} if constitution is not None else set(files)
+    _check_templates(system, user, canary, where={role: w for role, (w, _) in contents.items()}, known_static=known_static,
+                     styles=styles, fmt=fmt)
+
+    digest = hashlib.sha256(name.encode())
+    for role in sorted(contents):
+        digest.update(f"\x00{role}\x00".encode() + contents[role][1].encode("utf-8"))
+    digest.update(repr((fields, sorted(voices.items()), sorted(checks.items()), fmt)).encode())
+    terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
+    return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
+                      constitution=constitution, files=files, fields=fields, voices=voices, checks=checks,
+                      version=f"{name}@{digest.hexdigest()[:12]}", charter_terms=terms, format=fmt, styles=styles)
+
+
+def _reply_shape(data: dict, *, manifest: Path) -> tuple[tuple[str, ...], dict, str, dict]:
+    """A manifest's reply fields, voices, format and checks, each validated."""
     fields = tuple(data.get("fields") or ())
     voices = dict(data.get("voices") or {})
     if not fields or len(set(fields)) != len(fields) or not all(isinstance(f, str) and f.isidentifier() for f in fields):
@@ -254,17 +276,16 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
         raise PackError(f"{manifest}: format must be one of {list(FORMATS)}, got {fmt!r}")
     if fmt == "text" and len(fields) != 1:
         raise PackError(f"{manifest}: a text-format pack has exactly one field (the whole reply), got {list(fields)}")
-    styles_spec = data.get("styles") or {}
-    if not isinstance(styles_spec, dict):
-        raise PackError(f"{manifest}: 'styles' must map style names to files")
-    styles = {str(k): read(f"styles.{k}", v, required=True) for k, v in sorted(styles_spec.items())}
     checks = dict(data.get("checks") or {})
     bad = sorted(set(checks) - set(CHECKS))
     if bad or not all(isinstance(v, bool) for v in checks.values()):
         raise PackError(f"{manifest}: checks: unknown {bad} or non-boolean values (known: {list(CHECKS)})")
+    return fields, voices, fmt, checks
 
-    known_static = {"charter", *files} if constitution is not None else set(files)
-    where = {role: w for role, (w, _) in contents.items()}
+
+def _check_templates(system: str, user: str, canary: str | None, *, where: dict[str, str], known_static: set[str],
+                     styles: dict, fmt: str) -> None:
+    """Every placeholder a template uses is known, and every file the pack names is used."""
     system_names = known_static | ({"style"} if styles else set()) | ({"keys"} if fmt == "tags" else set())
     _check_placeholders(system, where["system"], allowed=system_names, forbidden=REQUEST_PLACEHOLDERS)
     if styles and "style" not in placeholders(system):
@@ -276,21 +297,12 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     if "text" not in placeholders(user):
         raise PackError(f"{where['user']}: the user template must contain {{text}} (the document up to the pause point)")
     for needed in sorted(known_static - used):
-        what = "the constitution" if needed == "charter" else f"the file {contents['files.' + needed][0]!r}"
+        what = "the constitution" if needed == "charter" else f"the file {where['files.' + needed]!r}"
         raise PackError(f"{where['system']}: missing placeholder {{{needed}}}: the pack names {what} but no template uses it")
     if canary is not None and "canary" not in placeholders(user):
         raise PackError(f"{where['user']}: missing placeholder {{canary}}: the pack has a canary template ({where['canary']})")
     if canary is None and "canary" in placeholders(user):
         raise PackError(f"{where['user']}: uses {{canary}} but the pack has no 'canary' template")
-
-    digest = hashlib.sha256(name.encode())
-    for role in sorted(contents):
-        digest.update(f"\x00{role}\x00".encode() + contents[role][1].encode("utf-8"))
-    digest.update(repr((fields, sorted(voices.items()), sorted(checks.items()), fmt)).encode())
-    terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
-    return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
-                      constitution=constitution, files=files, fields=fields, voices=voices, checks=checks,
-                      version=f"{name}@{digest.hexdigest()[:12]}", charter_terms=terms, format=fmt, styles=styles)
 
 
 def _check_placeholders(template: str, where: str, *, allowed: set[str], forbidden) -> None:

@@ -1,14 +1,13 @@
 """Dataset-level statistics: counts per written block, merged exactly across blocks, finalized once.
 
-The writer computes `shard_stats` for every block it writes; a Ray Data aggregation (`MergeStats`)
-merges those rows inside Ray, and `finalize_stats` turns the merged counters into the report form
+The writer computes `shard_stats` for every block it writes; `stats_merge.merge_stats` sums them
+(inside Ray through `core.ray_adapter.aggregate_stats`), and `finalize_stats` turns the merged counters into the report form
 (quantiles, top annotation values, throughput timeline, accelerator-hours).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections import Counter
@@ -16,19 +15,14 @@ from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.aggregate import AggregateFnV2
 
 from annotator.generate.replies import OK
 from annotator.core.stages import TIMING_PREFIX
 from annotator.core.tokens import count_tokens
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
-# Distinct values kept per annotation key while merging: beyond this the rarest values are folded
-# into one count, so a 100M-document run cannot grow the accumulator without bound.
-MAX_ANNOTATION_VALUES = 10_000
+# Annotation values per key that the report lists.
 TOP_ANNOTATION_VALUES = 10
-# Timeline buckets kept while merging; the bucket width doubles when a run outgrows them.
-MAX_TIMELINE_BUCKETS = 1024
 # Stages whose workers hold accelerators, and the config section that says how many.
 ACCELERATOR_STAGES = {"generate": "generation", "safety": "classifier"}
 STRATUM_SEPARATOR = "|"
@@ -118,18 +112,41 @@ def recipe_stats(batch: pa.Table, *, recipe, pack, placed: list[str], tokenizer)
     return out
 
 
+def column_total(table: pa.Table, col: str, *, where=None) -> int:
+    """The sum of a column (0 when the table has no such column), over the rows `where` marks."""
+    if col not in table.column_names:
+        return 0
+    values = table.column(col) if where is None else pc.if_else(where, table.column(col), 0)
+    return int(pc.sum(values).as_py() or 0)
+
+
+def _main_recipe_figures(main: dict, annotations: dict, *, measured: bool) -> dict:
+    """The top-level reflection and annotation figures of a block: the main recipe's counts (and
+    the annotation recipe's), under the names stats.json has always used."""
+    return {
+        "reflection_status": main.get("status", {}),
+        "reflection_tokens": main.get("lengths", {}) if measured else {},
+        "reflection_tokens_measured": 1 if measured else 0,
+        "annotation_status": annotations.get("status", {}),
+        "annotation_keys": annotations.get("annotation_keys", {}),
+        "annotation_values": annotations.get("annotation_values", {}),
+        "canary_type": main.get("canary_type", {}),
+        "canary_present": main.get("canary_present", {}),
+        "prompt_versions": main.get("prompt_versions", {}),
+        "reflection_attempts": main.get("attempts", {}),
+        "reflection_generated_tokens": main.get("generated_tokens", 0),
+        "reflection_kept_tokens": main.get("kept_tokens", 0),
+        "citations_by_section": main.get("citations_by_section", {}),
+        "citations_dropped": main.get("citations_dropped", 0),
+    }
+
+
 def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: list = ()) -> dict:
     """Counts for one written block, merged across blocks by `merge_stats`. `batch` is the block as
     it reached the writer, `written` the rows that went to the shards; `tokenizer` (a tokenizer or
     its spec) measures placed-text lengths in target tokens (not measured when None); `recipes` are
     (recipe, pack, placed fields): each gets its counts under `recipes`, and the first one's are
     also the top-level reflection figures."""
-    def total(table: pa.Table, col: str, where=None) -> int:
-        if col not in table.column_names:
-            return 0
-        values = table.column(col) if where is None else pc.if_else(where, table.column(col), 0)
-        return int(pc.sum(values).as_py() or 0)
-
     if not batch.num_rows:
         return {"blocks": 1, "documents_in": 0, "documents_out": 0, "finished_at": time.time()}
     selected = batch.column("selected")
@@ -148,11 +165,11 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: 
         "blocks": 1,
         "documents_in": batch.num_rows,
         "documents_out": written.num_rows,
-        "tokens_in": total(batch, source_tokens),
+        "tokens_in": column_total(batch, source_tokens),
         # Document content tokens the training data keeps (dropped documents and clipped tails
         # excluded); template, annotation and reflection tokens are in `streams`.
-        "tokens_out": total(written, "token_length"),
-        "clipped_tokens": total(written, "clipped_tokens"),
+        "tokens_out": column_total(written, "token_length"),
+        "clipped_tokens": column_total(written, "clipped_tokens"),
         "score_histogram": {str(k): v for k, v in Counter(scores).items()},
         # Over the written rows: the published sample is drawn from the shards by these strata.
         "strata": dict(Counter(stratum_key(s, r) for s, r in zip(written.column("safety_score").to_pylist(),
@@ -160,26 +177,13 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: 
         "selected_by_reason": dict(Counter(reasons)),
         "selected_tokens_by_reason": dict(tokens_by_reason),
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
-        "selected_tokens": total(batch, source_tokens, where=selected),
-        "reflection_status": main.get("status", {}),
-        "reflection_tokens": main.get("lengths", {}) if measured else {},
-        "reflection_tokens_measured": 1 if measured else 0,
-        "annotation_status": annotations.get("status", {}),
-        "annotation_keys": annotations.get("annotation_keys", {}),
-        "annotation_values": annotations.get("annotation_values", {}),
-        "canary_type": main.get("canary_type", {}),
-        "canary_present": main.get("canary_present", {}),
-        "prompt_versions": main.get("prompt_versions", {}),
-        "reflection_attempts": main.get("attempts", {}),
-        "reflection_generated_tokens": main.get("generated_tokens", 0),
-        "reflection_kept_tokens": main.get("kept_tokens", 0),
-        "citations_by_section": main.get("citations_by_section", {}),
-        "citations_dropped": main.get("citations_dropped", 0),
+        "selected_tokens": column_total(batch, source_tokens, where=selected),
+        **_main_recipe_figures(main, annotations, measured=measured),
         "recipes": {name: {k: v for k, v in b.items() if k not in ("annotation_values",)} for name, b in blocks.items()},
         "generation_tokens": {
-            "prompt": total(batch, "gen_prompt_tokens"),
-            "cached_prompt": total(batch, "gen_cached_prompt_tokens"),
-            "output": total(batch, "gen_output_tokens"),
+            "prompt": column_total(batch, "gen_prompt_tokens"),
+            "cached_prompt": column_total(batch, "gen_cached_prompt_tokens"),
+            "output": column_total(batch, "gen_output_tokens"),
         },
         "stage_seconds": {
             c[len(TIMING_PREFIX):]: float(pc.sum(batch.column(c)).as_py() or 0.0)
@@ -188,102 +192,6 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: 
         # When this block was written; merging turns these into the throughput timeline.
         "finished_at": time.time(),
     }
-
-
-def _coarsen(timeline: dict, width: int) -> dict:
-    out: Counter = Counter()
-    for start, n in timeline["documents"].items():
-        out[str(int(start) // width * width)] += n
-    return {"bucket_seconds": width, "documents": dict(out)}
-
-
-def merge_timelines(a: dict, b: dict) -> dict:
-    """Documents written per time bucket; widths are powers of two, so coarsening stays exact."""
-    width = max(a["bucket_seconds"], b["bucket_seconds"])
-    merged = Counter(_coarsen(a, width)["documents"])
-    merged.update(_coarsen(b, width)["documents"])
-    out = {"bucket_seconds": width, "documents": dict(merged)}
-    while len(out["documents"]) > MAX_TIMELINE_BUCKETS:
-        out = _coarsen(out, out["bucket_seconds"] * 2)
-    return out
-
-
-def _prune_values(values: dict) -> dict:
-    """Keeps the most frequent values of each annotation key; the rest count under `_pruned`."""
-    for key, counts in values.items():
-        if len(counts) > MAX_ANNOTATION_VALUES:
-            kept = dict(Counter(counts).most_common(MAX_ANNOTATION_VALUES // 2))
-            kept["_pruned"] = kept.get("_pruned", 0) + sum(counts.values()) - sum(kept.values())
-            values[key] = kept
-    return values
-
-
-def _merge_into(merged: dict, part: dict, *, top: bool = True) -> dict:
-    for key, value in part.items():
-        if top and key == "finished_at":  # one block: its documents land in the bucket of its finishing second
-            value = {"bucket_seconds": 1, "documents": {str(int(value)): part.get("documents_in", 0)}}
-            key = "timeline"
-        if top and key == "timeline":
-            merged[key] = merge_timelines(merged[key], value) if key in merged else value
-        elif isinstance(value, dict):
-            merged[key] = _merge_into(merged.get(key, {}), value, top=False)
-        elif isinstance(value, list):
-            merged[key] = merged.get(key, []) + value
-        else:
-            merged[key] = merged.get(key, 0) + value
-    return merged
-
-
-def merge_stats(parts: list[dict]) -> dict:
-    """Sum block statistics: nested counters key by key, lists concatenated; each block's
-    `finished_at` and `documents_in` go into a timeline of documents per time bucket."""
-    merged: dict = {}
-    for part in parts:
-        merged = _merge_into(merged, part)
-    if "annotation_values" in merged:
-        merged["annotation_values"] = _prune_values(merged["annotation_values"])
-    return merged
-
-
-class MergeStats(AggregateFnV2):
-    """Ray Data aggregation merging a column of JSON block statistics (`stats_json`) with
-    `merge_stats`. `field` picks one entry of each JSON object (e.g. "stats" of a manifest); with
-    `as_key`, the values are lists (the writer's `shard` names), merged as {as_key: [...]}."""
-
-    def __init__(self, on: str = "stats_json", *, field: str | None = None, as_key: str | None = None):
-        # JSON strings as accumulators: nested counters with varying keys do not fit an Arrow struct.
-        name = f"merge_stats({on}{'.' + field if field else ''})"
-        super().__init__(name=name, zero_factory=lambda: None, on=on, ignore_nulls=True)
-        self.field = field
-        self.as_key = as_key
-
-    def aggregate_block(self, block) -> str | None:
-        from ray.data.block import BlockAccessor
-
-        values = [json.loads(s) for s in BlockAccessor.for_block(block).to_arrow().column(self.get_target_column()).to_pylist() if s]
-        if self.field:
-            values = [v[self.field] for v in values]
-        if not values:
-            return None
-        return json.dumps(merge_stats([{self.as_key: v} for v in values] if self.as_key else values))
-
-    def combine(self, current_accumulator: str, new: str) -> str:
-        return json.dumps(merge_stats([json.loads(current_accumulator), json.loads(new)]))
-
-
-def aggregate_stats(ds, *, stats_column: str = "stats_json", shard_column: str | None = "shard",
-                    stats_field: str | None = None, shard_field: str | None = None) -> dict:
-    """Runs `ds` (the writer's output: one row per block with `stats_json` and its `shard` names;
-    or a JSON column holding both, picked by `stats_field`/`shard_field`) and returns the
-    statistics merged inside Ray, with `shards` the sorted shard names."""
-    aggs = [MergeStats(stats_column, field=stats_field)]
-    if shard_column:
-        aggs.append(MergeStats(shard_column, field=shard_field, as_key="shards"))
-    result = ds.aggregate(*aggs)
-    stats = json.loads(result[aggs[0].name] or "{}")
-    shards = json.loads(result[aggs[1].name] or "{}").get("shards", []) if shard_column else []
-    stats["shards"] = sorted(shards)
-    return stats
 
 
 def histogram_quantiles(histogram: dict, quantiles=QUANTILES) -> dict:

@@ -38,7 +38,8 @@ from annotator.core.stages import InProcess, Resources, Stage, apply_stages, che
 from annotator.core.tokens import TokenCounter
 from annotator.core.units import InputPlan, Unit, plan_input
 from annotator.output.report import write_report
-from annotator.output.stats import aggregate_stats, finalize_stats
+from annotator.core.ray_adapter import aggregate_stats
+from annotator.output.stats import finalize_stats
 
 SHARDS_DIR = layout.TEXT_DIR
 

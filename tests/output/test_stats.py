@@ -22,10 +22,9 @@ from annotator.generate.replies import parse_reply
 from annotator.score.safety import build_scorer
 from annotator.score.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.core.stages import Resources
-from annotator.output.stats import (
-    MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, aggregate_stats, finalize_stats, histogram_quantiles, merge_stats,
-    shard_stats,
-)
+from annotator.core.ray_adapter import aggregate_stats
+from annotator.output.stats import finalize_stats, histogram_quantiles, shard_stats
+from annotator.output.stats_merge import MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, merge_stats
 from annotator.core.tokens import target_tokenizer
 from annotator.output.finalize import finalize_stages
 from annotator.method.recipes import run_recipes

@@ -27,7 +27,7 @@ from annotator.method.prompt_packs import load_pack
 from annotator.audit.sampling import allocate_sample
 from annotator.output.stats import stratum_key
 from tests.support import REPO, require_shared_data
-from tests.test_resume import run_to_end
+from tests.behaviour.test_resume import run_to_end
 
 pytestmark = pytest.mark.slow
 DIMS = ["relevance", "specificity", "charter_grounding", "voice_tone"]

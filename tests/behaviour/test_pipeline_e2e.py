@@ -129,7 +129,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(demo_run):
 
 @pytest.mark.slow
 def test_end_to_end_stats_match_a_recount_from_the_shards(demo_run):
-    from tests.test_stats import TOKENIZER, check_stats_match_recount, recount_from_shards
+    from tests.output.test_stats import TOKENIZER, check_stats_match_recount, recount_from_shards
 
     out, _ = demo_run
     stats = json.loads((out / "stats.json").read_text())
@@ -149,7 +149,7 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
 
     from annotator.publish.hub import allocate_sample
     from annotator.output.report import write_report
-    from tests.test_publish import run_publish
+    from tests.publish.test_publish import run_publish
 
     out, _ = demo_run
     stats = json.loads((out / "stats.json").read_text())

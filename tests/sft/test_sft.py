@@ -24,7 +24,7 @@ from annotator.sft.conversation import load_sft_packs, parse_sft_reply, render_u
 from annotator.sft.export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
 from annotator.sft.prompts import allocate, draw_prompts
 from tests.support import REPO
-from tests.test_resume import kill_process_when
+from tests.behaviour.test_resume import kill_process_when
 
 SAFETY = REPO.parent / "shared" / "data" / "safety-v2"
 DEMO = REPO / "configs" / "sft-demo.yaml"

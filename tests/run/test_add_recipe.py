@@ -17,7 +17,7 @@ import pytest
 
 from tests.streams_check import check_streams
 from tests.support import REPO, require_shared_data, run_pipeline
-from tests.test_resume import content_stats, kill_when, run_to_end, shard_contents
+from tests.behaviour.test_resume import content_stats, kill_when, run_to_end, shard_contents
 
 FIRST = ["reflection", "reflection_end", "refusal_reflection", "summary", "rephrase", "annotations"]
 REAL, HARMFUL = 8, 2

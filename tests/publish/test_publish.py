@@ -22,7 +22,7 @@ from annotator.publish.hub import (
 from annotator.generate.pause import unit_hash
 from tests.fake_hub import FakeHubServer
 from tests.support import REPO
-from tests.test_stats import build_run_output
+from tests.output.test_stats import build_run_output
 
 SAMPLE_ROWS = 120
 DATASETS_RESOURCES = Path(__import__("datasets").__file__).parent / "utils" / "resources"
@@ -143,7 +143,7 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert stats["prompts"]["constitution"]["sha256"] in text
     assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in text
     # Source tokens beside what the training files hold (this in-process run wrote no token streams,
-    # tests/test_audit.py checks the figure on a real run); values readable, not JSON.
+    # tests/audit/test_audit.py checks the figure on a real run); values readable, not JSON.
     assert "source tokens read / written" in text and "| training tokens (token streams) | no token streams written |" in text
     hist = ", ".join(f"{k}: {v:,}" for k, v in sorted(stats["score_histogram"].items()))
     assert f"| safety score histogram | {hist} |" in text and '{"' not in text.split("## Statistics")[1]

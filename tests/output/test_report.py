@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.output.report import PLOTS, plot_throughput, readable, run_plots, sample_documents, write_report
-from tests.test_stats import build_run_output
+from tests.output.test_stats import build_run_output
 
 
 @pytest.fixture(scope="module")

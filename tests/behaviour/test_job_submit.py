@@ -10,7 +10,7 @@ import pytest
 
 from tests.ray_cluster import LocalRayCluster, ray_cli, token_auth_env
 from tests.support import CORPUS, require_shared_data
-from tests.test_pipeline_e2e import E2E_ARGS, check_output
+from tests.behaviour.test_pipeline_e2e import E2E_ARGS, check_output
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Tests of the classifier training scripts under classifiers/."""
