@@ -85,7 +85,7 @@ def side_plain(cfg, docs: pa.Table) -> dict:
     stage.load_engine()  # the same engine arguments, threads bound to the same cores
     _, requests = stage.build_requests(docs)
     ids = docs.column("doc_id").to_pylist()
-    params = [stage._sampling(r.recipe, ids[r.row], 0) for r in requests]
+    params = [stage._sampling(r.recipe, ids[r.row], attempt=0) for r in requests]
     started = time.perf_counter()
     outs = stage._engine.llm.chat([r.messages for r in requests], params, use_tqdm=False)
     seconds = time.perf_counter() - started

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = build_scorer(cfg, resources=Resources())
     scorer.setup()
     scores, probs = score_texts(scorer, texts)
-    metrics = label_metrics(scores, probs, labels, threshold=args.threshold)
+    metrics = label_metrics(scores, probs, labels=labels, threshold=args.threshold)
     print(f"model {scorer.version} on {args.data} ({metrics['n']} rows), bad = score >= {args.threshold}")
     if args.cascade:
         metrics["cascade_share_rescored"] = round(scorer.rescored / max(1, len(texts)), 4)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("score histogram: " + "  ".join(f"{s}: {n}" for s, n in metrics["score_histogram"].items()))
     print("score >= k: " + "  ".join(f"{k}: P {m['precision']:.3f} R {m['recall']:.3f} FPR {m['fpr']:.3f}" for k, m in metrics["at_score"].items()))
     if args.by_category:
-        metrics["by_category"] = category_metrics(scores, labels, row_categories(pq.read_table(args.data)), threshold=args.threshold)
+        metrics["by_category"] = category_metrics(scores, labels, categories=row_categories(pq.read_table(args.data)), threshold=args.threshold)
         print(format_categories(metrics["by_category"]))
     print(json.dumps(metrics))
     return metrics

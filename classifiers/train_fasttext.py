@@ -45,7 +45,7 @@ def main() -> None:
     report = {
         "model": out.name,
         "train_rows": len(train_texts),
-        "dev": label_metrics(scores, probs, dev_labels),
+        "dev": label_metrics(scores, probs, labels=dev_labels),
         "params": params,
         "train_seconds": round(time.time() - started, 1),
         "size_bytes": os.path.getsize(out),

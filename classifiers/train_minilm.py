@@ -74,7 +74,7 @@ def measure(model_dir: Path, *, max_length: int, thresholds=(1, 2, 3)) -> dict:
         entry: dict = {"minilm_docs_per_second": round(len(texts) / seconds, 1)}
         if "label" in table.column_names:
             labels = np.array(table.column("label").to_pylist(), dtype=int)
-            entry["minilm"] = {**label_metrics(s_scores, s_probs, labels), "by_category": category_metrics(s_scores, labels, row_categories(table))}
+            entry["minilm"] = {**label_metrics(s_scores, s_probs, labels=labels), "by_category": category_metrics(s_scores, labels, categories=row_categories(table))}
         else:
             entry["minilm"] = {"n": len(texts), "share_flagged": round(float((s_scores >= 3).mean()), 4),
                                "score_histogram": {str(k): int((s_scores == k).sum()) for k in range(6)}}
@@ -86,7 +86,7 @@ def measure(model_dir: Path, *, max_length: int, thresholds=(1, 2, 3)) -> dict:
             scores = probs.argmax(axis=1)
             c = {"share_rescored": round(float(rescore.mean()), 4), "share_flagged": round(float((scores >= 3).mean()), 4)}
             if "label" in table.column_names:
-                m = label_metrics(scores, probs, labels)
+                m = label_metrics(scores, probs, labels=labels)
                 c.update({k2: m[k2] for k2 in ("precision", "recall", "fpr")})
                 c["recall_lost_vs_minilm"] = round(entry["minilm"]["recall"] - m["recall"], 4)
             entry["cascade"][str(k)] = c

@@ -87,7 +87,7 @@ def evaluate_model(model_path: Path) -> dict:
         table = pq.read_table(path)
         labels = np.array(table.column("label").to_pylist(), dtype=int)
         scores, probs = score_texts(scorer, table.column("text").to_pylist())
-        dev[name] = {**label_metrics(scores, probs, labels), "by_category": category_metrics(scores, labels, row_categories(table))}
+        dev[name] = {**label_metrics(scores, probs, labels=labels), "by_category": category_metrics(scores, labels, categories=row_categories(table))}
     web_texts = pa.concat_tables([pq.read_table(CORPUS_DIR / f, columns=["text"]) for f in WEB_HELDOUT_FILES]).column("text").to_pylist()
     scores, _ = score_texts(scorer, web_texts)
     web = {

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:
             run = audit_reflections if part == "reflections" else calibration_ledger
             _, figures = run(out, cfg, num_cpus=cpus)
-            record(out, part, figures)
+            record(out, part, figures=figures)
             print(f"[spp] audit {part}: " + summary_line(part, figures), flush=True)
     except (AuditError, ConfigError, PackError, ResourceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -49,7 +49,7 @@ def _reused(path: Path, key: str) -> pa.Table | None:
     return pq.read_table(path) if meta.get(b"spp_audit_key", b"").decode() == key else None
 
 
-def _save(out_dir: Path, rel: str, table: pa.Table, key: str, work_dir: Path) -> None:
+def _save(out_dir: Path, rel: str, *, table: pa.Table, key: str, work_dir: Path) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"spp_audit_key": key.encode()})
     write_table(out_dir / rel, table)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -70,7 +70,7 @@ def _judge_setup(cfg: RunConfig, pack_spec: str, *, low: int, high: int, constit
 
 # --- the judge audit of reflections ---------------------------------------------------------
 
-def _reflection_stratum(score, reason, status) -> str | None:
+def _reflection_stratum(score, reason, *, status) -> str | None:
     return stratum_key(score, reason) if status == OK else None
 
 
@@ -115,15 +115,15 @@ def audit_reflections(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pri
         work_dir = out_dir / AUDIT_WORK / key
         judged, work = run_judge(items, cfg=cfg, rubric=rubric, system=system, task="audit-reflections", work_dir=work_dir,
                                  num_cpus=num_cpus, log=log)
-        table = _reflection_table(rows, judged, rubric, audit=audit, model=settings["model"])
-        _save(out_dir, REFLECTIONS_FILE, table, key, work_dir)
+        table = _reflection_table(rows, judged, rubric=rubric, audit=audit, model=settings["model"])
+        _save(out_dir, REFLECTIONS_FILE, table=table, key=key, work_dir=work_dir)
     figures = reflection_figures(table, rubric.scores, strata=strata, audit=audit)
     figures |= {"judge": settings["model"], "rubric": rubric.pack.version, "via": "endpoint" if cfg.audit.judge.base_url else "replicas",
                 "work": work}
     return table, figures
 
 
-def _reflection_table(rows: list[dict], judged: pa.Table, rubric: Rubric, *, audit, model: str) -> pa.Table:
+def _reflection_table(rows: list[dict], judged: pa.Table, *, rubric: Rubric, audit, model: str) -> pa.Table:
     j = judged.to_pylist()
     dims = rubric.scores
     out = []
@@ -144,7 +144,7 @@ def _reflection_table(rows: list[dict], judged: pa.Table, rubric: Rubric, *, aud
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def _summary(rows: list[dict], dims, floor: int) -> dict:
+def _summary(rows: list[dict], dims, *, floor: int) -> dict:
     ok = [r for r in rows if r["status"] == OK]
     if not ok:
         return {"n": len(rows), "judged": 0}
@@ -159,16 +159,16 @@ def reflection_figures(table: pa.Table, dims, *, strata: dict[str, int], audit) 
     plus the accept rate weighted back to the run (each stratum by its share of the reflections)."""
     rows = table.to_pylist()
     out = {"sample": len(rows), "floor": audit.floor, "accept_mean": audit.accept_mean, "dimensions": list(dims),
-           "reflections_in_run": sum(strata.values()), **_summary(rows, dims, audit.floor),
+           "reflections_in_run": sum(strata.values()), **_summary(rows, dims, floor=audit.floor),
            "failed": dict(Counter(r["status"] for r in rows if r["status"] != OK))}
     by_score, by_reason, by_stratum = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in rows:
         by_score[str(r["safety_score"])].append(r)
         by_reason[r["selected_reason"]].append(r)
         by_stratum[r["stratum"]].append(r)
-    out["by_safety_score"] = {k: _summary(v, dims, audit.floor) for k, v in sorted(by_score.items())}
-    out["by_selection_reason"] = {k: _summary(v, dims, audit.floor) for k, v in sorted(by_reason.items())}
-    weighted = [(strata[k], _summary(v, dims, audit.floor)) for k, v in by_stratum.items()]
+    out["by_safety_score"] = {k: _summary(v, dims, floor=audit.floor) for k, v in sorted(by_score.items())}
+    out["by_selection_reason"] = {k: _summary(v, dims, floor=audit.floor) for k, v in sorted(by_reason.items())}
+    weighted = [(strata[k], _summary(v, dims, floor=audit.floor)) for k, v in by_stratum.items()]
     weighted = [(w, s) for w, s in weighted if s.get("judged")]
     if weighted:
         total = sum(w for w, _ in weighted)
@@ -186,7 +186,7 @@ def harm_user_message(text: str, *, max_chars: int) -> str:
     return text[:max_chars] + (" [...]" if len(text) > max_chars else "")
 
 
-def teacher_scores(rows: list[dict], cfg: RunConfig, out_dir: Path, *, num_cpus: float, log) -> tuple[list[int | None], list[str | None], list[str], dict]:
+def teacher_scores(rows: list[dict], cfg: RunConfig, *, out_dir: Path, num_cpus: float, log) -> tuple[list[int | None], list[str | None], list[str], dict]:
     """The teacher's 0-5 score (None: failed), reason and status per row, and what it was."""
     ledger, judge = cfg.audit.ledger, cfg.audit.judge
     if ledger.teacher == "classifier":
@@ -225,7 +225,7 @@ def calibration_ledger(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pr
     picks = choose_sample(files, allocation=allocation, seed=ledger.seed, columns=["doc_id", "safety_score"], stratum=_bucket,
                           salt="audit-ledger")
     rows = read_rows(picks, columns=["doc_id", "text", "safety_score", "selected", "selected_reason"]).to_pylist()
-    scores, reasons, statuses, about = teacher_scores(rows, cfg, out_dir, num_cpus=num_cpus, log=log)
+    scores, reasons, statuses, about = teacher_scores(rows, cfg, out_dir=out_dir, num_cpus=num_cpus, log=log)
     threshold = cfg.selection.bad_threshold
     table = pa.Table.from_pylist(
         [{"doc_id": r["doc_id"], "safety_score": r["safety_score"], "selected": r["selected"], "selected_reason": r["selected_reason"],
@@ -273,7 +273,7 @@ def ledger_figures(table: pa.Table, *, buckets: dict[str, int], selected: dict[s
             "selected_in_run": sum(selected.values())}
 
 
-def record(out_dir: Path, part: str, figures: dict) -> dict:
+def record(out_dir: Path, part: str, *, figures: dict) -> dict:
     """Puts `figures` into the run's stats.json under audit.<part> and re-renders the report."""
     from annotator.output.report import write_report
 

@@ -92,7 +92,7 @@ class EndpointClient:
         self.judge = judge
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
 
-    def _one(self, messages: list[dict], seed: int, schema: dict) -> Reply:
+    def _one(self, messages: list[dict], seed: int, *, schema: dict) -> Reply:
         out = self.client.chat.completions.create(
             model=self.model, messages=messages, temperature=self.judge.temperature, max_tokens=self.judge.max_output_tokens,
             seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema}},
@@ -102,10 +102,10 @@ class EndpointClient:
         return Reply(out.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
                      (getattr(details, "cached_tokens", 0) or 0) if details else 0, usage.completion_tokens if usage else 0)
 
-    def chat(self, messages: list, seeds: list[int], schema: dict) -> list[Reply | Exception]:
+    def chat(self, messages: list, seeds: list[int], *, schema: dict) -> list[Reply | Exception]:
         def call(args):
             try:
-                return self._one(*args, schema)
+                return self._one(*args, schema=schema)
             except Exception as err:  # noqa: BLE001 - one failed request fails alone
                 return err
         return list(self.pool.map(call, zip(messages, seeds)))
@@ -152,7 +152,7 @@ class JudgeAndSave(Stage):
     def _ask(self, users: list[str], seeds: list[int]) -> list[Reply | Exception]:
         schema = self.rubric.schema()
         if isinstance(self._backend, EndpointClient):
-            return self._backend.chat([self.messages(u) for u in users], seeds, schema)
+            return self._backend.chat([self.messages(u) for u in users], seeds, schema=schema)
         engine: Engine = self._backend
         params = [engine.sampling(seed=s, max_tokens=self.judge.max_output_tokens, schema=schema) for s in seeds]
         return engine.chat([self.messages(u) for u in users], params)

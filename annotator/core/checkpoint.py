@@ -65,12 +65,12 @@ def content_fingerprint(cfg: RunConfig) -> dict:
             "canary_file": file_digest(canaries) if canaries else None}
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def config_differences(old: dict, new: dict, *, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, f"{prefix}{key}."))
+            out.extend(config_differences(a, b, prefix=f"{prefix}{key}."))
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -154,7 +154,7 @@ class WriteScored(Stage):
         return pa.table(rows)
 
 
-def read_unit_scored(out_dir: Path, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+def read_unit_scored(out_dir: Path, unit: Unit, *, columns: list[str] | None = None) -> pa.Table:
     """All scored documents of a unit (all columns, or `columns` and `source_row`), in input order."""
     if columns is not None and "source_row" not in columns:
         columns = [*columns, "source_row"]
@@ -178,7 +178,7 @@ def generation_key(cfg: RunConfig) -> str:
     return digest(content_fingerprint(cfg), g, cfg.output.tokenizer, cfg.content_tokens)
 
 
-def cached_generations(out_dir: Path, unit_key: str, key: str, *, pass_name: str | None = None) -> pa.Table | None:
+def cached_generations(out_dir: Path, unit_key: str, *, key: str, pass_name: str | None = None) -> pa.Table | None:
     """The generation results already saved for a unit under generation key `key`."""
     parts = [pq.read_table(p) for p in sorted((generated_dir(out_dir, pass_name) / unit_key).glob("*.parquet"))]
     if not parts:

@@ -62,7 +62,7 @@ def text_shards(out_dir: Path) -> list[Path]:
     return sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet"))
 
 
-def stream_prefix(out_dir: Path, stream: str, name: str) -> Path:
+def stream_prefix(out_dir: Path, stream: str, *, name: str) -> Path:
     """`<out>/tokenized/<stream>/<name>`: the Megatron prefix (`.bin`/`.idx` appended)."""
     return Path(out_dir) / TOKENS_DIR / stream / name
 
@@ -113,5 +113,5 @@ def generated_dir(out_dir: Path, pass_name: str | None = None) -> Path:
     return out_dir / (GENERATED if pass_name is None else f"{GENERATED}-{pass_name}")
 
 
-def generated_batch_path(out_dir: Path, unit: str, index: int, *, pass_name: str | None = None) -> Path:
+def generated_batch_path(out_dir: Path, unit: str, *, index: int, pass_name: str | None = None) -> Path:
     return generated_dir(out_dir, pass_name) / unit / f"{index:06d}.parquet"

@@ -89,7 +89,7 @@ class TargetTokenizer:
 
 
 @lru_cache(maxsize=8)
-def target_tokenizer(spec: str, eos_token: str | None = None, added: tuple[str, ...] = ()) -> TargetTokenizer:
+def target_tokenizer(spec: str, eos_token: str | None = None, *, added: tuple[str, ...] = ()) -> TargetTokenizer:
     """One `TargetTokenizer` per process and settings (loading takes a fraction of a second)."""
     return TargetTokenizer(spec, eos_token=eos_token, added=added)
 

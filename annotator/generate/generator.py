@@ -135,7 +135,7 @@ class RecipeRun:
         return {self.col("status"): status, self.col("attempts"): 0, self.col("generated_tokens"): 0,
                 self.col("prompt_tokens"): 0, self.col("cached_prompt_tokens"): 0}
 
-    def record(self, out: dict, req: Request, raw: str, tokens: int, tok) -> tuple[bool, str]:
+    def record(self, out: dict, req: Request, *, raw: str, tokens: int, tok) -> tuple[bool, str]:
         """Reads one reply into the row's columns; (done, outcome for the attempt log)."""
         i = req.row
         fmt = self.pack.format
@@ -150,7 +150,7 @@ class RecipeRun:
                 reason = "unclosed_reasoning" if text is None else "checks=voices_present"
                 out[self.col("status")][i] = f"failed:{reason}"
                 return False, reason
-            out[self.col(self.pack.fields[0])][i] = cut_to_tokens(text, tok, self.replace_tokens)
+            out[self.col(self.pack.fields[0])][i] = cut_to_tokens(text, tok, max_tokens=self.replace_tokens)
             out[self.col("status")][i] = OK
             return True, OK
         parsed = parse_reply(raw, pack=self.pack, tokenizer=tok, voice_tokens=self.voice_tokens,
@@ -227,11 +227,11 @@ class Generator(Stage):
         self.guard = BudgetGuard(cfg)
         self._engine = engine
 
-    def _sampling(self, run: RecipeRun, doc_id: str, attempt: int):
+    def _sampling(self, run: RecipeRun, doc_id: str, *, attempt: int):
         seed = int(unit_hash(run.recipe.name, self.cfg.seed, doc_id, attempt) * 2**31)
         return self._engine.sampling(seed=seed, max_tokens=run.max_new_tokens, schema=run.schema)
 
-    def _fit(self, run: RecipeRun, text: str, canary: Canary | None, doc_id: str) -> list[dict]:
+    def _fit(self, run: RecipeRun, text: str, *, canary: Canary | None, doc_id: str) -> list[dict]:
         """The recipe's messages for `text`; when the generator's own tokenizer counts more than the
         engine's context holds (its vocabulary differs from the target's), the text loses tokens
         from its start until it fits. The prompt around the text was counted once at load."""
@@ -244,15 +244,15 @@ class Generator(Stage):
             text = text[offsets[drop][0]:] if drop < len(offsets) else ""
         return run.messages(text, canary=canary, doc_id=doc_id)
 
-    def _point(self, run: RecipeRun, text: str, offsets, doc_id: str) -> Pause:
+    def _point(self, run: RecipeRun, text: str, *, offsets, doc_id: str) -> Pause:
         placement = run.recipe.placement
         if placement == "prefix":  # the annotator reads the document's opening
-            head = cut_to_tokens(text, self._tok, self.cfg.annotations.max_document_tokens)
+            head = cut_to_tokens(text, self._tok, max_tokens=self.cfg.annotations.max_document_tokens)
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=head)
         if placement == "pause":
-            return pause_point(text, offsets, sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
+            return pause_point(text, offsets, fraction=sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
                                max_content_tokens=self.content_tokens, snap=self.cfg.pause.snap)
-        end = pause_point(text, offsets, 1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
+        end = pause_point(text, offsets, fraction=1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
                           snap=self.cfg.pause.snap, at_end=True)
         if placement == "before":
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=end.prompt_prefix)
@@ -279,9 +279,9 @@ class Generator(Stage):
                 if not run.applies(selected=bool(selected[i]), bad=bool(bad[i])):
                     continue
                 offsets = offsets if offsets is not None else self._tok.offsets(texts[i])
-                point = self._point(run, texts[i], offsets, ids[i])
+                point = self._point(run, texts[i], offsets=offsets, doc_id=ids[i])
                 req_canary = canary if run.recipe.canaries else None
-                requests.append(Request(i, run, self._fit(run, point.prompt_prefix, req_canary, ids[i]), point.prompt_prefix, req_canary))
+                requests.append(Request(i, run, self._fit(run, point.prompt_prefix, canary=req_canary, doc_id=ids[i]), point.prompt_prefix, req_canary))
                 col = run.col
                 if col("token_index") in run.columns and run.recipe.placement != "replace":
                     out[col("token_index")][i], out[col("position")][i], out[col("fraction")][i] = point.token_index, point.char_index, point.fraction
@@ -311,10 +311,10 @@ class Generator(Stage):
         for attempt in range(self.cfg.max_retries + 1):
             if not pending:
                 break
-            replies = self._engine.chat([r.messages for r in pending], [self._sampling(r.recipe, ids[r.row], attempt) for r in pending])
+            replies = self._engine.chat([r.messages for r in pending], [self._sampling(r.recipe, ids[r.row], attempt=attempt) for r in pending])
             retry, budgeted = [], []
             for req, reply in zip(pending, replies):
-                if not self._handle(req, reply, out, failed_reply, attempt):
+                if not self._handle(req, reply, out=out, failed_reply=failed_reply, attempt=attempt):
                     retry.append(req)
                 if req.recipe.budgeted and not isinstance(reply, Exception):
                     budgeted.append(reply.output_tokens)
@@ -335,7 +335,7 @@ class Generator(Stage):
         failed = [json.dumps(f, sort_keys=True) if f else None for f in failed_reply]
         return batch.append_column(FAILED_REPLY, pa.array(failed, pa.string()))
 
-    def _handle(self, req: Request, reply, out: dict, failed_reply: list, attempt: int) -> bool:
+    def _handle(self, req: Request, reply, *, out: dict, failed_reply: list, attempt: int) -> bool:
         """Records one reply into the row's columns; True when the request is done."""
         i, run = req.row, req.recipe
         col = run.col
@@ -349,7 +349,7 @@ class Generator(Stage):
                                (col("cached_prompt_tokens"), reply.cached_tokens)):
                 out[key][i] += value
             tokens = reply.output_tokens
-            done, reason = run.record(out, req, reply.text, tokens, self._tok)
+            done, reason = run.record(out, req, raw=reply.text, tokens=tokens, tok=self._tok)
             if done:
                 failed_reply[i].pop(run.recipe.name, None)
             else:

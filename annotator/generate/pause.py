@@ -66,7 +66,7 @@ def clip_at_char(offsets: list[tuple[int, int]], keep: int) -> int:
     return keep
 
 
-def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, max_prefix_tokens: int,
+def pause_point(text: str, offsets: list[tuple[int, int]], *, fraction: float, max_prefix_tokens: int,
                 max_content_tokens: int, snap: str = "word", at_end: bool = False) -> Pause:
     """Where the reflection goes, after `token_index` target tokens (at `char_index` in `text`).
 
@@ -83,7 +83,7 @@ def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, m
         k = m
     else:
         k = min(max(1, round(fraction * m)), max(1, m - 1))
-        k = _snap(text, offsets, k, upper=max(1, m - 1), words=snap == "word")
+        k = _snap(text, offsets, k=k, upper=max(1, m - 1), words=snap == "word")
     char_index = offsets[k][0] if k < n else len(text)
     if k == m and k < n:
         char_index = offsets[k - 1][1]  # after the last kept token, before whatever the window drops
@@ -91,7 +91,7 @@ def pause_point(text: str, offsets: list[tuple[int, int]], fraction: float, *, m
     return Pause(token_index=k, char_index=char_index, fraction=k / m, prompt_prefix=text[start:char_index])
 
 
-def _snap(text: str, offsets: list[tuple[int, int]], k: int, *, upper: int, words: bool) -> int:
+def _snap(text: str, offsets: list[tuple[int, int]], *, k: int, upper: int, words: bool) -> int:
     """The nearest point at or before `k` (else after it) that does not split a character, nor,
     with `words`, a word."""
     def ok(i: int) -> bool:

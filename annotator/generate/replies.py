@@ -130,7 +130,7 @@ def cited_sections(text: str) -> list[str]:
     return list(dict.fromkeys(i for g in CITATION_GROUP.findall(text) for i in SECTION_ID.findall(g)))
 
 
-def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
+def cut_to_tokens(text: str, tokenizer, *, max_tokens: int) -> str:
     """`text` cut at a token boundary of `tokenizer` to at most `max_tokens` tokens (a marker the cut
     splits is removed). `tokenizer`: a `tokenizers.Tokenizer` or a transformers tokenizer."""
     if max_tokens <= 0:
@@ -196,10 +196,10 @@ def parse_reply(raw: str, *, pack: PromptPack, tokenizer, voice_tokens: int, ana
         if name in pack.voices:
             value, _, dropped = extract_citations(value, valid)
             reply.citations_dropped += dropped
-            value = cut_to_tokens(value, tokenizer, voice_tokens)
+            value = cut_to_tokens(value, tokenizer, max_tokens=voice_tokens)
             reply.citations[name] = cited_sections(value)
         else:
-            value = cut_to_tokens(value, tokenizer, analysis_tokens)
+            value = cut_to_tokens(value, tokenizer, max_tokens=analysis_tokens)
         reply.fields[name] = value
     reply.failures = run_checks(reply, pack=pack, source=source)
     return reply

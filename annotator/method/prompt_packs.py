@@ -249,7 +249,7 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     styles = {str(k): read(f"styles.{k}", v, required=True) for k, v in sorted(styles_spec.items())}
 
     known_static = {"charter", *files} if constitution is not None else set(files)
-    _check_templates(system, user, canary, where={role: w for role, (w, _) in contents.items()}, known_static=known_static,
+    _check_templates(system, user, canary=canary, where={role: w for role, (w, _) in contents.items()}, known_static=known_static,
                      styles=styles, fmt=fmt)
 
     digest = hashlib.sha256(name.encode())
@@ -283,7 +283,7 @@ def _reply_shape(data: dict, *, manifest: Path) -> tuple[tuple[str, ...], dict, 
     return fields, voices, fmt, checks
 
 
-def _check_templates(system: str, user: str, canary: str | None, *, where: dict[str, str], known_static: set[str],
+def _check_templates(system: str, user: str, *, canary: str | None, where: dict[str, str], known_static: set[str],
                      styles: dict, fmt: str) -> None:
     """Every placeholder a template uses is known, and every file the pack names is used."""
     system_names = known_static | ({"style"} if styles else set()) | ({"keys"} if fmt == "tags" else set())

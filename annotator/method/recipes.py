@@ -77,7 +77,7 @@ def run_recipes(gen) -> list[Recipe]:
     return out
 
 
-def placed_fields(recipe: Recipe, pack: PromptPack, voices: list[str]) -> list[str]:
+def placed_fields(recipe: Recipe, pack: PromptPack, *, voices: list[str]) -> list[str]:
     """The reply fields a recipe places in training text (one stream each): the voices the output
     asks for (`output.voices`) of a pack with voices 1p/3p; all voice fields otherwise (the four
     preflection framings); the one field of a text or tags pack."""

@@ -60,7 +60,7 @@ class EngineDocuments(UnitStage):
 
     def engine_documents(self, unit: Unit, columns: list[str] | None = None) -> pa.Table:
         """The unit's documents that need the engine (duplicates dropped, selected), in input order."""
-        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns), self.duplicates.get(unit.key, []))
+        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns=columns), self.duplicates.get(unit.key, []))
         if not table.num_rows:
             return table
         table = self.select.process(table)
@@ -93,7 +93,7 @@ def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, 
     batches already saved (by an earlier attempt) are left out."""
     plans = []
     for index, start in enumerate(range(0, table.num_rows, batch_size)):
-        if generated_batch_path(out_dir, unit, index, pass_name=pass_name).exists():
+        if generated_batch_path(out_dir, unit, index=index, pass_name=pass_name).exists():
             continue  # saved by an earlier run
         piece = table.slice(start, batch_size)
         plans.append({"_unit": unit, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
@@ -146,7 +146,7 @@ class GenerateAndSave(Stage):
                 self.generator.load_engine()  # outside the timing: stage seconds are engine busy time, not its start
                 loads = 1
             generated = timed(self.generator, docs)
-            path = generated_batch_path(Path(self.out_dir), plan["_unit"], plan["batch_index"], pass_name=self.pass_name)
+            path = generated_batch_path(Path(self.out_dir), plan["_unit"], index=plan["batch_index"], pass_name=self.pass_name)
             main = self.generator.runs[0].recipe.column("status")
             rows.append({"unit": plan["_unit"], "engine_loads": loads,
                          **save_generations(generated, path=path, generation_key=self.generation_key,
@@ -272,7 +272,7 @@ class FinalizeUnit(UnitStage):
         failed_rows = 0
         if kept.num_rows:
             table = self.select.process(kept)
-            cache = cached_generations(out, unit.key, self.generation_key) if self.generation.enabled else None
+            cache = cached_generations(out, unit.key, key=self.generation_key) if self.generation.enabled else None
             table = attach_generations(table, cache, cfg=self.cfg, unit=unit.key)
             failed = failed_generations(table, run_recipes(self.generation)) if self.generation.enabled else None
             if failed is not None and failed.num_rows:

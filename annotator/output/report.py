@@ -53,7 +53,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _label_bars(ax, bars, values) -> None:
+def _label_bars(ax, bars, *, values) -> None:
     for bar, value in zip(bars, values):
         ax.annotate(f"{value:,}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8, xytext=(0, 2), textcoords="offset points")
@@ -72,7 +72,7 @@ def plot_score_histogram(stats: dict) -> bytes:
     counts = [int(hist.get(str(s), 0)) for s in scores]
     fig, ax = _figure()
     bars = ax.bar(scores, counts, color=["#c0392b" if s >= threshold else "#2e86c1" for s in scores])
-    _label_bars(ax, bars, counts)
+    _label_bars(ax, bars, values=counts)
     if max(counts) > 50 * max(1, min(c for c in counts if c) if any(counts) else 1):
         ax.set_yscale("log")  # a web corpus is mostly score 0; a linear axis hides the bad tail
     ax.set_xticks(scores)
@@ -135,7 +135,7 @@ def plot_citations(stats: dict) -> bytes:
         _empty(ax, "no citations")
     else:
         bars = ax.bar(range(len(sections)), counts, color="#8e44ad")
-        _label_bars(ax, bars, counts)
+        _label_bars(ax, bars, values=counts)
         ax.set_xticks(range(len(sections)), sections, fontsize=8)
         ax.set_xlabel("constitution section")
         ax.set_ylabel("citations")

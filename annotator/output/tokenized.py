@@ -33,7 +33,7 @@ def special_tokens(output: OutputConfig, sections: list[str] = ()) -> tuple[str,
 
 
 def training_tokenizer(output: OutputConfig, sections: list[str] = ()) -> TargetTokenizer:
-    return target_tokenizer(output.tokenizer, output.eos_token, special_tokens(output, sections))
+    return target_tokenizer(output.tokenizer, output.eos_token, added=special_tokens(output, sections))
 
 
 def render_citations(reflection: str, valid: frozenset[str]) -> str:

@@ -13,7 +13,7 @@ from annotator.core.errors import RunError
 from annotator.output.finalize import run_sections
 
 
-def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
+def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict) -> dict:
     """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
     `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
     size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
@@ -64,7 +64,7 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, stats: dict) -> dict:
         "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
         "streams": streams,
         "recipes": stream_recipes(cfg),
-        "blend": blend_lines(out_dir, streams, cfg),
+        "blend": blend_lines(out_dir, streams, cfg=cfg),
     }
     path = out_dir / layout.TOKENS_DIR / layout.METADATA
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,11 +81,11 @@ def stream_recipes(cfg: RunConfig) -> dict:
     for recipe in run_recipes(cfg.generation):
         pack = recipe.load_pack()
         out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
-                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, cfg.output.voices)}}
+                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, voices=cfg.output.voices)}}
     return out
 
 
-def blend_lines(out_dir: Path, streams: dict, cfg: RunConfig) -> dict[str, str]:
+def blend_lines(out_dir: Path, streams: dict, *, cfg: RunConfig) -> dict[str, str]:
     """Per training stream of a recipe, `weight prefix weight prefix ...` over its files and the
     compact stream's (the recipe's own compact stream when it applies to every document; in the
     documents layout, over its own files alone), weights = each file's share of windows or

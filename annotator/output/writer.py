@@ -47,7 +47,7 @@ class Placed:
 
 
 def placed_streams(recipes: list[tuple[Recipe, PromptPack]], voices: list[str]) -> list[Placed]:
-    return [Placed(r, p, f, stream_name(r, f)) for r, p in recipes for f in placed_fields(r, p, voices)]
+    return [Placed(r, p, f, stream_name(r, f)) for r, p in recipes for f in placed_fields(r, p, voices=voices)]
 
 
 def chosen_mask(table: pa.Table, *, generation_enabled: bool) -> list[bool]:
@@ -79,7 +79,7 @@ class TrainingText(Stage):
             self.reads = (*self.reads, first.recipe.column("status"), first.recipe.column(first.field),
                           *((first.recipe.column("position"),) if first.recipe.placement in ("pause", "end") else ()))
 
-    def inserted_text(self, placed: Placed, row: dict, tok) -> str | None:
+    def inserted_text(self, placed: Placed, row: dict, *, tok) -> str | None:
         """The text the stream inserts for `row`, as it reads in training text (template tokens and
         charter tokens as their strings), or None."""
         r = placed.recipe
@@ -96,9 +96,9 @@ class TrainingText(Stage):
             value = render_citations(value, frozenset(self.sections))
         return f"{tpl.open}{value}{tpl.close}"
 
-    def place_text(self, placed: Placed, row: dict, tok) -> str:
+    def place_text(self, placed: Placed, row: dict, *, tok) -> str:
         text = row["text"]
-        inserted = self.inserted_text(placed, row, tok)
+        inserted = self.inserted_text(placed, row, tok=tok)
         if inserted is None:
             return text
         placement = placed.recipe.placement
@@ -121,7 +121,7 @@ class TrainingText(Stage):
             if pick and self.output.layout == "windows" and n > self.content_tokens:
                 keep = clip_at_char(tok.offsets(row["text"]), self.content_tokens)
             placed_here = first is not None and pick and row.get(first.recipe.column("status")) == OK
-            texts.append(self.place_text(first, row, tok) if placed_here else row["text"])
+            texts.append(self.place_text(first, row, tok=tok) if placed_here else row["text"])
             kept.append(keep)
             sources.append(n)
             clipped.append(n - keep)
@@ -179,7 +179,7 @@ class StreamWriter:
         return reflection_ids(self.tok, value, open_id=self.open_id, close_id=self.close_id,
                               charter=self.output.template.charter_tokens, valid=self.valid)
 
-    def content(self, placed: Placed, row: dict, doc: list[int], keep: int):
+    def content(self, placed: Placed, row: dict, *, doc: list[int], keep: int):
         r = placed.recipe
         point = row.get(r.column("token_index")) if r.placement in ("pause", "end") else None
         if r.placement == "end" and point is None:
@@ -192,7 +192,7 @@ class StreamWriter:
         sizes = {}
         chosen = chosen_mask(table, generation_enabled=self.generation_enabled)
         for placed in self.streams:
-            prefix = layout.stream_prefix(self.out, placed.stream, name)
+            prefix = layout.stream_prefix(self.out, placed.stream, name=name)
             prefix.parent.mkdir(parents=True, exist_ok=True)
             tokens, masks = IndexedDatasetWriter(prefix, dtype=self.dtype), IndexedDatasetWriter(layout.mask_prefix(prefix), dtype=np.uint8)
             total = 0
@@ -200,7 +200,7 @@ class StreamWriter:
                 piece = table.slice(start, _TOKENIZE_SLICE)
                 encoded = self.tok.encode_batch(piece.column("text").to_pylist())
                 for row, doc, pick in zip(piece.to_pylist(), encoded, chosen[start:start + _TOKENIZE_SLICE]):
-                    assembled = self.content(placed, row, doc, len(doc)) if pick else place(doc, keep=len(doc), placement=None, point=None, inserted=None)
+                    assembled = self.content(placed, row, doc=doc, keep=len(doc)) if pick else place(doc, keep=len(doc), placement=None, point=None, inserted=None)
                     ids = np.asarray([*assembled.ids, self.eos_id], dtype=np.int64)
                     tokens.add_document(ids)
                     masks.add_document(assembled.mask(len(ids)))
@@ -219,32 +219,32 @@ class StreamWriter:
         sizes: dict[str, dict] = {}
         tails: list[list[int]] = []
         if annotated.num_rows:
-            sizes.update(self._annotated(annotated, unit, tails, compression=compression))
+            sizes.update(self._annotated(annotated, unit, tails=tails, compression=compression))
         if plain.num_rows or tails:
-            sizes[layout.COMPACT] = self._compact(plain, unit, tails, placed=None)
+            sizes[layout.COMPACT] = self._compact(plain, unit, tails=tails, placed=None)
             for placed in self.streams:
                 if placed.recipe.applies_to == "all" and plain.num_rows:
                     name = f"{placed.stream}-{layout.COMPACT}"
-                    sizes[name] = self._compact(plain, unit, tails, placed=placed, stream=name)
+                    sizes[name] = self._compact(plain, unit, tails=tails, placed=placed, stream=name)
         return sizes
 
-    def _annotated(self, table: pa.Table, unit: str, tails: list | None, *, compression: str) -> dict:
-        sizes, lengths = self.window_streams(table, unit, tails)
-        self._sidecar(table, unit, lengths, compression=compression)
+    def _annotated(self, table: pa.Table, unit: str, *, tails: list | None, compression: str) -> dict:
+        sizes, lengths = self.window_streams(table, unit, tails=tails)
+        self._sidecar(table, unit, lengths=lengths, compression=compression)
         return sizes
 
     def write_added(self, table: pa.Table, unit: str, *, compression: str) -> dict:
         """For recipes added to a finished run: their streams over the unit's windows (`table` is
         its sidecar, without `window`, with the new recipes' columns), and the sidecar rewritten
         with those columns; every other file stays as it is."""
-        return self._annotated(table, unit, None, compression=compression)
+        return self._annotated(table, unit, tails=None, compression=compression)
 
-    def window_streams(self, table: pa.Table, unit: str, tails: list | None) -> tuple[dict, dict[str, list[int]]]:
+    def window_streams(self, table: pa.Table, unit: str, *, tails: list | None) -> tuple[dict, dict[str, list[int]]]:
         """Every stream's windows for the chosen documents of `table`; clipped tails go to `tails`
         (None: not collected)."""
         writers = {}
         for placed in self.streams:
-            prefix = layout.stream_prefix(self.out, placed.stream, unit)
+            prefix = layout.stream_prefix(self.out, placed.stream, name=unit)
             prefix.parent.mkdir(parents=True, exist_ok=True)
             writers[placed.stream] = (placed, prefix, IndexedDatasetWriter(prefix, dtype=self.dtype),
                                       IndexedDatasetWriter(layout.mask_prefix(prefix), dtype=np.uint8), [])
@@ -255,7 +255,7 @@ class StreamWriter:
             if tails is not None and self.output.clipped_tail == "compact" and keep < len(doc):
                 tails.append(doc[keep:])
             for placed, _, ids_w, mask_w, lengths in writers.values():
-                assembled = self.content(placed, row, doc, keep)
+                assembled = self.content(placed, row, doc=doc, keep=keep)
                 ids, mask = window(assembled, size=self.size, eos_id=self.eos_id, pad_id=self.pad_id)
                 ids_w.add_document(ids)
                 mask_w.add_document(mask)
@@ -270,7 +270,7 @@ class StreamWriter:
                            "padding": int(len(rows) * self.size - arr.sum() - len(rows))}
         return sizes, {name: w[4] for name, w in writers.items()}
 
-    def _sidecar(self, table: pa.Table, unit: str, lengths: dict[str, list[int]], *, compression: str) -> None:
+    def _sidecar(self, table: pa.Table, unit: str, *, lengths: dict[str, list[int]], compression: str) -> None:
         side = table.add_column(0, "window", pa.array(np.arange(table.num_rows), pa.int32()))
         for name, values in lengths.items():
             side = side.append_column(f"window_tokens_{name}", pa.array(values, pa.int32()))
@@ -278,8 +278,8 @@ class StreamWriter:
         side = side.select(first + [c for c in side.column_names if c not in first])
         write_table(layout.sidecar_path(self.out, unit), side, compression=compression)
 
-    def _compact(self, table: pa.Table, unit: str, tails: list[list[int]], *, placed: Placed | None, stream: str = layout.COMPACT) -> dict:
-        prefix = layout.stream_prefix(self.out, stream, unit)
+    def _compact(self, table: pa.Table, unit: str, *, tails: list[list[int]], placed: Placed | None, stream: str = layout.COMPACT) -> dict:
+        prefix = layout.stream_prefix(self.out, stream, name=unit)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         writer = IndexedDatasetWriter(prefix, dtype=self.dtype)
         packer = DensePacker(size=self.size, eos_id=self.eos_id, pad_id=self.pad_id)
@@ -295,7 +295,7 @@ class StreamWriter:
             piece = table.slice(start, _TOKENIZE_SLICE)
             encoded = self.tok.encode_batch(piece.column("text").to_pylist())
             for row, doc in zip(piece.to_pylist() if placed is not None else [None] * piece.num_rows, encoded):
-                ids = self.content(placed, row, doc, len(doc)).ids if placed is not None else doc
+                ids = self.content(placed, row, doc=doc, keep=len(doc)).ids if placed is not None else doc
                 emit(packer.add(ids))
         for tail in tails:
             emit(packer.add(tail))

@@ -235,7 +235,7 @@ def license_metadata(options: PublishOptions) -> dict:
     return {"license_name": options.license_name or DEFAULT_LICENSE_NAME, "license_link": options.license_link or LICENSE_FILE}
 
 
-def write_license_file(dest: Path, options: PublishOptions, sample: pa.Table) -> None:
+def write_license_file(dest: Path, options: PublishOptions, *, sample: pa.Table) -> None:
     """LICENSE.md in the staged repository when the card links it (licence other, no link given)."""
     if options.license == "other" and not options.license_link:
         (dest / LICENSE_FILE).write_text(license_text(options, sample), encoding="utf-8")
@@ -291,7 +291,7 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
             for f in sorted((out_dir / folder).rglob("*")):
                 if f.is_file():
                     _place(f, dest / f.relative_to(out_dir))
-    write_license_file(dest, options, sample)
+    write_license_file(dest, options, sample=sample)
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
     token = hub_token()
     if token:  # a dry run refuses what an upload would refuse

@@ -85,7 +85,7 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
             raise PublishError(f"{dest} is not empty and holds no earlier staging ({CARD_FILE}); refusing to replace it")
         shutil.rmtree(dest)
     for split_dir, split in [*((r, "train") for r in RENDERINGS), (SKIP_SPLIT, SKIP_SPLIT)]:
-        src = dataset_file(out_dir, split_dir, split)
+        src = dataset_file(out_dir, split_dir, split=split)
         if split == SKIP_SPLIT and not src.exists():
             continue  # no skip rows in this run
         if not src.exists():
@@ -95,7 +95,7 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
         shutil.copy2(src, target)
     shutil.copy2(out_dir / STATS_FILE, dest / STATS_FILE)
     (dest / CARD_FILE).write_text(build_sft_card(stats, options=options), encoding="utf-8")
-    write_license_file(dest, options, pa.table({}))
+    write_license_file(dest, options, sample=pa.table({}))
     token = hub_token()
     if token:
         check_no_secret(dest, token, skip=())

@@ -160,7 +160,7 @@ class AddRecipeUnit(UnitStage):
         stats = manifest["stats"]
         if side is not None and side.num_rows:
             side = self._without_added(side)
-            cache = cached_generations(out, unit.key, self.generation_key, pass_name=self.pass_name)
+            cache = cached_generations(out, unit.key, key=self.generation_key, pass_name=self.pass_name)
             table = attach_generations(side.drop_columns(["window"]), cache, cfg=self.cfg, unit=unit.key, recipes=self.recipes,
                                        needed=pa.array([True] * side.num_rows), shared=False)
             failed = failed_generations(table, self.recipes)
@@ -214,7 +214,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         cpus = replica_cpus(cfg, ray.cluster_resources())
         stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
                   GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
-        with progress_for(cfg, None, "pass 2a", log) as progress:
+        with progress_for(cfg, None, label="pass 2a", log=log) as progress:
             for row in apply_stages(units_dataset(pending), stages).iter_rows():
                 progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
                                 failures=row["failures"])
@@ -223,7 +223,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         timings["generation_pass"] = time.time() - t0
         t0 = time.time()
         add = AddRecipeUnit(cfg, out_dir=str(out_dir), recipes=recipes, generation_key=gen_key, pass_name=pass_name)
-        with progress_for(cfg, sum(u.rows for u in pending), "pass 2b", log) as progress:
+        with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", log=log) as progress:
             for row in apply_stages(units_dataset(pending), [add]).iter_rows():
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0
@@ -231,7 +231,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     record["output_settings"] = json.loads(json.dumps(output_settings(cfg)))
     record["config"] = cfg.model_dump(mode="json")
     write_json(out_dir / RUN_FILE, record)
-    stats = finish_run(cfg, out_dir, plan, state=json.loads((out_dir / SELECTION).read_text())
+    stats = finish_run(cfg, out_dir, plan=plan, state=json.loads((out_dir / SELECTION).read_text())
                        if (out_dir / SELECTION).exists() else {"probability": None},
                        timings=timings, started=started, work=work, log=log)
     if not cfg.output.keep_work:

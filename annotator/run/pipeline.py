@@ -44,7 +44,7 @@ from annotator.output.stats import finalize_stats
 SHARDS_DIR = layout.TEXT_DIR
 
 
-def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> None:
+def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) -> None:
     """Never write into the input: not into an input directory, not where input files live."""
     for p in cfg.input.paths:
         if "://" in p:
@@ -57,7 +57,7 @@ def check_output_location(out_dir: Path, cfg: RunConfig, files: list[str]) -> No
             raise OutputDirError(f"output.path {str(out_dir)!r} contains the input file {f!r}; refusing to write into the input")
 
 
-def open_output(out_dir: Path, cfg: RunConfig, plan: InputPlan) -> bool:
+def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
     """Prepare the output directory; True when it resumes an earlier run of the same config."""
     # Through JSON, so tuples compare equal to what run.json read back.
     settings = json.loads(json.dumps({"output_settings": output_settings(cfg), "plan": plan.to_json()}))
@@ -140,7 +140,7 @@ def reserved_columns(cfg: RunConfig) -> set[str]:
     return names
 
 
-def _selection_state(cfg: RunConfig, out_dir: Path, units: list[Unit]) -> dict:
+def _selection_state(cfg: RunConfig, out_dir: Path, *, units: list[Unit]) -> dict:
     """Sample probability and duplicates, computed once over the whole scored corpus (unit by
     unit, `corpus.py`) and kept, so a resumed run selects exactly what the first one would have."""
     path = out_dir / SELECTION
@@ -170,7 +170,7 @@ def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
 
 
-def progress_for(cfg: RunConfig, total: int, label: str, log, *, expected_docs_per_s: float | None = None) -> Progress:
+def progress_for(cfg: RunConfig, total: int, *, label: str, log, expected_docs_per_s: float | None = None) -> Progress:
     progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
                         expected_docs_per_s=expected_docs_per_s)
     progress.configure_ray_data()
@@ -178,14 +178,14 @@ def progress_for(cfg: RunConfig, total: int, label: str, log, *, expected_docs_p
     return progress
 
 
-def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict, log) -> float:
+def score_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], extra: dict, log) -> float:
     """Pass 1: read, count, score and write every unit not yet scored; returns its seconds."""
     t0 = time.time()
     for unit in units:
         clear_unit_scoring(out_dir, unit)
     log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
     ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
-    with progress_for(cfg, sum(u.rows for u in units), "pass 1", log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), label="pass 1", log=log) as progress:
         for row in apply_stages(units_dataset(units), ops).iter_rows():
             progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
     unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
@@ -194,7 +194,7 @@ def score_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, extra: dict,
     return time.time() - t0
 
 
-def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, cpus: float, work: dict, log,
+def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: dict, gen_key: str, cpus: float, work: dict, log,
                   cost_plan: dict | None = None) -> float:
     """Pass 2a: the documents that need the engine, in planned batches, through the replicas;
     every batch is saved as it completes."""
@@ -209,7 +209,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
     remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
     rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
     expected = rate * cfg.generation.concurrency if rate else None
-    with progress_for(cfg, remaining, "pass 2a", log, expected_docs_per_s=expected) as progress:
+    with progress_for(cfg, remaining, label="pass 2a", log=log, expected_docs_per_s=expected) as progress:
         for row in apply_stages(units_dataset(units), stages).iter_rows():
             progress.update(documents=row["documents"], selected=row["selected"],
                             generated_tokens=row["generated_tokens"], failures=row["failures"])
@@ -218,13 +218,13 @@ def generate_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: di
     return time.time() - t0
 
 
-def finalize_pass(cfg: RunConfig, out_dir: Path, units: list[Unit], *, state: dict, gen_key: str, log) -> float:
+def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: dict, gen_key: str, log) -> float:
     """Pass 2b: each unit's shards, token streams and manifest."""
     t0 = time.time()
     finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
                             duplicates=state["duplicates"])
     log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
-    with progress_for(cfg, sum(u.rows for u in units), "pass 2b", log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", log=log) as progress:
         for row in apply_stages(units_dataset(units), [finalize]).iter_rows():
             manifest = json.loads(row["manifest"])
             stats = manifest["stats"]
@@ -239,7 +239,7 @@ def run(cfg: RunConfig, *, log=print) -> dict:
 
     out_dir = Path(cfg.output.path).resolve()
     files = expand_paths(cfg.input.paths)
-    check_output_location(out_dir, cfg, files)
+    check_output_location(out_dir, cfg, files=files)
     plan = plan_input(files, cfg.input)
     for rejected in plan.rejected_files:
         log(f"[spp] input file rejected: {rejected.path}: {rejected.reason}")
@@ -251,8 +251,8 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     cluster = ray.cluster_resources()
     cpus = replica_cpus(cfg, cluster)
     check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=ray.nodes())
-    resumed = open_output(out_dir, cfg, plan)
-    cost_plan = load_plan(out_dir, cfg, log)
+    resumed = open_output(out_dir, cfg, plan=plan)
+    cost_plan = load_plan(out_dir, cfg, log=log)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
 
@@ -264,11 +264,11 @@ def run(cfg: RunConfig, *, log=print) -> dict:
             f"{len(pending) - len(to_score)} more scored")
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
     if to_score:
-        timings["scoring_pass"] = score_pass(cfg, out_dir, to_score, extra=extra, log=log)
+        timings["scoring_pass"] = score_pass(cfg, out_dir, units=to_score, extra=extra, log=log)
 
     if pending or not (out_dir / SELECTION).exists():
         log(f"[spp] selection: corpus totals and duplicate ids over {len(plan.units)} units")
-        state = _selection_state(cfg, out_dir, plan.units)
+        state = _selection_state(cfg, out_dir, units=plan.units)
     else:
         state = json.loads((out_dir / SELECTION).read_text())
     if pending:
@@ -281,17 +281,17 @@ def run(cfg: RunConfig, *, log=print) -> dict:
             "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
             "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
-        timings["generation_pass"] = generate_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
+        timings["generation_pass"] = generate_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
                                                    cost_plan=cost_plan)
     if pending:
-        timings["finalize_pass"] = finalize_pass(cfg, out_dir, pending, state=state, gen_key=gen_key, log=log)
-    return finish_run(cfg, out_dir, plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan)
+        timings["finalize_pass"] = finalize_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, log=log)
+    return finish_run(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan)
 
 
-def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, work: dict, log,
+def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, work: dict, log,
                cost_plan: dict | None = None) -> dict:
     """Merged statistics, the attempt record, the training metadata, the report; `_work/` cleared."""
-    stats = run_stats(cfg, out_dir, plan, state=state, timings=timings, started=started, wall=time.time() - started)
+    stats = run_stats(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, wall=time.time() - started)
     stats["this_run"] = work
     if cost_plan is not None:
         stats["plan"] = plan_vs_actual(cost_plan, stats)
@@ -301,7 +301,7 @@ def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, t
     record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})
     write_json(out_dir / RUN_FILE, record)
     if cfg.output.tokenized:
-        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats)
+        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats=stats)
     write_json(out_dir / layout.STATS_FILE, stats)
     write_report(out_dir, stats)
     if not cfg.output.keep_work:
@@ -310,7 +310,7 @@ def finish_run(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, t
     return stats
 
 
-def run_stats(cfg: RunConfig, out_dir: Path, plan: InputPlan, *, state: dict, timings: dict, started: float, wall: float) -> dict:
+def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, wall: float) -> dict:
     """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
     runs'), with the invariant documents read = written + rejected + dropped checked."""
     import ray.data

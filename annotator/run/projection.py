@@ -76,7 +76,7 @@ def project(cfg: RunConfig, *, scoring: dict, calibration: dict | None, document
                        "batch_size": gen.batch_size, "max_model_len": gen.max_model_len}}
 
 
-def load_plan(out_dir: Path, cfg: RunConfig, log=print) -> dict | None:
+def load_plan(out_dir: Path, cfg: RunConfig, *, log=print) -> dict | None:
     """The plan in `out_dir` when it was made for this config (else None, said once)."""
     path = Path(out_dir) / layout.PLAN_FILE
     if not path.exists():

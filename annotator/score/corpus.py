@@ -67,13 +67,13 @@ class SummarizeUnit(UnitStage):
 
     def _summarize(self, unit: Unit, index: int) -> dict:
         out = Path(self.out_dir)
-        table = read_unit_scored(out, unit, ["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
+        table = read_unit_scored(out, unit, columns=["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
         per_score = table.group_by("safety_score").aggregate([("safety_score", "count"), ("token_length", "sum")]).to_pylist()
         unconfident = table.filter(pc.and_(pc.greater_equal(table.column("safety_score"), self.selection.bad_threshold),
                                            pc.less(table.column("safety_confidence"), self.selection.min_confidence)))
         low = unconfident.group_by("safety_score").aggregate([("token_length", "sum")]).to_pylist()
         if self.id_buckets is not None:
-            self._write_ids(out / IDS / f"{unit.key}.parquet", table, index)
+            self._write_ids(out / IDS / f"{unit.key}.parquet", table, index=index)
         return {
             "unit_index": index,
             "score_documents": json.dumps({int(r["safety_score"]): int(r["safety_score_count"]) for r in per_score}),
@@ -81,7 +81,7 @@ class SummarizeUnit(UnitStage):
             "unconfident_tokens": json.dumps({int(r["safety_score"]): int(r["token_length_sum"] or 0) for r in low}),
         }
 
-    def _write_ids(self, path: Path, table: pa.Table, index: int) -> None:
+    def _write_ids(self, path: Path, table: pa.Table, *, index: int) -> None:
         ids = pa.table({
             "bucket": id_buckets(table.column("doc_id"), self.id_buckets),
             "doc_id": table.column("doc_id").cast(pa.string()),

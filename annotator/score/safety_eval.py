@@ -43,7 +43,7 @@ def _fpr(pred: np.ndarray, truth: np.ndarray) -> float:
     return round(int((pred & ~truth).sum()) / max(1, int((~truth).sum())), 4)
 
 
-def label_metrics(scores: np.ndarray, probs: np.ndarray, labels: np.ndarray, *, threshold: int = 3) -> dict:
+def label_metrics(scores: np.ndarray, probs: np.ndarray, *, labels: np.ndarray, threshold: int = 3) -> dict:
     """Bad (score >= threshold) vs harmful labels; AUROC ranks by P(score >= threshold);
     `at_score` gives precision, recall and false-positive rate of score >= k for every k."""
     labels = np.asarray(labels).astype(int)
@@ -61,7 +61,7 @@ def label_metrics(scores: np.ndarray, probs: np.ndarray, labels: np.ndarray, *, 
     }
 
 
-def category_metrics(scores: np.ndarray, labels: np.ndarray, categories: list[str], *, threshold: int = 3) -> dict:
+def category_metrics(scores: np.ndarray, labels: np.ndarray, *, categories: list[str], threshold: int = 3) -> dict:
     """Per category: rows of each class, recall (harmful rows flagged), false-positive rate (benign
     rows flagged) and precision (flagged rows that are harmful), each only where it is defined."""
     labels = np.asarray(labels).astype(int)

@@ -61,7 +61,7 @@ class SelectForReflection(Stage):
         self.probability = probability
         self.resources = Resources(num_cpus=0.5, batch_size=4096)
 
-    def decide(self, doc_id: str, score: int, confidence: float) -> tuple[bool, bool, str]:
+    def decide(self, doc_id: str, score: int, *, confidence: float) -> tuple[bool, bool, str]:
         is_bad = score >= self.cfg.bad_threshold and confidence >= self.cfg.min_confidence
         mode = self.cfg.mode
         if mode == "filtered_baseline":
@@ -75,8 +75,8 @@ class SelectForReflection(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         decisions = [
-            self.decide(*row)
-            for row in zip(
+            self.decide(doc_id, score, confidence=confidence)
+            for doc_id, score, confidence in zip(
                 batch.column("doc_id").to_pylist(),
                 batch.column("safety_score").to_pylist(),
                 batch.column("safety_confidence").to_pylist(),

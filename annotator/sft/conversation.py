@@ -260,7 +260,7 @@ class _Conversation:
             self.tokens[i] += v
 
 
-def generate_batch(engine, packs: SftPacks, cfg: RunConfig, rows: list[dict]) -> pa.Table:
+def generate_batch(engine, packs: SftPacks, *, cfg: RunConfig, rows: list[dict]) -> pa.Table:
     """One engine batch of conversations, turn by turn: every active conversation's assistant turn
     in one engine call (failed replies retried together, each with a new seed), then every
     continuing conversation's follow-up user message in one call. The text depends only on the
@@ -272,7 +272,7 @@ def generate_batch(engine, packs: SftPacks, cfg: RunConfig, rows: list[dict]) ->
     turn = 0
     active = convs
     while active:
-        _assistant_turn(engine, packs, cfg, active, turn, schema)
+        _assistant_turn(engine, packs, cfg=cfg, convs=active, turn=turn, schema=schema)
         going = [c for c in active if c.status == OK and c.stop_reason is None and len(c.turns) < 1 + c.row["follow_ups"]]
         for c in active:
             if c.status == OK and c.stop_reason is None and c not in going:
@@ -301,14 +301,14 @@ def generate_batch(engine, packs: SftPacks, cfg: RunConfig, rows: list[dict]) ->
                 c.stop_reason = "followup_failed"
         active = [c for c in going if c.stop_reason is None]
         turn += 1
-    return pa.Table.from_pylist([_result(c, packs, cfg) for c in convs], schema=RESULT_SCHEMA)
+    return pa.Table.from_pylist([_result(c, packs, cfg=cfg) for c in convs], schema=RESULT_SCHEMA)
 
 
 def _seed(*parts) -> int:
     return int(unit_hash(*parts) * 2**31)
 
 
-def _assistant_turn(engine, packs: SftPacks, cfg: RunConfig, convs: list[_Conversation], turn: int, schema: dict) -> None:
+def _assistant_turn(engine, packs: SftPacks, *, cfg: RunConfig, convs: list[_Conversation], turn: int, schema: dict) -> None:
     s, g = cfg.sft, cfg.generation
     sections = packs.pack.sections
     pending = []
@@ -365,7 +365,7 @@ def _assistant_turn(engine, packs: SftPacks, cfg: RunConfig, convs: list[_Conver
         c.stop_reason = f"turn_failed:{reason}" if turn else f"failed:{reason}"
 
 
-def _result(c: _Conversation, packs: SftPacks, cfg: RunConfig) -> dict:
+def _result(c: _Conversation, packs: SftPacks, *, cfg: RunConfig) -> dict:
     r = c.row
     return {"conversation_id": r["conversation_id"], "source": r["source"], "source_id": r["source_id"], "category": r["category"],
             "harm_category": r["harm_category"], "canary_id": r["canary_id"] if c.canary_action == "inject" else None,

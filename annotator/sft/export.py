@@ -49,7 +49,7 @@ class SftRunError(RuntimeError):
     """An SFT output directory that cannot be used as asked; the message says what to change."""
 
 
-def dataset_file(out_dir: Path, split_dir: str, split: str = "train") -> Path:
+def dataset_file(out_dir: Path, split_dir: str, *, split: str = "train") -> Path:
     return Path(out_dir) / DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"
 
 
@@ -64,7 +64,7 @@ def sft_settings(cfg: RunConfig, packs) -> dict:
             "followup_version": packs.followup_version, "canary_file": file_digest(canaries) if canaries else None}
 
 
-def open_sft_output(out: Path, cfg: RunConfig, settings: dict) -> dict:
+def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
     """run.json of this output directory: a new one, or the earlier attempt's when the settings
     match (a resume); a different run there is refused unless output.overwrite replaces it."""
     run_file = out / RUN_FILE
@@ -95,7 +95,7 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
 
     out = Path(cfg.output.path).resolve()
     packs = load_sft_packs(cfg)  # a broken pack fails before any engine starts
-    record = open_sft_output(out, cfg, sft_settings(cfg, packs))
+    record = open_sft_output(out, cfg, settings=sft_settings(cfg, packs))
     write_json(out / RUN_FILE, record)  # first, so that anything else in `out` belongs to this run
     inject = [c.id for c in packs.canaries if c.action == "inject"]
     prompts, draw = materialise_prompts(out / PROMPTS, cfg.sft, inject_canaries=inject)
@@ -153,7 +153,7 @@ def export(out: Path, results: pa.Table, *, prompts: pa.Table, cfg: RunConfig, d
     for rendering in RENDERINGS:
         table = pa.Table.from_pylist([{**_meta(r), "messages": messages_of(r["turns"], rendering)} for r in ok], schema=EXPORT_SCHEMA)
         write_table(dataset_file(out, rendering), table)
-    skip_file = dataset_file(out, SKIP_SPLIT, SKIP_SPLIT)
+    skip_file = dataset_file(out, SKIP_SPLIT, split=SKIP_SPLIT)
     skip_file.unlink(missing_ok=True)
     if skip:  # a Parquet file without rows is one that `datasets` cannot read
         write_table(skip_file, pa.Table.from_pylist(

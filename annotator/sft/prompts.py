@@ -72,7 +72,7 @@ def read_source(src: SftSourceConfig) -> list[dict]:
     return rows
 
 
-def allocate(weights: dict[str, float], sizes: dict[str, int], total: int) -> dict[str, int]:
+def allocate(weights: dict[str, float], sizes: dict[str, int], *, total: int) -> dict[str, int]:
     """Prompts per source: `total` shared by weight (largest remainders), capped at each source's
     size; what a capped source cannot give goes to the others by weight."""
     alloc = {k: 0 for k in weights}
@@ -110,7 +110,7 @@ def draw_prompts(cfg: SftConfig, *, inject_canaries: list[str]) -> tuple[pa.Tabl
                 seen.add(key)
                 pool.append(row)
         pools[src.name] = pool
-    counts = allocate({s.name: s.weight for s in cfg.sources}, {k: len(v) for k, v in pools.items()}, cfg.prompts)
+    counts = allocate({s.name: s.weight for s in cfg.sources}, {k: len(v) for k, v in pools.items()}, total=cfg.prompts)
     drawn = []
     for src in cfg.sources:
         ranked = sorted(pools[src.name], key=lambda r: unit_hash("sft-draw", cfg.seed, src.name, r["source_id"]))

@@ -67,7 +67,7 @@ class SftGenerateAndSave(Stage):
             if self._engine is None:
                 self.load_engine()
                 loads = 1
-            table = generate_batch(self._engine, self._packs, self.cfg, json.loads(plan["rows"]))
+            table = generate_batch(self._engine, self._packs, cfg=self.cfg, rows=json.loads(plan["rows"]))
             write_table(path, table)
             status = table.column("status").to_pylist()
             out.append({"batch_index": plan["batch_index"], "conversations": table.num_rows,

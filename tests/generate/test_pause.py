@@ -36,7 +36,7 @@ def test_pause_point_is_seeded_per_document():
 def test_token_snap_splits_text_at_a_token_boundary(tok):
     text = "The quick brown fox jumps over the lazy dog. It was not amused, and said so loudly."
     offsets = tok.offsets(text)
-    p = pause_point(text, offsets, 0.5, max_prefix_tokens=4, max_content_tokens=1920, snap="token")
+    p = pause_point(text, offsets, fraction=0.5, max_prefix_tokens=4, max_content_tokens=1920, snap="token")
     assert p.token_index == round(0.5 * len(offsets))
     assert tok.encode(text[: p.char_index]) == tok.encode(text)[: p.token_index]
     assert len(tok.encode(p.prompt_prefix)) <= 5  # cut to the last 4 tokens
@@ -52,8 +52,8 @@ def test_word_snap_never_splits_a_word(tok):
     assert inside, "the tokenizer splits some word of the sample"
     for k in inside:
         fraction = k / len(offsets)
-        token = pause_point(text, offsets, fraction, max_prefix_tokens=100, max_content_tokens=1920, snap="token")
-        word = pause_point(text, offsets, fraction, max_prefix_tokens=100, max_content_tokens=1920, snap="word")
+        token = pause_point(text, offsets, fraction=fraction, max_prefix_tokens=100, max_content_tokens=1920, snap="token")
+        word = pause_point(text, offsets, fraction=fraction, max_prefix_tokens=100, max_content_tokens=1920, snap="word")
         assert not word_boundary(text, token.char_index)  # the method's token snap can split the word
         assert word_boundary(text, word.char_index) and word.token_index < token.token_index
         assert tok.encode(text[: word.char_index]) == tok.encode(text)[: word.token_index]
@@ -65,13 +65,13 @@ def test_pause_stays_inside_the_kept_content_and_off_the_edges(tok):
     offsets = tok.offsets(long)
     assert len(offsets) > 1920
     for i in range(300):
-        p = pause_point(long, offsets, sample_pause_fraction(i, "long"), max_prefix_tokens=5000, max_content_tokens=1920)
+        p = pause_point(long, offsets, fraction=sample_pause_fraction(i, "long"), max_prefix_tokens=5000, max_content_tokens=1920)
         assert 1 <= p.token_index <= 1919
         assert word_boundary(long, p.char_index)
     for f in (0.0, 1.0):
-        edge = pause_point("one two three", tok.offsets("one two three"), f, max_prefix_tokens=10, max_content_tokens=1920)
+        edge = pause_point("one two three", tok.offsets("one two three"), fraction=f, max_prefix_tokens=10, max_content_tokens=1920)
         assert 1 <= edge.token_index <= 2  # three tokens: after the first or second, never 0 or 3
-    single = pause_point("word", tok.offsets("word"), 0.5, max_prefix_tokens=10, max_content_tokens=1920)
+    single = pause_point("word", tok.offsets("word"), fraction=0.5, max_prefix_tokens=10, max_content_tokens=1920)
     assert single.token_index == 1 and single.char_index == 4
-    end = pause_point(long, offsets, 0.3, max_prefix_tokens=5000, max_content_tokens=1920, at_end=True)
+    end = pause_point(long, offsets, fraction=0.3, max_prefix_tokens=5000, max_content_tokens=1920, at_end=True)
     assert end.token_index == 1920 and end.char_index == offsets[1919][1]

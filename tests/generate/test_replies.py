@@ -105,7 +105,7 @@ def test_budget_cut_and_markers_from_the_kept_text(pack, tok):
 def test_cut_never_leaves_half_a_marker(tok):
     text = "I notice the harm here " + "[2.1]"
     n = len(tok.encode("I notice the harm here [2."))
-    assert cut_to_tokens(text, tok, n) == "I notice the harm here"
+    assert cut_to_tokens(text, tok, max_tokens=n) == "I notice the harm here"
 
 
 def test_detectors():

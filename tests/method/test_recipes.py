@@ -50,7 +50,7 @@ def test_streams_per_placed_field():
     def streams(name, voices=("1p",)):
         recipe = BUILTIN[name]
         pack = recipe.load_pack()
-        return [stream_name(recipe, f) for f in placed_fields(recipe, pack, list(voices))]
+        return [stream_name(recipe, f) for f in placed_fields(recipe, pack, voices=list(voices))]
 
     assert streams("reflection") == ["reflection-1p"]
     assert streams("reflection", ("1p", "3p")) == ["reflection-1p", "reflection-3p"]

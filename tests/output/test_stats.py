@@ -58,7 +58,7 @@ def _generation_columns(table: pa.Table, tokenizer) -> pa.Table:
     out = {k: [defaults.get(k)] * n for k in columns}
     ids, texts, selected = (table.column(c).to_pylist() for c in ("doc_id", "text", "selected"))
     for rank, i in enumerate(i for i in range(n) if selected[i]):
-        pause = pause_point(texts[i], tokenizer.offsets(texts[i]), sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000,
+        pause = pause_point(texts[i], tokenizer.offsets(texts[i]), fraction=sample_pause_fraction(0, ids[i]), max_prefix_tokens=4000,
                             max_content_tokens=1920)
         canary = CANARY if rank % 3 == 0 else None
         raw = "{not json" if rank % 7 == 3 else _canned_reply(rank)

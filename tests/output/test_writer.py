@@ -42,7 +42,7 @@ def unit_table(docs: list[tuple[str, str, str | None]], *, cfg: RunConfig, token
         if reflection is None:
             continue
         offsets = tok.offsets(text)
-        p = pause_point(text, offsets, 0.5, max_prefix_tokens=10_000, max_content_tokens=content_tokens)
+        p = pause_point(text, offsets, fraction=0.5, max_prefix_tokens=10_000, max_content_tokens=content_tokens)
         cols["reflection_token_index"][i], cols["reflection_position"][i] = p.token_index, p.char_index
         if reflection == "FAIL":
             cols["reflection_status"][i] = "failed:checks=third_person"
@@ -74,7 +74,7 @@ def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
 def save_metadata(cfg: RunConfig, stats: dict) -> None:
     from annotator.output.training_metadata import save_training_metadata
 
-    save_training_metadata(cfg, Path(cfg.output.path), stats)
+    save_training_metadata(cfg, Path(cfg.output.path), stats=stats)
 
 
 def test_published_schema_and_training_text(tmp_path):

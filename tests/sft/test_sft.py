@@ -78,7 +78,7 @@ def test_seeded_draw_of_real_requests_by_weight_without_duplicates():
     assert again.to_pylist() == rows
     other, _ = draw_prompts(cfg.sft.model_copy(update={"seed": 1}), inject_canaries=["C1"])
     assert other.column("conversation_id").to_pylist() != table.column("conversation_id").to_pylist()
-    assert allocate({"a": 3, "b": 1}, {"a": 10, "b": 100}, 40) == {"a": 10, "b": 30}  # a capped source's share goes to the others
+    assert allocate({"a": 3, "b": 1}, {"a": 10, "b": 100}, total=40) == {"a": 10, "b": 30}  # a capped source's share goes to the others
 
 
 def _demo_config(**sft) -> RunConfig:
@@ -121,7 +121,7 @@ def run(tmp_path_factory) -> Path:
 
 def rows_of(out: Path) -> dict:
     """Rows per split; a run without skip rows writes no skip file."""
-    files = {name: dataset_file(out, name, "train" if name in RENDERINGS else SKIP_SPLIT) for name in (*RENDERINGS, SKIP_SPLIT)}
+    files = {name: dataset_file(out, name, split="train" if name in RENDERINGS else SKIP_SPLIT) for name in (*RENDERINGS, SKIP_SPLIT)}
     return {name: pq.read_table(f).to_pylist() if f.exists() else [] for name, f in files.items()}
 
 
@@ -181,10 +181,10 @@ def test_output_loads_as_a_chat_dataset_the_chat_template_accepts(run):
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
     for name in (*RENDERINGS, SKIP_SPLIT):
         split = "train" if name in RENDERINGS else SKIP_SPLIT
-        if not dataset_file(run, name, split).exists():
+        if not dataset_file(run, name, split=split).exists():
             assert name == SKIP_SPLIT and not rows_of(run)[name]
             continue
-        ds = load_dataset("parquet", data_files={split: str(dataset_file(run, name, split))}, split=split)
+        ds = load_dataset("parquet", data_files={split: str(dataset_file(run, name, split=split))}, split=split)
         assert ds.num_rows == len(rows_of(run)[name])
         for row in ds:
             text = tok.apply_chat_template(row["messages"], tokenize=False)
