@@ -17,9 +17,10 @@ from pathlib import Path
 # Runs as a script, where the repo root is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from annotator.core import layout  # noqa: E402
 from annotator.publish.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
 
-STAGING = "_work/publish"
+STAGING = layout.PUBLISH_STAGING
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,11 +24,7 @@ from annotator.method.prompt_packs import load_pack
 from annotator.audit.sampling import allocate_sample, choose_sample, count_strata, read_rows
 from annotator.output.stats import stratum_key
 
-AUDIT_DIR = "audit"
-REFLECTIONS_FILE = f"{AUDIT_DIR}/reflections.parquet"
-LEDGER_FILE = f"{AUDIT_DIR}/ledger.parquet"
-AUDIT_WORK = f"{AUDIT_DIR}/_work"
-STATS_FILE = "stats.json"
+REFLECTIONS_FILE, LEDGER_FILE, AUDIT_WORK, STATS_FILE = layout.AUDIT_REFLECTIONS, layout.AUDIT_LEDGER, layout.AUDIT_WORK, layout.STATS_FILE
 VOICE_LABELS = {"reflection_1p": "First-person reflection", "reflection_3p": "Third-person reflection"}
 SCORES = range(6)
 

@@ -17,14 +17,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.core.checkpoint import write_table
 from annotator.config import ConfigError, GenerationConfig, JudgeConfig, RunConfig
 from annotator.engine.vllm_engine import Engine, Reply
-from annotator.generate.pause import unit_hash
+from annotator.core.layout import judge_batch_path
+from annotator.core.seeding import sampling_seed
+from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resources
 from annotator.core.progress import configure_ray_data_console
 from annotator.method.prompt_packs import PromptPack
 from annotator.generate.replies import json_object, strip_reasoning
-from annotator.core.stages import Resources, Stage, apply_stages
+from annotator.core.stages import apply_stages
 
 REASON = "reason"
 OK = "ok"
@@ -111,16 +112,16 @@ class EndpointClient:
         return list(self.pool.map(call, zip(messages, seeds)))
 
 
-class JudgeAndSave(Stage):
-    """A judge worker: one batch of items per input row, judged (with retries) and saved to
-    `<work_dir>/batch-NNNNN.parquet` before the call returns; returns counts only."""
+class JudgeTask(ReplicaTask):
+    """A judge worker's task: one batch of items ({id, user}) per plan, judged (with retries) and
+    saved under `layout.judge_batch_path`."""
 
     name = "judge"
     reads = ("batch_index", "items")
-    adds = ("batch_index", "judged", "failed", "output_tokens", "engine_loads")
-    stateful = True
+    keys = {"batch_index": pa.int64()}
+    counts = ("judged", "failed", "output_tokens")
 
-    def __init__(self, cfg: RunConfig, *, rubric: Rubric, system: str, task: str, work_dir: str, num_cpus: float):
+    def __init__(self, cfg: RunConfig, *, rubric: Rubric, system: str, task: str, work_dir: str):
         self.judge = cfg.audit.judge
         self.engine_cfg = judge_engine_config(cfg)
         self.rubric = rubric
@@ -128,19 +129,17 @@ class JudgeAndSave(Stage):
         self.task = task
         self.work_dir = work_dir
         self.seed = cfg.generation.seed
-        remote = self.judge.base_url is not None
-        concurrency = 1 if remote and not self.judge.concurrency else self.engine_cfg.concurrency
-        self.resources = Resources(num_cpus=0.5 if remote else num_cpus, num_gpus=0 if remote else self.engine_cfg.num_gpus,
-                                   concurrency=concurrency, batch_size=1, max_restarts=cfg.generation.max_replica_restarts)
         self._backend = None
 
-    def _load(self) -> int:
-        if self._backend is not None:
-            return 0
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    def load(self, *, num_cpus: float) -> int:
         if self.judge.base_url:
             self._backend = EndpointClient(self.judge, concurrency=(self.judge.concurrency or 1) * ENDPOINT_REQUESTS_PER_REPLICA)
             return 0
-        engine = Engine(self.engine_cfg, num_cpus=self.resources.num_cpus)
+        engine = Engine(self.engine_cfg, num_cpus=num_cpus)
         engine.load()
         engine.warm([self.messages("")], [self.rubric.schema()])
         self._backend = engine
@@ -167,7 +166,7 @@ class JudgeAndSave(Stage):
         for attempt in range(self.judge.max_retries + 1):
             if not pending:
                 break
-            seeds = [int(unit_hash(self.task, self.seed, items[i]["id"], attempt) * 2**31) for i in pending]
+            seeds = [sampling_seed(self.task, self.seed, items[i]["id"], attempt) for i in pending]
             replies = self._ask([items[i]["user"] for i in pending], seeds)
             retry = []
             for i, reply in zip(pending, replies):
@@ -191,21 +190,27 @@ class JudgeAndSave(Stage):
                             *[(f, pa.int8()) for f in self.rubric.scores], (REASON, pa.string())])
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for plan in batch.to_pylist():
-            loads = self._load()
-            table = self.judge_items(json.loads(plan["items"]))
-            write_table(batch_path(Path(self.work_dir), plan["batch_index"]), table)
-            statuses = table.column("status").to_pylist()
-            out.append({"batch_index": plan["batch_index"], "judged": sum(s == OK for s in statuses),
-                        "failed": sum(s != OK for s in statuses), "output_tokens": sum(table.column("output_tokens").to_pylist()),
-                        "engine_loads": loads})
-        return pa.Table.from_pylist(out, schema=pa.schema([(k, pa.int64()) for k in self.adds]))
+    def batch_path(self, plan: dict) -> Path:
+        return judge_batch_path(Path(self.work_dir), plan["batch_index"])
+
+    def run(self, plan: dict) -> pa.Table:
+        return self.judge_items(json.loads(plan["items"]))
+
+    def count(self, table: pa.Table) -> dict[str, int]:
+        statuses = table.column("status").to_pylist()
+        return {"judged": sum(s == OK for s in statuses), "failed": sum(s != OK for s in statuses),
+                "output_tokens": sum(table.column("output_tokens").to_pylist())}
 
 
-def batch_path(work_dir: Path, index: int) -> Path:
-    return work_dir / f"batch-{index:05d}.parquet"
+def judge_stage(cfg: RunConfig, *, rubric: Rubric, system: str, task: str, work_dir: str, num_cpus: float) -> ReplicaStage:
+    """The judge's replicas: the generation engine's actor pool with the judge's model and GPUs, or
+    light workers sending requests to an endpoint (`audit.judge.base_url`)."""
+    judge, engine_cfg = cfg.audit.judge, judge_engine_config(cfg)
+    remote = judge.base_url is not None
+    concurrency = 1 if remote and not judge.concurrency else engine_cfg.concurrency
+    resources = replica_resources(cfg.generation, num_cpus=0.5 if remote else num_cpus, num_gpus=0 if remote else engine_cfg.num_gpus,
+                                  concurrency=concurrency)
+    return ReplicaStage(JudgeTask(cfg, rubric=rubric, system=system, task=task, work_dir=work_dir), resources=resources)
 
 
 def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str, task: str, work_dir: Path,
@@ -219,19 +224,19 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
         raise ConfigError("audit.judge.model: with audit.judge.base_url, name the model the endpoint serves")
     size = judge.batch_size
     batches = [items[i:i + size] for i in range(0, len(items), size)]
-    todo = [b for b in range(len(batches)) if not batch_path(work_dir, b).exists()]
+    todo = [b for b in range(len(batches)) if not judge_batch_path(work_dir, b).exists()]
     work = {"batches": len(batches), "batches_reused": len(batches) - len(todo), "engine_loads": 0}
     if todo:
         work_dir.mkdir(parents=True, exist_ok=True)
         where = judge.base_url or f"{judge_engine_config(cfg).model} on {judge_engine_config(cfg).concurrency} replica(s)"
         log(f"[spp] judging {sum(len(batches[b]) for b in todo)} items ({task}) with {where}")
-        stage = JudgeAndSave(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)
+        stage = judge_stage(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)
         plans = [{"batch_index": b, "items": json.dumps(batches[b])} for b in todo]
         configure_ray_data_console()
         ds = ray.data.from_items(plans, override_num_blocks=len(plans))
         for row in apply_stages(ds, [stage]).iter_rows():
             work["engine_loads"] += row["engine_loads"]
-    tables = [pq.read_table(batch_path(work_dir, b)) for b in range(len(batches))]
+    tables = [pq.read_table(judge_batch_path(work_dir, b)) for b in range(len(batches))]
     table = pa.concat_tables(tables) if tables else pa.table({})
     if table.num_rows and table.column("id").to_pylist() != [it["id"] for it in items]:
         raise RuntimeError(f"{work_dir}: saved judgements do not match the sample (delete the folder to judge again)")

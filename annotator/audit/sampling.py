@@ -12,7 +12,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import unit_hash
 
 # A row's stratum from the values of the sampled columns after `doc_id`; None leaves the row out.
 Stratum = Callable[..., "str | None"]

@@ -48,6 +48,19 @@ REJECTED_DOCUMENTS = "rejects/documents"
 REJECTED_DUPLICATES = "rejects/duplicates"
 REJECTED_GENERATIONS = "rejects/generations"
 REJECTED_FILES = "rejects/files.jsonl"
+WORK = "_work"
+IDS = "_work/ids"
+PUBLISH_STAGING = "_work/publish"
+CARD_FILE = "README.md"
+# Audits of a finished run (`pipelines/audit.py`).
+AUDIT_DIR = "audit"
+AUDIT_REFLECTIONS = f"{AUDIT_DIR}/reflections.parquet"
+AUDIT_LEDGER = f"{AUDIT_DIR}/ledger.parquet"
+AUDIT_WORK = f"{AUDIT_DIR}/_work"
+# SFT runs (`pipelines/spp_sft.py`).
+SFT_PROMPTS = "_work/prompts.parquet"
+SFT_DATA_DIR = "data"
+SFT_FAILURES = "rejects/failures.parquet"
 # What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
 OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS, PLAN_FILE, PLAN_WORK)
 # Written before a run (`--plan`) and kept when the run replaces the directory.
@@ -115,3 +128,16 @@ def generated_dir(out_dir: Path, pass_name: str | None = None) -> Path:
 
 def generated_batch_path(out_dir: Path, unit: str, *, index: int, pass_name: str | None = None) -> Path:
     return generated_dir(out_dir, pass_name) / unit / f"{index:06d}.parquet"
+
+
+def batch_file(index: int) -> str:
+    """A saved replica batch of an SFT run or an audit, by its index."""
+    return f"batch-{index:05d}.parquet"
+
+
+def sft_batch_path(out_dir: Path, index: int) -> Path:
+    return out_dir / GENERATED / batch_file(index)
+
+
+def judge_batch_path(work_dir: Path, index: int) -> Path:
+    return work_dir / batch_file(index)

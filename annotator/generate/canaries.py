@@ -5,7 +5,7 @@ document id), and whether a reply carries the canary's value.
 from __future__ import annotations
 
 from annotator.config import ConfigError, GenerationConfig
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import unit_hash
 from annotator.method.prompt_packs import Canary, load_canaries
 
 

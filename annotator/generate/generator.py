@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from annotator.config import ConfigError, GenerationConfig
 from annotator.engine.vllm_engine import Engine
-from annotator.generate.pause import Pause, pause_point, sample_pause_fraction, unit_hash
+from annotator.core.seeding import sampling_seed, unit_hash
+from annotator.generate.pause import Pause, pause_point, sample_pause_fraction
 from annotator.method.prompt_packs import Canary, PromptPack
 from annotator.method.recipes import Recipe, recipe_columns, run_recipes
 from annotator.generate.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
@@ -228,7 +229,7 @@ class Generator(Stage):
         self._engine = engine
 
     def _sampling(self, run: RecipeRun, doc_id: str, *, attempt: int):
-        seed = int(unit_hash(run.recipe.name, self.cfg.seed, doc_id, attempt) * 2**31)
+        seed = sampling_seed(run.recipe.name, self.cfg.seed, doc_id, attempt)
         return self._engine.sampling(seed=seed, max_tokens=run.max_new_tokens, schema=run.schema)
 
     def _fit(self, run: RecipeRun, text: str, *, canary: Canary | None, doc_id: str) -> list[dict]:

@@ -1,26 +1,20 @@
-"""Seeded choices and reading pause points.
+"""Reading pause points.
 
-Every random choice of a run is a pure function of (seed, doc_id), so it does not depend on batch
-order, worker count or restarts. The pause point follows the method: a density that rises linearly
+The pause point is seeded by (seed, doc_id) (`core.seeding`). It follows the method: a density that rises linearly
 over the first 20% of the document and is flat after, over the first `max_content_tokens` target
 tokens only (what a training window keeps), never at token 0 and never after the last token.
 """
 
 from __future__ import annotations
 
-import hashlib
 import unicodedata
 from dataclasses import dataclass
+
+from annotator.core.seeding import unit_hash
 
 # Pause point density: rises linearly on [0, RAMP] and is flat on [RAMP, 1].
 RAMP = 0.2
 _RAMP_MASS = RAMP / (2 - RAMP)  # CDF at RAMP: (RAMP/2) / (RAMP/2 + 1 - RAMP)
-
-
-def unit_hash(*parts: object) -> float:
-    """A uniform number in [0, 1) fixed by `parts`; order- and worker-independent."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def pause_fraction_from_uniform(u: float) -> float:

@@ -1,5 +1,5 @@
-"""Pass 2 stages around the generation cache: which documents still need the engine, saving what
-it produced, and finalizing a unit (select, attach generations, splice, write shards, manifest).
+"""Pass 2b: finalizing a unit (select, attach the saved generations, splice, write shards,
+manifest). Which documents need the engine, and saving what it produced, is `generate.cache`.
 
 Generation results are saved per batch, so a crash loses at most the batches in flight; a unit's
 shards are written from its whole scored set, so their names and contents do not depend on how
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,141 +18,16 @@ import pyarrow.parquet as pq
 
 from annotator.core import layout
 from annotator.core.checkpoint import cached_generations, read_unit_scored, rejected_count, write_json, write_table
-from annotator.core.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS, generated_batch_path
-from annotator.config import GenerationConfig, RunConfig, SelectionConfig
-from annotator.generate.generator import (
-    FAILED_REPLY, NOT_REQUESTED, NOT_SELECTED, REQUEST_COLUMN, SHARED_COLUMNS, Generator, NoGeneration, column_defaults,
-)
+from annotator.core.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS
+from annotator.config import RunConfig
+from annotator.generate.cache import drop_duplicates, generator_stage, needs_generation
+from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, NoGeneration, column_defaults
 from annotator.method.prompt_packs import section_order
 from annotator.method.recipes import Recipe, run_recipes
 from annotator.score.selection import SelectForReflection
-from annotator.core.stages import TIMING_PREFIX, Resources, Stage, UnitStage, timed
+from annotator.core.stages import TIMING_PREFIX, Resources, UnitStage
 from annotator.core.units import Unit
-from annotator.engine.resources import PLANNING_TASK_CPUS
 from annotator.output.writer import ShardWriter, TrainingText, placed_streams
-
-
-def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
-    """Rows the engine has to see: selected ones, and every row when a recipe applies to all."""
-    if any(r.applies_to == "all" for r in run_recipes(gen)):
-        return pa.array([True] * len(selected))
-    return pc.fill_null(selected, False)
-
-
-def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Table]:
-    """(kept, duplicates) by input row number."""
-    if not rows or not table.num_rows:
-        return table, table.slice(0, 0)
-    dup = pc.is_in(table.column("source_row"), value_set=pa.array(rows, pa.int64()))
-    return table.filter(pc.invert(dup)), table.filter(dup)
-
-
-class EngineDocuments(UnitStage):
-    """Base of the stages that need, per unit, the documents the engine has to see."""
-
-    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
-                 duplicates: dict[str, list[int]]):
-        self.out_dir = out_dir
-        self.select = SelectForReflection(selection, probability=probability)
-        self.generation = generation
-        self.duplicates = duplicates
-
-    def engine_documents(self, unit: Unit, columns: list[str] | None = None) -> pa.Table:
-        """The unit's documents that need the engine (duplicates dropped, selected), in input order."""
-        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns=columns), self.duplicates.get(unit.key, []))
-        if not table.num_rows:
-            return table
-        table = self.select.process(table)
-        return table.filter(needs_generation(table.column("selected"), self.generation))
-
-
-class PlanGeneration(EngineDocuments):
-    """Per unit: the documents that need the engine, in input order, cut into engine batches of
-    `generation.batch_size`; emits one row per batch that has no saved result yet.
-
-    The batches are a function of the unit alone, never of how Ray streamed the rows or where an
-    earlier run stopped: vLLM's numerics depend on what shares a batch, so only identical batches
-    give identical reflections in a resumed run."""
-
-    name = "plan_generation"
-    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
-    output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
-                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_())),
-                               ("bad_flags", pa.list_(pa.bool_()))])
-    resources = Resources(num_cpus=PLANNING_TASK_CPUS, batch_size=1)
-    pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
-
-    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        return plan_batches(self.engine_documents(unit), unit=unit.key, out_dir=Path(self.out_dir),
-                            batch_size=self.generation.batch_size, pass_name=self.pass_name)
-
-
-def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, pass_name: str | None) -> list[dict]:
-    """A unit's documents that need the engine, in input order, cut into engine batches; the
-    batches already saved (by an earlier attempt) are left out."""
-    plans = []
-    for index, start in enumerate(range(0, table.num_rows, batch_size)):
-        if generated_batch_path(out_dir, unit, index=index, pass_name=pass_name).exists():
-            continue  # saved by an earlier run
-        piece = table.slice(start, batch_size)
-        plans.append({"_unit": unit, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
-                      "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist(),
-                      "bad_flags": piece.column("is_bad").to_pylist()})
-    return plans
-
-
-def save_generations(batch: pa.Table, *, path: Path, generation_key: str, columns: list[str], main_status: str) -> dict:
-    """Saves one generated engine batch; returns its counts for progress."""
-    extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c == REQUEST_COLUMN]
-    saved = batch.select(["doc_id", *columns, FAILED_REPLY, *extra]).append_column(
-        "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
-    write_table(path, saved)
-    status = batch.column(main_status).to_pylist()
-    return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
-            "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
-            "failures": sum(s.startswith("failed") for s in status if s)}
-
-
-class GenerateAndSave(Stage):
-    """A vLLM replica: one planned engine batch per call, saved before the call returns (so it is
-    durable at once; Ray Data would otherwise buffer a task's outputs into one block); returns
-    only counts, so generated text never travels back through the object store."""
-
-    name = "generate"
-    reads = PlanGeneration.adds
-    adds = ("unit", "documents", "selected", "generated_tokens", "failures", "engine_loads")
-    stateful = True
-
-    def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,
-                 recipes: list[Recipe] | None = None, pass_name: str | None = None):
-        self.generator = generator_stage(cfg, num_cpus=num_cpus, recipes=recipes)
-        self.out_dir = out_dir
-        self.generation_key = generation_key
-        self.pass_name = pass_name
-        # One planned batch per call: the engine batch is exactly the planned one.
-        self.resources = replace(self.generator.resources, batch_size=1)
-
-    def setup(self) -> None:
-        self.generator.setup()
-
-    def process(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for plan in batch.to_pylist():
-            loads = 0
-            docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
-                             "selected": pa.array(plan["selected_flags"], pa.bool_()), "is_bad": pa.array(plan["bad_flags"], pa.bool_())})
-            if not self.generator.loaded and docs.num_rows:
-                self.generator.load_engine()  # outside the timing: stage seconds are engine busy time, not its start
-                loads = 1
-            generated = timed(self.generator, docs)
-            path = generated_batch_path(Path(self.out_dir), plan["_unit"], index=plan["batch_index"], pass_name=self.pass_name)
-            main = self.generator.runs[0].recipe.column("status")
-            rows.append({"unit": plan["_unit"], "engine_loads": loads,
-                         **save_generations(generated, path=path, generation_key=self.generation_key,
-                                            columns=list(self.generator.columns), main_status=main)})
-        return pa.Table.from_pylist(rows, schema=pa.schema([("unit", pa.string()), ("documents", pa.int64()), ("selected", pa.int64()),
-                                                             ("generated_tokens", pa.int64()), ("failures", pa.int64()),
-                                                             ("engine_loads", pa.int64())]))
 
 
 def attach_generations(table: pa.Table, cache: pa.Table | None, *, cfg: RunConfig, unit: str,
@@ -189,11 +63,6 @@ def attach_generations(table: pa.Table, cache: pa.Table | None, *, cfg: RunConfi
         for col in (c for c in picked.column_names if c.startswith(TIMING_PREFIX)):
             table = table.append_column(col, pc.fill_null(picked.column(col), 0.0))
     return table
-
-
-def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None, recipes: list[Recipe] | None = None) -> Generator:
-    return Generator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens,
-                     replace_tokens=cfg.output.seq_length, num_cpus=num_cpus, recipes=recipes)
 
 
 def run_sections(cfg: RunConfig) -> list[str]:

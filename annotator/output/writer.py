@@ -20,7 +20,8 @@ from annotator.core import layout
 from annotator.core.checkpoint import write_atomically, write_table
 from annotator.config import OutputConfig
 from annotator.output.megatron import IndexedDatasetWriter, token_dtype
-from annotator.generate.pause import clip_at_char, unit_hash
+from annotator.core.seeding import unit_hash
+from annotator.generate.pause import clip_at_char
 from annotator.method.prompt_packs import PromptPack
 from annotator.method.recipes import Recipe, placed_fields, stream_name
 from annotator.generate.replies import OK

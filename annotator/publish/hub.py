@@ -24,9 +24,9 @@ from annotator.output.report import (
 from annotator.output.stats import STRATUM_SEPARATOR, provenance, stratum_key
 from annotator.core import layout
 from annotator.audit import sampling
-from annotator.audit.sampling import allocate_sample, read_rows  # noqa: F401 - re-exported
+from annotator.audit.sampling import allocate_sample, read_rows
 
-CARD_FILE, STATS_FILE = "README.md", "stats.json"
+CARD_FILE, STATS_FILE = layout.CARD_FILE, layout.STATS_FILE
 PLOTS_MAIN = set(PLOTS)
 SAMPLE_DIR, SHARDS_IN_REPO, IMAGES_DIR = "sample", "shards", "images"
 SAMPLE_FILE = f"{SAMPLE_DIR}/train-00000-of-00001.parquet"

@@ -27,7 +27,8 @@ from annotator.core.checkpoint import (
 )
 from annotator.core.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
 from annotator.config import RunConfig
-from annotator.output.finalize import GenerateAndSave, attach_generations, failed_generations, plan_batches, run_sections
+from annotator.generate.cache import generation_stage, plan_batches
+from annotator.output.finalize import attach_generations, failed_generations, run_sections
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
 from annotator.method.recipes import Recipe, run_recipes
 from annotator.core.stages import Resources, UnitStage, apply_stages
@@ -113,7 +114,7 @@ class PlanAddedGeneration(UnitStage):
     resources = Resources(num_cpus=0.25, batch_size=1)
 
     def __init__(self, *, out_dir: str, batch_size: int, pass_name: str):
-        from annotator.output.finalize import PlanGeneration
+        from annotator.generate.cache import PlanGeneration
 
         self.output_schema = PlanGeneration.output_schema
         self.out_dir = out_dir
@@ -213,7 +214,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         t0 = time.time()
         cpus = replica_cpus(cfg, ray.cluster_resources())
         stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
-                  GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
+                  generation_stage(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
         with progress_for(cfg, None, label="pass 2a", log=log) as progress:
             for row in apply_stages(units_dataset(pending), stages).iter_rows():
                 progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],

@@ -27,7 +27,8 @@ from annotator.engine.resources import check_reservations, replica_cpus
 from annotator.output.training_metadata import save_training_metadata
 from annotator.score.corpus import IDS, corpus_totals, count_for_generation
 from annotator.core import layout
-from annotator.output.finalize import FinalizeUnit, GenerateAndSave, PlanGeneration, finalize_stages, generator_stage
+from annotator.generate.cache import PlanGeneration, generation_stage, generator_stage
+from annotator.output.finalize import FinalizeUnit, finalize_stages
 from annotator.generate.generator import NoGeneration
 from annotator.run.projection import load_plan, plan_vs_actual
 from annotator.core.progress import Progress
@@ -202,7 +203,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     stages = [
         PlanGeneration(out_dir=str(out_dir), selection=cfg.selection, probability=state["probability"], generation=cfg.generation,
                        duplicates=state["duplicates"]),
-        GenerateAndSave(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus),
+        generation_stage(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus),
     ]
     log(f"[spp] pass 2a: generating for {len(units)} units -> {out_dir / GENERATED} ({cfg.generation.concurrency} replica(s), "
         f"{cpus:g} CPUs each)")

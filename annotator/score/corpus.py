@@ -19,14 +19,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from annotator.core import layout
 from annotator.core.checkpoint import read_unit_scored, write_atomically
 from annotator.config import SelectionConfig
-from annotator.output.finalize import EngineDocuments
+from annotator.generate.cache import EngineDocuments
 from annotator.score.selection import TokenTotals
 from annotator.core.stages import Resources, Stage, UnitStage
 from annotator.core.units import Unit, unit_json
 
-IDS = "_work/ids"
+IDS = layout.IDS
 ROWS_PER_BUCKET = 1_000_000
 _IDS_SCHEMA = pa.schema([("bucket", pa.int32()), ("doc_id", pa.string()), ("unit_index", pa.int32()), ("source_row", pa.int64())])
 

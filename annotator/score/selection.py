@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from annotator.config import SelectionConfig
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import unit_hash
 from annotator.core.stages import Resources, Stage
 
 BAD = "bad"

@@ -5,7 +5,7 @@ without them), optionally continued by a simulated user for a few turns.
 Prompts and reply handling are plain functions (`render_*`, `parse_sft_reply`); `generate_batch`
 runs one engine batch of conversations turn by turn (turn k of every conversation in one engine
 call); the replica stage that holds the `engine.Engine` and saves each batch atomically is
-`sft_stage.SftGenerateAndSave` (`sft_export` drives the run and writes the datasets).
+`sft.stage.SftTask` (`sft_export` drives the run and writes the datasets).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow as pa
 import yaml
 
 from annotator.config import RunConfig
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.method.prompt_packs import Canary, PackError, PromptPack, fill, load_pack, resolve_pack_path
 from annotator.generate.replies import CITATION_GROUP, cited_sections, json_object, strip_reasoning, trivial
 
@@ -284,7 +284,7 @@ def generate_batch(engine, packs: SftPacks, *, cfg: RunConfig, rows: list[dict])
             for attempt in range(g.max_retries + 1):
                 if not pending:
                     break
-                params = [engine.sampling(seed=_seed("sft-followup", s.seed, c.row["conversation_id"], turn + 1, attempt),
+                params = [engine.sampling(seed=sampling_seed("sft-followup", s.seed, c.row["conversation_id"], turn + 1, attempt),
                                           max_tokens=s.followup_max_tokens, schema=fschema) for c, _ in pending]
                 replies = engine.chat([render_followup_request(packs, c.turns, flow=f) for c, f in pending], params)
                 retry = []
@@ -302,10 +302,6 @@ def generate_batch(engine, packs: SftPacks, *, cfg: RunConfig, rows: list[dict])
         active = [c for c in going if c.stop_reason is None]
         turn += 1
     return pa.Table.from_pylist([_result(c, packs, cfg=cfg) for c in convs], schema=RESULT_SCHEMA)
-
-
-def _seed(*parts) -> int:
-    return int(unit_hash(*parts) * 2**31)
 
 
 def _assistant_turn(engine, packs: SftPacks, *, cfg: RunConfig, convs: list[_Conversation], turn: int, schema: dict) -> None:
@@ -327,7 +323,7 @@ def _assistant_turn(engine, packs: SftPacks, *, cfg: RunConfig, convs: list[_Con
     for attempt in range(g.max_retries + 1):
         if not pending:
             break
-        params = [engine.sampling(seed=_seed("sft-assistant", s.seed, c.row["conversation_id"], turn, attempt),
+        params = [engine.sampling(seed=sampling_seed("sft-assistant", s.seed, c.row["conversation_id"], turn, attempt),
                                   max_tokens=s.max_output_tokens, schema=schema) for c, *_ in pending]
         replies = engine.chat([m for _, m, _, _ in pending], params)
         retry = []

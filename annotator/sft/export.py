@@ -28,15 +28,16 @@ from annotator.method.prompt_packs import file_digest
 from annotator.generate.replies import cited_sections
 from annotator.sft.conversation import OK, SKIP, RESULT_SCHEMA, load_sft_packs
 from annotator.engine.resources import replica_cpus
-from annotator.sft.stage import SftGenerateAndSave, batch_path
+from annotator.core import layout
+from annotator.core.layout import sft_batch_path as batch_path
+from annotator.sft.stage import sft_stage
 from annotator.sft.prompts import materialise_prompts
 
 RENDERINGS = ("cited", "uncited")
-DATA_DIR, SKIP_SPLIT = "data", "skip"
-PROMPTS = "_work/prompts.parquet"
-FAILURES = "rejects/failures.parquet"
-RUN_FILE, STATS_FILE = "run.json", "stats.json"
-OUR_OUTPUTS = (RUN_FILE, STATS_FILE, DATA_DIR, "rejects", "_work")
+SKIP_SPLIT = "skip"
+DATA_DIR, PROMPTS, FAILURES = layout.SFT_DATA_DIR, layout.SFT_PROMPTS, layout.SFT_FAILURES
+RUN_FILE, STATS_FILE = layout.RUN_FILE, layout.STATS_FILE
+OUR_OUTPUTS = (RUN_FILE, STATS_FILE, DATA_DIR, layout.REJECTS, layout.WORK)
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 EXPORT_SCHEMA = pa.schema([
     ("conversation_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("source", pa.string()), ("source_id", pa.string()),
@@ -110,7 +111,7 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
     started = time.time()
     if pending:
         cpus = replica_cpus(cfg, ray.cluster_resources(), beside=0.0)
-        stage = SftGenerateAndSave(cfg, out_dir=str(out), num_cpus=cpus)
+        stage = sft_stage(cfg, out_dir=str(out), num_cpus=cpus)
         configure_ray_data_console()  # as in the annotation runs: status lines, not Ray Data's blocks
         ds = ray.data.from_items([{"batch_index": i, "rows": json.dumps(b)} for i, b in pending], override_num_blocks=len(pending))
         done = 0

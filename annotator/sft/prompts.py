@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.config import ConfigError, SftConfig, SftSourceConfig
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import unit_hash
 
 PROMPT_SCHEMA = pa.schema([
     ("conversation_id", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("user", pa.string()),

@@ -147,7 +147,7 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from annotator.publish.hub import allocate_sample
+    from annotator.audit.sampling import allocate_sample
     from annotator.output.report import write_report
     from tests.publish.test_publish import run_publish
 

@@ -22,13 +22,12 @@ from annotator.generate.replies import parse_reply
 from annotator.score.safety import build_scorer
 from annotator.score.selection import SelectForReflection, TokenTotals, sample_probability
 from annotator.core.stages import Resources
-from annotator.core.ray_adapter import aggregate_stats
 from annotator.output.stats import finalize_stats, histogram_quantiles, shard_stats
 from annotator.output.stats_merge import MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, merge_stats
 from annotator.core.tokens import target_tokenizer
 from annotator.output.finalize import finalize_stages
 from annotator.method.recipes import run_recipes
-from tests.support import REPO, in_child_process, require_shared_data
+from tests.support import REPO, require_shared_data
 
 TOKENIZER = "builtin:smollm2-135m-instruct"
 KEYS = ["topic", "domain", "entities", "sentiment", "style", "language"]
@@ -297,36 +296,6 @@ def test_finalize_reports_outcomes_accelerator_hours_and_versions():
     assert len(demo["constitution"]["sha256"]) == 16
     # A block whose writer had no tokenizer leaves lengths unmeasured rather than wrong.
     assert finalize_stats(merge_stats([{"blocks": 1, "reflection_tokens": {}, "reflection_tokens_measured": 0}]))["reflection_length_tokens"] is None
-
-
-def aggregate_on_ray(rows: list[dict], manifests: list[dict]) -> tuple[dict, dict]:
-    """`aggregate_stats` over per-unit rows and over unit manifests, on a local Ray (run in a child
-    process: see `in_child_process`)."""
-    import ray
-    import ray.data
-
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        merged = aggregate_stats(ray.data.from_items(rows, override_num_blocks=3))
-        from_manifests = aggregate_stats(ray.data.from_items(manifests, override_num_blocks=2), stats_column="manifest",
-                                         stats_field="stats", shard_column="manifest", shard_field="shards")
-        return merged, from_manifests
-    finally:
-        ray.shutdown()
-
-
-def test_ray_aggregation_merges_block_stats_inside_ray(run_output):
-    _, built = run_output
-    rows = [{"stats_json": json.dumps(p), "shard": json.dumps([f"part-{i}-0000", f"part-{i}-0001"])}
-            for i, p in enumerate(built["parts"])]
-    # The same from one JSON column per unit holding both (a unit manifest).
-    manifests = [{"manifest": json.dumps({"stats": json.loads(r["stats_json"]), "shards": json.loads(r["shard"])})} for r in rows]
-    merged, from_manifests = in_child_process(aggregate_on_ray, rows, manifests)
-    expected = merge_stats(built["parts"])
-    assert merged.pop("shards") == sorted(n for r in rows for n in json.loads(r["shard"]))
-    assert merged == expected
-    assert finalize_stats(merged) == finalize_stats(expected)
-    assert from_manifests == {**expected, "shards": sorted(n for r in rows for n in json.loads(r["shard"]))}
 
 
 def test_timeline_keys_are_only_special_at_the_top_level():

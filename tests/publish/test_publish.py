@@ -19,7 +19,7 @@ from annotator.publish.hub import (
     PublishError, allocate_sample, check_no_secret, choose_sample, read_rows, shard_files, size_category,
     stratified_sample,
 )
-from annotator.generate.pause import unit_hash
+from annotator.core.seeding import unit_hash
 from tests.fake_hub import FakeHubServer
 from tests.support import REPO
 from tests.output.test_stats import build_run_output

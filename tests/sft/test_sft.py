@@ -23,6 +23,7 @@ from annotator.generate.replies import CITATION_GROUP
 from annotator.sft.conversation import load_sft_packs, parse_sft_reply, render_user
 from annotator.sft.export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
 from annotator.sft.prompts import allocate, draw_prompts
+from annotator.sft.stage import SftTask
 from tests.support import REPO
 from tests.behaviour.test_resume import kill_process_when
 
@@ -221,3 +222,17 @@ def test_hub_staging_has_one_config_per_rendering(run, tmp_path):
 
     staged = load_dataset("parquet", data_files={"train": str(tmp_path / "repo" / "data" / "uncited" / "*.parquet")}, split="train")
     assert staged.num_rows == len(rows_of(run)["uncited"])
+
+
+def test_the_replica_task_counts_the_batches_it_saved_where_the_layout_says(run):
+    """The SFT task of the one replica stage: each planned batch saved under `layout.sft_batch_path`,
+    its counts read from the saved table agree with the run's statistics."""
+    task = SftTask(_demo_config(), out_dir=str(run))
+    saved = sorted((run / "_work" / "generated").glob("batch-*.parquet"))
+    assert [p.name for p in saved] == ["batch-00000.parquet", "batch-00001.parquet"]   # 4 prompts, sft.batch_size=2
+    assert [task.batch_path({"batch_index": i}) for i in range(2)] == saved
+    counts = [task.count(pq.read_table(p)) for p in saved]
+    stats = json.loads((run / "stats.json").read_text())
+    assert sum(c["conversations"] for c in counts) == stats["conversations"] == 4
+    assert sum(c["failures"] for c in counts) == stats["rows"]["failed"]
+    assert sum(c["output_tokens"] for c in counts) == stats["tokens"]["output_tokens"]

@@ -1,0 +1,103 @@
+"""The one replica stage: an actor that holds an engine and turns planned batches into saved ones.
+
+Generation, SFT conversations and the audit's judge are tasks of this stage. Per planned batch
+(one input row) the stage loads the task's engine once per actor, skips a batch an earlier
+attempt already saved, lets the task produce the batch's table (retries of failed items are the
+task's, seeded by `core.seeding.sampling_seed`), saves it atomically where the task's layout says,
+and returns only counts, so generated text never travels back through the object store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from annotator.config import GenerationConfig
+from annotator.core.checkpoint import write_table
+from annotator.core.stages import Resources, Stage
+
+ENGINE_LOADS = "engine_loads"
+
+
+class ReplicaTask:
+    """What a replica does with one planned batch. Subclasses set `name`, `reads` (the plan's
+    columns), `keys` (plan columns echoed into the result row, with their types) and `counts`
+    (the count columns `count` returns), and implement the methods below."""
+
+    name: str = "task"
+    reads: tuple[str, ...] = ()
+    keys: dict[str, pa.DataType] = {}
+    counts: tuple[str, ...] = ()
+
+    __repr__ = Stage.__repr__  # settings only, no addresses (see `Stage.__repr__`)
+
+    @property
+    def loaded(self) -> bool:
+        raise NotImplementedError
+
+    def load(self, *, num_cpus: float) -> int:
+        """Load the engine (and warm it); returns the engine loads this made (0 for an endpoint)."""
+        raise NotImplementedError
+
+    def needs_engine(self, plan: dict) -> bool:
+        """Whether this batch calls the engine at all (an empty batch does not load it)."""
+        return True
+
+    def echo(self, plan: dict) -> dict:
+        """The result row's key columns, from the plan."""
+        return {k: plan[k] for k in self.keys}
+
+    def batch_path(self, plan: dict) -> Path:
+        raise NotImplementedError
+
+    def run(self, plan: dict) -> pa.Table:
+        raise NotImplementedError
+
+    def save(self, table: pa.Table, path: Path) -> None:
+        write_table(path, table)
+
+    def count(self, table: pa.Table) -> dict[str, int]:
+        raise NotImplementedError
+
+
+def replica_resources(gen: GenerationConfig, *, num_cpus: float, num_gpus: float | None = None,
+                      concurrency: int | None = None, max_in_flight: int | None = None) -> Resources:
+    """An engine actor pool: one planned batch per call, `concurrency` replicas (default: the
+    generation engine's), each holding its CPUs and GPUs; restarts bounded by the config."""
+    return Resources(num_cpus=num_cpus, num_gpus=gen.num_gpus if num_gpus is None else num_gpus,
+                     concurrency=gen.concurrency if concurrency is None else concurrency, batch_size=1,
+                     max_in_flight=max_in_flight, max_restarts=gen.max_replica_restarts)
+
+
+class ReplicaStage(Stage):
+    """An engine replica running `task` on one planned batch per call (see the module docstring)."""
+
+    stateful = True
+
+    def __init__(self, task: ReplicaTask, *, resources: Resources):
+        self.task = task
+        self.name = task.name
+        self.reads = task.reads
+        self.adds = (*task.keys, *task.counts, ENGINE_LOADS)
+        self.resources = resources
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([*self.task.keys.items(), *[(c, pa.int64()) for c in (*self.task.counts, ENGINE_LOADS)]])
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for plan in batch.to_pylist():
+            keys = self.task.echo(plan)
+            path = self.task.batch_path(plan)
+            if path.exists():  # saved by an earlier attempt of this batch
+                rows.append({**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0})
+                continue
+            loads = 0
+            if not self.task.loaded and self.task.needs_engine(plan):
+                loads = self.task.load(num_cpus=self.resources.num_cpus)
+            table = self.task.run(plan)
+            self.task.save(table, path)
+            rows.append({**keys, **self.task.count(table), ENGINE_LOADS: loads})
+        return pa.Table.from_pylist(rows, schema=self.output_schema)

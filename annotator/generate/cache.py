@@ -1,0 +1,162 @@
+"""The generation cache: which documents of a unit need the engine, cut into engine batches that
+depend on the unit alone; the generation task that runs a planned batch on a replica and saves it;
+saving a generated batch. Finalizing reads the saved batches back (`output.finalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from annotator.config import GenerationConfig, RunConfig, SelectionConfig
+from annotator.core.checkpoint import read_unit_scored, write_table
+from annotator.core.layout import generated_batch_path
+from annotator.core.stages import TIMING_PREFIX, Resources, UnitStage, timed
+from annotator.core.units import Unit
+from annotator.engine.replica import ReplicaStage, ReplicaTask
+from annotator.engine.resources import PLANNING_TASK_CPUS
+from annotator.generate.generator import FAILED_REPLY, NOT_REQUESTED, NOT_SELECTED, REQUEST_COLUMN, Generator
+from annotator.method.recipes import Recipe, run_recipes
+from annotator.score.selection import SelectForReflection
+
+
+def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
+    """Rows the engine has to see: selected ones, and every row when a recipe applies to all."""
+    if any(r.applies_to == "all" for r in run_recipes(gen)):
+        return pa.array([True] * len(selected))
+    return pc.fill_null(selected, False)
+
+
+def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, pa.Table]:
+    """(kept, duplicates) by input row number."""
+    if not rows or not table.num_rows:
+        return table, table.slice(0, 0)
+    dup = pc.is_in(table.column("source_row"), value_set=pa.array(rows, pa.int64()))
+    return table.filter(pc.invert(dup)), table.filter(dup)
+
+
+class EngineDocuments(UnitStage):
+    """Base of the stages that need, per unit, the documents the engine has to see."""
+
+    def __init__(self, *, out_dir: str, selection: SelectionConfig, probability: float, generation: GenerationConfig,
+                 duplicates: dict[str, list[int]]):
+        self.out_dir = out_dir
+        self.select = SelectForReflection(selection, probability=probability)
+        self.generation = generation
+        self.duplicates = duplicates
+
+    def engine_documents(self, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+        """The unit's documents that need the engine (duplicates dropped, selected), in input order."""
+        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns=columns), self.duplicates.get(unit.key, []))
+        if not table.num_rows:
+            return table
+        table = self.select.process(table)
+        return table.filter(needs_generation(table.column("selected"), self.generation))
+
+
+class PlanGeneration(EngineDocuments):
+    """Per unit: the documents that need the engine, in input order, cut into engine batches of
+    `generation.batch_size`; emits one row per batch that has no saved result yet.
+
+    The batches are a function of the unit alone, never of how Ray streamed the rows or where an
+    earlier run stopped: vLLM's numerics depend on what shares a batch, so only identical batches
+    give identical reflections in a resumed run."""
+
+    name = "plan_generation"
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
+    output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
+                               ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_())),
+                               ("bad_flags", pa.list_(pa.bool_()))])
+    resources = Resources(num_cpus=PLANNING_TASK_CPUS, batch_size=1)
+    pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
+
+    def process_unit(self, unit: Unit, row: dict) -> list[dict]:
+        return plan_batches(self.engine_documents(unit), unit=unit.key, out_dir=Path(self.out_dir),
+                            batch_size=self.generation.batch_size, pass_name=self.pass_name)
+
+
+def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, pass_name: str | None) -> list[dict]:
+    """A unit's documents that need the engine, in input order, cut into engine batches; the
+    batches already saved (by an earlier attempt) are left out."""
+    plans = []
+    for index, start in enumerate(range(0, table.num_rows, batch_size)):
+        if generated_batch_path(out_dir, unit, index=index, pass_name=pass_name).exists():
+            continue  # saved by an earlier run
+        piece = table.slice(start, batch_size)
+        plans.append({"_unit": unit, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
+                      "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist(),
+                      "bad_flags": piece.column("is_bad").to_pylist()})
+    return plans
+
+
+def save_generations(batch: pa.Table, *, path: Path, generation_key: str, columns: list[str], main_status: str) -> dict:
+    """Saves one generated engine batch; returns its counts for progress."""
+    extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c == REQUEST_COLUMN]
+    saved = batch.select(["doc_id", *columns, FAILED_REPLY, *extra]).append_column(
+        "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
+    write_table(path, saved)
+    status = batch.column(main_status).to_pylist()
+    return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
+            "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
+            "failures": sum(s.startswith("failed") for s in status if s)}
+
+
+class GenerationTask(ReplicaTask):
+    """Generation as a replica task: one planned engine batch of a unit (`PlanGeneration`) through
+    every recipe of the run (or of `--add-recipe`), saved under the layout's batch name."""
+
+    name = "generate"
+    reads = PlanGeneration.adds
+    keys = {"unit": pa.string()}
+    counts = ("documents", "selected", "generated_tokens", "failures")
+
+    def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,
+                 recipes: list[Recipe] | None = None, pass_name: str | None = None):
+        self.generator = generator_stage(cfg, num_cpus=num_cpus, recipes=recipes)
+        self.out_dir = out_dir
+        self.generation_key = generation_key
+        self.pass_name = pass_name
+
+    def echo(self, plan: dict) -> dict:
+        return {"unit": plan["_unit"]}
+
+    @property
+    def loaded(self) -> bool:
+        return self.generator.loaded
+
+    def load(self, *, num_cpus: float) -> int:
+        self.generator.load_engine()  # outside the timing: stage seconds are engine busy time, not its start
+        return 1
+
+    def needs_engine(self, plan: dict) -> bool:
+        return bool(plan["doc_ids"])
+
+    def batch_path(self, plan: dict) -> Path:
+        return generated_batch_path(Path(self.out_dir), plan["_unit"], index=plan["batch_index"], pass_name=self.pass_name)
+
+    def run(self, plan: dict) -> pa.Table:
+        docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
+                         "selected": pa.array(plan["selected_flags"], pa.bool_()), "is_bad": pa.array(plan["bad_flags"], pa.bool_())})
+        return timed(self.generator, docs)
+
+    def save(self, table: pa.Table, path: Path) -> None:
+        self._counts = save_generations(table, path=path, generation_key=self.generation_key, columns=list(self.generator.columns),
+                                        main_status=self.generator.runs[0].recipe.column("status"))
+
+    def count(self, table: pa.Table) -> dict[str, int]:
+        return self._counts
+
+
+def generation_stage(cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,
+                     recipes: list[Recipe] | None = None, pass_name: str | None = None) -> ReplicaStage:
+    """Pass 2a's replicas (and `--add-recipe`'s): the generation task on the engine's actor pool."""
+    task = GenerationTask(cfg, out_dir=out_dir, generation_key=generation_key, num_cpus=num_cpus, recipes=recipes, pass_name=pass_name)
+    return ReplicaStage(task, resources=replace(task.generator.resources, batch_size=1))
+
+
+def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None, recipes: list[Recipe] | None = None) -> Generator:
+    return Generator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens,
+                     replace_tokens=cfg.output.seq_length, num_cpus=num_cpus, recipes=recipes)
