@@ -99,7 +99,8 @@ def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
     import ray
     import ray.data
 
-    from annotator.core.stages import TIMING_PREFIX, apply_stages
+    from annotator.core.ray_adapter import apply_stages
+    from annotator.core.stages import TIMING_PREFIX
 
     ray.init(num_cpus=cfg.ray.num_cpus or 2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

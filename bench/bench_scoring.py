@@ -32,7 +32,8 @@ from annotator.config import ClassifierConfig, InputConfig  # noqa: E402
 from annotator.score.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.core.units import plan_input  # noqa: E402
 from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
-from annotator.core.stages import TIMING_PREFIX, InProcess, Resources, apply_stages, configure_backpressure  # noqa: E402
+from annotator.core.ray_adapter import apply_stages, configure_backpressure  # noqa: E402
+from annotator.core.stages import TIMING_PREFIX, InProcess, Resources  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 

@@ -22,10 +22,9 @@ from annotator.engine.vllm_engine import Engine, Reply
 from annotator.core.layout import judge_batch_path
 from annotator.core.seeding import sampling_seed
 from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resources
-from annotator.core.progress import configure_ray_data_console
+from annotator.core.ray_adapter import configure_ray_data_console, items_dataset, run_stages
 from annotator.method.prompt_packs import PromptPack
 from annotator.generate.replies import json_object, strip_reasoning
-from annotator.core.stages import apply_stages
 
 REASON = "reason"
 OK = "ok"
@@ -217,8 +216,6 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
               num_cpus: float, log=print) -> tuple[pa.Table, dict]:
     """Judgements of `items` ({id, user}) in item order, reusing the batches saved in `work_dir`;
     and what this call did (batches reused/made, engine loads)."""
-    import ray.data
-
     judge = cfg.audit.judge
     if judge.base_url and not judge.model:
         raise ConfigError("audit.judge.model: with audit.judge.base_url, name the model the endpoint serves")
@@ -233,8 +230,7 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
         stage = judge_stage(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)
         plans = [{"batch_index": b, "items": json.dumps(batches[b])} for b in todo]
         configure_ray_data_console()
-        ds = ray.data.from_items(plans, override_num_blocks=len(plans))
-        for row in apply_stages(ds, [stage]).iter_rows():
+        for row in run_stages(items_dataset(plans), [stage]):
             work["engine_loads"] += row["engine_loads"]
     tables = [pq.read_table(judge_batch_path(work_dir, b)) for b in range(len(batches))]
     table = pa.concat_tables(tables) if tables else pa.table({})

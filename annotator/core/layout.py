@@ -60,6 +60,8 @@ AUDIT_WORK = f"{AUDIT_DIR}/_work"
 # SFT runs (`pipelines/spp_sft.py`).
 SFT_PROMPTS = "_work/prompts.parquet"
 SFT_DATA_DIR = "data"
+SFT_RENDERINGS = ("cited", "uncited")
+SFT_SKIP_SPLIT = "skip"
 SFT_FAILURES = "rejects/failures.parquet"
 # What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
 OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS, PLAN_FILE, PLAN_WORK)
@@ -141,3 +143,8 @@ def sft_batch_path(out_dir: Path, index: int) -> Path:
 
 def judge_batch_path(work_dir: Path, index: int) -> Path:
     return work_dir / batch_file(index)
+
+
+def sft_dataset_file(out_dir: Path, split_dir: str, *, split: str = "train") -> Path:
+    """One split of an SFT run's datasets (`data/<rendering or skip>/<split>-00000-of-00001.parquet`)."""
+    return Path(out_dir) / SFT_DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"

@@ -102,6 +102,8 @@ class Progress:
     def configure_ray_data(self) -> None:
         """Ray Data's bars in a terminal; off otherwise, where Ray would log a multi-line
         block every 10 s that buries the status lines."""
+        from annotator.core.ray_adapter import configure_ray_data_console
+
         configure_ray_data_console(interactive=self.interactive)
 
 
@@ -219,17 +221,3 @@ def count_input_documents(paths: list[str], *, limit: int | None = None, max_wor
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
         total = sum(pool.map(rows, jobs))
     return min(total, limit) if limit else total
-
-
-def configure_ray_data_console(*, interactive: bool | None = None) -> None:
-    """Ray Data's bars in a terminal only (`interactive`, default: stdout is a terminal), and its
-    INFO lines (execution plans, 'Tip:' lines, per-dataset timings) off the console: they stay in
-    Ray Data's own log file (ray-data.log in the session's logs), warnings still show."""
-    import logging
-
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty() if interactive is None else interactive
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))

@@ -1,14 +1,132 @@
-"""Where the engine meets Ray beyond running stages: merging block statistics inside a Ray Data
-aggregation, so per-block counts never gather in the driver.
+"""Ray in one place: the stages of a pipeline as Ray Data calls (actor pools for stateful stages,
+tasks otherwise), datasets of small work items, the cluster's resources, Ray Data's console, and
+the statistics aggregation. Nothing else in the package calls Ray's API.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import warnings
+from typing import Iterable, Iterator
 
+import pyarrow as pa
 from ray.data.aggregate import AggregateFnV2
 
+from annotator.core.stages import Stage, run_batch
 from annotator.output.stats_merge import merge_stats
+
+
+class _StageActor:
+    """Ray Data actor wrapper: one `setup()` per actor, then batches."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return run_batch(self.stage, batch)
+
+
+# Stateless stages that still load something (a small model) do it once per worker process:
+# each task receives a fresh copy of the stage, so the loaded copy is kept here by its identity.
+_READY: dict[str, Stage] = {}
+
+
+def setup_key(stage: Stage) -> str:
+    """Identity of a stage's settings (`Stage.__repr__`: its public attributes; loaded state
+    lives in attributes starting with '_')."""
+    return f"{type(stage).__module__}.{stage!r}"
+
+
+def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
+    key = setup_key(stage)
+    ready = _READY.get(key)
+    if ready is None:
+        stage.setup()
+        ready = _READY[key] = stage
+    return run_batch(ready, batch)
+
+
+# A stage's blocks are whole work units (10,000 documents, ~100 MB): Ray Data's default release
+# of one more block per scheduling round when an operator is out of budget lets a fast upstream
+# stage queue units in the object store faster than the next stage drains them. These bound the
+# queue to about two units ahead of what the next stage has in flight, once the store is half used.
+DOWNSTREAM_CAPACITY_RATIO = 2.0
+GUARD_RELEASE_INTERVAL_S = 5.0
+
+
+def configure_backpressure() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_CAPACITY_RATIO
+    ctx.output_backpressure_guard_release_interval_s = GUARD_RELEASE_INTERVAL_S
+
+
+def apply_stages(ds, stages: Iterable[Stage]):
+    """Chain `stages` onto Ray Dataset `ds`: actor pools for stateful stages, tasks otherwise."""
+    import ray.data
+
+    for stage in stages:
+        res = stage.resources
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        if res.num_gpus:
+            common["num_gpus"] = res.num_gpus
+        if stage.stateful:
+            if res.max_restarts is not None:
+                common["max_restarts"] = res.max_restarts
+            with warnings.catch_warnings():
+                # Ray 2.60 deprecates free remote args but has no named parameter for max_restarts yet.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = ds.map_batches(
+                    _StageActor,
+                    fn_constructor_kwargs={"stage": stage},
+                    compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
+                    **common,
+                )
+        else:
+            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
+    return ds
+
+
+def items_dataset(items: list[dict], *, blocks: int | None = None):
+    """A Ray Dataset of small work items (units, planned batches), one block per item by default."""
+    import ray.data
+
+    return ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
+
+
+def run_stages(ds, stages: Iterable[Stage]) -> Iterator[dict]:
+    """The result rows of `stages` applied to `ds` (a dataset, or a list of work items)."""
+    if isinstance(ds, list):
+        ds = items_dataset(ds)
+    return apply_stages(ds, stages).iter_rows()
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def cluster_nodes() -> list[dict]:
+    import ray
+
+    return ray.nodes()
+
+
+def configure_ray_data_console(*, interactive: bool | None = None) -> None:
+    """Ray Data's bars in a terminal only (`interactive`, default: stdout is a terminal), and its
+    INFO lines (execution plans, 'Tip:' lines, per-dataset timings) off the console: they stay in
+    Ray Data's own log file (ray-data.log in the session's logs), warnings still show."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty() if interactive is None else interactive
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 class MergeStats(AggregateFnV2):

@@ -1,14 +1,11 @@
-"""The stage contract and the one adapter that turns stages into Ray Data calls.
-
-A stage loads heavy state once in `setup()` and maps a `pyarrow.Table` batch to a batch.
-It declares the columns it reads and adds; `check_chain` verifies a pipeline before any
-model loads. Nothing outside this module needs Ray Data's API for stages.
+"""The stage contract: a stage loads heavy state once in `setup()` and maps a `pyarrow.Table`
+batch to a batch. It declares the columns it reads and adds; `check_chain` verifies a pipeline
+before any model loads. `core.ray_adapter` turns stages into Ray Data calls.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -47,7 +44,7 @@ class Stage:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        # Stable across pickled copies (no addresses): `_setup_key` tells workers' cached setups
+        # Stable across pickled copies (no addresses): `setup_key` tells workers' cached setups
         # apart by it, also for stages holding stages (`InProcess`).
         public = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{type(self).__qualname__}({public})"
@@ -138,7 +135,7 @@ def timed(stage: Stage, batch: pa.Table) -> pa.Table:
     return out.append_column(col, values)
 
 
-def _run_batch(stage: Stage, batch: pa.Table) -> pa.Table:
+def run_batch(stage: Stage, batch: pa.Table) -> pa.Table:
     out = timed(stage, batch)
     # Arrow's allocator (mimalloc) keeps freed memory for reuse: a worker that just held a whole
     # unit would otherwise stay that large while idle or running a small stage.
@@ -164,76 +161,3 @@ def _trim_malloc() -> None:
 
 
 _MALLOC_TRIM = None
-
-
-class _StageActor:
-    """Ray Data actor wrapper: one `setup()` per actor, then batches."""
-
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        stage.setup()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _run_batch(self.stage, batch)
-
-
-# Stateless stages that still load something (a small model) do it once per worker process:
-# each task receives a fresh copy of the stage, so the loaded copy is kept here by its identity.
-_READY: dict[str, Stage] = {}
-
-
-def _setup_key(stage: Stage) -> str:
-    """Identity of a stage's settings (`Stage.__repr__`: its public attributes; loaded state
-    lives in attributes starting with '_')."""
-    return f"{type(stage).__module__}.{stage!r}"
-
-
-def _run_stateless(batch: pa.Table, stage: Stage) -> pa.Table:
-    key = _setup_key(stage)
-    ready = _READY.get(key)
-    if ready is None:
-        stage.setup()
-        ready = _READY[key] = stage
-    return _run_batch(ready, batch)
-
-
-# A stage's blocks are whole work units (10,000 documents, ~100 MB): Ray Data's default release
-# of one more block per scheduling round when an operator is out of budget lets a fast upstream
-# stage queue units in the object store faster than the next stage drains them. These bound the
-# queue to about two units ahead of what the next stage has in flight, once the store is half used.
-DOWNSTREAM_CAPACITY_RATIO = 2.0
-GUARD_RELEASE_INTERVAL_S = 5.0
-
-
-def configure_backpressure() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_CAPACITY_RATIO
-    ctx.output_backpressure_guard_release_interval_s = GUARD_RELEASE_INTERVAL_S
-
-
-def apply_stages(ds, stages: Iterable[Stage]):
-    """Chain `stages` onto Ray Dataset `ds`: actor pools for stateful stages, tasks otherwise."""
-    import ray.data
-
-    for stage in stages:
-        res = stage.resources
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
-        if res.num_gpus:
-            common["num_gpus"] = res.num_gpus
-        if stage.stateful:
-            if res.max_restarts is not None:
-                common["max_restarts"] = res.max_restarts
-            with warnings.catch_warnings():
-                # Ray 2.60 deprecates free remote args but has no named parameter for max_restarts yet.
-                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                ds = ds.map_batches(
-                    _StageActor,
-                    fn_constructor_kwargs={"stage": stage},
-                    compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
-                    **common,
-                )
-        else:
-            ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
-    return ds

@@ -14,7 +14,8 @@ from annotator.publish.hub import (
     CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, size_category,
     write_license_file,
 )
-from annotator.sft.export import DATA_DIR, RENDERINGS, SKIP_SPLIT, dataset_file
+from annotator.core.layout import SFT_DATA_DIR as DATA_DIR, SFT_RENDERINGS as RENDERINGS, SFT_SKIP_SPLIT as SKIP_SPLIT
+from annotator.core.layout import sft_dataset_file as dataset_file
 
 
 def _configs(*, with_skip: bool) -> list[dict]:

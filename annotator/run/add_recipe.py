@@ -31,7 +31,8 @@ from annotator.generate.cache import generation_stage, plan_batches
 from annotator.output.finalize import attach_generations, failed_generations, run_sections
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
 from annotator.method.recipes import Recipe, run_recipes
-from annotator.core.stages import Resources, UnitStage, apply_stages
+from annotator.core.ray_adapter import cluster_resources, run_stages
+from annotator.core.stages import Resources, UnitStage
 from annotator.output.stats import recipe_stats
 from annotator.output.tokenized import training_tokenizer
 from annotator.core.units import InputPlan, RejectedFile, Unit, units_from_json
@@ -197,8 +198,6 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     from annotator.run.pipeline import finish_run, progress_for
     from annotator.score.reader import units_dataset
 
-    import ray
-
     out_dir = Path(out_dir).resolve()
     cfg, plan, recipes = plan_added(out_dir, names, given=given)
     pass_name = "+".join(names)
@@ -212,11 +211,11 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
     if pending:
         t0 = time.time()
-        cpus = replica_cpus(cfg, ray.cluster_resources())
+        cpus = replica_cpus(cfg, cluster_resources())
         stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
                   generation_stage(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
         with progress_for(cfg, None, label="pass 2a", log=log) as progress:
-            for row in apply_stages(units_dataset(pending), stages).iter_rows():
+            for row in run_stages(units_dataset(pending), stages):
                 progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
                                 failures=row["failures"])
                 work["generations_made"] += row["documents"]
@@ -225,7 +224,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
         t0 = time.time()
         add = AddRecipeUnit(cfg, out_dir=str(out_dir), recipes=recipes, generation_key=gen_key, pass_name=pass_name)
         with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", log=log) as progress:
-            for row in apply_stages(units_dataset(pending), [add]).iter_rows():
+            for row in run_stages(units_dataset(pending), [add]):
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0
     record = json.loads((out_dir / RUN_FILE).read_text())

@@ -35,7 +35,8 @@ from annotator.core.progress import Progress
 from annotator.score.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.score.safety import build_scorer
 from annotator.score.selection import DROPPED_BAD, SelectForReflection, sample_probability
-from annotator.core.stages import InProcess, Resources, Stage, apply_stages, check_chain, configure_backpressure
+from annotator.core.ray_adapter import cluster_nodes, cluster_resources, configure_backpressure, items_dataset, run_stages
+from annotator.core.stages import InProcess, Resources, Stage, check_chain
 from annotator.core.tokens import TokenCounter
 from annotator.core.units import InputPlan, Unit, plan_input
 from annotator.output.report import write_report
@@ -187,7 +188,7 @@ def score_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], extra: dict,
     log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
     ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
     with progress_for(cfg, sum(u.rows for u in units), label="pass 1", log=log) as progress:
-        for row in apply_stages(units_dataset(units), ops).iter_rows():
+        for row in run_stages(units_dataset(units), ops):
             progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
     unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
     if unfinished:
@@ -211,7 +212,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
     expected = rate * cfg.generation.concurrency if rate else None
     with progress_for(cfg, remaining, label="pass 2a", log=log, expected_docs_per_s=expected) as progress:
-        for row in apply_stages(units_dataset(units), stages).iter_rows():
+        for row in run_stages(units_dataset(units), stages):
             progress.update(documents=row["documents"], selected=row["selected"],
                             generated_tokens=row["generated_tokens"], failures=row["failures"])
             work["generations_made"] += row["documents"]
@@ -226,7 +227,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
                             duplicates=state["duplicates"])
     log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
     with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", log=log) as progress:
-        for row in apply_stages(units_dataset(units), [finalize]).iter_rows():
+        for row in run_stages(units_dataset(units), [finalize]):
             manifest = json.loads(row["manifest"])
             stats = manifest["stats"]
             progress.update(documents=manifest["rows"], selected=stats.get("selected_documents", 0),
@@ -236,8 +237,6 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
 
 def run(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
-    import ray
-
     out_dir = Path(cfg.output.path).resolve()
     files = expand_paths(cfg.input.paths)
     check_output_location(out_dir, cfg, files=files)
@@ -249,9 +248,9 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
                           id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
     _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
-    cluster = ray.cluster_resources()
+    cluster = cluster_resources()
     cpus = replica_cpus(cfg, cluster)
-    check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=ray.nodes())
+    check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=cluster_nodes())
     resumed = open_output(out_dir, cfg, plan=plan)
     cost_plan = load_plan(out_dir, cfg, log=log)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
@@ -314,15 +313,13 @@ def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, t
 def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, wall: float) -> dict:
     """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
     runs'), with the invariant documents read = written + rejected + dropped checked."""
-    import ray.data
-
     manifests = load_manifests(out_dir)
     keys = {u.key for u in plan.units}
     manifests = [m for m in manifests if m["unit"] in keys]
     if len(manifests) != len(plan.units):
         raise RunError(f"{len(plan.units) - len(manifests)} units have no manifest after the run")
     # Merged inside Ray (a Ray Data aggregation over the manifests), this run's and earlier runs'.
-    table = ray.data.from_items([{"manifest": json.dumps(m)} for m in manifests], override_num_blocks=min(len(manifests), 64))
+    table = items_dataset([{"manifest": json.dumps(m)} for m in manifests], blocks=min(len(manifests), 64))
     merged = aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
     stats = finalize_stats(merged, config=cfg, started_at=started)
     rejected = stats.get("documents_rejected", {})

@@ -24,6 +24,7 @@ from annotator.core.checkpoint import read_unit_scored, write_atomically
 from annotator.config import SelectionConfig
 from annotator.generate.cache import EngineDocuments
 from annotator.score.selection import TokenTotals
+from annotator.core.ray_adapter import items_dataset, run_stages
 from annotator.core.stages import Resources, Stage, UnitStage
 from annotator.core.units import Unit, unit_json
 
@@ -46,10 +47,7 @@ def id_buckets(doc_ids: pa.Array | pa.ChunkedArray, buckets: int) -> pa.Array:
 
 def units_with_index(units: list[Unit]):
     """One row per unit with its position in the plan (the order that decides which copy of an id is first)."""
-    import ray.data
-
-    return ray.data.from_items([{"unit": unit_json(u), "unit_index": i} for i, u in enumerate(units)],
-                               override_num_blocks=max(1, len(units)))
+    return items_dataset([{"unit": unit_json(u), "unit_index": i} for i, u in enumerate(units)])
 
 
 class SummarizeUnit(UnitStage):
@@ -155,30 +153,25 @@ class CountForGeneration(EngineDocuments):
 
 def corpus_totals(out_dir: Path, units: list[Unit], *, selection: SelectionConfig, find_duplicates: bool) -> tuple[TokenTotals, dict[str, list[int]]]:
     """Token totals per score over the scored corpus, and the duplicate rows per unit key."""
-    import ray.data
-
-    from annotator.core.stages import apply_stages
-
     buckets = bucket_count(sum(u.rows for u in units)) if find_duplicates else None
     summarize = SummarizeUnit(out_dir=str(out_dir), selection=selection, id_buckets=buckets)
     documents: dict[int, int] = {}
     tokens: dict[int, int] = {}
     unconfident: dict[int, int] = {}
-    for row in apply_stages(units_with_index(units), [summarize]).iter_rows():
+    for row in run_stages(units_with_index(units), [summarize]):
         for into, column in ((documents, "score_documents"), (tokens, "score_tokens"), (unconfident, "unconfident_tokens")):
             for score, n in json.loads(row[column]).items():
                 into[int(score)] = into.get(int(score), 0) + n
     duplicates: dict[str, list[int]] = {}
     if buckets is not None:
-        found = ray.data.from_items([{"bucket": b} for b in range(buckets)], override_num_blocks=buckets)
-        for row in apply_stages(found, [FindDuplicates(out_dir=str(out_dir))]).iter_rows():
+        found = items_dataset([{"bucket": b} for b in range(buckets)])
+        for row in run_stages(found, [FindDuplicates(out_dir=str(out_dir))]):
             duplicates.setdefault(units[row["unit_index"]].key, []).append(int(row["source_row"]))
     return TokenTotals(documents=documents, tokens=tokens, unconfident_tokens=unconfident), {k: sorted(v) for k, v in sorted(duplicates.items())}
 
 
 def count_for_generation(out_dir: Path, units: list[Unit], **stage_args) -> int:
     from annotator.score.reader import units_dataset
-    from annotator.core.stages import apply_stages
 
     stage = CountForGeneration(out_dir=str(out_dir), **stage_args)
-    return sum(row["needs_generation"] for row in apply_stages(units_dataset(units), [stage]).iter_rows())
+    return sum(row["needs_generation"] for row in run_stages(units_dataset(units), [stage]))

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotator.config import InputConfig
+from annotator.core.ray_adapter import items_dataset
 from annotator.core.stages import Resources, UnitStage
 from annotator.core.units import Unit, open_parquet, unit_json
 
@@ -199,6 +200,4 @@ def input_columns(files: list[str], *, text_column: str, id_column: str | None, 
 
 def units_dataset(units: list[Unit]):
     """A Ray Dataset with one row per unit; `ReadUnits` turns each into its documents."""
-    import ray.data
-
-    return ray.data.from_items([{"unit": unit_json(u)} for u in units], override_num_blocks=max(1, len(units)))
+    return items_dataset([{"unit": unit_json(u)} for u in units])

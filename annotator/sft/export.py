@@ -23,18 +23,17 @@ import pyarrow.parquet as pq
 
 from annotator.core.checkpoint import OPERATIONAL_FIELDS, config_differences, write_json, write_table
 from annotator.config import RunConfig
-from annotator.core.progress import configure_ray_data_console
+from annotator.core.ray_adapter import cluster_resources, configure_ray_data_console, run_stages
 from annotator.method.prompt_packs import file_digest
 from annotator.generate.replies import cited_sections
 from annotator.sft.conversation import OK, SKIP, RESULT_SCHEMA, load_sft_packs
 from annotator.engine.resources import replica_cpus
 from annotator.core import layout
-from annotator.core.layout import sft_batch_path as batch_path
+from annotator.core.layout import sft_batch_path as batch_path, sft_dataset_file as dataset_file
 from annotator.sft.stage import sft_stage
 from annotator.sft.prompts import materialise_prompts
 
-RENDERINGS = ("cited", "uncited")
-SKIP_SPLIT = "skip"
+RENDERINGS, SKIP_SPLIT = layout.SFT_RENDERINGS, layout.SFT_SKIP_SPLIT
 DATA_DIR, PROMPTS, FAILURES = layout.SFT_DATA_DIR, layout.SFT_PROMPTS, layout.SFT_FAILURES
 RUN_FILE, STATS_FILE = layout.RUN_FILE, layout.STATS_FILE
 OUR_OUTPUTS = (RUN_FILE, STATS_FILE, DATA_DIR, layout.REJECTS, layout.WORK)
@@ -48,10 +47,6 @@ EXPORT_SCHEMA = pa.schema([
 
 class SftRunError(RuntimeError):
     """An SFT output directory that cannot be used as asked; the message says what to change."""
-
-
-def dataset_file(out_dir: Path, split_dir: str, *, split: str = "train") -> Path:
-    return Path(out_dir) / DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"
 
 
 def sft_settings(cfg: RunConfig, packs) -> dict:
@@ -89,10 +84,7 @@ def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
 
 def run_sft(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) an SFT run on the current Ray cluster; returns its stats."""
-    import ray
-    import ray.data
 
-    from annotator.core.stages import apply_stages
 
     out = Path(cfg.output.path).resolve()
     packs = load_sft_packs(cfg)  # a broken pack fails before any engine starts
@@ -110,12 +102,12 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
     log(f"[sft] {len(rows)} prompts ({draw.get('drawn')}), {len(batches)} batches of {size}, {len(pending)} to generate -> {out}")
     started = time.time()
     if pending:
-        cpus = replica_cpus(cfg, ray.cluster_resources(), beside=0.0)
+        cpus = replica_cpus(cfg, cluster_resources(), beside=0.0)
         stage = sft_stage(cfg, out_dir=str(out), num_cpus=cpus)
         configure_ray_data_console()  # as in the annotation runs: status lines, not Ray Data's blocks
-        ds = ray.data.from_items([{"batch_index": i, "rows": json.dumps(b)} for i, b in pending], override_num_blocks=len(pending))
+        plans = [{"batch_index": i, "rows": json.dumps(b)} for i, b in pending]
         done = 0
-        for row in apply_stages(ds, [stage]).iter_rows():
+        for row in run_stages(plans, [stage]):
             done += 1
             attempt["engine_loads"] += row["engine_loads"]
             log(f"[sft] batch {row['batch_index']} saved ({done}/{len(pending)}): {row['conversations']} conversations, "

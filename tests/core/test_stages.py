@@ -11,7 +11,8 @@ import pytest
 
 from annotator.config import RunConfig
 from annotator.run.pipeline import scoring_ops, scoring_stages
-from annotator.core.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, _setup_key
+from annotator.core.ray_adapter import setup_key
+from annotator.core.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage
 from tests.support import in_child_process, require_shared_data
 
 
@@ -65,8 +66,8 @@ def test_setup_key_survives_pickling():
     unpickled copy, so the key must not depend on object addresses."""
     op = InProcess([Double(batch_size=None), Sizes(batch_size=4)], resources=Resources(batch_size=1))
     copy = pickle.loads(pickle.dumps(op))
-    assert _setup_key(copy) == _setup_key(op) and "0x" not in _setup_key(op)
-    assert _setup_key(InProcess([Double(batch_size=None), Sizes(batch_size=8)], resources=Resources())) != _setup_key(op)
+    assert setup_key(copy) == setup_key(op) and "0x" not in setup_key(op)
+    assert setup_key(InProcess([Double(batch_size=None), Sizes(batch_size=8)], resources=Resources())) != setup_key(op)
 
 
 def test_pass_one_runs_a_cpu_scorer_in_the_unit_task_and_a_transformers_scorer_in_its_pool(tmp_path):
@@ -105,7 +106,7 @@ def probe_chain_on_ray(cfg, units, tokenizer: str) -> list[dict]:
     import ray
 
     from annotator.score.reader import ReadUnits, units_dataset
-    from annotator.core.stages import apply_stages
+    from annotator.core.ray_adapter import apply_stages
     from annotator.core.tokens import TokenCounter
 
     chain = InProcess([ReadUnits(cfg, extra_columns={}), TokenCounter(tokenizer=tokenizer, resources=Resources(batch_size=16)),
