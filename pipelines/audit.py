@@ -21,7 +21,7 @@ from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.core.errors import ResourceError  # noqa: E402
 from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
-from pipelines.spp_reflections import start_ray  # noqa: E402
+from annotator.core.ray_adapter import start_ray  # noqa: E402
 
 PARTS = ("reflections", "ledger")
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from annotator.core.errors import OutputDirError, ResourceError, RunError  # noq
 from annotator.run.pipeline import run  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.output.summary import format_summary  # noqa: E402
+from annotator.core.ray_adapter import start_ray  # noqa: E402
+from pipelines.cli import cli_overrides  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,17 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli_overrides(args: argparse.Namespace, fields: dict[str, object]) -> list[str]:
-    """The config overrides a command line makes: --set first, then the flags that stand for a
-    field (`fields`: field -> the flag's value, None when not given), --output and --overwrite."""
-    overrides = list(args.overrides) + [f"{field}={value}" for field, value in fields.items() if value is not None]
-    if args.output:
-        overrides.append(f"output.path={args.output}")
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
-    return overrides
-
-
 def cost_plan(cfg) -> dict:
     from annotator.run.plan import make_plan
     from annotator.score.reader import expand_paths
@@ -123,29 +113,6 @@ def format_plan(plan: dict, *, output: str) -> str:
     else:
         lines.append("projection:  no generation measured (generation disabled or nothing selected)")
     return "\n".join(lines)
-
-
-def start_ray(cfg) -> None:
-    import ray
-
-    to_driver = cfg.ray.worker_logs_to_driver
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=to_driver)
-    else:
-        object_store = int(cfg.ray.object_store_memory_gb * 2**30) if cfg.ray.object_store_memory_gb else None
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, log_to_driver=to_driver)
-    if not to_driver:
-        print(f"[spp] worker output (vLLM engines, replicas) goes to Ray's logs: {worker_log_dir()}/worker-*.err "
-              "(ray.worker_logs_to_driver=true copies it here)", flush=True)
-
-
-def worker_log_dir() -> str:
-    try:
-        from ray._private.worker import _global_node
-
-        return _global_node.get_logs_dir_path()
-    except Exception:  # noqa: BLE001 - a remote cluster: its nodes' own session folders
-        return "/tmp/ray/session_latest/logs (on each node)"
 
 
 def add(args, overrides: list[str]) -> int:

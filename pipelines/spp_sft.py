@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
-from pipelines.spp_reflections import cli_overrides, start_ray  # noqa: E402
+from annotator.core.ray_adapter import start_ray  # noqa: E402
+from pipelines.cli import cli_overrides  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

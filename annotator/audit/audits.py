@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 from annotator.core import layout
 from annotator.core.checkpoint import digest, write_json, write_table
 from annotator.config import ConfigError, RunConfig
-from annotator.audit.judge import OK, REASON, Rubric, judge_engine_config, run_judge
+from annotator.audit.judge import REASON, Rubric, judge_engine_config, run_judge
 from annotator.method.prompt_packs import load_pack
 from annotator.audit.sampling import allocate_sample, choose_sample, count_strata, read_rows
 from annotator.output.stats import stratum_key
+from annotator.core.statuses import OK
 
 REFLECTIONS_FILE, LEDGER_FILE, AUDIT_WORK, STATS_FILE = layout.AUDIT_REFLECTIONS, layout.AUDIT_LEDGER, layout.AUDIT_WORK, layout.STATS_FILE
 VOICE_LABELS = {"reflection_1p": "First-person reflection", "reflection_3p": "Third-person reflection"}

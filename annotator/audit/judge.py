@@ -25,9 +25,9 @@ from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resource
 from annotator.core.ray_adapter import configure_ray_data_console, items_dataset, run_stages
 from annotator.method.prompt_packs import PromptPack
 from annotator.generate.replies import json_object, strip_reasoning
+from annotator.core.statuses import OK, failed
 
 REASON = "reason"
-OK = "ok"
 RAW_CHARS = 2000
 ENDPOINT_REQUESTS_PER_REPLICA = 16
 
@@ -157,7 +157,7 @@ class JudgeTask(ReplicaTask):
 
     def judge_items(self, items: list[dict]) -> pa.Table:
         n = len(items)
-        rows = [{"id": it["id"], "status": "failed:not_judged", "attempts": 0, "raw_reply": None, "prompt_tokens": 0,
+        rows = [{"id": it["id"], "status": failed("not_judged"), "attempts": 0, "raw_reply": None, "prompt_tokens": 0,
                  "output_tokens": 0, **{f: None for f in self.rubric.scores}, REASON: None} for it in items]
         pending = list(range(n))
         if pending and isinstance(self._backend, Engine):
@@ -172,14 +172,14 @@ class JudgeTask(ReplicaTask):
                 row = rows[i]
                 row["attempts"] = attempt + 1
                 if isinstance(reply, Exception):
-                    row["status"], row["raw_reply"] = f"failed:request_error:{type(reply).__name__}", str(reply)[:RAW_CHARS]
+                    row["status"], row["raw_reply"] = failed(f"request_error:{type(reply).__name__}"), str(reply)[:RAW_CHARS]
                     retry.append(i)
                     continue
                 row["prompt_tokens"] += reply.prompt_tokens
                 row["output_tokens"] += reply.output_tokens
                 parsed, why = self.rubric.parse(reply.text)
                 if parsed is None:
-                    row["status"], row["raw_reply"] = f"failed:{why}", reply.text[:RAW_CHARS]
+                    row["status"], row["raw_reply"] = failed(why), reply.text[:RAW_CHARS]
                     retry.append(i)
                 else:
                     row.update(parsed, status=OK, raw_reply=None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import Iterable, Iterator
@@ -89,6 +90,31 @@ def apply_stages(ds, stages: Iterable[Stage]):
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
     return ds
+
+
+def start_ray(cfg) -> None:
+    """Join the configured cluster (`ray.address` or RAY_ADDRESS), or start a local one with the
+    config's CPUs and object store; says where worker output goes when it stays in Ray's logs."""
+    import ray
+
+    to_driver = cfg.ray.worker_logs_to_driver
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address, log_to_driver=to_driver)
+    else:
+        object_store = int(cfg.ray.object_store_memory_gb * 2**30) if cfg.ray.object_store_memory_gb else None
+        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, log_to_driver=to_driver)
+    if not to_driver:
+        print(f"[spp] worker output (vLLM engines, replicas) goes to Ray's logs: {worker_log_dir()}/worker-*.err "
+              "(ray.worker_logs_to_driver=true copies it here)", flush=True)
+
+
+def worker_log_dir() -> str:
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a remote cluster: its nodes' own session folders
+        return "/tmp/ray/session_latest/logs (on each node)"
 
 
 def items_dataset(items: list[dict], *, blocks: int | None = None):

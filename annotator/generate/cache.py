@@ -18,9 +18,10 @@ from annotator.core.stages import TIMING_PREFIX, Resources, UnitStage, timed
 from annotator.core.units import Unit
 from annotator.engine.replica import ReplicaStage, ReplicaTask
 from annotator.engine.resources import PLANNING_TASK_CPUS
-from annotator.generate.generator import FAILED_REPLY, NOT_REQUESTED, NOT_SELECTED, REQUEST_COLUMN, Generator
+from annotator.generate.generator import FAILED_REPLY, REQUEST_COLUMN, Generator
 from annotator.method.recipes import Recipe, run_recipes
 from annotator.score.selection import SelectForReflection
+from annotator.core.statuses import NOT_REQUESTED, NOT_SELECTED, is_failed
 
 
 def needs_generation(selected: pa.ChunkedArray | pa.Array, gen: GenerationConfig) -> pa.Array:
@@ -101,7 +102,7 @@ def save_generations(batch: pa.Table, *, path: Path, generation_key: str, column
     status = batch.column(main_status).to_pylist()
     return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
             "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
-            "failures": sum(s.startswith("failed") for s in status if s)}
+            "failures": sum(is_failed(s) for s in status)}
 
 
 class GenerationTask(ReplicaTask):

@@ -22,15 +22,13 @@ from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.generate.pause import Pause, pause_point, sample_pause_fraction
 from annotator.method.prompt_packs import Canary, PromptPack
 from annotator.method.recipes import Recipe, recipe_columns, run_recipes
-from annotator.generate.replies import OK, cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
+from annotator.generate.replies import cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
 from annotator.core.stages import Resources, Stage
 from annotator.core.tokens import target_tokenizer
 from annotator.generate.canaries import assign_canary, canary_present, run_canaries
 from annotator.generate.guard import BudgetGuard
+from annotator.core.statuses import NOT_APPLICABLE, NOT_REQUESTED, NOT_SELECTED, OK, failed
 
-NOT_SELECTED = "not_selected"
-NOT_APPLICABLE = "not_applicable"
-NOT_REQUESTED = "not_requested"
 # Template tokens around a placed text; the budget covers them too.
 TEMPLATE_TOKENS = 2
 _JSON_OVERHEAD_TOKENS = 64
@@ -143,13 +141,13 @@ class RecipeRun:
         if fmt == "tags":
             tags, status = parse_tags(raw, self.cfg.annotations.keys)
             out[self.col("tags")][i] = tags
-            out[self.col("status")][i] = status if status == OK else f"failed:{status}"
+            out[self.col("status")][i] = status if status == OK else failed(status)
             return tags is not None, status
         if fmt == "text":
             text, _ = strip_reasoning(raw)
             if text is None or trivial(text):
                 reason = "unclosed_reasoning" if text is None else "checks=voices_present"
-                out[self.col("status")][i] = f"failed:{reason}"
+                out[self.col("status")][i] = failed(reason)
                 return False, reason
             out[self.col(self.pack.fields[0])][i] = cut_to_tokens(text, tok, max_tokens=self.replace_tokens)
             out[self.col("status")][i] = OK
@@ -158,7 +156,7 @@ class RecipeRun:
                              analysis_tokens=self.cfg.max_reflection_tokens, source=req.source)
         if not parsed.ok:
             reason = parsed.failures[0] if parsed.failures[0] in ("unparseable_json", "unclosed_reasoning") else "checks=" + ",".join(parsed.failures)
-            out[self.col("status")][i] = f"failed:{reason}"
+            out[self.col("status")][i] = failed(reason)
             return False, reason
         out[self.col("status")][i] = OK
         for f in self.pack.fields:
@@ -343,7 +341,7 @@ class Generator(Stage):
         out[col("attempts")][i] = attempt + 1
         if isinstance(reply, Exception):
             reason, tokens, done = f"engine_error:{type(reply).__name__}", 0, False
-            out[col("status")][i] = f"failed:{reason}"
+            out[col("status")][i] = failed(reason)
         else:
             for key, value in (("gen_prompt_tokens", reply.prompt_tokens), ("gen_cached_prompt_tokens", reply.cached_tokens),
                                ("gen_output_tokens", reply.output_tokens), (col("prompt_tokens"), reply.prompt_tokens),

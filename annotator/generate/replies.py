@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from annotator.method.prompt_packs import PromptPack
 
-OK = "ok"
 # A bracket group of section ids: [2.3], [1.2,1.4], [1.2, 1.4]; [1.2][1.4] is two groups.
 CITATION_GROUP = re.compile(r"\[\s*(\d+\.\d+(?:\s*,\s*\d+\.\d+)*)\s*\]")
 SECTION_ID = re.compile(r"\d+\.\d+")

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
+from annotator.core.statuses import OK
 
 REPORT_FILE = "report.html"
 PLOTS = {
@@ -268,7 +269,7 @@ def sample_documents(out_dir: Path, *, n: int = 3) -> list[dict]:
         pf = pq.ParquetFile(shard)
         columns = [c for c in SAMPLE_COLUMNS if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
-            annotated = pc.equal(batch.column("reflection_status"), "ok")
+            annotated = pc.equal(batch.column("reflection_status"), OK)
             if "annotations" in batch.schema.names:
                 annotated = pc.or_(annotated, pc.greater(pc.fill_null(pc.list_value_length(batch.column("annotations")), 0), 0))
             found.extend(batch.filter(pc.fill_null(annotated, False)).to_pylist()[: n - len(found)])

@@ -16,9 +16,9 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotator.generate.replies import OK
 from annotator.core.stages import TIMING_PREFIX
 from annotator.core.tokens import count_tokens
+from annotator.core.statuses import OK, failure_reason, is_failed
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 # Annotation values per key that the report lists.
@@ -308,7 +308,7 @@ def finalize_stats(merged: dict, *, config=None, started_at: float | None = None
     accelerator-hours (from `config`, a RunConfig or its dump) and prompt/constitution versions."""
     stats = {k: v for k, v in merged.items() if k not in ("annotation_values", "timeline", "reflection_tokens")}
     status = merged.get("reflection_status", {})
-    failed = {k.removeprefix("failed:"): v for k, v in status.items() if k.startswith("failed")}
+    failed = {failure_reason(k): v for k, v in status.items() if is_failed(k)}
     stats["reflections"] = {"generated": status.get(OK, 0), "failed": sum(failed.values()), "failed_by_reason": failed}
     measured = merged.get("reflection_tokens_measured", 0) == merged.get("blocks", 0) and merged.get("blocks", 0) > 0
     stats["reflection_length_tokens"] = (
@@ -337,7 +337,7 @@ def finalize_stats(merged: dict, *, config=None, started_at: float | None = None
     stats["recipes"] = {}
     for name, block in (merged.get("recipes") or {}).items():
         st = block.get("status", {})
-        failed_r = {k.removeprefix("failed:"): v for k, v in st.items() if k.startswith("failed")}
+        failed_r = {failure_reason(k): v for k, v in st.items() if is_failed(k)}
         stats["recipes"][name] = {
             "prompt_version": packs[name].version if name in packs else None,
             "status": st,

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
+from annotator.core.statuses import OK, is_failed
 
 SHARDS_DIR = layout.TEXT_DIR
 
@@ -16,7 +17,7 @@ def sample_reflection(output: str) -> dict | None:
     """The first document with a reflection in the written shards, or None."""
     for shard in layout.text_shards(Path(output)):
         table = pq.read_table(shard, columns=["doc_id", "safety_score", "selected_reason", "reflection_1p", "reflection_status"])
-        hits = table.filter(pc.equal(table.column("reflection_status"), "ok"))
+        hits = table.filter(pc.equal(table.column("reflection_status"), OK))
         if hits.num_rows:
             return hits.slice(0, 1).to_pylist()[0]
     return None
@@ -25,7 +26,7 @@ def sample_reflection(output: str) -> dict | None:
 def format_summary(stats: dict, *, output: str) -> str:
     out = Path(output).resolve()
     status = stats.get("reflection_status", {})
-    failed = {k: v for k, v in status.items() if k.startswith("failed")}
+    failed = {k: v for k, v in status.items() if is_failed(k)}
     lines = [
         f"output:      {out / SHARDS_DIR} ({len(stats['shards'])} shards), stats: {out / 'stats.json'}",
         f"documents:   {stats['documents_in']} in, {stats['documents_out']} out, {stats['tokens_in']} tokens",
@@ -45,7 +46,7 @@ def format_summary(stats: dict, *, output: str) -> str:
     streams = (stats.get("tokenized") or {}).get("streams") or {}
     if streams:
         lines.insert(-1, "streams:     " + "; ".join(f"{k} {v['sequences']:,} windows, {v['tokens']:,} tokens" for k, v in streams.items()))
-    if stats.get("annotation_status", {}).get("ok") or any(k.startswith("failed") for k in stats.get("annotation_status", {})):
+    if stats.get("annotation_status", {}).get(OK) or any(is_failed(k) for k in stats.get("annotation_status", {})):
         lines.insert(5, f"annotations: {stats['annotation_status']}")
     sample = sample_reflection(output)
     if sample:

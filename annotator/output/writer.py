@@ -24,10 +24,10 @@ from annotator.core.seeding import unit_hash
 from annotator.generate.pause import clip_at_char
 from annotator.method.prompt_packs import PromptPack
 from annotator.method.recipes import Recipe, placed_fields, stream_name
-from annotator.generate.replies import OK
 from annotator.score.selection import DROPPED_BAD
 from annotator.core.stages import Resources, Stage
 from annotator.output.tokenized import DensePacker, annotation_block, place, reflection_ids, render_citations, training_tokenizer, window
+from annotator.core.statuses import OK
 
 _TOKENIZE_SLICE = 512
 # The published dataset's columns come first in every text shard, in its order.

@@ -42,6 +42,7 @@ from annotator.core.units import InputPlan, Unit, plan_input
 from annotator.output.report import write_report
 from annotator.core.ray_adapter import aggregate_stats
 from annotator.output.stats import finalize_stats
+from annotator.core.statuses import OK, is_failed
 
 SHARDS_DIR = layout.TEXT_DIR
 
@@ -231,7 +232,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
             manifest = json.loads(row["manifest"])
             stats = manifest["stats"]
             progress.update(documents=manifest["rows"], selected=stats.get("selected_documents", 0),
-                            failures=sum(v for k, v in stats.get("reflection_status", {}).items() if k.startswith("failed")))
+                            failures=sum(v for k, v in stats.get("reflection_status", {}).items() if is_failed(k)))
     return time.time() - t0
 
 
@@ -338,7 +339,7 @@ def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, ti
     stats["documents_per_second"] = {
         "end_to_end": round(plan.documents / max(1e-9, wall), 2),
         "reflections_per_generate_worker": round(
-            stats["reflection_status"].get("ok", 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
+            stats["reflection_status"].get(OK, 0) / max(1e-9, stats["stage_seconds"].get("generate", 0.0)), 3
         ),
         **{f"{stage}_per_worker": round(docs / max(1e-9, secs), 2) for stage, secs in stats["stage_seconds"].items()},
     }

@@ -22,9 +22,9 @@ from annotator.config import RunConfig
 from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.method.prompt_packs import Canary, PackError, PromptPack, fill, load_pack, resolve_pack_path
 from annotator.generate.replies import CITATION_GROUP, cited_sections, json_object, strip_reasoning, trivial
+from annotator.core.statuses import OK, SKIP, failed
 
 SKIP_MARK = "[SKIP]"
-OK, SKIP = "ok", "skip"
 FAILED_REPLY_CHARS = 4000
 # Any bracketed section-like number, also malformed ones ([2.3.1], [ 4 .2]): none may stay in `uncited`.
 _ANY_MARKER = re.compile(r"\[\s*\d+\s*(?:\.\s*\d+\s*)+(?:[,;]\s*\d+(?:\.\d+)*\s*)*\]")
@@ -357,8 +357,8 @@ def _assistant_turn(engine, packs: SftPacks, *, cfg: RunConfig, convs: list[_Con
     for c, *_ in pending:
         reason, raw = last[id(c)]
         if turn == 0:
-            c.status, c.failed_reply = f"failed:{reason}", raw[:FAILED_REPLY_CHARS]
-        c.stop_reason = f"turn_failed:{reason}" if turn else f"failed:{reason}"
+            c.status, c.failed_reply = failed(reason), raw[:FAILED_REPLY_CHARS]
+        c.stop_reason = f"turn_failed:{reason}" if turn else failed(reason)
 
 
 def _result(c: _Conversation, packs: SftPacks, *, cfg: RunConfig) -> dict:

@@ -26,12 +26,13 @@ from annotator.config import RunConfig
 from annotator.core.ray_adapter import cluster_resources, configure_ray_data_console, run_stages
 from annotator.method.prompt_packs import file_digest
 from annotator.generate.replies import cited_sections
-from annotator.sft.conversation import OK, SKIP, RESULT_SCHEMA, load_sft_packs
+from annotator.sft.conversation import RESULT_SCHEMA, load_sft_packs
 from annotator.engine.resources import replica_cpus
 from annotator.core import layout
 from annotator.core.layout import sft_batch_path as batch_path, sft_dataset_file as dataset_file
 from annotator.sft.stage import sft_stage
 from annotator.sft.prompts import materialise_prompts
+from annotator.core.statuses import OK, SKIP, failure_reason
 
 RENDERINGS, SKIP_SPLIT = layout.SFT_RENDERINGS, layout.SFT_SKIP_SPLIT
 DATA_DIR, PROMPTS, FAILURES = layout.SFT_DATA_DIR, layout.SFT_PROMPTS, layout.SFT_FAILURES
@@ -153,7 +154,7 @@ def export(out: Path, results: pa.Table, *, prompts: pa.Table, cfg: RunConfig, d
             [{**_meta(r), "messages": [{"role": "user", "content": users[r["conversation_id"]]}]} for r in skip], schema=EXPORT_SCHEMA))
     write_table(out / FAILURES, pa.Table.from_pylist(
         [{"conversation_id": r["conversation_id"], "source": r["source"], "source_id": r["source_id"],
-          "user": users[r["conversation_id"]], "reason": r["status"].removeprefix("failed:"), "attempts": r["attempts"],
+          "user": users[r["conversation_id"]], "reason": failure_reason(r["status"]), "attempts": r["attempts"],
           "reply": r["failed_reply"]} for r in failed],
         schema=pa.schema([("conversation_id", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("user", pa.string()),
                           ("reason", pa.string()), ("attempts", pa.int32()), ("reply", pa.string())])))
@@ -195,7 +196,7 @@ def sft_stats(rows: list[dict], *, prompts: pa.Table, cfg: RunConfig, draw: dict
         "canaries": {"assigned": dict(Counter(c for c in prompts.column("canary_id").to_pylist() if c)),
                      "inject": dict(Counter(r["canary_id"] for r in ok if r["canary_action"] == "inject")),
                      "skip": sum(r["status"] == SKIP for r in rows)},
-        "failures": dict(Counter(r["status"].removeprefix("failed:") for r in rows if r["status"] not in (OK, SKIP))),
+        "failures": dict(Counter(failure_reason(r["status"]) for r in rows if r["status"] not in (OK, SKIP))),
         "later_turn_failures": dict(Counter(r["stop_reason"].split(":", 1)[1] for r in rows
                                             if r["status"] == OK and (r["stop_reason"] or "").startswith("turn_failed:"))),
         "citations": dict(sorted(citations.items())),

@@ -15,6 +15,7 @@ from annotator.config import ConfigError, RunConfig
 from annotator.core.layout import sft_batch_path
 from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resources
 from annotator.sft.conversation import followup_schema, generate_batch, load_sft_packs, render_user, reply_schema
+from annotator.core.statuses import is_failed
 
 
 class SftTask(ReplicaTask):
@@ -61,7 +62,7 @@ class SftTask(ReplicaTask):
 
     def count(self, table: pa.Table) -> dict[str, int]:
         status = table.column("status").to_pylist()
-        return {"conversations": table.num_rows, "failures": sum(st.startswith("failed") for st in status),
+        return {"conversations": table.num_rows, "failures": sum(is_failed(st) for st in status),
                 "output_tokens": sum(table.column("output_tokens").to_pylist())}
 
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 from annotator.config import GenerationConfig
 from annotator.core.layout import generated_batch_path
 from annotator.generate.cache import needs_generation, plan_batches, save_generations
-from annotator.generate.generator import FAILED_REPLY, NOT_SELECTED, json_schema, parse_tags
+from annotator.core.statuses import NOT_SELECTED
+from annotator.generate.generator import FAILED_REPLY, json_schema, parse_tags
 
 
 def documents(n: int) -> pa.Table:
