@@ -119,3 +119,18 @@ def recipe_columns(recipe: Recipe, pack: PromptPack) -> dict[str, pa.DataType]:
     if pack.styles:
         cols[c("style")] = pa.string()
     return cols
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One training stream: a recipe's field, placed as the recipe says."""
+
+    recipe: Recipe
+    pack: PromptPack
+    field: str
+    stream: str
+
+
+def placed_streams(recipes: list[tuple[Recipe, PromptPack]], *, voices: list[str]) -> list[Placed]:
+    """One stream per placed field of each recipe, in recipe order."""
+    return [Placed(r, p, f, stream_name(r, f)) for r, p in recipes for f in placed_fields(r, p, voices=voices)]

@@ -22,12 +22,12 @@ from annotator.core.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES,
 from annotator.config import RunConfig
 from annotator.generate.cache import drop_duplicates, generator_stage, needs_generation
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, NoGeneration, column_defaults
-from annotator.method.prompt_packs import section_order
-from annotator.method.recipes import Recipe, run_recipes
+from annotator.method.resolved import ResolvedRun
+from annotator.method.recipes import Recipe
 from annotator.score.selection import SelectForReflection
 from annotator.core.stages import TIMING_PREFIX, Resources, UnitStage
 from annotator.core.units import Unit
-from annotator.output.writer import ShardWriter, TrainingText, placed_streams
+from annotator.output.writer import ShardWriter, TrainingText
 
 
 def attach_generations(table: pa.Table, cache: pa.Table | None, *, cfg: RunConfig, unit: str,
@@ -65,18 +65,10 @@ def attach_generations(table: pa.Table, cache: pa.Table | None, *, cfg: RunConfi
     return table
 
 
-def run_sections(cfg: RunConfig) -> list[str]:
-    """The constitution sections of the run's packs, in order (charter tokens are numbered by them)."""
-    ids = {s for r in run_recipes(cfg.generation) if (p := r.load_pack()).constitution for s in p.constitution.ids}
-    return sorted(ids, key=section_order)
-
-
-def finalize_stages(cfg: RunConfig, *, out_dir: str) -> tuple[TrainingText, ShardWriter]:
+def finalize_stages(cfg: RunConfig, *, out_dir: str, resolved: ResolvedRun) -> tuple[TrainingText, ShardWriter]:
     """The per-unit chain after generation, built once: the pipeline's chain check, its reserved
     columns and `FinalizeUnit` all use it."""
-    sections = run_sections(cfg)
-    recipes = [(r, r.load_pack()) for r in run_recipes(cfg.generation)]
-    streams = placed_streams(recipes, cfg.output.voices)
+    sections, recipes, streams = list(resolved.sections), resolved.pairs, list(resolved.streams)
     block = cfg.generation.annotations.max_block_tokens
     enabled = cfg.generation.enabled
     return (TrainingText(cfg.output, content_tokens=cfg.content_tokens, sections=sections, annotation_tokens=block, streams=streams,
@@ -107,14 +99,16 @@ class FinalizeUnit(UnitStage):
     adds = ("unit", "manifest")
     output_schema = pa.schema([("unit", pa.string()), ("manifest", pa.string())])
 
-    def __init__(self, cfg: RunConfig, *, out_dir: str, probability: float, generation_key: str, duplicates: dict[str, list[int]]):
+    def __init__(self, cfg: RunConfig, *, out_dir: str, probability: float, generation_key: str, duplicates: dict[str, list[int]],
+                 resolved: ResolvedRun):
         self.out_dir = out_dir
         self.cfg = cfg
         self.select = SelectForReflection(cfg.selection, probability=probability)
         self.generation = cfg.generation
         self.generation_key = generation_key
         self.duplicates = duplicates
-        self.splice, self.writer = finalize_stages(cfg, out_dir=out_dir)
+        self.recipes = list(resolved.recipes)
+        self.splice, self.writer = finalize_stages(cfg, out_dir=out_dir, resolved=resolved)
         # A whole CPU each: a task holds a whole unit, so fewer at once keeps memory down.
         self.resources = Resources(num_cpus=1, batch_size=1)
 
@@ -143,7 +137,7 @@ class FinalizeUnit(UnitStage):
             table = self.select.process(kept)
             cache = cached_generations(out, unit.key, key=self.generation_key) if self.generation.enabled else None
             table = attach_generations(table, cache, cfg=self.cfg, unit=unit.key)
-            failed = failed_generations(table, run_recipes(self.generation)) if self.generation.enabled else None
+            failed = failed_generations(table, self.recipes) if self.generation.enabled else None
             if failed is not None and failed.num_rows:
                 failed_rows = failed.num_rows
                 write_table(out / REJECTED_GENERATIONS / f"{unit.key}.parquet", failed)

@@ -214,20 +214,21 @@ def histogram_quantiles(histogram: dict, quantiles=QUANTILES) -> dict:
 
 
 def run_packs(config) -> dict:
-    """{recipe name: its prompt pack} of a config (a RunConfig or its dump, possibly partial)."""
+    """{recipe name: its prompt pack} of a recorded config (a RunConfig or its dump, possibly partial)."""
     from annotator.config import GenerationConfig
-    from annotator.method.recipes import run_recipes
+    from annotator.method.resolved import resolve_run
 
     if config is None:
         return {}
     gen = config.generation if hasattr(config, "generation") else GenerationConfig.model_validate(config.get("generation") or {})
-    return {r.name: r.load_pack() for r in run_recipes(gen)}
+    return resolve_run(gen, voices=[]).packs
 
 
-def provenance(config) -> dict:
+def provenance(config, *, packs: dict | None = None) -> dict:
     """The prompt packs (name, version = name@content hash) and constitution the run was configured
-    with, the main recipe's at the top; the versions found in the rows are in `prompt_versions`."""
-    packs = run_packs(config)
+    with (`packs`, resolved by the caller, or those of `config`), the main recipe's at the top; the
+    versions found in the rows are in `prompt_versions`."""
+    packs = run_packs(config) if packs is None else packs
     if not packs:
         return {}
     pack = next(iter(packs.values()))
@@ -302,7 +303,7 @@ def _timeline_points(timeline: dict | None, started_at: float | None) -> dict:
             "points": [[round(t, 2), n] for t, n in points]}
 
 
-def finalize_stats(merged: dict, *, config=None, started_at: float | None = None) -> dict:
+def finalize_stats(merged: dict, *, config=None, packs: dict | None = None, started_at: float | None = None) -> dict:
     """The report form of merged statistics: every merged counter, plus reflection outcomes and
     length quantiles, top annotation values, the throughput timeline (seconds since `started_at`),
     accelerator-hours (from `config`, a RunConfig or its dump) and prompt/constitution versions."""
@@ -327,8 +328,8 @@ def finalize_stats(merged: dict, *, config=None, started_at: float | None = None
                          "value_present": merged.get("canary_present", {})}
     stats["timeline"] = _timeline_points(merged.get("timeline"), started_at)
     stats["accelerator"] = accelerator_usage(merged.get("stage_seconds", {}), config)
-    stats["prompts"] = provenance(config)
-    packs = run_packs(config)
+    packs = run_packs(config) if packs is None else packs
+    stats["prompts"] = provenance(config, packs=packs)
     main_pack = next(iter(packs.values()), None)
     stats["reply_checks"] = reply_checks(merged.get("reflection_attempts") or {}, main_pack)
     stats["reflection_tokens_per_reflection"] = tokens_per_output(

@@ -10,10 +10,11 @@ from annotator.config import RunConfig
 from annotator.core import layout
 from annotator.core.checkpoint import write_json
 from annotator.core.errors import RunError
-from annotator.output.finalize import run_sections
+from annotator.method.recipes import placed_fields, stream_name
+from annotator.method.resolved import ResolvedRun
 
 
-def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict) -> dict:
+def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolved: ResolvedRun) -> dict:
     """The extended target tokenizer (saved beside the streams, EOS set to `output.eos_token`) and
     `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
     size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
@@ -22,7 +23,7 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict) -> dic
     from annotator.output.tokenized import special_tokens, training_tokenizer
     from annotator.core.tokens import load_tokenizer
 
-    pack_sections = run_sections(cfg)
+    pack_sections = list(resolved.sections)
     added = special_tokens(cfg.output, pack_sections)
     tokenizer = load_tokenizer(cfg.output.tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
@@ -63,7 +64,7 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict) -> dic
         "token_lengths_suffix": layout.TOKEN_LENGTHS_SUFFIX if cfg.output.layout == "windows" else None,
         "sidecar": f"{layout.TOKENS_DIR}/{layout.SIDECAR}" if cfg.output.layout == "windows" else None,
         "streams": streams,
-        "recipes": stream_recipes(cfg),
+        "recipes": stream_recipes(resolved, voices=cfg.output.voices),
         "blend": blend_lines(out_dir, streams, cfg=cfg),
     }
     path = out_dir / layout.TOKENS_DIR / layout.METADATA
@@ -73,15 +74,12 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict) -> dic
                                                                            for k, v in streams.items()}}
 
 
-def stream_recipes(cfg: RunConfig) -> dict:
+def stream_recipes(resolved: ResolvedRun, *, voices: list[str]) -> dict:
     """Per recipe: its pack version, what it applies to, where its text goes, and its streams."""
-    from annotator.method.recipes import placed_fields, run_recipes, stream_name
-
     out = {}
-    for recipe in run_recipes(cfg.generation):
-        pack = recipe.load_pack()
+    for recipe, pack in resolved.pairs:
         out[recipe.name] = {"prompt_version": pack.version, "applies_to": recipe.applies_to, "placement": recipe.placement,
-                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, voices=cfg.output.voices)}}
+                            "streams": {stream_name(recipe, f): f for f in placed_fields(recipe, pack, voices=voices)}}
     return out
 
 

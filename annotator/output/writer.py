@@ -9,7 +9,6 @@ into `compact`), or `documents` (one sequence per document). Names depend on the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from annotator.output.megatron import IndexedDatasetWriter, token_dtype
 from annotator.core.seeding import unit_hash
 from annotator.generate.pause import clip_at_char
 from annotator.method.prompt_packs import PromptPack
-from annotator.method.recipes import Recipe, placed_fields, stream_name
+from annotator.method.recipes import Placed, Recipe
 from annotator.score.selection import DROPPED_BAD
 from annotator.core.stages import Resources, Stage
 from annotator.output.tokenized import DensePacker, annotation_block, place, reflection_ids, render_citations, training_tokenizer, window
@@ -35,20 +34,6 @@ PUBLISHED_COLUMNS = ("doc_id", "text", "token_length", "safety_score", "is_bad",
                      "reflection_position", "reflection_token_index", "canary_type")
 SIDECAR_EXTRA = ("window", "reflection_status", "citations", "prompt_version", "source_file", "source_row",
                  "source_token_length", "clipped_tokens", "training_text")
-
-
-@dataclass(frozen=True)
-class Placed:
-    """One training stream: a recipe's field, placed as the recipe says."""
-
-    recipe: Recipe
-    pack: PromptPack
-    field: str
-    stream: str
-
-
-def placed_streams(recipes: list[tuple[Recipe, PromptPack]], voices: list[str]) -> list[Placed]:
-    return [Placed(r, p, f, stream_name(r, f)) for r, p in recipes for f in placed_fields(r, p, voices=voices)]
 
 
 def chosen_mask(table: pa.Table, *, generation_enabled: bool) -> list[bool]:

@@ -28,7 +28,7 @@ from annotator.core.checkpoint import (
 from annotator.core.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
 from annotator.config import RunConfig
 from annotator.generate.cache import generation_stage, plan_batches
-from annotator.output.finalize import attach_generations, failed_generations, run_sections
+from annotator.output.finalize import attach_generations, failed_generations
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
 from annotator.method.recipes import Recipe, run_recipes
 from annotator.core.ray_adapter import cluster_resources, run_stages
@@ -36,7 +36,8 @@ from annotator.core.stages import Resources, UnitStage
 from annotator.output.stats import recipe_stats
 from annotator.output.tokenized import training_tokenizer
 from annotator.core.units import InputPlan, RejectedFile, Unit, units_from_json
-from annotator.output.writer import StreamWriter, placed_streams
+from annotator.output.writer import StreamWriter
+from annotator.method.resolved import ResolvedRun, resolve_run
 
 # What a new recipe must share with the run it is added to: a difference here is refused.
 SHARED_SECTIONS = ("input", "classifier", "selection", "output")
@@ -139,16 +140,15 @@ class AddRecipeUnit(UnitStage):
     adds = ("unit", "manifest")
     output_schema = pa.schema([("unit", pa.string()), ("manifest", pa.string())])
 
-    def __init__(self, cfg: RunConfig, *, out_dir: str, recipes: list[Recipe], generation_key: str, pass_name: str):
+    def __init__(self, cfg: RunConfig, *, out_dir: str, resolved: ResolvedRun, added: ResolvedRun, generation_key: str, pass_name: str):
         self.cfg = cfg
         self.out_dir = out_dir
-        self.recipes = recipes
+        self.recipes = list(added.recipes)
         self.generation_key = generation_key
         self.pass_name = pass_name
-        self.sections = run_sections(cfg)
-        packs = [(r, r.load_pack()) for r in recipes]
-        self.packs = packs
-        self.streams = placed_streams(packs, cfg.output.voices)
+        self.sections = list(resolved.sections)
+        self.packs = added.pairs
+        self.streams = list(added.streams)
         self.resources = Resources(num_cpus=1, batch_size=1)
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
@@ -200,6 +200,8 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
 
     out_dir = Path(out_dir).resolve()
     cfg, plan, recipes = plan_added(out_dir, names, given=given)
+    resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
+    added = resolve_run(cfg.generation, voices=cfg.output.voices, recipes=recipes)
     pass_name = "+".join(names)
     gen_key = digest("add", pass_name, cfg.generation.model_dump(mode="json"), cfg.output.tokenizer, cfg.content_tokens)
     started = time.time()
@@ -222,7 +224,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
                 work["engine_loads"] += row["engine_loads"]
         timings["generation_pass"] = time.time() - t0
         t0 = time.time()
-        add = AddRecipeUnit(cfg, out_dir=str(out_dir), recipes=recipes, generation_key=gen_key, pass_name=pass_name)
+        add = AddRecipeUnit(cfg, out_dir=str(out_dir), resolved=resolved, added=added, generation_key=gen_key, pass_name=pass_name)
         with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", log=log) as progress:
             for row in run_stages(units_dataset(pending), [add]):
                 progress.update(documents=json.loads(row["manifest"])["rows"])
@@ -233,7 +235,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     write_json(out_dir / RUN_FILE, record)
     stats = finish_run(cfg, out_dir, plan=plan, state=json.loads((out_dir / SELECTION).read_text())
                        if (out_dir / SELECTION).exists() else {"probability": None},
-                       timings=timings, started=started, work=work, log=log)
+                       timings=timings, started=started, work=work, log=log, resolved=resolved)
     if not cfg.output.keep_work:
         shutil.rmtree(generated_dir(out_dir, pass_name), ignore_errors=True)
     return stats

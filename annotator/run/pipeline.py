@@ -25,6 +25,7 @@ from annotator.config import RunConfig
 from annotator.core.errors import OutputDirError, RunError
 from annotator.engine.resources import check_reservations, replica_cpus
 from annotator.output.training_metadata import save_training_metadata
+from annotator.method.resolved import ResolvedRun, resolve_run
 from annotator.score.corpus import IDS, corpus_totals, count_for_generation
 from annotator.core import layout
 from annotator.generate.cache import PlanGeneration, generation_stage, generator_stage
@@ -115,30 +116,30 @@ def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
     return [InProcess(stages, resources=unit)]
 
 
-def second_pass_stages(cfg: RunConfig, *, out_dir: Path) -> list[Stage]:
+def second_pass_stages(cfg: RunConfig, *, out_dir: Path, resolved: ResolvedRun) -> list[Stage]:
     """Per unit after scoring: select, generate (or stand in for it), splice, write. Built once
     for the chain check and the reserved columns; FinalizeUnit builds its own from the same parts."""
     generate = generator_stage(cfg) if cfg.generation.enabled else NoGeneration(cfg.generation)
-    return [SelectForReflection(cfg.selection, probability=0.0), generate, *finalize_stages(cfg, out_dir=str(out_dir))]
+    return [SelectForReflection(cfg.selection, probability=0.0), generate, *finalize_stages(cfg, out_dir=str(out_dir), resolved=resolved)]
 
 
-def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> None:
+def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str], resolved: ResolvedRun) -> None:
     """The whole chain, pass 1 then the per-unit pass 2 stages, before any model loads; the
     prompt pack, canary file and sampling fields are loaded and checked here too."""
     from annotator.engine.vllm_engine import check_sampling
 
     first = scoring_stages(cfg, out_dir=out_dir, extra_columns=extra_columns)
     cols = check_chain(first[:-1], ["unit"])
-    check_chain(first[-1:] + second_pass_stages(cfg, out_dir=out_dir), cols | {"_unit"})
+    check_chain(first[-1:] + second_pass_stages(cfg, out_dir=out_dir, resolved=resolved), cols | {"_unit"})
     if cfg.generation.enabled:
         check_sampling(cfg.generation.sampling)
 
 
-def reserved_columns(cfg: RunConfig) -> set[str]:
+def reserved_columns(cfg: RunConfig, *, resolved: ResolvedRun) -> set[str]:
     """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
     names = {"unit", *ReadUnits.adds}
     for stage in (*scoring_stages(cfg, out_dir=Path(cfg.output.path), extra_columns={})[1:-1],
-                  *second_pass_stages(cfg, out_dir=Path(cfg.output.path))[:-1]):
+                  *second_pass_stages(cfg, out_dir=Path(cfg.output.path), resolved=resolved)[:-1]):
         names |= set(stage.adds)
     return names
 
@@ -221,11 +222,11 @@ def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     return time.time() - t0
 
 
-def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: dict, gen_key: str, log) -> float:
+def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: dict, gen_key: str, resolved: ResolvedRun, log) -> float:
     """Pass 2b: each unit's shards, token streams and manifest."""
     t0 = time.time()
     finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
-                            duplicates=state["duplicates"])
+                            duplicates=state["duplicates"], resolved=resolved)
     log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
     with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", log=log) as progress:
         for row in run_stages(units_dataset(units), [finalize]):
@@ -246,9 +247,10 @@ def run(cfg: RunConfig, *, log=print) -> dict:
         log(f"[spp] input file rejected: {rejected.path}: {rejected.reason}")
     if not plan.units:
         raise InputError("no usable input file: " + "; ".join(f"{r.path}: {r.reason}" for r in plan.rejected_files))
+    resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
     extra = input_columns(sorted({u.path for u in plan.units}), text_column=cfg.input.text_column,
-                          id_column=cfg.input.id_column, reserved=reserved_columns(cfg))
-    _chain_check(cfg, out_dir=out_dir, extra_columns=extra)
+                          id_column=cfg.input.id_column, reserved=reserved_columns(cfg, resolved=resolved))
+    _chain_check(cfg, out_dir=out_dir, extra_columns=extra, resolved=resolved)
     cluster = cluster_resources()
     cpus = replica_cpus(cfg, cluster)
     check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=cluster_nodes())
@@ -285,14 +287,15 @@ def run(cfg: RunConfig, *, log=print) -> dict:
         timings["generation_pass"] = generate_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
                                                    cost_plan=cost_plan)
     if pending:
-        timings["finalize_pass"] = finalize_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, log=log)
-    return finish_run(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan)
+        timings["finalize_pass"] = finalize_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, resolved=resolved, log=log)
+    return finish_run(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan,
+                      resolved=resolved)
 
 
 def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, work: dict, log,
-               cost_plan: dict | None = None) -> dict:
+               resolved: ResolvedRun, cost_plan: dict | None = None) -> dict:
     """Merged statistics, the attempt record, the training metadata, the report; `_work/` cleared."""
-    stats = run_stats(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, wall=time.time() - started)
+    stats = run_stats(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, wall=time.time() - started, resolved=resolved)
     stats["this_run"] = work
     if cost_plan is not None:
         stats["plan"] = plan_vs_actual(cost_plan, stats)
@@ -302,7 +305,7 @@ def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, t
     record.setdefault("attempts", []).append({**work, "started_at": started, "finished_at": time.time()})
     write_json(out_dir / RUN_FILE, record)
     if cfg.output.tokenized:
-        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats=stats)
+        stats["tokenized"] = save_training_metadata(cfg, out_dir, stats=stats, resolved=resolved)
     write_json(out_dir / layout.STATS_FILE, stats)
     write_report(out_dir, stats)
     if not cfg.output.keep_work:
@@ -311,7 +314,8 @@ def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, t
     return stats
 
 
-def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, wall: float) -> dict:
+def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, wall: float,
+              resolved: ResolvedRun) -> dict:
     """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
     runs'), with the invariant documents read = written + rejected + dropped checked."""
     manifests = load_manifests(out_dir)
@@ -322,7 +326,7 @@ def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, ti
     # Merged inside Ray (a Ray Data aggregation over the manifests), this run's and earlier runs'.
     table = items_dataset([{"manifest": json.dumps(m)} for m in manifests], blocks=min(len(manifests), 64))
     merged = aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
-    stats = finalize_stats(merged, config=cfg, started_at=started)
+    stats = finalize_stats(merged, config=cfg, packs=resolved.packs, started_at=started)
     rejected = stats.get("documents_rejected", {})
     dropped = stats.get("selected_by_reason", {}).get(DROPPED_BAD, 0)
     stats["documents_read"] = plan.documents

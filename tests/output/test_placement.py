@@ -14,9 +14,8 @@ from annotator.core import layout
 from annotator.method.recipes import BUILTIN
 from annotator.output.megatron import read_indexed_dataset
 from annotator.output.tokenized import training_tokenizer
-from annotator.output.writer import (
-    PUBLISHED_COLUMNS, StreamWriter, TrainingText, chosen_mask, interleave_order, placed_streams, shard_columns,
-)
+from annotator.method.recipes import placed_streams
+from annotator.output.writer import PUBLISHED_COLUMNS, StreamWriter, TrainingText, chosen_mask, interleave_order, shard_columns
 
 SECTIONS = sorted(BUILTIN["reflection"].load_pack().constitution.ids)
 TEXT = "Hello world. Another sentence follows here."
@@ -24,7 +23,7 @@ PAUSE = len("Hello world.")
 
 
 def streams(*names: str, voices=("1p",)):
-    return placed_streams([(BUILTIN[n], BUILTIN[n].load_pack()) for n in names], list(voices))
+    return placed_streams([(BUILTIN[n], BUILTIN[n].load_pack()) for n in names], voices=list(voices))
 
 
 def stream(name: str, field: str | None = None):

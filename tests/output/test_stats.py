@@ -25,6 +25,7 @@ from annotator.core.stages import Resources
 from annotator.output.stats import finalize_stats, histogram_quantiles, shard_stats
 from annotator.output.stats_merge import MAX_ANNOTATION_VALUES, MAX_TIMELINE_BUCKETS, merge_stats
 from annotator.core.tokens import target_tokenizer
+from annotator.method.resolved import resolve_run
 from annotator.output.finalize import finalize_stages
 from annotator.method.recipes import run_recipes
 from tests.support import REPO, require_shared_data
@@ -109,7 +110,7 @@ def build_run_output(out_dir: Path, *, limit: int = 300, block_rows: int = 100, 
     table = SelectForReflection(selection, probability=sample_probability(selection, totals)).process(table)
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides=[f"output.path={out_dir}", "selection.matched_token_ratio=8",
                                                                  "generation.recipes=[reflection, annotations]"])
-    splice, _ = finalize_stages(cfg, out_dir=str(out_dir))
+    splice, _ = finalize_stages(cfg, out_dir=str(out_dir), resolved=resolve_run(cfg.generation, voices=cfg.output.voices))
     table = splice.process(_generation_columns(table, tokenizer))
     recipes = [(r, r.load_pack(), [s.field for s in splice.streams if s.recipe.name == r.name]) for r in run_recipes(cfg.generation)]
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import RunConfig
-from annotator.output.finalize import finalize_stages, run_sections
+from annotator.method.resolved import resolve_run
+from annotator.output.finalize import finalize_stages
 from annotator.generate.generator import column_defaults, generator_columns
 from annotator.output.megatron import IndexedDatasetWriter, WindowDataset, read_indexed_dataset, stream_dataset
 from annotator.generate.pause import pause_point
@@ -63,9 +64,13 @@ def unit_table(docs: list[tuple[str, str, str | None]], *, cfg: RunConfig, token
     return table
 
 
+def resolved(cfg: RunConfig):
+    return resolve_run(cfg.generation, voices=cfg.output.voices)
+
+
 def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
     cfg = config(tmp_path, **output)
-    splice, writer = finalize_stages(cfg, out_dir=str(tmp_path))
+    splice, writer = finalize_stages(cfg, out_dir=str(tmp_path), resolved=resolved(cfg))
     result = writer.process(splice.process(unit_table(docs, cfg=cfg, content_tokens=cfg.content_tokens)))
     stats = json.loads(result.column("stats_json")[0].as_py())
     return cfg, stats
@@ -74,7 +79,7 @@ def write_unit(tmp_path, docs, **output) -> tuple[RunConfig, dict]:
 def save_metadata(cfg: RunConfig, stats: dict) -> None:
     from annotator.output.training_metadata import save_training_metadata
 
-    save_training_metadata(cfg, Path(cfg.output.path), stats=stats)
+    save_training_metadata(cfg, Path(cfg.output.path), stats=stats, resolved=resolved(cfg))
 
 
 def test_published_schema_and_training_text(tmp_path):
@@ -149,7 +154,7 @@ def test_documents_layout_one_sequence_per_document(tmp_path):
     rows = pq.read_table(tmp_path / "shards").to_pylist()
     (prefix,) = [p.with_suffix("") for p in (tmp_path / "tokenized" / "reflection-1p").glob("*[0-9].idx")]
     ds, masks = megatron_dataset(prefix), megatron_dataset(prefix.with_name(prefix.name + "_reflection_mask"))
-    tok = training_tokenizer(cfg.output, run_sections(cfg))
+    tok = training_tokenizer(cfg.output, list(resolved(cfg).sections))
     assert len(ds) == 2
     for i, row in enumerate(rows):
         ids = ds[i].astype(int)
@@ -174,7 +179,7 @@ def test_clipped_tail_goes_to_compact_when_asked(tmp_path):
 
 def test_an_all_rejected_unit_writes_nothing(tmp_path):
     cfg = config(tmp_path)
-    _, writer = finalize_stages(cfg, out_dir=str(tmp_path))
+    _, writer = finalize_stages(cfg, out_dir=str(tmp_path), resolved=resolved(cfg))
     empty = unit_table([("x", "text", None)], cfg=cfg).slice(0, 0)
     result = writer.process(empty)
     assert json.loads(result.column("shard")[0].as_py()) == []
