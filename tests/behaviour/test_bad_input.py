@@ -13,6 +13,7 @@ import pytest
 
 from annotator.core.checkpoint import WriteScored, write_table
 from annotator.config import InputConfig, RunConfig
+from annotator.method.resolved import resolve_run
 from annotator.output.finalize import FinalizeUnit
 from annotator.generate.generator import FAILED_REPLY, generator_columns
 from annotator.core.layout import GENERATED, SCORED
@@ -205,7 +206,8 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
     saved = pa.table({"doc_id": ["d0"], **{k: v.cast(columns[k]) for k, v in cols.items()},
                       FAILED_REPLY: [json.dumps({"reflection": '{"analysis": "cut'})], "generation_key": ["k"]})
     write_table(tmp_path / GENERATED / unit.key / "batch.parquet", saved)
-    finalize = FinalizeUnit(cfg, out_dir=str(tmp_path), probability=0.0, generation_key="k", duplicates={})
+    finalize = FinalizeUnit(cfg, out_dir=str(tmp_path), probability=0.0, generation_key="k", duplicates={},
+                            resolved=resolve_run(cfg.generation, voices=cfg.output.voices))
     manifest = finalize.finalize(unit)
     rows = {r["doc_id"]: r for r in pq.read_table(tmp_path / "shards").to_pylist()}
     assert rows["d0"]["text"] == "A first document." and rows["d0"]["reflection_status"] == "failed:unparseable_json"
