@@ -28,7 +28,7 @@ def megatron_dataset(prefix: Path):
 
 def recipe_of(name: str, info: dict) -> Recipe:
     base = BUILTIN[name]
-    return Recipe(name, base.pack, info["applies_to"], info["placement"], base.canaries, base.wrapped)
+    return Recipe(name, base.pack, info["applies_to"], info["placement"], base.canaries)
 
 
 def inserted_text(recipe: Recipe, field: str, row: dict, *, tok: TargetTokenizer, meta: dict, charter_render=None) -> str | None:

@@ -244,16 +244,16 @@ class Generator(Stage):
         return run.messages(text, canary=canary, doc_id=doc_id)
 
     def _point(self, run: RecipeRun, text: str, *, offsets, doc_id: str) -> Pause:
-        placement = run.recipe.placement
-        if placement == "prefix":  # the annotator reads the document's opening
+        place = run.recipe.place
+        if place.reads == "opening":  # the annotator reads the document's opening
             head = cut_to_tokens(text, self._tok, max_tokens=self.cfg.annotations.max_document_tokens)
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=head)
-        if placement == "pause":
+        if place.reads == "pause":
             return pause_point(text, offsets, fraction=sample_pause_fraction(self.cfg.seed, doc_id), max_prefix_tokens=run.max_prefix_tokens,
                                max_content_tokens=self.content_tokens, snap=self.cfg.pause.snap)
         end = pause_point(text, offsets, fraction=1.0, max_prefix_tokens=run.max_prefix_tokens, max_content_tokens=self.content_tokens,
                           snap=self.cfg.pause.snap, at_end=True)
-        if placement == "before":
+        if place.leads:
             return Pause(token_index=0, char_index=0, fraction=0.0, prompt_prefix=end.prompt_prefix)
         return end
 
@@ -282,7 +282,7 @@ class Generator(Stage):
                 req_canary = canary if run.recipe.canaries else None
                 requests.append(Request(i, run, self._fit(run, point.prompt_prefix, canary=req_canary, doc_id=ids[i]), point.prompt_prefix, req_canary))
                 col = run.col
-                if col("token_index") in run.columns and run.recipe.placement != "replace":
+                if col("token_index") in run.columns and not run.recipe.place.replaces:
                     out[col("token_index")][i], out[col("position")][i], out[col("fraction")][i] = point.token_index, point.char_index, point.fraction
                 if col("prompt_version") in run.columns:
                     out[col("prompt_version")][i] = run.pack.version

@@ -20,7 +20,6 @@ import pyarrow as pa
 
 from annotator.method.prompt_packs import PromptPack, load_pack
 
-PLACEMENTS = ("pause", "end", "before", "replace", "prefix")
 # The main recipe keeps the published dataset's column names.
 _PUBLISHED = {"reflection_1p": "reflection_1p", "reflection_3p": "reflection_3p", "analysis": "reflection_analysis",
               "citations": "citations", "citations_dropped": "citations_dropped", "canary_type": "canary_type",
@@ -30,13 +29,59 @@ _ANNOTATIONS = {"tags": "annotations", "status": "annotation_status"}
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a recipe's text goes in training data, and what the generator reads for it: every
+    stage that places text or picks the generator's view asks this table, not the name."""
+
+    name: str
+    point: str | None   # inserted at a token point of the content: "pause" (the seeded pause point) or "end"
+    reads: str          # what the generator is shown: "pause" (up to the pause point), "content" (the kept content), "opening"
+    text: str           # how the text is written: "wrapped" (between the template tokens), "block" (annotation tags), "raw"
+
+    @property
+    def at_point(self) -> bool:
+        return self.point is not None
+
+    @property
+    def replaces(self) -> bool:
+        """The text stands instead of the document."""
+        return self.text == "raw"
+
+    @property
+    def leads(self) -> bool:
+        """The text goes before the document."""
+        return self.point is None and not self.replaces
+
+    @property
+    def wrapped(self) -> bool:
+        return self.text == "wrapped"
+
+
+PLACEMENTS = {p.name: p for p in (
+    Placement("pause", point="pause", reads="pause", text="wrapped"),
+    Placement("end", point="end", reads="content", text="wrapped"),
+    Placement("before", point=None, reads="content", text="wrapped"),
+    Placement("prefix", point=None, reads="opening", text="block"),
+    Placement("replace", point=None, reads="content", text="raw"),
+)}
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     pack: str
     applies_to: str          # selected | bad | all
-    placement: str           # pause | end | before | replace | prefix
+    placement: str           # a key of PLACEMENTS
     canaries: bool
-    wrapped: bool = True     # placed between the template tokens (pause, end, before)
+
+    @property
+    def place(self) -> Placement:
+        return PLACEMENTS[self.placement]
+
+    @property
+    def wrapped(self) -> bool:
+        """Placed between the template tokens (pause, end, before)."""
+        return self.place.wrapped
 
     def load_pack(self) -> PromptPack:
         return load_pack(self.pack)
@@ -59,8 +104,8 @@ BUILTIN = {
     "refusal_reflection": Recipe("refusal_reflection", "refusal-reflection-v1", "selected", "pause", canaries=True),
     "preflection": Recipe("preflection", "preflection-v1", "selected", "before", canaries=False),
     "summary": Recipe("summary", "summary-v1", "selected", "end", canaries=False),
-    "rephrase": Recipe("rephrase", "rephrase-v1", "bad", "replace", canaries=False, wrapped=False),
-    "annotations": Recipe("annotations", "annotations-v1", "selected", "prefix", canaries=False, wrapped=False),
+    "rephrase": Recipe("rephrase", "rephrase-v1", "bad", "replace", canaries=False),
+    "annotations": Recipe("annotations", "annotations-v1", "selected", "prefix", canaries=False),
 }
 
 
@@ -73,7 +118,7 @@ def run_recipes(gen) -> list[Recipe]:
         base = BUILTIN[name]
         pack = gen.prompt_pack if name == "reflection" else gen.packs.get(name, base.pack)
         applies = gen.annotations.apply_to if name == "annotations" else base.applies_to
-        out.append(Recipe(name, pack, applies, base.placement, base.canaries, base.wrapped))
+        out.append(Recipe(name, pack, applies, base.placement, base.canaries))
     return out
 
 

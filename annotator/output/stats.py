@@ -11,13 +11,12 @@ import hashlib
 import math
 import time
 from collections import Counter
-from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotator.core.stages import TIMING_PREFIX
-from annotator.core.tokens import count_tokens
+from annotator.core.tokens import count_tokens, target_tokenizer
 from annotator.core.statuses import OK, failure_reason, is_failed
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -26,15 +25,6 @@ TOP_ANNOTATION_VALUES = 10
 # Stages whose workers hold accelerators, and the config section that says how many.
 ACCELERATOR_STAGES = {"generate": "generation", "safety": "classifier"}
 STRATUM_SEPARATOR = "|"
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(spec: str):
-    # The Rust tokenizer alone: a finalize worker that loads transformers (and torch) with it
-    # stays ~0.4 GiB larger for the rest of the run.
-    from annotator.core.tokens import target_tokenizer
-
-    return target_tokenizer(spec)
 
 
 def stratum_key(score: int, reason: str) -> str:
@@ -88,7 +78,7 @@ def recipe_stats(batch: pa.Table, *, recipe, pack, placed: list[str], tokenizer)
         out["attempts"] = attempt_counts(log)
     for key in ("generated_tokens", "prompt_tokens", "cached_prompt_tokens"):
         out[key] = int(sum(v or 0 for v in values(key) or []))
-    tok = (_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer) if tokenizer is not None else None
+    tok = (target_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer) if tokenizer is not None else None
     if pack.format != "tags" and tok is not None:
         texts = {f: [v for v, good in zip(values(f) or [], ok) if good and v] for f in placed}
         out["kept_tokens"] = sum(sum(count_tokens(tok, t)) for t in texts.values() if t)

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 from annotator.core import layout
 from annotator.core.statuses import OK, is_failed
 
-SHARDS_DIR = layout.TEXT_DIR
 
 
 def sample_reflection(output: str) -> dict | None:
@@ -28,7 +27,7 @@ def format_summary(stats: dict, *, output: str) -> str:
     status = stats.get("reflection_status", {})
     failed = {k: v for k, v in status.items() if is_failed(k)}
     lines = [
-        f"output:      {out / SHARDS_DIR} ({len(stats['shards'])} shards), stats: {out / 'stats.json'}",
+        f"output:      {out / layout.TEXT_DIR} ({len(stats['shards'])} shards), stats: {out / layout.STATS_FILE}",
         f"documents:   {stats['documents_in']} in, {stats['documents_out']} out, {stats['tokens_in']} tokens",
         f"safety:      score histogram {dict(sorted(stats['score_histogram'].items()))}",
         f"selected:    {stats['selected_documents']} documents, {stats['selected_tokens']} tokens, by reason {stats['selected_by_reason']}",

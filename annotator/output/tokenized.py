@@ -16,6 +16,7 @@ import numpy as np
 from annotator.config import OutputConfig
 from annotator.generate.replies import CITATION_GROUP, SECTION_ID
 from annotator.core.tokens import TargetTokenizer, target_tokenizer
+from annotator.method.recipes import Placement
 
 
 def charter_token(section: str) -> str:
@@ -135,29 +136,17 @@ class DensePacker:
         return [last]
 
 
-def reflection_mask(ids: np.ndarray, *, open_id: int, close_id: int) -> np.ndarray:
-    """1 from each opening template token through the next closing one (inclusive), else 0."""
-    index = np.arange(len(ids))
-    last_open = np.maximum.accumulate(np.where(ids == open_id, index, -1)) if len(ids) else index
-    closes = np.where(ids == close_id, index, -1)
-    # The close token itself is inside: compare with the last close strictly before each position.
-    last_close_before = np.concatenate(([-1], np.maximum.accumulate(closes)[:-1])) if len(ids) else index
-    return ((last_open >= 0) & (last_open > last_close_before)).astype(np.uint8)
-
-
-def place(doc: list[int], *, keep: int, placement: str | None, point: int | None, inserted: list[int] | None) -> Assembled:
+def place(doc: list[int], *, keep: int, placement: Placement | None, point: int | None, inserted: list[int] | None) -> Assembled:
     """A window's content for one stream: the document's first `keep` ids with the recipe's text
     `inserted` (already wrapped in its template ids) placed as the recipe says: at token `point`
     (pause, end), before the document (before, prefix), or instead of it (replace). No text:
     the kept content alone."""
     if inserted is None or placement is None:
         return Assembled(list(doc[:keep]))
-    if placement in ("pause", "end"):
+    if placement.at_point:
         if point is None or point > keep:
             raise ValueError(f"text placed at token {point} lies past the {keep} content tokens kept")
         return Assembled([*doc[:point], *inserted, *doc[point:keep]], point, point + len(inserted))
-    if placement in ("before", "prefix"):
-        return Assembled([*inserted, *doc[:keep]], 0, len(inserted))
-    if placement == "replace":
+    if placement.replaces:
         return Assembled(list(inserted), 0, len(inserted))
-    raise ValueError(f"unknown placement {placement!r}")
+    return Assembled([*inserted, *doc[:keep]], 0, len(inserted))

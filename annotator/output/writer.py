@@ -63,7 +63,7 @@ class TrainingText(Stage):
         first = streams[0] if streams else None
         if first is not None:
             self.reads = (*self.reads, first.recipe.column("status"), first.recipe.column(first.field),
-                          *((first.recipe.column("position"),) if first.recipe.placement in ("pause", "end") else ()))
+                          *((first.recipe.column("position"),) if first.recipe.place.at_point else ()))
 
     def inserted_text(self, placed: Placed, row: dict, *, tok) -> str | None:
         """The text the stream inserts for `row`, as it reads in training text (template tokens and
@@ -73,10 +73,10 @@ class TrainingText(Stage):
             return None
         value = row[r.column(placed.field)]
         tpl = self.output.template
-        if r.placement == "prefix":
+        if r.place.text == "block":
             _, block = annotation_block(tok, value, output=self.output, max_tokens=self.annotation_tokens)
             return block or None
-        if r.placement == "replace":
+        if r.place.replaces:
             return value
         if tpl.charter_tokens:
             value = render_citations(value, frozenset(self.sections))
@@ -87,11 +87,11 @@ class TrainingText(Stage):
         inserted = self.inserted_text(placed, row, tok=tok)
         if inserted is None:
             return text
-        placement = placed.recipe.placement
-        if placement in ("pause", "end"):
+        place_ = placed.recipe.place
+        if place_.at_point:
             pos = row[placed.recipe.column("position")]
             return text[:pos] + inserted + text[pos:]
-        if placement == "replace":
+        if place_.replaces:
             return inserted
         return inserted + text
 
@@ -157,20 +157,20 @@ class StreamWriter:
         if row.get(r.column("status")) != OK:
             return None
         value = row[r.column(placed.field)]
-        if r.placement == "prefix":
+        if r.place.text == "block":
             ids, _ = annotation_block(self.tok, value, output=self.output, max_tokens=self.annotation_tokens)
             return ids or None
-        if r.placement == "replace":
+        if r.place.replaces:
             return self.tok.encode(value)[: self.output.seq_length]
         return reflection_ids(self.tok, value, open_id=self.open_id, close_id=self.close_id,
                               charter=self.output.template.charter_tokens, valid=self.valid)
 
     def content(self, placed: Placed, row: dict, *, doc: list[int], keep: int):
         r = placed.recipe
-        point = row.get(r.column("token_index")) if r.placement in ("pause", "end") else None
-        if r.placement == "end" and point is None:
+        point = row.get(r.column("token_index")) if r.place.at_point else None
+        if r.place.point == "end" and point is None:
             point = keep
-        return place(doc, keep=keep, placement=r.placement, point=point, inserted=self.inserted(placed, row))
+        return place(doc, keep=keep, placement=r.place, point=point, inserted=self.inserted(placed, row))
 
     def write_documents(self, table: pa.Table, name: str) -> dict:
         """documents layout: per stream, one sequence per document (EOS appended), aligned with

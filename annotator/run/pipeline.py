@@ -45,7 +45,6 @@ from annotator.core.ray_adapter import aggregate_stats
 from annotator.output.stats import finalize_stats
 from annotator.core.statuses import OK, is_failed
 
-SHARDS_DIR = layout.TEXT_DIR
 
 
 def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) -> None:
@@ -227,7 +226,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     t0 = time.time()
     finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
                             duplicates=state["duplicates"], resolved=resolved)
-    log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / SHARDS_DIR}")
+    log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / layout.TEXT_DIR}")
     with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", log=log) as progress:
         for row in run_stages(units_dataset(units), [finalize]):
             manifest = json.loads(row["manifest"])

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from annotator.core import layout
 from annotator.core.checkpoint import write_table
-from annotator.output.summary import SHARDS_DIR, format_summary, sample_reflection
+from annotator.output.summary import format_summary, sample_reflection
 
 
 def base_stats() -> dict:
@@ -37,7 +37,7 @@ def test_summary_of_a_plain_run(tmp_path):
     text = format_summary(base_stats(), output=str(tmp_path))
     out = tmp_path.resolve()
     assert text.splitlines() == [
-        f"output:      {out / SHARDS_DIR} (2 shards), stats: {out / 'stats.json'}",
+        f"output:      {out / layout.TEXT_DIR} (2 shards), stats: {out / 'stats.json'}",
         "documents:   10 in, 9 out, 12345 tokens",
         "safety:      score histogram {'0': 5, '1': 2, '3': 2}",
         "selected:    4 documents, 400 tokens, by reason {'bad': 2, 'matched_sample': 2}",
