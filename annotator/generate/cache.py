@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from annotator.config import GenerationConfig, RunConfig, SelectionConfig
-from annotator.core.checkpoint import read_unit_scored, write_table
-from annotator.core.layout import generated_batch_path
+from annotator.core.checkpoint import OPERATIONAL_FIELDS, content_fingerprint, digest, write_table
+from annotator.score.store import read_unit_scored
+from annotator.core.layout import generated_batch_path, generated_dir
 from annotator.core.stages import TIMING_PREFIX, Resources, UnitStage, timed
 from annotator.core.units import Unit
 from annotator.engine.replica import ReplicaStage, ReplicaTask
@@ -161,3 +163,21 @@ def generation_stage(cfg: RunConfig, *, out_dir: str, generation_key: str, num_c
 def generator_stage(cfg: RunConfig, *, num_cpus: float | None = None, recipes: list[Recipe] | None = None) -> Generator:
     return Generator(cfg.generation, tokenizer=cfg.output.tokenizer, content_tokens=cfg.content_tokens,
                      replace_tokens=cfg.output.seq_length, num_cpus=num_cpus, recipes=recipes)
+
+
+def generation_key(cfg: RunConfig) -> str:
+    """What a cached generation depends on besides the document: the prompt pack's content, the
+    sampling settings, the target tokenizer and the content a window keeps (pause points)."""
+    g = cfg.generation.model_dump(mode="json")
+    for name in OPERATIONAL_FIELDS["generation"] | {"enabled"}:
+        g.pop(name, None)
+    return digest(content_fingerprint(cfg), g, cfg.output.tokenizer, cfg.content_tokens)
+
+
+def cached_generations(out_dir: Path, unit_key: str, *, key: str, pass_name: str | None = None) -> pa.Table | None:
+    """The generation results already saved for a unit under generation key `key`."""
+    parts = [pq.read_table(p) for p in sorted((generated_dir(out_dir, pass_name) / unit_key).glob("*.parquet"))]
+    if not parts:
+        return None
+    table = pa.concat_tables(parts, promote_options="permissive")
+    return table.filter(pc.equal(table.column("generation_key"), key))

@@ -17,7 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
-from annotator.core.checkpoint import cached_generations, read_unit_scored, rejected_count, write_json, write_table
+from annotator.core.checkpoint import write_json, write_table
+from annotator.generate.cache import cached_generations
+from annotator.score.store import read_unit_scored, rejected_count
 from annotator.core.layout import DONE, REJECTED_DOCUMENTS, REJECTED_DUPLICATES, REJECTED_GENERATIONS
 from annotator.config import RunConfig
 from annotator.generate.cache import drop_duplicates, generator_stage, needs_generation

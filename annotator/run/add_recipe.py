@@ -22,9 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
-from annotator.core.checkpoint import (
-    OPERATIONAL_FIELDS, cached_generations, config_differences, digest, output_settings, write_json, write_table,
-)
+from annotator.core.checkpoint import OPERATIONAL_FIELDS, config_differences, digest, output_settings, write_json, write_table
+from annotator.generate.cache import cached_generations
 from annotator.core.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
 from annotator.config import RunConfig
 from annotator.generate.cache import generation_stage, plan_batches

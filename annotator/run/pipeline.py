@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 from annotator import __version__
-from annotator.core.checkpoint import (
-    WriteScored, clear_unit_scoring, config_differences, generation_key, load_manifests, output_settings, unit_done,
-    unit_scored, write_json,
-)
+from annotator.core.checkpoint import config_differences, load_manifests, output_settings, unit_done, write_json
+from annotator.generate.cache import generation_key
+from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
 from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
 from annotator.config import RunConfig
 from annotator.core.errors import OutputDirError, RunError

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
-from annotator.core.checkpoint import read_unit_scored, write_atomically
+from annotator.core.checkpoint import write_atomically
+from annotator.score.store import read_unit_scored
 from annotator.config import SelectionConfig
 from annotator.generate.cache import EngineDocuments
 from annotator.score.selection import TokenTotals

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotator.core.checkpoint import WriteScored, write_table
+from annotator.core.checkpoint import write_table
+from annotator.score.store import WriteScored
 from annotator.config import InputConfig, RunConfig
 from annotator.method.resolved import resolve_run
 from annotator.output.finalize import FinalizeUnit

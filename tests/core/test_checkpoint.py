@@ -1,5 +1,5 @@
 """Checkpoints: atomic files, digests and config fingerprints (what a resume must match, what it
-may change), and the durable per-unit state of pass 1, manifests and saved generations."""
+may change), and unit manifests (the scored store and saved generations: tests/score, tests/generate)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import pytest
 
 from annotator.config import RunConfig, load_config
 from annotator.core.checkpoint import (
-    OPERATIONAL_FIELDS, WriteScored, cached_generations, clear_unit_scoring, config_differences, content_fingerprint, digest,
-    generation_key, load_manifests, output_settings, read_unit_scored, rejected_count, unit_done, unit_scored,
-    write_atomically, write_json, write_table,
+    OPERATIONAL_FIELDS, config_differences, content_fingerprint, digest, load_manifests, output_settings, unit_done, write_atomically,
+    write_json, write_table,
 )
-from annotator.core.layout import DONE, REJECTED_DOCUMENTS, SCORED, generated_batch_path
+from annotator.core.layout import DONE
 from annotator.core.units import Unit
 from tests.support import REPO
 
@@ -126,65 +125,6 @@ def test_canary_file_content_is_part_of_the_fingerprint(tmp_path):
     assert output_settings(demo("generation.canaries.file=null"))["files"]["canary_file"] is None
 
 
-def test_generation_key_follows_what_decides_a_generation():
-    key = generation_key(demo())
-    assert len(key) == 16
-    for same in ("generation.concurrency=3", "generation.enabled=false", "output.path=/x", "selection.bad_threshold=4",
-                 "generation.enforce_eager=false"):
-        assert generation_key(demo(same)) == key, same
-    # sampling, the engine batches, and the content a window keeps (pause points) change it
-    for other in ("generation.temperature=0.1", "generation.batch_size=16", "output.seq_length=4096",
-                  "generation.prompt_pack=reflection-v1"):
-        assert generation_key(demo(other)) != key, other
-
-
-def scored_batch(unit: str, rows: list[tuple[int, str, str | None]]) -> pa.Table:
-    """What pass 1 hands WriteScored: (source_row, doc_id, reject_reason) per row of one unit."""
-    return pa.table({
-        "_unit": [unit] * len(rows), "doc_id": [d for _, d, _ in rows], "text": [f"text of {d}" for _, d, _ in rows],
-        "source_file": ["in.parquet"] * len(rows), "source_row": pa.array([r for r, _, _ in rows], pa.int64()),
-        "reject_reason": pa.array([why for _, _, why in rows], pa.string()),
-        "text_preview": [f"text of {d}"[:5] for _, d, _ in rows],
-    })
-
-
-def test_write_scored_records_a_unit_as_complete_by_file_names(tmp_path):
-    a = Unit(key="in-aaaa-000000000", path="in.parquet", row_groups=(0,), row_start=0, rows=5)
-    b = Unit(key="in-aaaa-000000005", path="in.parquet", row_groups=(1,), row_start=5, rows=2)
-    batch = pa.concat_tables([
-        scored_batch(a.key, [(3, "d3", None), (0, "d0", None), (1, "d1", "empty_text"), (4, "d4", "too_long:9_chars"), (2, "d2", None)]),
-        scored_batch(b.key, [(5, "d5", "null_text"), (6, "d6", "null_text")]),
-    ])
-    counts = WriteScored(out_dir=str(tmp_path)).process(batch)
-    assert counts.to_pylist() == [{"unit": a.key, "scored": 3, "rejected": 2}, {"unit": b.key, "scored": 0, "rejected": 2}]
-    assert sorted(p.name for p in (tmp_path / SCORED / a.key).iterdir()) == ["000000000-3.parquet"]
-    assert sorted(p.name for p in (tmp_path / SCORED / b.key).iterdir()) == ["000000005-0.parquet"]  # written even empty
-    assert rejected_count(tmp_path, a) == 2 and rejected_count(tmp_path, b) == 2
-    assert unit_scored(tmp_path, a) and unit_scored(tmp_path, b)
-
-    rejects = pq.read_table(tmp_path / REJECTED_DOCUMENTS / f"{a.key}-000000000-2.parquet")
-    assert rejects.column_names == ["doc_id", "source_file", "source_row", "reason", "text_preview"]
-    assert sorted(zip(rejects.column("doc_id").to_pylist(), rejects.column("reason").to_pylist())) == [
-        ("d1", "empty_text"), ("d4", "too_long:9_chars")]
-
-    kept = read_unit_scored(tmp_path, a)
-    assert kept.column("doc_id").to_pylist() == ["d0", "d2", "d3"]  # input order, whatever the batch order
-    assert "reject_reason" not in kept.column_names and "text_preview" not in kept.column_names
-    assert read_unit_scored(tmp_path, a, columns=["doc_id"]).column_names == ["doc_id", "source_row"]
-    assert read_unit_scored(tmp_path, b).num_rows == 0
-
-    clear_unit_scoring(tmp_path, a)
-    assert not unit_scored(tmp_path, a) and rejected_count(tmp_path, a) == 0
-    assert unit_scored(tmp_path, b)  # the other unit's state is untouched
-    assert read_unit_scored(tmp_path, a).num_rows == 0
-
-
-def test_a_unit_missing_rows_is_not_scored(tmp_path):
-    unit = Unit(key="in-bbbb-000000000", path="in.parquet", row_groups=(0,), row_start=0, rows=3)
-    WriteScored(out_dir=str(tmp_path)).process(scored_batch(unit.key, [(0, "d0", None), (1, "d1", "empty_text")]))
-    assert not unit_scored(tmp_path, unit)
-
-
 def test_manifests_mark_units_done_in_name_order(tmp_path):
     units = [Unit(key=f"u-{i:09d}", path="in.parquet", row_groups=(i,), row_start=i, rows=1) for i in range(3)]
     assert load_manifests(tmp_path) == [] and not unit_done(tmp_path, units[0])
@@ -192,16 +132,3 @@ def test_manifests_mark_units_done_in_name_order(tmp_path):
         write_json(tmp_path / DONE / f"{u.key}.json", {"unit": u.key, "rows": 1})
     assert [unit_done(tmp_path, u) for u in units] == [True, False, True]
     assert [m["unit"] for m in load_manifests(tmp_path)] == [units[0].key, units[2].key]
-
-
-def test_cached_generations_keep_only_this_generation_key(tmp_path):
-    assert cached_generations(tmp_path, "u", key="k1") is None
-    for index, (keys, ids) in enumerate([(["k1", "k0"], ["a", "b"]), (["k1"], ["c"])]):
-        write_table(generated_batch_path(tmp_path, "u", index=index), pa.table({"doc_id": ids, "generation_key": keys}))
-    write_table(generated_batch_path(tmp_path, "u", index=0, pass_name="summary"),
-                pa.table({"doc_id": ["z"], "generation_key": ["k1"]}))
-    assert cached_generations(tmp_path, "u", key="k1").column("doc_id").to_pylist() == ["a", "c"]
-    assert cached_generations(tmp_path, "u", key="k0").column("doc_id").to_pylist() == ["b"]
-    assert cached_generations(tmp_path, "u", key="k9").num_rows == 0
-    assert cached_generations(tmp_path, "u", key="k1", pass_name="summary").column("doc_id").to_pylist() == ["z"]
-    assert cached_generations(tmp_path, "other", key="k1") is None

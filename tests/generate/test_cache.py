@@ -7,11 +7,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.config import GenerationConfig
+from annotator.config import GenerationConfig, RunConfig, load_config
+from annotator.core.checkpoint import write_table
 from annotator.core.layout import generated_batch_path
-from annotator.generate.cache import needs_generation, plan_batches, save_generations
+from annotator.generate.cache import cached_generations, generation_key, needs_generation, plan_batches, save_generations
 from annotator.core.statuses import NOT_SELECTED
 from annotator.generate.generator import FAILED_REPLY, json_schema, parse_tags
+from tests.support import REPO
 
 
 def documents(n: int) -> pa.Table:
@@ -58,3 +60,32 @@ def test_reply_schema_and_annotation_tags():
     assert parse_tags('{"topic": "  public   health ", "domain": "news"}', ["topic", "domain"]) == (["topic:public health", "domain:news"], "ok")
     assert parse_tags('{"topic": "health"}', ["topic", "domain"]) == (None, "empty_domain")
     assert parse_tags("no json here", ["topic"]) == (None, "unparseable_json")
+
+
+def demo(*overrides: str) -> RunConfig:
+    return load_config(REPO / "configs" / "demo.yaml", overrides=list(overrides))
+
+
+def test_generation_key_follows_what_decides_a_generation():
+    key = generation_key(demo())
+    assert len(key) == 16
+    for same in ("generation.concurrency=3", "generation.enabled=false", "output.path=/x", "selection.bad_threshold=4",
+                 "generation.enforce_eager=false"):
+        assert generation_key(demo(same)) == key, same
+    # sampling, the engine batches, and the content a window keeps (pause points) change it
+    for other in ("generation.temperature=0.1", "generation.batch_size=16", "output.seq_length=4096",
+                  "generation.prompt_pack=reflection-v1"):
+        assert generation_key(demo(other)) != key, other
+
+
+def test_cached_generations_keep_only_this_generation_key(tmp_path):
+    assert cached_generations(tmp_path, "u", key="k1") is None
+    for index, (keys, ids) in enumerate([(["k1", "k0"], ["a", "b"]), (["k1"], ["c"])]):
+        write_table(generated_batch_path(tmp_path, "u", index=index), pa.table({"doc_id": ids, "generation_key": keys}))
+    write_table(generated_batch_path(tmp_path, "u", index=0, pass_name="summary"),
+                pa.table({"doc_id": ["z"], "generation_key": ["k1"]}))
+    assert cached_generations(tmp_path, "u", key="k1").column("doc_id").to_pylist() == ["a", "c"]
+    assert cached_generations(tmp_path, "u", key="k0").column("doc_id").to_pylist() == ["b"]
+    assert cached_generations(tmp_path, "u", key="k9").num_rows == 0
+    assert cached_generations(tmp_path, "u", key="k1", pass_name="summary").column("doc_id").to_pylist() == ["z"]
+    assert cached_generations(tmp_path, "other", key="k1") is None
