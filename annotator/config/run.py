@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 def load_config(path: str | Path | None = None, *, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML config (or `base`), apply `section.field=value` overrides, validate."""
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(base or {})  # overrides must not reach the caller's dict
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):

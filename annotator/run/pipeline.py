@@ -11,6 +11,7 @@ durable (`checkpoint.py`), so the result is the same as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -46,12 +47,21 @@ from annotator.core.statuses import OK, is_failed
 
 
 
+def input_directory(path: str) -> Path:
+    """The directory an input path names: the path itself, or a glob's directory, the part before
+    the pattern up to its last '/' (`in/part-*.parquet` -> `in`)."""
+    head = re.split(r"[*?\[]", path, maxsplit=1)[0]
+    if head != path:
+        head = head.rsplit("/", 1)[0] if "/" in head else "."
+    return Path(head.rstrip("/") or ".").resolve()
+
+
 def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) -> None:
     """Never write into the input: not into an input directory, not where input files live."""
     for p in cfg.input.paths:
         if "://" in p:
             continue
-        base = Path(p.split("*")[0].rstrip("/") or ".").resolve()
+        base = input_directory(p)
         if base.is_dir() and (out_dir == base or base in out_dir.parents):
             raise OutputDirError(f"output.path {str(out_dir)!r} is inside the input directory {str(base)!r}; refusing to write into the input")
     for f in files:

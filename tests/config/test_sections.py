@@ -186,3 +186,9 @@ def test_load_config_errors_name_the_field(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match=r"input: Field required"):
         load_config(empty)
+
+
+def test_overrides_do_not_reach_the_callers_base():
+    base = {"input": {"paths": ["x"]}, "output": {"path": "out", "seq_length": 2048}}
+    cfg = load_config(None, base=base, overrides=["output.seq_length=4096"])
+    assert cfg.output.seq_length == 4096 and base["output"]["seq_length"] == 2048

@@ -195,3 +195,12 @@ def test_runs_without_windows_take_no_added_recipe(tmp_path, override, message):
     out, _, _ = finished_run(tmp_path, override)
     with pytest.raises(AddRecipeError, match=message):
         plan_added(out, ["summary"], given=None)
+
+
+def test_an_output_inside_the_directory_of_a_glob_input_is_refused(tmp_path):
+    """`in/part-*.parquet` names the directory `in`: an output below it would write into the input."""
+    (tmp_path / "in").mkdir()
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=[f"input.paths=['{tmp_path}/in/part-*.parquet']"])
+    with pytest.raises(OutputDirError, match="inside the input directory"):
+        check_output_location(tmp_path / "in" / "out", cfg, files=[])
+    check_output_location(tmp_path / "out", cfg, files=[])  # beside the input is fine
