@@ -21,7 +21,7 @@ from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.core.errors import ResourceError  # noqa: E402
 from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
-from annotator.core.ray_adapter import start_ray  # noqa: E402
+from annotator.core.ray_adapter import cluster_resources, start_ray  # noqa: E402
 
 PARTS = ("reflections", "ledger")
 
@@ -54,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AddRecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import ray
-
     start_ray(cfg)
     parts = args.only or list(PARTS)
     try:
-        cpus = replica_cpus(cfg, ray.cluster_resources())
+        cpus = replica_cpus(cfg, cluster_resources())
         for part in parts:
             run = audit_reflections if part == "reflections" else calibration_ledger
             _, figures = run(out, cfg, num_cpus=cpus)

@@ -67,7 +67,8 @@ def _judge_setup(cfg: RunConfig, pack_spec: str, *, low: int, high: int, constit
 
 # --- the judge audit of reflections ---------------------------------------------------------
 
-def _reflection_stratum(score, reason, *, status) -> str | None:
+def _reflection_stratum(values: tuple) -> str | None:
+    score, reason, status = values
     return stratum_key(score, reason) if status == OK else None
 
 
@@ -175,8 +176,8 @@ def reflection_figures(table: pa.Table, dims, *, strata: dict[str, int], audit) 
 
 # --- the calibration ledger of the safety scorer --------------------------------------------
 
-def _bucket(score) -> str:
-    return str(score)
+def _bucket(values: tuple) -> str:
+    return str(values[0])
 
 
 def harm_user_message(text: str, *, max_chars: int) -> str:
@@ -235,7 +236,7 @@ def calibration_ledger(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pr
     work_dir = about.pop("_work_dir", None)
     if work_dir is not None:  # the judgements are in the ledger now; a rerun with the same settings judges again
         shutil.rmtree(work_dir, ignore_errors=True)
-    selected = count_strata(files, columns=["safety_score", "selected"], stratum=lambda s, sel: str(s) if sel else None)
+    selected = count_strata(files, columns=["safety_score", "selected"], stratum=lambda v: str(v[0]) if v[1] else None)
     figures = ledger_figures(table, buckets=buckets, selected=selected, threshold=threshold)
     return table, figures | about
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 
 from annotator.core.seeding import unit_hash
 
-# A row's stratum from the values of the sampled columns after `doc_id`; None leaves the row out.
-Stratum = Callable[..., "str | None"]
+# A row's stratum from the tuple of its values of the sampled columns after `doc_id`; None leaves the row out.
+Stratum = Callable[[tuple], "str | None"]
 
 
 def allocate_sample(strata: dict[str, int], total: int) -> dict[str, int]:
@@ -38,12 +38,12 @@ def allocate_sample(strata: dict[str, int], total: int) -> dict[str, int]:
 
 
 def count_strata(files: list[Path], *, columns: list[str], stratum: Stratum) -> dict[str, int]:
-    """Rows per stratum over `files` (`columns` are passed to `stratum` in order)."""
+    """Rows per stratum over `files` (each row's values of `columns`, in order, go to `stratum` as one tuple)."""
     counts: dict[str, int] = {}
     for f in files:
         for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65_536):
             for values in zip(*(batch.column(c).to_pylist() for c in columns)):
-                key = stratum(*values)
+                key = stratum(values)
                 if key is not None:
                     counts[key] = counts.get(key, 0) + 1
     return counts
@@ -60,7 +60,7 @@ def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int, c
         for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65_536):
             ids, *rest = (batch.column(c).to_pylist() for c in columns)
             for i, (doc_id, *values) in enumerate(zip(ids, *rest)):
-                key = stratum(*values)
+                key = stratum(tuple(values))
                 heap = kept.get(key) if key is not None else None
                 if heap is None:
                     continue

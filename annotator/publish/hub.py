@@ -75,15 +75,19 @@ def shard_files(out_dir: Path) -> list[Path]:
     return files
 
 
+def _row_stratum(values: tuple) -> str:
+    return stratum_key(*values)
+
+
 def count_strata(files: list[Path]) -> dict[str, int]:
     """Rows per stratum, read from the shards' two stratum columns (for stats without `strata`)."""
-    return sampling.count_strata(files, columns=STRATUM_COLUMNS[1:], stratum=stratum_key)
+    return sampling.count_strata(files, columns=STRATUM_COLUMNS[1:], stratum=_row_stratum)
 
 
 def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int) -> list[tuple[float, Path, int]]:
     """(hash, file, row) of the rows in the published sample: per (score, reason) stratum, the
     `allocation[stratum]` rows with the smallest seeded hash of doc_id."""
-    return sampling.choose_sample(files, allocation=allocation, seed=seed, columns=STRATUM_COLUMNS, stratum=stratum_key)
+    return sampling.choose_sample(files, allocation=allocation, seed=seed, columns=STRATUM_COLUMNS, stratum=_row_stratum)
 
 
 def stratified_sample(out_dir: Path, stats: dict, *, rows: int, seed: int) -> tuple[pa.Table, dict]:
