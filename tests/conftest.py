@@ -1,4 +1,5 @@
-"""Session hooks: the test process ends without interpreter teardown once pytest has reported.
+"""Session hooks: seconds per test file at the end of the report, and the test process ending
+without interpreter teardown once pytest has reported.
 
 The test process loads torch, transformers, tokenizers, fastText, pyarrow (with its jemalloc
 thread), `datasets` and Ray's client together. One CI run (2026-12-02) died with SIGSEGV after
@@ -15,10 +16,25 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import defaultdict
 
 import pytest
 
 EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Seconds per test file (setup, call and teardown of its tests), slowest first: where the
+    suite's time goes, file by file."""
+    per_file: dict[str, float] = defaultdict(float)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                per_file[report.nodeid.split("::")[0]] += report.duration
+    if per_file:
+        terminalreporter.write_sep("=", f"seconds per test file (total {sum(per_file.values()):.0f}s)")
+        for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
