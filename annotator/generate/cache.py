@@ -95,12 +95,16 @@ def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, 
     return plans
 
 
-def save_generations(batch: pa.Table, *, path: Path, generation_key: str, columns: list[str], main_status: str) -> dict:
-    """Saves one generated engine batch; returns its counts for progress."""
+def save_generations(batch: pa.Table, *, path: Path, generation_key: str, columns: list[str]) -> None:
+    """Saves one generated engine batch: its generation columns, failed replies, timings and key."""
     extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c == REQUEST_COLUMN]
     saved = batch.select(["doc_id", *columns, FAILED_REPLY, *extra]).append_column(
         "generation_key", pa.array([generation_key] * batch.num_rows, pa.string()))
     write_table(path, saved)
+
+
+def generation_counts(batch: pa.Table, *, main_status: str) -> dict[str, int]:
+    """A generated batch's counts for progress, by the main recipe's status column."""
     status = batch.column(main_status).to_pylist()
     return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
             "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
@@ -146,11 +150,10 @@ class GenerationTask(ReplicaTask):
         return timed(self.generator, docs)
 
     def save(self, table: pa.Table, path: Path) -> None:
-        self._counts = save_generations(table, path=path, generation_key=self.generation_key, columns=list(self.generator.columns),
-                                        main_status=self.generator.runs[0].recipe.column("status"))
+        save_generations(table, path=path, generation_key=self.generation_key, columns=list(self.generator.columns))
 
     def count(self, table: pa.Table) -> dict[str, int]:
-        return self._counts
+        return generation_counts(table, main_status=self.generator.runs[0].recipe.column("status"))
 
 
 def generation_stage(cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 from annotator.config import GenerationConfig, RunConfig, load_config
 from annotator.core.checkpoint import write_table
 from annotator.core.layout import generated_batch_path
-from annotator.generate.cache import cached_generations, generation_key, needs_generation, plan_batches, save_generations
+from annotator.generate.cache import (
+    cached_generations, generation_counts, generation_key, needs_generation, plan_batches, save_generations,
+)
 from annotator.core.statuses import NOT_SELECTED
 from annotator.generate.generator import FAILED_REPLY, json_schema, parse_tags
 from tests.support import REPO
@@ -45,8 +47,8 @@ def test_a_saved_batch_keeps_its_columns_and_key_and_counts_its_outcomes(tmp_pat
                       FAILED_REPLY: [None, None, "raw"], "gen_output_tokens": pa.array([12, 0, 30], pa.int32()),
                       "_seconds_generate": [0.5, 0.0, 0.7], "unrelated": [1, 2, 3]})
     path = tmp_path / "b.parquet"
-    counts = save_generations(batch, path=path, generation_key="k1", columns=["reflection_1p", "reflection_status"],
-                              main_status="reflection_status")
+    save_generations(batch, path=path, generation_key="k1", columns=["reflection_1p", "reflection_status"])
+    counts = generation_counts(batch, main_status="reflection_status")
     assert counts == {"documents": 3, "selected": 2, "generated_tokens": 42, "failures": 1}
     saved = pq.read_table(path)
     assert saved.column_names == ["doc_id", "reflection_1p", "reflection_status", FAILED_REPLY, "_seconds_generate", "generation_key"]
