@@ -4,12 +4,19 @@ streams, and `tokenized/metadata.json` (ids, window, streams, recipes, Megatron 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 from annotator.config import RunConfig
 from annotator.core import layout
 from annotator.core.checkpoint import write_json
 from annotator.core.errors import RunError
+from annotator.engine.models import cache_dir, resolve_model
 from annotator.method.recipes import placed_fields, stream_name
 from annotator.method.resolved import ResolvedRun
 
@@ -21,16 +28,12 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolv
     windows: the natural mix of annotated and compact windows)."""
     from annotator.output.megatron import read_indexed_dataset, token_dtype
     from annotator.output.tokenized import special_tokens, training_tokenizer
-    from annotator.core.tokens import load_tokenizer
 
     pack_sections = list(resolved.sections)
     added = special_tokens(cfg.output, pack_sections)
-    tokenizer = load_tokenizer(cfg.output.tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
-    tokenizer.eos_token = cfg.output.eos_token
-    tokenizer.save_pretrained(out_dir / layout.TOKENIZER_DIR)
+    ids = save_extended_tokenizer(cfg.output.tokenizer, added=tuple(added), eos_token=cfg.output.eos_token,
+                                  dest=out_dir / layout.TOKENIZER_DIR)
     target = training_tokenizer(cfg.output, pack_sections)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in added}
     if ids != target.added_ids:
         raise RunError(f"the saved tokenizer numbers the template tokens {ids}, the streams {target.added_ids}")
     streams = {}
@@ -72,6 +75,58 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolv
     write_json(path, meta)
     return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
                                                                            for k, v in streams.items()}}
+
+
+# Files of a model folder that say nothing about its tokenizer (and are large).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+_IDS_FILE = "spp-added-token-ids.json"   # written last: a cached folder without it is incomplete
+
+
+def save_extended_tokenizer(spec: str, *, added: tuple[str, ...], eos_token: str, dest: Path) -> dict[str, int]:
+    """The target tokenizer with `added` as special tokens and `eos_token` as EOS, saved by
+    transformers as a tokenizer folder at `dest`; returns each added token's id as transformers
+    numbers it. The folder is a function of the source tokenizer's files, the added tokens, EOS and
+    the transformers version, so for a local tokenizer it is built once and kept in the model cache
+    (`$SPP_CACHE/tokenizers/<key>/`): importing and loading transformers' tokenizer cost ~5 s of
+    every run's finish here. A Hub id is built every time (its files are not local to key on)."""
+    source = Path(resolve_model(spec))
+    if not source.is_dir():
+        return _build_extended_tokenizer(spec, added=added, eos_token=eos_token, dest=dest)
+    cached = cache_dir() / "tokenizers" / _tokenizer_key(source, added=added, eos_token=eos_token)
+    if not (cached / _IDS_FILE).is_file():
+        tmp = cached.with_name(f"{cached.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            ids = _build_extended_tokenizer(spec, added=added, eos_token=eos_token, dest=tmp)
+            (tmp / _IDS_FILE).write_text(json.dumps(ids))
+            os.rename(tmp, cached)
+        except OSError:  # another run put the same folder there first
+            if not (cached / _IDS_FILE).is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(cached.iterdir()):
+        if f.is_file() and f.name != _IDS_FILE:
+            shutil.copyfile(f, dest / f.name)
+    return json.loads((cached / _IDS_FILE).read_text())
+
+
+def _build_extended_tokenizer(spec: str, *, added: tuple[str, ...], eos_token: str, dest: Path) -> dict[str, int]:
+    from annotator.core.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(added)}, replace_extra_special_tokens=False)
+    tokenizer.eos_token = eos_token
+    tokenizer.save_pretrained(dest)
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in added}
+
+
+def _tokenizer_key(source: Path, *, added: tuple[str, ...], eos_token: str) -> str:
+    h = hashlib.sha256(json.dumps({"added": list(added), "eos": eos_token, "transformers": version("transformers"),
+                                   "tokenizers": version("tokenizers")}).encode())
+    for f in sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)):
+        h.update(str(f.relative_to(source)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:32]
 
 
 def stream_recipes(resolved: ResolvedRun, *, voices: list[str]) -> dict:
