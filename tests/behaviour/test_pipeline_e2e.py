@@ -1,8 +1,10 @@
-"""End to end on 100 real web documents: real Ray, real fastText, real vLLM on CPU, real model."""
+"""End to end on 120 real web documents: real Ray (the run goes through `ray job submit`), real
+fastText, real vLLM on CPU, real model. The run is the suite's shared demo run (`demo_run`)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -13,15 +15,9 @@ from annotator.generate.replies import CITATION_GROUP
 from annotator.output.tokenized import render_citations
 from annotator.core.tokens import target_tokenizer
 from tests.streams_check import check_streams
-from tests.support import read_input, require_shared_data, run_pipeline
+from tests.support import DEMO_DOCS as LIMIT, DEMO_UNITS, read_input, run_pipeline
 
 OPEN, CLOSE = "<assistant>", "</assistant>"
-LIMIT = 100
-# 100 documents hold only 1-3 bad ones; sampling 5x their tokens from the rest gives a dozen
-# or so reflections to check while still exercising token-matched selection.
-# Small shards and charter tokens exercise the writer: several shards, <charter_X.Y> in the text.
-E2E_ARGS = ["--limit", str(LIMIT), "--set", "selection.matched_token_ratio=5", "--set", "output.rows_per_shard=30",
-            "--set", "output.template.charter_tokens=true"]
 
 
 def check_output(out_dir, *, limit: int = LIMIT) -> dict:
@@ -74,25 +70,16 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
     assert stats["reflection_status"] == dict(Counter(r["reflection_status"] for r in rows))
     bad = [r for r in rows if r["safety_score"] >= 3]
     assert all(r["selected"] and r["selected_reason"] == "bad" for r in bad)
-    assert len(stats["shards"]) == 4  # 100 rows at 30 per shard
+    assert len(stats["shards"]) == 2 * DEMO_UNITS  # 10 rows per unit, at most 7 per shard
     counts = check_streams(out_dir, charter_render=lambda t: render_citations(t, pack.sections))
     assert counts["windows"] == stats["selected_documents"] and counts["placed"] == with_reflection
     assert counts["compact_documents"] == limit - stats["selected_documents"]
     return stats
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    require_shared_data()
-    out = tmp_path_factory.mktemp("e2e") / "out"
-    proc = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), *E2E_ARGS)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, proc
-
-
 @pytest.mark.slow
 def test_end_to_end_output_is_exact(demo_run):
-    out, _ = demo_run
+    out = demo_run.out
     stats = check_output(out)
     assert stats["selected_documents"] >= 5, "too few reflections to test anything"
     checks = stats["reply_checks"]
@@ -106,22 +93,22 @@ def test_end_to_end_output_is_exact(demo_run):
 
 @pytest.mark.slow
 def test_end_to_end_prints_summary(demo_run):
-    out, proc = demo_run
-    assert f"output:      {out / 'shards'}" in proc.stdout
-    assert f"documents:   {LIMIT} in, {LIMIT} out" in proc.stdout
-    assert "sample:" in proc.stdout
+    out, printed = demo_run.out, demo_run.submit.stdout
+    assert f"output:      {out / 'shards'}" in printed
+    assert f"documents:   {LIMIT} in, {LIMIT} out" in printed
+    assert "sample:" in printed
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_a_changed_config_is_refused(demo_run):
-    out, _ = demo_run
+def test_rerun_resumes_and_a_changed_config_is_refused(demo_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run.out, out)  # a run folder moved elsewhere resumes there
     before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")}
-    same = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), *E2E_ARGS, "--set", "output.overwrite=false", timeout=300)
+    same = run_pipeline(*demo_run.args, "--output", str(out), timeout=300)
     assert same.returncode == 0, same.stderr[-3000:]
-    assert "resuming" in same.stdout and "'units_done_before': 1" in same.stdout
+    assert "resuming" in same.stdout and f"'units_done_before': {DEMO_UNITS}" in same.stdout
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")} == before
-    changed = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), *E2E_ARGS, "--set", "output.overwrite=false",
-                           "--set", "selection.seed=7", timeout=300)
+    changed = run_pipeline(*demo_run.args, "--output", str(out), "--set", "selection.seed=7", timeout=300)
     assert changed.returncode == 2
     assert "selection.seed: 0 -> 7" in changed.stderr and "--overwrite" in changed.stderr
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")} == before
@@ -131,7 +118,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(demo_run):
 def test_end_to_end_stats_match_a_recount_from_the_shards(demo_run):
     from tests.output.test_stats import TOKENIZER, check_stats_match_recount, recount_from_shards
 
-    out, _ = demo_run
+    out = demo_run.out
     stats = json.loads((out / "stats.json").read_text())
     check_stats_match_recount(stats, recount_from_shards(out / "shards", target_tokenizer(TOKENIZER)))
     assert stats["documents_in"] == stats["documents_out"] == LIMIT
@@ -151,7 +138,7 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     from annotator.output.report import write_report
     from tests.publish.test_publish import run_publish
 
-    out, _ = demo_run
+    out = demo_run.out
     stats = json.loads((out / "stats.json").read_text())
     dest = tmp_path / "repo"
     proc = run_publish("--output", str(out), "--dry-run", str(dest), "--sample-rows", "40", "--repo-id", "me/spp-e2e")

@@ -1,6 +1,7 @@
 """Exactly-once resume: one real run is SIGKILLed during scoring, during generation (after one of
 its vLLM replicas was killed and replaced) and during writing; rerunning the same command each
-time ends with the output of an uninterrupted run."""
+time ends with the output of an uninterrupted run: the suite's demo run (`demo_run`: 120 real
+documents as 12 units of 10, generation in batches of 3)."""
 
 from __future__ import annotations
 
@@ -15,27 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import REPO, require_shared_data
-
-UNITS = 12
-ROWS_PER_UNIT = 10
-
-
-def resume_args(corpus: Path) -> list[str]:
-    """120 real documents as 12 units of 10 (one row group each), generation in batches of 3,
-    so each pass has many steps to be killed between."""
-    return ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null",
-            "--set", f"input.rows_per_unit={ROWS_PER_UNIT}", "--set", f"classifier.batch_size={ROWS_PER_UNIT}", "--set", "generation.batch_size=3",
-            "--set", "selection.matched_token_ratio=4", "--set", "output.rows_per_shard=7", "--set", "output.overwrite=false"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    src = sorted(require_shared_data().glob("*.parquet"))[0]
-    out = tmp_path_factory.mktemp("resume-corpus")
-    pq.write_table(pq.read_table(src).slice(0, UNITS * ROWS_PER_UNIT), out / "web.parquet", row_group_size=ROWS_PER_UNIT)
-    return out
-
+from tests.support import DEMO_DOCS, DEMO_UNITS, REPO
 
 def start(args: list[str], out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -99,15 +80,18 @@ def shard_contents(out: Path) -> dict:
 
 
 # Keys of stats.json that measure this run's clock or say where it ran, not what it wrote.
-_RUN_SPECIFIC = {"wall_seconds", "documents_per_second", "this_run", "stage_seconds", "generation_throughput", "config",
+_RUN_SPECIFIC = {"plan", "wall_seconds", "documents_per_second", "this_run", "stage_seconds", "generation_throughput", "config",
                  "timeline", "finished_at", "throughput", "accelerator_hours", "wall_time", "stage_throughput"}
 
 
 def content_stats(out: Path) -> dict:
-    """stats.json without what measures the clock or names the output directory."""
+    """stats.json without what measures the clock or names a folder of the machine that ran."""
     stats = json.loads((out / "stats.json").read_text())
     for recipe in stats.get("recipes", {}).values():
         recipe.pop("generated_tokens_per_engine_second")  # the engine's speed, not what it wrote
+    # Where the pack was read on the machine that ran (a `ray job submit` reads the uploaded copy);
+    # the pack itself is named by its version (name@content hash).
+    stats.get("prompts", {}).pop("prompt_pack_source", None)
     return {k: v for k, v in stats.items() if k not in _RUN_SPECIFIC}
 
 
@@ -126,13 +110,6 @@ def manifests(out: Path) -> int:
 
 def selection_done(out: Path) -> bool:
     return (out / "_work" / "selection.json").exists()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("resume") / "whole"
-    run_to_end(resume_args(corpus), out, out.parent / "whole.log")
-    return out
 
 
 def generation_replicas(driver_pid: int) -> list:
@@ -187,15 +164,14 @@ def kill_replica_then_driver(args: list[str], out: Path, log: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output(corpus, uninterrupted, tmp_path):
+def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output(demo_run, tmp_path):
     """One output directory through four SIGKILLs: the driver during scoring; a generation replica
     (Ray replaces it) and then the driver during generation; the driver during writing. Each
     rerun of the same command resumes; the last one's output equals an uninterrupted run's."""
-    out = tmp_path / "out"
-    args = resume_args(corpus)
+    out, args, uninterrupted = tmp_path / "out", demo_run.args, demo_run.out
 
     kill_when(args, out, tmp_path / "1-scoring.log", lambda o: scored_units(o) >= 1)
-    assert not selection_done(out) and 1 <= scored_units(out) <= UNITS
+    assert not selection_done(out) and 1 <= scored_units(out) <= DEMO_UNITS
 
     seen = kill_replica_then_driver(args, out, tmp_path / "2-generation.log")
     assert "resuming" in (tmp_path / "2-generation.log").read_text()
@@ -207,7 +183,7 @@ def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output
 
     kill_when(args, out, tmp_path / "3-writing.log", lambda o: manifests(o) >= 1)
     written = manifests(out)
-    assert 1 <= written < UNITS
+    assert 1 <= written < DEMO_UNITS
     after = generated_batches(out)
     # Batches saved before the kill were reused as they were; the missing ones were generated.
     assert {k: after[k] for k in saved} == saved and len(after) > len(saved)
@@ -221,9 +197,9 @@ def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output
     assert not (out / "_work" / "generated").exists()  # work files go once the run is complete (keep_work off)
 
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["documents_out"] == UNITS * ROWS_PER_UNIT
+    assert stats["documents_out"] == DEMO_DOCS
     assert sum(v for k, v in stats["reflection_status"].items() if k == "ok" or k.startswith("failed")) == stats["selected_documents"]
     assert shard_contents(out) == shard_contents(uninterrupted)
     assert content_stats(out) == content_stats(uninterrupted)
     rows = pq.read_table(out / "shards").to_pylist()
-    assert len(rows) == len({r["doc_id"] for r in rows}) == UNITS * ROWS_PER_UNIT
+    assert len(rows) == len({r["doc_id"] for r in rows}) == DEMO_DOCS
