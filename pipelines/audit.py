@@ -21,6 +21,7 @@ from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.core.errors import ResourceError  # noqa: E402
 from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
+from annotator.method.resolved import resolve_run  # noqa: E402
 from annotator.core.ray_adapter import cluster_resources, start_ray  # noqa: E402
 
 PARTS = ("reflections", "ledger")
@@ -58,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.only or list(PARTS)
     try:
         cpus = replica_cpus(cfg, cluster_resources())
+        resolved = resolve_run(cfg.generation, voices=cfg.output.voices)  # the run's method, once
         for part in parts:
-            run = audit_reflections if part == "reflections" else calibration_ledger
-            _, figures = run(out, cfg, num_cpus=cpus)
+            if part == "reflections":
+                _, figures = audit_reflections(out, cfg, resolved=resolved, num_cpus=cpus)
+            else:
+                _, figures = calibration_ledger(out, cfg, num_cpus=cpus)
             record(out, part, figures=figures)
             print(f"[spp] audit {part}: " + summary_line(part, figures), flush=True)
     except (AuditError, ConfigError, PackError, ResourceError, FileNotFoundError) as err:

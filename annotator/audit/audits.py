@@ -21,6 +21,7 @@ from annotator.core.checkpoint import digest, write_json, write_table
 from annotator.config import ConfigError, RunConfig
 from annotator.audit.judge import REASON, Rubric, judge_engine_config, run_judge
 from annotator.method.prompt_packs import load_pack
+from annotator.method.resolved import ResolvedRun
 from annotator.audit.sampling import allocate_sample, choose_sample, count_strata, read_rows
 from annotator.output.stats import stratum_key
 from annotator.core.statuses import OK
@@ -84,7 +85,7 @@ def reflection_user_message(row: dict, *, voices: list[str], max_chars: int) -> 
     return "\n".join(parts)
 
 
-def audit_reflections(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=print) -> tuple[pa.Table, dict]:
+def audit_reflections(out_dir: Path, cfg: RunConfig, *, resolved: ResolvedRun, num_cpus: float, log=print) -> tuple[pa.Table, dict]:
     """Judges a seeded sample of the run's reflections stratified by (safety score, selection
     reason); returns the audit table and its figures."""
     audit = cfg.audit.reflections
@@ -101,7 +102,7 @@ def audit_reflections(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pri
     picks = choose_sample(files, allocation=allocation, seed=audit.seed, columns=columns, stratum=_reflection_stratum,
                           salt="audit-reflections")
     rows = read_rows(picks, columns=["doc_id", "text", "safety_score", "selected_reason", "reflection_position", *voices]).to_pylist()
-    run_pack = load_pack(cfg.generation.prompt_pack)
+    run_pack = resolved.packs.get("reflection", resolved.main_pack)
     rubric, system, settings = _judge_setup(cfg, cfg.audit.judge.reflection_pack, low=1, high=5, constitution=run_pack.constitution)
     settings |= {"sample": audit.sample, "sample_seed": audit.seed, "voices": voices}
     key = _settings_key("reflections", settings)
