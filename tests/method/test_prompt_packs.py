@@ -227,7 +227,8 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
     require_shared_data()
     pack_path = write_published_style_pack(tmp_path / "spp")
     out = tmp_path / "out"
-    proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "40", "--output", str(out),
+    # 24 documents, a quarter of them drawn: 7 reflections, some with a canary.
+    proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "24", "--output", str(out),
                         "--set", f"generation.prompt_pack={pack_path}",
                         "--set", f"generation.canaries.file={tmp_path / 'spp' / 'resources' / 'canaries.yaml'}",
                         "--set", "generation.canaries.fraction=0.5", "--set", "generation.save_requests=true",
