@@ -23,6 +23,7 @@ nothing for a stream writes no file for it.
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 TEXT_DIR = "shards"
@@ -111,7 +112,7 @@ def sidecars(out_dir: Path) -> list[Path]:
 def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
     """Every file a unit's finalize may have written (text shards, token streams, sidecar)."""
     out = Path(out_dir)
-    found = list((out / TEXT_DIR).glob(f"{unit}-*"))
+    found = list((out / TEXT_DIR).glob(f"{glob.escape(unit)}-*"))
     tokens = out / TOKENS_DIR
     if tokens.is_dir():
         for d in tokens.iterdir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +54,10 @@ class InputPlan:
 
 
 def file_key(path: str) -> str:
-    """Readable and unique: the file's stem plus a hash of its full path."""
-    stem = Path(path.rstrip("/")).name.split(".")[0] or "part"
+    """Readable and unique: the file's stem plus a hash of its full path. The stem keeps ASCII
+    letters, digits, `.`, `_` and `-` (others become `_`): keys name output files and are found
+    again by `<key>-*` globs, which a name like `data[1]` would turn into a pattern."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path.rstrip("/")).name.split(".")[0])[:80] or "part"
     return f"{stem}-{hashlib.blake2b(path.encode(), digest_size=4).hexdigest()}"
 
 

@@ -8,6 +8,7 @@ Ray happened to batch the rows or on where an earlier run stopped.
 
 from __future__ import annotations
 
+import glob
 import json
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ class FinalizeUnit(UnitStage):
 
 def _reasons(out: Path, unit: Unit) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for p in sorted((out / REJECTED_DOCUMENTS).glob(f"{unit.key}-*.parquet")):
+    for p in sorted((out / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet")):
         for reason in pq.read_table(p, columns=["reason"]).column("reason").to_pylist():
             key = reason.split(":", 1)[0]
             counts[key] = counts.get(key, 0) + 1

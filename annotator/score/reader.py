@@ -81,10 +81,61 @@ def decode_text_column(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | No
                 texts.append(raw.decode("utf-8", errors="replace"))
                 notes.append("invalid_utf8_replaced")
         return pa.array(texts, pa.string()), notes
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not _is_string(column.type):
         raise InputError(f"input.text_column has type {column.type}, expected string (or binary holding UTF-8)")
+    column, invalid = utf8_checked(column)
     notes = ["null_text" if v is None else None for v in column.to_pylist()] if column.null_count else [None] * len(column)
+    if invalid:
+        notes = ["invalid_utf8_replaced" if bad else note for note, bad in zip(notes, invalid)]
     return pc.fill_null(column.cast(pa.string()), "").combine_chunks(), notes
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def utf8_checked(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool] | None]:
+    """A string column whose values are all valid UTF-8, and which rows were not (None when all
+    were). pyarrow does not validate string columns read from Parquet (apache/arrow#29635), and
+    the first kernel or conversion that meets a bad value stops the run; so every chunk is checked
+    in full (lone surrogates, over-long forms and stray bytes fail), and a chunk that fails is
+    decoded value by value, bad values with U+FFFD replacements (their row is rejected, the
+    replacement is its preview)."""
+    chunks, invalid, found = [], [], False
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            found = True
+            raw = chunk.view(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary()).to_pylist()
+            values = []
+            for b in raw:
+                try:
+                    values.append(None if b is None else b.decode("utf-8"))
+                    invalid.append(False)
+                except UnicodeDecodeError:
+                    values.append(b.decode("utf-8", errors="replace"))
+                    invalid.append(True)
+            chunks.append(pa.array(values, chunk.type))
+            continue
+        chunks.append(chunk)
+        invalid.extend([False] * len(chunk))
+    return pa.chunked_array(chunks, column.type), (invalid if found else None)
+
+
+def checked_columns(table: pa.Table, *, skip: str) -> tuple[pa.Table, pa.Array | None]:
+    """`table` with every other top-level string column UTF-8-checked (`utf8_checked`), and per
+    row `invalid_utf8:<column>` for the first column that held a bad value (None when none did)."""
+    reasons: list[str | None] | None = None
+    for i, field in enumerate(table.schema):
+        if field.name == skip or not _is_string(field.type):
+            continue
+        column, invalid = utf8_checked(table.column(i))
+        if invalid:
+            table = table.set_column(i, field, column)
+            reasons = reasons or [None] * table.num_rows
+            reasons = [r or (f"invalid_utf8:{field.name}" if bad else None) for r, bad in zip(reasons, invalid)]
+    return table, (pa.array(reasons, pa.string()) if reasons else None)
 
 
 # C0 control characters other than tab, newline, vertical tab, form feed and carriage return,
@@ -98,7 +149,8 @@ _NOTE_REASONS = {"null_text": "null_text", "invalid_utf8_replaced": "invalid_utf
 
 def reject_reasons(text: pa.Array, notes: list[str | None], *, max_chars: int) -> pa.Array:
     """Why each document cannot be used as it is, or null; in order of precedence: null_text,
-    invalid_utf8, empty_text (nothing but whitespace), too_long:<n>_chars, control_characters.
+    invalid_utf8, empty_text (nothing but whitespace), too_long:<n>_chars, control_characters
+    (then, in `normalize`, invalid_utf8:<column> for the id or a carried column).
     Arrow kernels over the whole column: no Python work per document."""
     from_notes = pa.array([_NOTE_REASONS.get(n) if n else None for n in notes], pa.string())
     length = pc.utf8_length(text)
@@ -150,6 +202,9 @@ class ReadUnits(UnitStage):
         n = table.num_rows
         text, notes = decode_text_column(table.column(self.text_column))
         reasons = reject_reasons(text, notes, max_chars=self.max_chars)
+        table, column_reasons = checked_columns(table, skip=self.text_column)
+        if column_reasons is not None:
+            reasons = pc.coalesce(reasons, column_reasons)
         if "_read_error" in table.column_names:
             reasons = pc.coalesce(table.column("_read_error").combine_chunks(), reasons)
         if self.id_column and self.id_column in table.column_names:

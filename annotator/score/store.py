@@ -5,6 +5,7 @@ parts and rejects add up to its rows; the later passes read the unit back in inp
 
 from __future__ import annotations
 
+import glob
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def unit_scored(out_dir: Path, unit: Unit) -> bool:
 def clear_unit_scoring(out_dir: Path, unit: Unit) -> None:
     """Forget a unit's partial pass-1 output before it is scored again (no duplicates)."""
     shutil.rmtree(out_dir / SCORED / unit.key, ignore_errors=True)
-    for p in (out_dir / REJECTED_DOCUMENTS).glob(f"{unit.key}-*.parquet"):
+    for p in (out_dir / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet"):
         p.unlink()
 
 
@@ -82,4 +83,4 @@ def read_unit_scored(out_dir: Path, unit: Unit, *, columns: list[str] | None = N
 
 
 def rejected_count(out_dir: Path, unit: Unit) -> int:
-    return _counted(p.name.removeprefix(unit.key + "-") for p in (out_dir / REJECTED_DOCUMENTS).glob(f"{unit.key}-*.parquet"))
+    return _counted(p.name.removeprefix(unit.key + "-") for p in (out_dir / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet"))

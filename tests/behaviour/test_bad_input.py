@@ -57,6 +57,13 @@ def bad_corpus(tmp_path_factory) -> Path:
     (d / "02-truncated.parquet").write_bytes(whole[: len(whole) // 2])
     pq.write_table(pa.table({"id": ["x"], "body": ["no text column here"]}), d / "03-no-text.parquet")
     pq.write_table(pa.table({"id": ["y"], "text": [42]}), d / "04-int-text.parquet")
+    # String columns holding bytes that are not UTF-8 (a writer that does not check, as pyarrow's
+    # reader does not), in a file whose name is a glob pattern.
+    strings = {"str-ok": b"A short note about raised garden beds.", "str-latin1": b"caf\xe9 au lait", "str-surrogate": b"half \xed\xa0\x80 pair",
+               "str-url": b"A valid text whose url is not UTF-8."}
+    pq.write_table(pa.table({"id": list(strings), "text": pa.array(list(strings.values()), pa.binary()).view(pa.string()),
+                             "url": pa.array([b"u", b"u", b"u", b"http://x/\xfe"], pa.binary()).view(pa.string())}),
+                   d / "05-strings[1].parquet")
     return d
 
 
@@ -91,10 +98,10 @@ def rejected_files(out: Path) -> dict[str, str]:
 def test_every_document_is_written_or_rejected(bad_run):
     out, _, stats = bad_run
     written = written_ids(out)
-    assert stats["documents_read"] == REAL_DOCS + 7 + 3
+    assert stats["documents_read"] == REAL_DOCS + 7 + 3 + 4
     assert stats["documents_read"] == len(written) + stats["documents_rejected_total"] + stats["documents_dropped_bad"]
-    assert len(written) == stats["documents_out"] == REAL_DOCS + 1 + 1  # real docs, long-bad, utf8-ok
-    assert stats["documents_rejected_total"] == 8 == len(pq.read_table(out / "rejects" / "documents")) + len(pq.read_table(out / "rejects" / "duplicates"))
+    assert len(written) == stats["documents_out"] == REAL_DOCS + 1 + 1 + 1  # real docs, long-bad, utf8-ok, str-ok
+    assert stats["documents_rejected_total"] == 11 == len(pq.read_table(out / "rejects" / "documents")) + len(pq.read_table(out / "rejects" / "duplicates"))
     assert len(set(written)) == len(written) and not set(written) & set(rejected_rows(out))
 
 
@@ -135,6 +142,12 @@ def test_invalid_utf8_and_control_characters_are_quarantined(bad_run):
     assert rejected["utf8-bad"] == "invalid_utf8" and rejected["control-chars"] == "control_characters"
     ok = [r for r in pq.read_table(out / "shards").to_pylist() if r["doc_id"] == "utf8-ok"]
     assert ok and ok[0]["text"] == "caf\u00e9 ok"
+    # The same in string columns (not checked by pyarrow on read), in a file named `05-strings[1].parquet`.
+    assert rejected["str-latin1"] == rejected["str-surrogate"] == "invalid_utf8" and rejected["str-url"] == "invalid_utf8:url"
+    previews = {r["doc_id"]: r["text_preview"] for r in pq.read_table(out / "rejects" / "documents").to_pylist()}
+    assert previews["str-latin1"] == "caf\ufffd au lait" and previews["str-surrogate"] == "half \ufffd\ufffd\ufffd pair"
+    kept = [r for r in pq.read_table(out / "shards").to_pylist() if r["doc_id"] == "str-ok"]
+    assert kept and Path(kept[0]["source_file"]).name == "05-strings[1].parquet"
 
 
 @pytest.mark.slow
