@@ -115,14 +115,13 @@ def format_plan(plan: dict, *, output: str) -> str:
     return "\n".join(lines)
 
 
-def add(args, overrides: list[str]) -> int:
+def add(args, overrides: list) -> int:
     """--add-recipe: the run's recorded config (or --config, which must match it) plus the recipes."""
     from annotator.run.add_recipe import AddRecipeError, add_recipes, recorded_config
 
     out = Path(args.output)
     try:
-        given = load_config(args.config, overrides=[o for o in overrides if not o.startswith("output.path=")] +
-                            [f"output.path={out}"]) if args.config else None
+        given = load_config(args.config, overrides=[*overrides, ("output.path", str(out))]) if args.config else None
         ray_cfg = given or recorded_config(out.resolve())[1]
     except (ConfigError, AddRecipeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -43,6 +44,16 @@ class OutputConfig(Section):
     keep_work: bool = Field(
         False, description="Keep `_work/` (the scored corpus and cached generations) after a successful run; manifests are always kept."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _local_path(cls, path: str) -> str:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+            raise ValueError(f"{path!r} is a URL; output goes to a local or mounted folder (object storage output is not "
+                             "supported yet: write to a folder and copy it, or mount the bucket)")
+        if not path.strip():
+            raise ValueError("output.path is empty")
+        return path
 
     @field_validator("voices")
     @classmethod

@@ -66,21 +66,30 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def _apply_override(tree: dict[str, Any], override: str) -> None:
-    if "=" not in override:
+def _apply_override(tree: dict[str, Any], override: str | tuple[str, Any]) -> None:
+    """`section.field=value` (a `--set`: the value is read as YAML), or a `(field, value)` pair set
+    as it is (what a path flag means: `--output "/runs/exp #2"` is that folder, not `/runs/exp`
+    followed by a YAML comment)."""
+    if isinstance(override, tuple):
+        key, value = override
+    elif "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value")
-    key, raw = override.split("=", 1)
+    else:
+        key, raw = override.split("=", 1)
+        value = yaml.safe_load(raw)
     parts = key.strip().split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, *, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config (or `base`), apply `section.field=value` overrides, validate."""
+def load_config(path: str | Path | None = None, *, overrides: list[str | tuple[str, Any]] = (),
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or `base`), apply the overrides (`section.field=value` strings read as
+    YAML, `(field, value)` pairs set as they are), validate."""
     tree: dict[str, Any] = copy.deepcopy(base or {})  # overrides must not reach the caller's dict
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}

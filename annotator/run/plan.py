@@ -25,7 +25,7 @@ from annotator.run.pipeline import run
 from annotator.run.projection import project
 
 
-def _sub_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+def _sub_config(cfg: RunConfig, overrides: list[tuple[str, object]]) -> RunConfig:
     return load_config(None, base=cfg.model_dump(mode="json"), overrides=overrides)
 
 
@@ -52,17 +52,18 @@ def make_plan(cfg: RunConfig, *, documents_in_input: int, log=print) -> dict:
     t0 = time.time()
     score_limit = cfg.plan.score_documents
     log(f"[spp] plan 1/2: scoring and selection on {score_limit or documents_in_input} documents (no generation)")
-    scoring = _sub_config(cfg, [f"output.path={work / 'score'}", "output.overwrite=true", "generation.enabled=false",
-                                *([f"input.limit={min(score_limit, cfg.input.limit or score_limit)}"] if score_limit else [])])
+    # (field, value) pairs: paths are set as they are, whatever characters the output folder has.
+    scoring = _sub_config(cfg, [("output.path", str(work / "score")), ("output.overwrite", True), ("generation.enabled", False),
+                                *([("input.limit", min(score_limit, cfg.input.limit or score_limit))] if score_limit else [])])
     s = run(scoring, log=log)
     n = calibration_slice(layout.text_shards(work / "score"), n=cfg.plan.calibration_documents, cfg=cfg,
                           dest=work / "calibration" / "slice.parquet")
     c = None
     if n and cfg.generation.enabled:
         log(f"[spp] plan 2/2: the configured engine on {n} selected documents")
-        calib = _sub_config(cfg, [f"output.path={work / 'calibrate'}", "output.overwrite=true", "input.limit=null",
-                                  f"input.paths=[{work / 'calibration' / 'slice.parquet'}]", f"input.id_column={cfg.input.id_column or 'id'}",
-                                  "selection.mode=random_fraction", "selection.fraction=1.0"])
+        calib = _sub_config(cfg, [("output.path", str(work / "calibrate")), ("output.overwrite", True), ("input.limit", None),
+                                  ("input.paths", [str(work / "calibration" / "slice.parquet")]), ("input.id_column", cfg.input.id_column or "id"),
+                                  ("selection.mode", "random_fraction"), ("selection.fraction", 1.0)])
         c = run(calib, log=log)
     plan = project(cfg, scoring=s, calibration=c, documents_in_input=documents_in_input, calibration_documents=n)
     plan["measured_in_seconds"] = round(time.time() - t0, 1)

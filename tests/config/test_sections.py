@@ -136,7 +136,7 @@ def test_run_config_checks_the_window_and_the_output_location():
     same = errors_of(RunConfig, {"input": {"paths": ["/data/x/"]}, "output": {"path": "/data/x"}})[0]["msg"]
     assert "is also an input path; refusing to write into the input" in same
     # A URL input is never compared with a local output.
-    assert RunConfig.model_validate({"input": {"paths": ["s3://b/x"]}, "output": {"path": "s3://b/x"}}).output.path == "s3://b/x"
+    assert RunConfig.model_validate({"input": {"paths": ["s3://b/x"]}, "output": {"path": "b/x"}}).output.path == "b/x"
     assert {e["loc"] for e in errors_of(RunConfig, {})} == {("input",), ("output",)}
 
 
@@ -192,3 +192,29 @@ def test_overrides_do_not_reach_the_callers_base():
     base = {"input": {"paths": ["x"]}, "output": {"path": "out", "seq_length": 2048}}
     cfg = load_config(None, base=base, overrides=["output.seq_length=4096"])
     assert cfg.output.seq_length == 4096 and base["output"]["seq_length"] == 2048
+
+
+ODD_PATHS = ["/runs/exp #2", "/runs/a, b", "/runs/key: value", "/runs/data[1]", "/runs/with space", "/runs/caf\u00e9 \u65e5\u672c",
+             "/runs/{braces}", "/runs/- dash", "null", "true", "0.5"]
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
+def test_path_flags_are_literal_strings(path):
+    """`--output` (and every flag that stands for a field) sets its field as it is; `--set` keeps
+    YAML values. `--output "/runs/exp #2"` read as YAML was `/runs/exp`: with --overwrite, another run."""
+    from pipelines.spp_reflections import parse_args
+    from pipelines.cli import cli_overrides
+
+    args = parse_args(["--config", str(DEMO), "--output", path, "--limit", "3", "--overwrite", "--set", "input.limit=5"])
+    cfg = load_config(args.config, overrides=cli_overrides(args, {"input.limit": args.limit}))
+    assert cfg.output.path == path and cfg.output.overwrite is True
+    assert cfg.input.limit == 3   # the flag comes after --set, typed by argparse
+    assert load_config(DEMO, overrides=[("output.path", path)]).output.path == path
+    assert load_config(DEMO, overrides=[("input.paths", [path])]).input.paths == [path]
+
+
+def test_output_path_as_a_url_is_refused_at_start():
+    for url in ("s3://bucket/prefix", "gs://b/p", "hf://datasets/me/x", "file:///tmp/x"):
+        with pytest.raises(ConfigError, match=r"output\.path: .*is a URL; output goes to a local or mounted folder"):
+            load_config(DEMO, overrides=[("output.path", url)])
+    assert load_config(DEMO, overrides=[("output.path", "/runs/s3:bucket")]).output.path == "/runs/s3:bucket"   # a colon is not a URL
