@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.core import layout  # noqa: E402
+from annotator.core.checkpoint import our_run_record  # noqa: E402
 from annotator.publish.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
 
 STAGING = layout.PUBLISH_STAGING
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in paths:
                 print(f"  {p}")
             return 0
-        url = upload(output, options=options, staging=output / STAGING)
+        staging = output / STAGING
+        if staging.is_dir() and not (staging / layout.STAGING_MARKER).exists() and our_run_record(output) is not None:
+            shutil.rmtree(staging)  # a staging from before the marker existed, inside this run's own _work/
+        url = upload(output, options=options, staging=staging)
     except PublishError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

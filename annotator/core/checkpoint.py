@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.config import RunConfig
-from annotator.core.layout import DONE
+from annotator.core.layout import DONE, RUN_FILE, TOOL
 from annotator.core.units import Unit
 
 
@@ -99,3 +100,25 @@ def unit_done(out_dir: Path, unit: Unit) -> bool:
 
 def load_manifests(out_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out_dir / DONE).glob("*.json"))]
+
+
+def our_run_record(out_dir: Path) -> dict | None:
+    """run.json of `out_dir` when this tool wrote it (its `tool` field; a run written before the
+    field existed is known by its `output_settings`, an SFT run by `kind`), else None."""
+    try:
+        record = json.loads((Path(out_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and (record.get("tool") == TOOL or "output_settings" in record or record.get("kind") == "sft"):
+        return record
+    return None
+
+
+def remove_entries(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Deletes the named top-level entries of `out_dir` (this tool's outputs) and nothing else."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -63,8 +63,13 @@ SFT_DATA_DIR = "data"
 SFT_RENDERINGS = ("cited", "uncited")
 SFT_SKIP_SPLIT = "skip"
 SFT_FAILURES = "rejects/failures.parquet"
-# What this tool writes at the top of an output directory (it only ever deletes a directory holding one).
-OUR_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, "_work", TOKENS_DIR, REJECTS, PLAN_FILE, PLAN_WORK)
+# Whose files these are: run.json's `tool` field, and the marker file of a publish staging folder.
+TOOL = "spp-annotator"
+STAGING_MARKER = ".spp-staging.json"
+# What this tool writes at the top of an output directory: `--overwrite` deletes these entries of
+# a folder whose run.json is this tool's, and nothing else.
+RUN_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, WORK, TOKENS_DIR, TOKENIZER_DIR, REJECTS, PLAN_WORK, AUDIT_DIR)
+SFT_OUTPUTS = (RUN_FILE, STATS_FILE, WORK, SFT_DATA_DIR, REJECTS)
 # Written before a run (`--plan`) and kept when the run replaces the directory.
 KEPT_ON_OVERWRITE = (PLAN_FILE,)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,11 +275,7 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
     if not stats_path.exists():
         raise PublishError(f"{stats_path} not found; is --output a finished run's output directory?")
     stats = json.loads(stats_path.read_text())
-    if dest.exists():
-        if any(dest.iterdir()) and not (dest / CARD_FILE).exists():
-            raise PublishError(f"{dest} is not empty and holds no earlier staging ({CARD_FILE}); refusing to replace it")
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    prepare_staging(dest)
     sample, strata = stratified_sample(out_dir, stats, rows=options.sample_rows, seed=options.seed)
     (dest / SAMPLE_DIR).mkdir()
     pq.write_table(sample, dest / SAMPLE_FILE, compression="zstd")
@@ -300,7 +297,29 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
     token = hub_token()
     if token:  # a dry run refuses what an upload would refuse
         check_no_secret(dest, token)
-    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    return staged_files(dest)
+
+
+def prepare_staging(dest: Path) -> None:
+    """An empty staging folder at `dest`, marked as this tool's (`layout.STAGING_MARKER`, never
+    uploaded). A folder is replaced only when it carries the marker: an empty or absent one is
+    used, anything else (a clone of a Hub repository, `--dry-run .` in a project) is refused with
+    nothing deleted."""
+    if dest.exists():
+        if not dest.is_dir():
+            raise PublishError(f"{dest} is a file, not a staging folder")
+        if (dest / layout.STAGING_MARKER).is_file():
+            shutil.rmtree(dest)
+        elif any(dest.iterdir()):
+            raise PublishError(f"{dest} is not empty and is not a staging folder of this tool (no {layout.STAGING_MARKER}); "
+                               "refusing to replace it: stage into a new or empty folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / layout.STAGING_MARKER).write_text(json.dumps({"tool": layout.TOOL, "staged_at": time.time()}))
+
+
+def staged_files(dest: Path) -> list[str]:
+    """The repository paths of a staging folder (its marker is not one of them), sorted."""
+    return sorted(rel for rel in (p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) if rel != layout.STAGING_MARKER)
 
 
 def hub_token() -> str | None:
@@ -334,7 +353,7 @@ def publish(out_dir: Path, *, options: PublishOptions, staging: Path, log=print)
     repo = api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
     log(f"[publish] uploading {len(paths)} files to {repo}")
     commit = api.upload_folder(
-        repo_id=options.repo_id, repo_type="dataset", folder_path=staging,
+        repo_id=options.repo_id, repo_type="dataset", folder_path=staging, ignore_patterns=[layout.STAGING_MARKER],
         commit_message=f"SPP run: card, stats, {options.sample_rows}-row sample" + (", shards" if options.include_shards else ""),
     )
     return commit.commit_url

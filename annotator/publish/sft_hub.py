@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.publish.hub import (
-    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, size_category,
-    write_license_file,
+    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging,
+    size_category, staged_files, write_license_file,
 )
+from annotator.core import layout
 from annotator.core.layout import SFT_DATA_DIR as DATA_DIR, SFT_RENDERINGS as RENDERINGS, SFT_SKIP_SPLIT as SKIP_SPLIT
 from annotator.core.layout import sft_dataset_file as dataset_file
 
@@ -81,10 +82,7 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
     """Stages the repository in `dest` (replaced if it holds an earlier staging); returns its paths."""
     out_dir, dest = Path(out_dir), Path(dest)
     stats = json.loads((out_dir / STATS_FILE).read_text())
-    if dest.exists():
-        if any(dest.iterdir()) and not (dest / CARD_FILE).exists():
-            raise PublishError(f"{dest} is not empty and holds no earlier staging ({CARD_FILE}); refusing to replace it")
-        shutil.rmtree(dest)
+    prepare_staging(dest)
     for split_dir, split in [*((r, "train") for r in RENDERINGS), (SKIP_SPLIT, SKIP_SPLIT)]:
         src = dataset_file(out_dir, split_dir, split=split)
         if split == SKIP_SPLIT and not src.exists():
@@ -100,7 +98,7 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
     token = hub_token()
     if token:
         check_no_secret(dest, token, skip=())
-    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    return staged_files(dest)
 
 
 def publish_sft(out_dir: Path, *, options: PublishOptions, staging: Path, log=print) -> str:
@@ -113,6 +111,6 @@ def publish_sft(out_dir: Path, *, options: PublishOptions, staging: Path, log=pr
     api = HfApi()
     repo = api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
     log(f"[publish] uploading {len(paths)} files to {repo}")
-    commit = api.upload_folder(repo_id=options.repo_id, repo_type="dataset", folder_path=staging,
+    commit = api.upload_folder(repo_id=options.repo_id, repo_type="dataset", folder_path=staging, ignore_patterns=[layout.STAGING_MARKER],
                                commit_message="SPP persona SFT: card, stats, cited and uncited conversations")
     return commit.commit_url

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from annotator import __version__
-from annotator.core.checkpoint import config_differences, load_manifests, output_settings, unit_done, write_json
+from annotator.core.checkpoint import (config_differences, load_manifests, our_run_record, output_settings, remove_entries, unit_done,
+                                      write_json)
 from annotator.generate.cache import generation_key
 from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
 from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
@@ -74,8 +75,11 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
     # Through JSON, so tuples compare equal to what run.json read back.
     settings = json.loads(json.dumps({"output_settings": output_settings(cfg), "plan": plan.to_json()}))
     run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
+    previous = our_run_record(out_dir)
+    if run_file.exists() and previous is None:
+        raise OutputDirError(f"output.path {str(out_dir)!r} holds a {RUN_FILE} this tool did not write; refusing to write or delete "
+                             "anything there: choose a new or empty folder")
+    if previous is not None:
         same = {k: previous.get(k) for k in settings} == settings
         if same and not cfg.output.overwrite:
             return True
@@ -87,17 +91,17 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
                 f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
                 "use --overwrite (output.overwrite=true) to start a fresh run there"
             )
-    kept = {name: (out_dir / name).read_bytes() for name in layout.KEPT_ON_OVERWRITE if (out_dir / name).is_file()}
     if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE for p in out_dir.iterdir()):
         if not cfg.output.overwrite:
             raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
-        if not any((out_dir / name).exists() for name in layout.OUR_OUTPUTS):
-            raise OutputDirError(f"output.path {str(out_dir)!r} holds files this tool did not write; refusing to delete them")
-        shutil.rmtree(out_dir)
+        if previous is None:
+            raise OutputDirError(f"output.path {str(out_dir)!r} holds no run of this tool ({RUN_FILE}); --overwrite replaces only "
+                                 "this tool's files of its own runs: choose a new or empty folder")
+        # This tool's entries only (those of an SFT run when one was there); --plan's plan.json stays.
+        remove_entries(out_dir, layout.SFT_OUTPUTS if previous.get("kind") == "sft" else layout.RUN_OUTPUTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in kept.items():
-        (out_dir / name).write_bytes(data)
-    write_json(run_file, {**settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(), "versions": _versions()})
+    write_json(run_file, {"tool": layout.TOOL, **settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(),
+                          "versions": _versions()})
     return False
 
 

@@ -13,7 +13,6 @@ generates only what is missing), then the chat datasets and `stats.json`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.core.checkpoint import OPERATIONAL_FIELDS, config_differences, write_json, write_table
+from annotator.core.checkpoint import OPERATIONAL_FIELDS, config_differences, our_run_record, remove_entries, write_json, write_table
 from annotator.config import RunConfig
 from annotator.core.ray_adapter import cluster_resources, configure_ray_data_console, run_stages
 from annotator.method.prompt_packs import file_digest
@@ -37,7 +36,6 @@ from annotator.core.statuses import OK, SKIP, failure_reason
 RENDERINGS, SKIP_SPLIT = layout.SFT_RENDERINGS, layout.SFT_SKIP_SPLIT
 DATA_DIR, PROMPTS, FAILURES = layout.SFT_DATA_DIR, layout.SFT_PROMPTS, layout.SFT_FAILURES
 RUN_FILE, STATS_FILE = layout.RUN_FILE, layout.STATS_FILE
-OUR_OUTPUTS = (RUN_FILE, STATS_FILE, DATA_DIR, layout.REJECTS, layout.WORK)
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 EXPORT_SCHEMA = pa.schema([
     ("conversation_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("source", pa.string()), ("source_id", pa.string()),
@@ -64,23 +62,20 @@ def sft_settings(cfg: RunConfig, packs) -> dict:
 def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
     """run.json of this output directory: a new one, or the earlier attempt's when the settings
     match (a resume); a different run there is refused unless output.overwrite replaces it."""
-    run_file = out / RUN_FILE
     if out.exists() and any(out.iterdir()):
-        if not run_file.exists():
-            raise SftRunError(f"{out} is not empty and holds no SFT run ({RUN_FILE}); choose another output.path")
-        record = json.loads(run_file.read_text())
+        record = our_run_record(out)
+        if record is None or record.get("kind") != "sft":
+            raise SftRunError(f"{out} is not empty and holds no SFT run of this tool ({RUN_FILE}); choose another output.path "
+                              "(nothing there is replaced or deleted)")
         diffs = config_differences(record.get("settings", {}), settings)
         if not cfg.output.overwrite and diffs:
             raise SftRunError(f"{out} holds an SFT run with other settings ({'; '.join(diffs[:8])}); "
                               "rerun with those settings to resume, or set output.overwrite=true to replace it")
-        if cfg.output.overwrite:
-            for name in OUR_OUTPUTS:
-                p = out / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        else:
+        if not cfg.output.overwrite:
             return record
+        remove_entries(out, layout.SFT_OUTPUTS)   # this tool's entries of the SFT run, nothing else
     out.mkdir(parents=True, exist_ok=True)
-    return {"kind": "sft", "settings": settings, "attempts": []}
+    return {"tool": layout.TOOL, "kind": "sft", "settings": settings, "attempts": []}
 
 
 def run_sft(cfg: RunConfig, *, log=print) -> dict:

@@ -42,9 +42,11 @@ def test_every_output_lives_under_a_name_this_tool_owns():
                                        layout.REJECTED_DUPLICATES, layout.REJECTED_GENERATIONS, layout.REJECTED_FILES,
                                        layout.TEXT_DIR, layout.TOKENS_DIR, layout.RUN_FILE, layout.STATS_FILE, layout.REPORT_FILE,
                                        layout.PLAN_FILE, layout.PLAN_WORK)}
-    assert tops <= set(layout.OUR_OUTPUTS)
-    assert set(layout.KEPT_ON_OVERWRITE) <= set(layout.OUR_OUTPUTS)
-    assert layout.TOKENIZER_DIR not in layout.KEPT_ON_OVERWRITE
+    assert tops <= set(layout.RUN_OUTPUTS) | set(layout.KEPT_ON_OVERWRITE)
+    assert not set(layout.KEPT_ON_OVERWRITE) & set(layout.RUN_OUTPUTS)   # --overwrite keeps plan.json
+    assert {layout.TOKENIZER_DIR, layout.AUDIT_DIR} <= set(layout.RUN_OUTPUTS)
+    sft = {Path(p).parts[0] for p in (layout.SFT_PROMPTS, layout.SFT_DATA_DIR, layout.SFT_FAILURES, layout.RUN_FILE, layout.STATS_FILE)}
+    assert sft <= set(layout.SFT_OUTPUTS)
 
 
 def test_listings_find_shards_streams_and_sidecars_in_name_order(tmp_path):

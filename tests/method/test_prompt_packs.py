@@ -226,7 +226,7 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
 
     require_shared_data()
     pack_path = write_published_style_pack(tmp_path / "spp")
-    out = tmp_path / "out"
+    out = tmp_path / "exp #2, a: b [1] caf\u00e9"   # --output is a literal path (read as YAML it was "exp")
     # 24 documents, a quarter of them drawn: 7 reflections, some with a canary.
     proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "24", "--output", str(out),
                         "--set", f"generation.prompt_pack={pack_path}",
@@ -235,6 +235,7 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
                         "--set", "output.keep_work=true", "--set", "selection.mode=random_fraction",
                         "--set", "selection.fraction=0.25", "--set", "generation.max_model_len=4096")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"output:      {out / 'shards'}" in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "spp"])
     pack = load_pack(str(pack_path))
     rows = pq.read_table(out / "shards").to_pylist()
     chosen = [r for r in rows if r["selected"]]

@@ -19,6 +19,7 @@ from annotator.publish.hub import (
     PublishError, allocate_sample, check_no_secret, choose_sample, read_rows, shard_files, size_category,
     stratified_sample,
 )
+from annotator.core.layout import STAGING_MARKER
 from annotator.core.seeding import unit_hash
 from tests.fake_hub import FakeHubServer
 from tests.support import REPO
@@ -105,7 +106,8 @@ def test_dry_run_folder_loads_with_datasets(run_output, dry_run, tmp_path):
     from datasets import load_dataset
 
     dest, proc = dry_run
-    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and p.name != STAGING_MARKER)
+    assert json.loads((dest / STAGING_MARKER).read_text())["tool"] == "spp-annotator"   # the staging is marked as ours
     assert files == ["LICENSE.md", "README.md", "images/citations.png", "images/reflection_lengths.png", "images/score_histogram.png",
                      "images/throughput.png", "report.html", "sample/train-00000-of-00001.parquet", "stats.json"]
     assert all(f"  {f}" in proc.stdout for f in files)
@@ -188,8 +190,8 @@ def test_upload_to_fake_hub_arrives_complete_without_the_token(run_output, dry_r
         repo = hub.repos["me/spp-test"]
         assert repo.repo_type == "dataset" and repo.visibility == "private"
         # Exactly the dry-run folder arrived, byte for byte.
-        expected = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
-        assert repo.files == expected
+        expected = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file() and p.name != STAGING_MARKER}
+        assert repo.files == expected and STAGING_MARKER not in repo.files
         sample = pq.read_table(io.BytesIO(repo.files["sample/train-00000-of-00001.parquet"]))
         assert sample.num_rows == SAMPLE_ROWS and len(set(sample.column("doc_id").to_pylist())) == SAMPLE_ROWS
         assert json.loads(repo.files["stats.json"])["documents_out"] == 300
@@ -258,3 +260,31 @@ def test_a_run_whose_stats_hold_the_token_is_not_published(run_output, tmp_path)
         assert "the Hub token appears in report.html, stats.json;" in proc.stderr
         assert token not in proc.stdout + proc.stderr
         assert hub.requests == []
+
+
+def test_a_dry_run_replaces_only_its_own_staging(run_output, dry_run, tmp_path):
+    """A folder is replaced only when it carries the staging marker: a local clone of a Hub
+    repository (it has a README.md) and `--dry-run .` in a project are refused, nothing deleted."""
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / "README.md").write_text("---\nlicense: mit\n---\nsomeone's dataset\n")
+    (clone / "data.parquet").write_bytes(b"PAR1 their data")
+    before = sorted(p.relative_to(clone).as_posix() for p in clone.rglob("*"))
+    proc = run_publish("--output", str(run_output), "--dry-run", str(clone), "--repo-id", "me/x")
+    assert proc.returncode == 2 and f"{clone} is not empty and is not a staging folder of this tool" in proc.stderr
+    assert sorted(p.relative_to(clone).as_posix() for p in clone.rglob("*")) == before
+    assert (clone / "data.parquet").read_bytes() == b"PAR1 their data"
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text("my project")
+    dot = subprocess.run([sys.executable, str(REPO / "pipelines" / "publish.py"), "--output", str(run_output), "--dry-run", ".",
+                          "--repo-id", "me/x"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert dot.returncode == 2 and "is not a staging folder of this tool" in dot.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "src"]
+    # An empty folder is used; a staging of this tool is replaced (an earlier one's leftovers go).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_publish("--output", str(run_output), "--dry-run", str(empty), "--repo-id", "me/x").returncode == 0
+    (empty / "leftover.txt").write_text("from an earlier staging")
+    assert run_publish("--output", str(run_output), "--dry-run", str(empty), "--repo-id", "me/x").returncode == 0
+    assert not (empty / "leftover.txt").exists() and (empty / STAGING_MARKER).is_file()

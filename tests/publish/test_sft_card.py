@@ -133,9 +133,15 @@ def test_restaging_replaces_an_earlier_staging_only(tmp_path, no_token):
     foreign = tmp_path / "someone-elses"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(PublishError, match="is not empty and holds no earlier staging"):
+    with pytest.raises(PublishError, match="is not empty and is not a staging folder of this tool"):
         build_sft_repo_folder(out, foreign, options=PublishOptions(repo_id=REPO_ID))
     assert (foreign / "thesis.tex").read_text() == "precious"
+    clone = tmp_path / "clone"   # a local clone of a Hub repository: it has a README.md, but no marker
+    clone.mkdir()
+    (clone / "README.md").write_text("someone's card")
+    with pytest.raises(PublishError, match="is not a staging folder of this tool"):
+        build_sft_repo_folder(out, clone, options=PublishOptions(repo_id=REPO_ID))
+    assert [p.name for p in clone.iterdir()] == ["README.md"]
 
 
 def test_an_unfinished_run_is_refused(tmp_path, no_token):

@@ -83,8 +83,9 @@ def test_overwrite_replaces_only_this_tools_output_and_keeps_the_plan(tmp_path):
     (out / "shards").mkdir()
     (out / "shards" / "a-0000.parquet").write_bytes(b"old shard")
     (out / layout.PLAN_FILE).write_text('{"key": "k"}')
+    (out / "notes.md").write_text("the user's own file, beside the run")
     assert open_output(out, config(tmp_path, "generation.temperature=0.2", "output.overwrite=true"), plan=plan) is False
-    assert sorted(p.name for p in out.iterdir()) == [layout.PLAN_FILE, layout.RUN_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", layout.PLAN_FILE, layout.RUN_FILE]
     assert (out / layout.PLAN_FILE).read_text() == '{"key": "k"}'
     assert json.loads((out / layout.RUN_FILE).read_text())["output_settings"]["generation"]["temperature"] == 0.2
     # overwrite also restarts a run of the same config from nothing
@@ -99,9 +100,20 @@ def test_a_folder_of_someone_elses_files_is_never_deleted(tmp_path):
     (out / "thesis.tex").write_text("precious")
     with pytest.raises(OutputDirError, match="is not empty; set output.overwrite=true to replace it"):
         open_output(out, config(tmp_path), plan=input_plan(tmp_path))
-    with pytest.raises(OutputDirError, match="holds files this tool did not write; refusing to delete them"):
+    with pytest.raises(OutputDirError, match=r"holds no run of this tool \(run\.json\); --overwrite replaces only"):
         open_output(out, config(tmp_path, "output.overwrite=true"), plan=input_plan(tmp_path))
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    # Names this tool also uses are no sign that a folder is this tool's: only its run.json is.
+    for name in ("shards", "tokenized", "_work"):
+        (out / name).mkdir()
+    (out / "stats.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="holds no run of this tool"):
+        open_output(out, config(tmp_path, "output.overwrite=true"), plan=input_plan(tmp_path))
+    (out / "run.json").write_text('{"model": "someone else\'s run record"}')
+    for overwrite in ("false", "true"):
+        with pytest.raises(OutputDirError, match="holds a run.json this tool did not write; refusing to write or delete anything"):
+            open_output(out, config(tmp_path, f"output.overwrite={overwrite}"), plan=input_plan(tmp_path))
+    assert sorted(p.name for p in out.iterdir()) == ["_work", "run.json", "shards", "stats.json", "thesis.tex", "tokenized"]
 
 
 def test_a_folder_holding_only_a_plan_is_a_fresh_start(tmp_path):

@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from annotator.config import RunConfig, SftConfig, load_config
+from annotator.core.layout import STAGING_MARKER
 from annotator.generate.replies import CITATION_GROUP
 from annotator.sft.conversation import load_sft_packs, parse_sft_reply, render_user
-from annotator.sft.export import FAILURES, RENDERINGS, SKIP_SPLIT, dataset_file
+from annotator.sft.export import FAILURES, RENDERINGS, SKIP_SPLIT, SftRunError, dataset_file, open_sft_output
 from annotator.sft.prompts import allocate, draw_prompts
 from annotator.sft.stage import SftTask
 from tests.support import REPO
@@ -99,6 +100,28 @@ def test_system_prompt_names_skip_topics_but_never_their_values():
     assert render_user(packs, "Hi", harm_category="unknown") == "Hi"
     assert packs.version.startswith("sft-v1@")
     assert SftConfig().sources == [] and load_config(REPO / "configs" / "demo.yaml").sft.pack == "sft-v1"
+
+
+def test_an_sft_output_replaces_only_its_own_files(tmp_path):
+    cfg = _demo_config()
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "stats.json").write_text("{}")      # a generic name is not a sign of this tool
+    (foreign / "data").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(SftRunError, match="holds no SFT run of this tool"):
+            open_sft_output(foreign, cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": overwrite})}),
+                            settings={"a": 1})
+    assert sorted(p.name for p in foreign.iterdir()) == ["data", "stats.json"]
+    ours = tmp_path / "ours"
+    record = open_sft_output(ours, cfg, settings={"a": 1})
+    assert record["tool"] == "spp-annotator" and record["kind"] == "sft"
+    (ours / "run.json").write_text(json.dumps(record))
+    (ours / "data").mkdir()
+    (ours / "notes.txt").write_text("mine, beside the run")
+    replace = cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": True})})
+    open_sft_output(ours, replace, settings={"a": 2})
+    assert sorted(p.name for p in ours.iterdir()) == ["notes.txt"]   # the run's entries went, nothing else
 
 
 def start(out: Path, log: Path) -> subprocess.Popen:
@@ -208,7 +231,8 @@ def test_hub_staging_has_one_config_per_rendering(run, tmp_path):
     from pipelines.publish import main
 
     assert main(["--output", str(run), "--dry-run", str(tmp_path / "repo")]) == 0
-    files = sorted(p.relative_to(tmp_path / "repo").as_posix() for p in (tmp_path / "repo").rglob("*") if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "repo").as_posix() for p in (tmp_path / "repo").rglob("*")
+                   if p.is_file() and p.name != STAGING_MARKER)
     skip = ["data/skip/skip-00000-of-00001.parquet"] if rows_of(run)[SKIP_SPLIT] else []
     assert files == sorted(["LICENSE.md", "README.md", "data/cited/train-00000-of-00001.parquet", *skip,
                             "data/uncited/train-00000-of-00001.parquet", "stats.json"])
