@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,16 +49,69 @@ def output_settings(cfg: RunConfig) -> dict:
         else:
             for name in fields:
                 tree[section].pop(name, None)
-    tree["files"] = content_fingerprint(cfg)
+    tree["files"] = {**content_fingerprint(cfg), "classifier": classifier_fingerprint(cfg)}
     return tree
 
 
 def content_fingerprint(cfg: RunConfig) -> dict:
-    from annotator.method.prompt_packs import file_digest, load_pack
+    """The content of the files the generation reads, by digest: every recipe's pack version
+    (name@content hash) and the canaries file. A change between a crash and the resume is a
+    different method: the resume is refused with the difference, and cached generations are not
+    reused (they are keyed on this)."""
+    from annotator.method.prompt_packs import file_digest
+    from annotator.method.resolved import resolve_run
 
+    packs = resolve_run(cfg.generation, voices=cfg.output.voices).packs
     canaries = cfg.generation.canaries.file
-    return {"prompt_version": load_pack(cfg.generation.prompt_pack).version,
+    return {"prompt_version": packs[next(iter(packs))].version if packs else None,
+            "prompt_versions": {name: pack.version for name, pack in packs.items()},
             "canary_file": file_digest(canaries) if canaries else None}
+
+
+def classifier_fingerprint(cfg: RunConfig) -> dict:
+    """The safety scorer's model files by digest (a fastText file with its calibration beside it,
+    a local transformers folder file by file); a Hub id is named, not hashed: its files are not
+    read here (pin a revision by downloading it to a folder)."""
+    c = cfg.classifier
+    models = {"model": c.model, **({"cascade": c.cascade.model} if c.cascade.model else {})}
+    return {role: model_fingerprint(spec) for role, spec in models.items()}
+
+
+def model_fingerprint(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        calibration = path.with_suffix(".calibration.json")
+        return _file_hash(path) + (f"+{_file_hash(calibration)}" if calibration.is_file() else "")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return digest([(str(p.relative_to(path)), _file_hash(p)) for p in files])
+    return f"hub:{spec}"
+
+
+@lru_cache(maxsize=256)
+def _hash_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    """A file's content hash, computed once per process for a file that did not change."""
+    st = path.stat()
+    return _hash_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def as_recorded(settings: dict, previous: dict) -> dict:
+    """`settings` with the file fingerprints a run recorded before they were all fingerprinted
+    left out of the comparison (a run written by an earlier version resumes; what it did record
+    must match)."""
+    recorded = (previous.get("output_settings") or {}).get("files")
+    if not isinstance(recorded, dict):
+        return settings
+    files = {k: v for k, v in settings["output_settings"]["files"].items() if k in recorded}
+    return {**settings, "output_settings": {**settings["output_settings"], "files": files}}
 
 
 def config_differences(old: dict, new: dict, *, prefix: str = "") -> list[str]:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.core import layout
-from annotator.core.checkpoint import OPERATIONAL_FIELDS, config_differences, digest, output_settings, write_json, write_table
+from annotator.core.checkpoint import (OPERATIONAL_FIELDS, config_differences, content_fingerprint, digest, output_settings, write_json,
+                                      write_table)
 from annotator.generate.cache import cached_generations
 from annotator.core.layout import DONE, REJECTED_GENERATIONS, RUN_FILE, SELECTION, generated_dir
 from annotator.config import RunConfig
@@ -71,6 +72,11 @@ def comparable(cfg: RunConfig) -> dict:
 def plan_added(out_dir: Path, names: list[str], *, given: RunConfig | None) -> tuple[RunConfig, InputPlan, list[Recipe]]:
     """The run's config with `names` added (refused, naming why, when that cannot be done)."""
     record, cfg, plan = recorded_config(out_dir)
+    recorded = record.get("output_settings", {}).get("files", {})
+    changed = config_differences(recorded, {k: v for k, v in output_settings(cfg)["files"].items() if k in recorded}, prefix="files.")
+    if changed:
+        raise AddRecipeError(f"the files of the run's method in {out_dir} changed since it was written ({'; '.join(changed[:8])}); "
+                             "restore them, or rerun with --overwrite")
     if given is not None:
         diff = config_differences(comparable(cfg), comparable(given))
         if diff:
@@ -202,7 +208,10 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
     added = resolve_run(cfg.generation, voices=cfg.output.voices, recipes=recipes)
     pass_name = "+".join(names)
-    gen_key = digest("add", pass_name, cfg.generation.model_dump(mode="json"), cfg.output.tokenizer, cfg.content_tokens)
+    # Keyed on the added packs' content and the canaries file too: an edit between a crash and the
+    # resume makes a new key, so nothing generated with the old text is reused.
+    gen_key = digest("add", pass_name, cfg.generation.model_dump(mode="json"), cfg.output.tokenizer, cfg.content_tokens,
+                     {r.name: p.version for r, p in added.pairs}, content_fingerprint(cfg)["canary_file"])
     started = time.time()
     pending = [u for u in plan.units if not all(n in json.loads((out_dir / DONE / f"{u.key}.json").read_text()).get("recipes", [])
                                                 for n in names)]

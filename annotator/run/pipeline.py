@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from annotator import __version__
-from annotator.core.checkpoint import (config_differences, load_manifests, our_run_record, output_settings, remove_entries, unit_done,
+from annotator.core.checkpoint import (as_recorded, config_differences, load_manifests, our_run_record, output_settings, remove_entries, unit_done,
                                       write_json)
 from annotator.generate.cache import generation_key
 from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
@@ -80,12 +80,13 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
         raise OutputDirError(f"output.path {str(out_dir)!r} holds a {RUN_FILE} this tool did not write; refusing to write or delete "
                              "anything there: choose a new or empty folder")
     if previous is not None:
-        same = {k: previous.get(k) for k in settings} == settings
+        compared = as_recorded(settings, previous)
+        same = {k: previous.get(k) for k in compared} == compared
         if same and not cfg.output.overwrite:
             return True
         if not same and not cfg.output.overwrite:
-            diff = config_differences(previous.get("output_settings", {}), settings["output_settings"])
-            if previous.get("plan") != settings["plan"]:
+            diff = config_differences(previous.get("output_settings", {}), compared["output_settings"])
+            if previous.get("plan") != compared["plan"]:
                 diff.append("the input (files, row groups or limit) changed")
             raise OutputDirError(
                 f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "

@@ -203,3 +203,39 @@ def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output
     assert content_stats(out) == content_stats(uninterrupted)
     rows = pq.read_table(out / "shards").to_pylist()
     assert len(rows) == len({r["doc_id"] for r in rows}) == DEMO_DOCS
+
+
+@pytest.mark.slow
+def test_a_method_file_edited_between_a_kill_and_the_resume_is_refused(tmp_path):
+    """The fingerprint is the method: the pack of a recipe other than the first, and the canaries
+    file, edited between a SIGKILL and the rerun, refuse the resume with the difference; put back,
+    the same command resumes. (Scoring only: the comparison is made before anything runs.)"""
+    import shutil
+
+    from annotator.method.prompt_packs import resolve_pack_path
+    from tests.support import demo_corpus
+
+    summary = shutil.copytree(resolve_pack_path("summary-v1"), tmp_path / "summary-pack")
+    canaries = shutil.copyfile(REPO / "configs" / "canaries.yaml", tmp_path / "canaries.yaml")
+    corpus = demo_corpus(tmp_path / "corpus")
+    args = ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.rows_per_unit=10",
+            "--set", "input.limit=null", "--set", "classifier.batch_size=10", "--set", "generation.enabled=false",
+            "--set", "generation.recipes=[reflection, summary]", "--set", f"generation.packs={{summary: '{summary}'}}",
+            "--set", f"generation.canaries.file='{canaries}'", "--set", "output.overwrite=false"]
+    out = tmp_path / "out"
+    kill_when(args, out, tmp_path / "1.log", lambda o: scored_units(o) >= 1)
+    system = summary / "system.md"
+    original = system.read_text()
+    system.write_text(original + "\nAlso mention the weather.\n")
+    refused = subprocess.run([sys.executable, str(REPO / "pipelines" / "spp_reflections.py"), *args, "--output", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "files.prompt_versions.summary: 'summary-v1@" in refused.stderr, refused.stderr[-2000:]
+    system.write_text(original)
+    canaries.write_text(canaries.read_text().replace("Wren", "Robin"))
+    refused = subprocess.run([sys.executable, str(REPO / "pipelines" / "spp_reflections.py"), *args, "--output", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "files.canary_file:" in refused.stderr, refused.stderr[-2000:]
+    canaries.write_text(canaries.read_text().replace("Robin", "Wren"))
+    assert 1 <= scored_units(out) < DEMO_UNITS and not selection_done(out)   # the refused reruns touched nothing
+    log = run_to_end(args, out, tmp_path / "2.log")
+    assert "resuming" in log and json.loads((out / "stats.json").read_text())["documents_out"] == DEMO_DOCS

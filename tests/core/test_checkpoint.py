@@ -11,7 +11,7 @@ import pytest
 
 from annotator.config import RunConfig, load_config
 from annotator.core.checkpoint import (
-    OPERATIONAL_FIELDS, config_differences, content_fingerprint, digest, load_manifests, output_settings, unit_done, write_atomically,
+    OPERATIONAL_FIELDS, as_recorded, config_differences, content_fingerprint, digest, load_manifests, output_settings, unit_done, write_atomically,
     write_json, write_table,
 )
 from annotator.core.layout import DONE
@@ -104,7 +104,7 @@ def test_output_settings_ignore_how_fast_a_run_goes_but_not_what_it_writes():
     base = output_settings(demo())
     assert not {"publish", "ray", "audit", "plan", "sft"} & set(base)
     assert not {"path", "overwrite", "keep_work"} & set(base["output"])
-    assert base["files"] == content_fingerprint(demo())
+    assert {k: v for k, v in base["files"].items() if k != "classifier"} == content_fingerprint(demo())
     assert base["files"]["prompt_version"] and len(base["files"]["canary_file"]) == 12
     same = output_settings(demo("generation.concurrency=4", "generation.num_gpus=1", "output.path=/elsewhere",
                                 "classifier.batch_size=7", "ray.num_cpus=16", "plan.documents=5", "output.keep_work=true"))
@@ -123,6 +123,42 @@ def test_canary_file_content_is_part_of_the_fingerprint(tmp_path):
     assert config_differences(first, second) == [
         f"files.canary_file: {first['files']['canary_file']!r} -> {second['files']['canary_file']!r}"]
     assert output_settings(demo("generation.canaries.file=null"))["files"]["canary_file"] is None
+
+
+def test_every_recipes_pack_and_the_classifier_files_are_fingerprinted(tmp_path):
+    """The fingerprint is the method: each recipe's pack by content (not only the first's), the
+    classifier's model file with its calibration beside it; a Hub id is named."""
+    import shutil
+
+    from annotator.method.prompt_packs import load_pack, resolve_pack_path
+
+    pack = shutil.copytree(resolve_pack_path("summary-v1"), tmp_path / "summary")
+    model = tmp_path / "scorer.ftz"
+    shutil.copyfile(REPO / "classifiers" / "models" / "safety-fasttext-v2.ftz", model)
+    cfg = demo("generation.recipes=[reflection, summary]", f"generation.packs={{summary: '{pack}'}}", f"classifier.model={model}")
+    files = output_settings(cfg)["files"]
+    assert files["prompt_versions"] == {"reflection": load_pack("reflection-v2").version, "summary": load_pack(str(pack)).version}
+    assert files["prompt_version"] == files["prompt_versions"]["reflection"]
+    assert files["classifier"] == {"model": files["classifier"]["model"]} and len(files["classifier"]["model"]) == 16
+    load_pack.cache_clear()   # packs are cached per process by their path; a new process reads the edit
+    (pack / "system.md").write_text((pack / "system.md").read_text() + "\nedited\n")
+    edited = output_settings(cfg)["files"]
+    assert edited["prompt_versions"]["summary"] != files["prompt_versions"]["summary"]
+    assert edited["prompt_versions"]["reflection"] == files["prompt_versions"]["reflection"]
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert output_settings(cfg)["files"]["classifier"]["model"] != files["classifier"]["model"]
+    calibrated = output_settings(demo())["files"]["classifier"]["model"]   # the shipped v2 model and its calibration file
+    assert "+" in calibrated
+    hub = output_settings(demo("classifier.backend=transformers", "classifier.model=locuslab/safety-classifier_gte-large-en-v1.5"))
+    assert hub["files"]["classifier"] == {"model": "hub:locuslab/safety-classifier_gte-large-en-v1.5"}
+
+
+def test_a_run_recorded_before_a_fingerprint_existed_is_compared_on_what_it_recorded():
+    current = {"output_settings": {"files": {"prompt_version": "p@1", "prompt_versions": {"reflection": "p@1"}, "classifier": {}}},
+               "plan": {}}
+    old = {"output_settings": {"files": {"prompt_version": "p@1"}}, "plan": {}}
+    assert as_recorded(current, old)["output_settings"]["files"] == {"prompt_version": "p@1"}
+    assert as_recorded(current, current) == current
 
 
 def test_manifests_mark_units_done_in_name_order(tmp_path):
