@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.run.add_recipe import AddRecipeError, recorded_config  # noqa: E402
 from annotator.audit.audits import AuditError, audit_reflections, calibration_ledger, record  # noqa: E402
 from annotator.config import ConfigError, load_config  # noqa: E402
-from annotator.core.errors import ResourceError  # noqa: E402
+from annotator.core.errors import OutputDirError, ResourceError  # noqa: E402
+from annotator.core.lock import OutputLock  # noqa: E402
 from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.method.resolved import resolve_run  # noqa: E402
@@ -55,19 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AddRecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    start_ray(cfg)
     parts = args.only or list(PARTS)
     try:
-        cpus = replica_cpus(cfg, cluster_resources())
-        resolved = resolve_run(cfg.generation, voices=cfg.output.voices)  # the run's method, once
-        for part in parts:
-            if part == "reflections":
-                _, figures = audit_reflections(out, cfg, resolved=resolved, num_cpus=cpus)
-            else:
-                _, figures = calibration_ledger(out, cfg, num_cpus=cpus)
-            record(out, part, figures=figures)
-            print(f"[spp] audit {part}: " + summary_line(part, figures), flush=True)
-    except (AuditError, ConfigError, PackError, ResourceError, FileNotFoundError) as err:
+        with OutputLock(out, command="audit.py") as lock:
+            start_ray(cfg)
+            cpus = replica_cpus(cfg, cluster_resources())
+            resolved = resolve_run(cfg.generation, voices=cfg.output.voices)  # the run's method, once
+            for part in parts:
+                if part == "reflections":
+                    _, figures = audit_reflections(out, cfg, resolved=resolved, num_cpus=cpus)
+                else:
+                    _, figures = calibration_ledger(out, cfg, num_cpus=cpus)
+                lock.check()
+                record(out, part, figures=figures)
+                print(f"[spp] audit {part}: " + summary_line(part, figures), flush=True)
+    except (AuditError, ConfigError, PackError, ResourceError, FileNotFoundError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a job-level failure: say why, exit non-zero

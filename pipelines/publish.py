@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.core import layout  # noqa: E402
 from annotator.core.checkpoint import our_run_record  # noqa: E402
+from annotator.core.lock import OutputLock, OutputLockedError  # noqa: E402
 from annotator.publish.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
 
 STAGING = layout.PUBLISH_STAGING
@@ -74,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         stage, upload = build_repo_folder, publish
         if stats.get("kind") == "sft":  # an SFT run (pipelines/spp_sft.py): one config per rendering
             from annotator.publish.sft_hub import build_sft_repo_folder as stage, publish_sft as upload
-        if args.dry_run:
-            paths = stage(output, Path(args.dry_run), options=options)
-            print(f"[publish] dry run: staged {len(paths)} files for {options.repo_id} in {Path(args.dry_run).resolve()}")
-            for p in paths:
-                print(f"  {p}")
-            return 0
-        staging = output / STAGING
-        if staging.is_dir() and not (staging / layout.STAGING_MARKER).exists() and our_run_record(output) is not None:
-            shutil.rmtree(staging)  # a staging from before the marker existed, inside this run's own _work/
-        url = upload(output, options=options, staging=staging)
-    except PublishError as err:
+        with OutputLock(output, command="publish.py"):   # not while another command writes the run
+            if args.dry_run:
+                paths = stage(output, Path(args.dry_run), options=options)
+                print(f"[publish] dry run: staged {len(paths)} files for {options.repo_id} in {Path(args.dry_run).resolve()}")
+                for p in paths:
+                    print(f"  {p}")
+                return 0
+            staging = output / STAGING
+            if staging.is_dir() and not (staging / layout.STAGING_MARKER).exists() and our_run_record(output) is not None:
+                shutil.rmtree(staging)  # a staging from before the marker existed, inside this run's own _work/
+            url = upload(output, options=options, staging=staging)
+    except (PublishError, OutputLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[publish] done: {url}")

@@ -17,6 +17,7 @@ from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.score.reader import InputError  # noqa: E402
 from annotator.core.stages import PipelineError  # noqa: E402
 from annotator.core.errors import OutputDirError, ResourceError, RunError  # noqa: E402
+from annotator.core.lock import OutputLock  # noqa: E402
 from annotator.run.pipeline import run  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.output.summary import format_summary  # noqa: E402
@@ -55,16 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         return add(args, overrides)
     try:
         cfg = load_config(args.config, overrides=overrides)
-    except ConfigError as err:
+        OutputLock.check_free(Path(cfg.output.path))   # a folder in use: refused before Ray starts
+    except (ConfigError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
     start_ray(cfg)
     try:
         if args.plan:
-            print(format_plan(cost_plan(cfg), output=cfg.output.path))
+            with OutputLock(Path(cfg.output.path), command="spp_reflections.py --plan"):
+                print(format_plan(cost_plan(cfg), output=cfg.output.path))
             return 0
-        stats = run(cfg)
+        stats = run(cfg)   # holds the output folder's lock while it writes
     except (InputError, PipelineError, OutputDirError, FileNotFoundError, ConfigError, PackError, ResourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -126,10 +128,11 @@ def add(args, overrides: list) -> int:
     except (ConfigError, AddRecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    start_ray(ray_cfg)
     try:
-        stats = add_recipes(out, args.add_recipes, given=given)
-    except (AddRecipeError, ConfigError, PackError, ResourceError) as err:
+        with OutputLock(out, command="spp_reflections.py --add-recipe") as lock:
+            start_ray(ray_cfg)
+            stats = add_recipes(out, args.add_recipes, given=given, lock=lock)
+    except (AddRecipeError, ConfigError, PackError, ResourceError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a job-level failure: say why, exit non-zero

@@ -19,6 +19,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.config import ConfigError, load_config  # noqa: E402
+from annotator.core.errors import OutputDirError  # noqa: E402
+from annotator.core.lock import OutputLock  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.core.ray_adapter import start_ray  # noqa: E402
 from pipelines.cli import cli_overrides  # noqa: E402
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load(args)
-    except ConfigError as err:
+        OutputLock.check_free(Path(cfg.output.path))   # a folder in use: refused before Ray starts
+    except (ConfigError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from annotator.sft.export import SftRunError, run_sft
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(cfg)  # as the annotation runs: worker output in Ray's logs unless ray.worker_logs_to_driver
     try:
         stats = run_sft(cfg)
-    except (ConfigError, PackError, SftRunError, FileNotFoundError) as err:
+    except (ConfigError, PackError, SftRunError, FileNotFoundError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a job-level failure: say why, exit non-zero

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -89,7 +91,7 @@ def model_fingerprint(spec: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def _hash_of(path: str, size: int, mtime_ns: int) -> str:
+def _hash_of(path: str, *, size: int, mtime_ns: int) -> str:
     h = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -100,7 +102,7 @@ def _hash_of(path: str, size: int, mtime_ns: int) -> str:
 def _file_hash(path: Path) -> str:
     """A file's content hash, computed once per process for a file that did not change."""
     st = path.stat()
-    return _hash_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return _hash_of(str(path.resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def as_recorded(settings: dict, previous: dict) -> dict:
@@ -129,15 +131,59 @@ def digest(*parts: object) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
+TMP_MARK = ".tmp-"
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer uses: hidden, with this host, process
+    and a random part (nodes share the output filesystem; pids repeat across them)."""
+    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """`tmp` flushed to disk, renamed to `path`, and the rename itself flushed (where the
+    filesystem allows a folder to be synced): a file that exists after a crash is complete."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
 def write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` then rename: the final name only ever holds a complete file."""
+    """`write(tmp_path)` then a durable rename: the final name only ever holds a complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_temporaries(out_dir: Path, names: tuple[str, ...]) -> int:
+    """Deletes the temporary files a killed writer left under the named entries of `out_dir`
+    (under the folder's lock, on resume: no writer of this run has started); returns how many."""
+    swept = 0
+    for name in names:
+        root = Path(out_dir) / name
+        if root.is_dir():
+            for p in root.rglob(f"*{TMP_MARK}*"):
+                if p.is_file() and p.name.startswith("."):
+                    p.unlink()
+                    swept += 1
+    return swept
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -66,6 +66,8 @@ SFT_FAILURES = "rejects/failures.parquet"
 # Whose files these are: run.json's `tool` field, and the marker file of a publish staging folder.
 TOOL = "spp-annotator"
 STAGING_MARKER = ".spp-staging.json"
+# The lock of an output folder held by the command writing into it (`core/lock.py`).
+LOCK_FILE = ".spp-lock.json"
 # What this tool writes at the top of an output directory: `--overwrite` deletes these entries of
 # a folder whose run.json is this tool's, and nothing else.
 RUN_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, WORK, TOKENS_DIR, TOKENIZER_DIR, REJECTS, PLAN_WORK, AUDIT_DIR)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from annotator.core import layout
+from annotator.core.checkpoint import durable_replace, temp_path
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -34,7 +35,7 @@ class IndexedDatasetWriter:
     def __init__(self, prefix: str | Path, *, dtype: np.dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self._tmp_bin = self.prefix.with_name(f".{self.prefix.name}.bin.tmp-{os.getpid()}")
+        self._tmp_bin = temp_path(self.prefix.with_suffix(".bin"))
         self._bin = open(self._tmp_bin, "wb")
         self._sizes: list[int] = []
 
@@ -50,7 +51,7 @@ class IndexedDatasetWriter:
         if len(sizes) > 1:
             pointers[1:] = np.cumsum(sizes[:-1].astype(np.int64)) * self.dtype.itemsize
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)  # one sequence per document
-        tmp_idx = self.prefix.with_name(f".{self.prefix.name}.idx.tmp-{os.getpid()}")
+        tmp_idx = temp_path(self.prefix.with_suffix(".idx"))
         with open(tmp_idx, "wb") as f:
             f.write(_MAGIC)
             f.write(struct.pack("<Q", _VERSION))
@@ -60,8 +61,8 @@ class IndexedDatasetWriter:
             f.write(sizes.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_idx.tobytes(order="C"))
-        os.replace(self._tmp_bin, self.prefix.with_suffix(".bin"))
-        os.replace(tmp_idx, self.prefix.with_suffix(".idx"))
+        durable_replace(self._tmp_bin, self.prefix.with_suffix(".bin"))
+        durable_replace(tmp_idx, self.prefix.with_suffix(".idx"))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from annotator.output.report import (
 )
 from annotator.output.stats import STRATUM_SEPARATOR, provenance, stratum_key
 from annotator.core import layout
+from annotator.core.checkpoint import TMP_MARK
 from annotator.audit import sampling
 from annotator.audit.sampling import allocate_sample, read_rows
 
@@ -290,7 +291,7 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
             _place(f, dest / SHARDS_IN_REPO / f.name)
         for folder in (layout.TOKENS_DIR, layout.TOKENIZER_DIR):  # what a trainer needs besides the text
             for f in sorted((out_dir / folder).rglob("*")):
-                if f.is_file():
+                if f.is_file() and TMP_MARK not in f.name:   # never a killed writer's half-written file
                     _place(f, dest / f.relative_to(out_dir))
     write_license_file(dest, options, sample=sample)
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")

@@ -197,8 +197,9 @@ class AddRecipeUnit(UnitStage):
         return side.drop_columns([c for c in side.column_names if c in added])
 
 
-def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = None, log=print) -> dict:
-    """Adds `names` to the finished run in `out_dir`; returns the updated stats."""
+def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = None, lock=None, log=print) -> dict:
+    """Adds `names` to the finished run in `out_dir`; returns the updated stats. `lock`: the
+    folder's `OutputLock` held by the caller, checked before anything is finalized."""
     from annotator.engine.resources import replica_cpus
     from annotator.run.pipeline import finish_run, progress_for
     from annotator.score.reader import units_dataset
@@ -231,12 +232,16 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
                 work["generations_made"] += row["documents"]
                 work["engine_loads"] += row["engine_loads"]
         timings["generation_pass"] = time.time() - t0
+        if lock is not None:
+            lock.check()
         t0 = time.time()
         add = AddRecipeUnit(cfg, out_dir=str(out_dir), resolved=resolved, added=added, generation_key=gen_key, pass_name=pass_name)
         with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", log=log) as progress:
             for row in run_stages(units_dataset(pending), [add]):
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0
+    if lock is not None:
+        lock.check()
     record = json.loads((out_dir / RUN_FILE).read_text())
     record["output_settings"] = json.loads(json.dumps(output_settings(cfg)))
     record["config"] = cfg.model_dump(mode="json")

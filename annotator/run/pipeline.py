@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 from annotator import __version__
-from annotator.core.checkpoint import (as_recorded, config_differences, load_manifests, our_run_record, output_settings, remove_entries, unit_done,
-                                      write_json)
+from annotator.core.checkpoint import (as_recorded, config_differences, load_manifests, our_run_record, output_settings, remove_entries,
+                                      sweep_temporaries, unit_done, write_json)
 from annotator.generate.cache import generation_key
 from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
 from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
+from annotator.core.lock import OutputLock
 from annotator.config import RunConfig
 from annotator.core.errors import OutputDirError, RunError
 from annotator.engine.resources import check_reservations, replica_cpus
@@ -83,6 +84,7 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
         compared = as_recorded(settings, previous)
         same = {k: previous.get(k) for k in compared} == compared
         if same and not cfg.output.overwrite:
+            sweep_temporaries(out_dir, layout.RUN_OUTPUTS)   # what a killed writer left half-written
             return True
         if not same and not cfg.output.overwrite:
             diff = config_differences(previous.get("output_settings", {}), compared["output_settings"])
@@ -92,7 +94,7 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
                 f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
                 "use --overwrite (output.overwrite=true) to start a fresh run there"
             )
-    if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE for p in out_dir.iterdir()):
+    if out_dir.exists() and any(p.name not in (*layout.KEPT_ON_OVERWRITE, layout.LOCK_FILE) for p in out_dir.iterdir()):
         if not cfg.output.overwrite:
             raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
         if previous is None:
@@ -267,6 +269,13 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     cluster = cluster_resources()
     cpus = replica_cpus(cfg, cluster)
     check_reservations(cfg, replica_cpus=cpus, cluster=cluster, nodes=cluster_nodes())
+    with OutputLock(out_dir, command="spp_reflections.py (run)", log=log) as lock:
+        return _run_locked(cfg, out_dir, plan=plan, extra=extra, resolved=resolved, cpus=cpus, lock=lock, log=log)
+
+
+def _run_locked(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, extra: dict[str, str], resolved: ResolvedRun, cpus: float,
+                lock: OutputLock, log) -> dict:
+    """The passes, under the output folder's lock (checked again before anything is finalized)."""
     resumed = open_output(out_dir, cfg, plan=plan)
     cost_plan = load_plan(out_dir, cfg, log=log)
     (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +308,10 @@ def run(cfg: RunConfig, *, log=print) -> dict:
     if pending and cfg.generation.enabled:
         timings["generation_pass"] = generate_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
                                                    cost_plan=cost_plan)
+    lock.check()
     if pending:
         timings["finalize_pass"] = finalize_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, resolved=resolved, log=log)
+    lock.check()
     return finish_run(cfg, out_dir, plan=plan, state=state, timings=timings, started=started, work=work, log=log, cost_plan=cost_plan,
                       resolved=resolved)
 

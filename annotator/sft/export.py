@@ -27,6 +27,7 @@ from annotator.method.prompt_packs import file_digest
 from annotator.generate.replies import cited_sections
 from annotator.sft.conversation import RESULT_SCHEMA, load_sft_packs
 from annotator.engine.resources import replica_cpus
+from annotator.core.lock import OutputLock
 from annotator.core import layout
 from annotator.core.layout import sft_batch_path as batch_path, sft_dataset_file as dataset_file
 from annotator.sft.stage import sft_stage
@@ -62,7 +63,7 @@ def sft_settings(cfg: RunConfig, packs) -> dict:
 def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
     """run.json of this output directory: a new one, or the earlier attempt's when the settings
     match (a resume); a different run there is refused unless output.overwrite replaces it."""
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != layout.LOCK_FILE for p in out.iterdir()):
         record = our_run_record(out)
         if record is None or record.get("kind") != "sft":
             raise SftRunError(f"{out} is not empty and holds no SFT run of this tool ({RUN_FILE}); choose another output.path "
@@ -79,11 +80,15 @@ def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
 
 
 def run_sft(cfg: RunConfig, *, log=print) -> dict:
-    """Run (or resume) an SFT run on the current Ray cluster; returns its stats."""
-
-
+    """Run (or resume) an SFT run on the current Ray cluster, holding its output folder's lock;
+    returns its stats."""
     out = Path(cfg.output.path).resolve()
     packs = load_sft_packs(cfg)  # a broken pack fails before any engine starts
+    with OutputLock(out, command="spp_sft.py", log=log) as lock:
+        return _run_sft_locked(cfg, out, packs=packs, lock=lock, log=log)
+
+
+def _run_sft_locked(cfg: RunConfig, out: Path, *, packs, lock: OutputLock, log) -> dict:
     record = open_sft_output(out, cfg, settings=sft_settings(cfg, packs))
     write_json(out / RUN_FILE, record)  # first, so that anything else in `out` belongs to this run
     inject = [c.id for c in packs.canaries if c.action == "inject"]
@@ -113,6 +118,7 @@ def run_sft(cfg: RunConfig, *, log=print) -> dict:
         raise SftRunError(f"generation ended with batches not saved: {missing[:5]}")
     attempt["generate_seconds"] = round(time.time() - started, 1)
     results = pa.concat_tables([pq.read_table(batch_path(out, i), schema=RESULT_SCHEMA) for i, _ in batches])
+    lock.check()
     stats = export(out, results, prompts=prompts, cfg=cfg, draw=draw, record=record)
     attempt["finished_at"] = time.time()
     write_json(out / RUN_FILE, record)

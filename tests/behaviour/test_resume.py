@@ -112,6 +112,24 @@ def selection_done(out: Path) -> bool:
     return (out / "_work" / "selection.json").exists()
 
 
+def refused_while_held(proc: subprocess.Popen, args: list[str], out: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """While `proc` holds `out`, the same command with --overwrite (a resubmitted job); it must
+    leave, touching nothing. Returns its result with `elapsed` seconds."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads((out / ".spp-lock.json").read_text())["pid"] == proc.pid:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    second = subprocess.run([sys.executable, str(REPO / "pipelines" / "spp_reflections.py"), *args, "--output", str(out), "--overwrite"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    second.elapsed = time.monotonic() - t0
+    return second
+
+
 def generation_replicas(driver_pid: int) -> list:
     import psutil
 
@@ -129,10 +147,9 @@ def generation_replicas(driver_pid: int) -> list:
     return out
 
 
-def kill_replica_then_driver(args: list[str], out: Path, log: Path) -> dict:
-    """A resumed run in which every generation replica is SIGKILLed once a batch is saved; once a
-    replacement replica has saved a batch of its own, the driver is SIGKILLed too."""
-    proc = start(args, out, log)
+def kill_replica_then_driver(proc: subprocess.Popen, out: Path, log: Path) -> dict:
+    """A resumed run (started: `proc`) in which every generation replica is SIGKILLed once a batch
+    is saved; once a replacement replica has saved a batch of its own, the driver is SIGKILLed too."""
     killed: set[int] = set()
     seen = {"replaced": False, "batches_at_replica_kill": 0, "batches_at_replacement": 0}
     try:
@@ -173,14 +190,19 @@ def test_killed_at_every_pass_and_a_killed_replica_give_the_uninterrupted_output
     kill_when(args, out, tmp_path / "1-scoring.log", lambda o: scored_units(o) >= 1)
     assert not selection_done(out) and 1 <= scored_units(out) <= DEMO_UNITS
 
-    seen = kill_replica_then_driver(args, out, tmp_path / "2-generation.log")
+    proc = start(args, out, tmp_path / "2-generation.log")
+    second = refused_while_held(proc, args, out, tmp_path)
+    seen = kill_replica_then_driver(proc, out, tmp_path / "2-generation.log")
     assert "resuming" in (tmp_path / "2-generation.log").read_text()
+    assert "taking over the lock" in (tmp_path / "2-generation.log").read_text()   # the killed driver's lock
+    assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr and "is in use by `spp_reflections.py (run)`" in second.stderr
     assert seen["killed_replicas"] >= 1, "no generation replica was found to kill"
     assert seen["replaced"], "Ray did not start a new replica after the kill"
     assert selection_done(out) and manifests(out) == 0
     saved = generated_batches(out)
     assert len(saved) > seen["batches_at_replacement"] >= seen["batches_at_replica_kill"] >= 1
 
+    assert second.elapsed < 30, second.elapsed   # refused at once (before Ray starts), not after a wait
     kill_when(args, out, tmp_path / "3-writing.log", lambda o: manifests(o) >= 1)
     written = manifests(out)
     assert 1 <= written < DEMO_UNITS
