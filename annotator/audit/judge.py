@@ -86,7 +86,9 @@ class EndpointClient:
     def __init__(self, judge: JudgeConfig, *, concurrency: int):
         from openai import OpenAI
 
-        key = os.environ.get(judge.api_key_env) or "EMPTY"   # a local `vllm serve` takes any key
+        key = os.environ.get(judge.api_key_env)
+        if not key:   # checked by the driver too; a worker on another node may not have it
+            raise ConfigError(f"audit.judge.api_key_env: {judge.api_key_env} is not set on this node")
         self.client = OpenAI(base_url=judge.base_url, api_key=key, timeout=judge.request_timeout_s, max_retries=2)
         self.model = judge.model
         self.judge = judge
@@ -219,6 +221,9 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
     judge = cfg.audit.judge
     if judge.base_url and not judge.model:
         raise ConfigError("audit.judge.model: with audit.judge.base_url, name the model the endpoint serves")
+    if judge.base_url and not os.environ.get(judge.api_key_env):
+        raise ConfigError(f"audit.judge.api_key_env: {judge.api_key_env} is not set; set it to the endpoint's key "
+                          "(any value for an endpoint that takes none)")
     size = judge.batch_size
     batches = [items[i:i + size] for i in range(0, len(items), size)]
     todo = [b for b in range(len(batches)) if not judge_batch_path(work_dir, b).exists()]

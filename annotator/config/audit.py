@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from annotator.config.base import Section
 
@@ -16,7 +17,18 @@ class JudgeConfig(Section):
     base_url: str | None = Field(
         None, description="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) to judge through instead of replicas; `model` is the name it serves."
     )
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key (read at run time, never written).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key (read at run time, never written; must be set with base_url, to any value for an endpoint without a key).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        """The URL is logged and recorded (stats.json, report, card): a key in it would travel too."""
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.username or parts.password or parts.query or parts.fragment:
+                raise ValueError("must not carry credentials or parameters (user:password@, ?key=...): give the key through "
+                                 "audit.judge.api_key_env")
+        return url
     num_gpus: float | None = Field(None, ge=0, description="GPUs per judge replica; null: generation.num_gpus. The other engine settings are generation's.")
     concurrency: int | None = Field(None, ge=1, description="Judge replicas (or, with base_url, requests in flight); null: generation.concurrency (x16 with base_url).")
     max_model_len: int | None = Field(None, ge=256, description="Judge context length; null: generation.max_model_len.")

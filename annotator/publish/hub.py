@@ -295,9 +295,8 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
                     _place(f, dest / f.relative_to(out_dir))
     write_license_file(dest, options, sample=sample)
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
-    token = hub_token()
-    if token:  # a dry run refuses what an upload would refuse
-        check_no_secret(dest, token)
+    for secret in publish_secrets(stats):  # a dry run refuses what an upload would refuse
+        check_no_secret(dest, secret)
     return staged_files(dest)
 
 
@@ -329,16 +328,32 @@ def hub_token() -> str | None:
     return get_token()
 
 
+def publish_secrets(stats: dict) -> list[str]:
+    """What must appear in no staged file: the Hub token, and the judge endpoint's key when its
+    variable (the run's `audit.judge.api_key_env`) is set here."""
+    judge_env = ((stats.get("config") or {}).get("audit") or {}).get("judge", {}).get("api_key_env") or "OPENAI_API_KEY"
+    return [s for s in (hub_token(), os.environ.get(judge_env)) if s and len(s) >= 8]
+
+
 def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO, layout.TOKENS_DIR)) -> None:
-    """Refuses to publish a staged file that contains `secret` (the Hub token). The shards are
-    skipped: they are the run's own output, written before any token was in play."""
+    """Refuses to publish a staged file that contains `secret` (a key), in its bytes or, for a
+    Parquet file, in any decoded value (a compressed page hides text from a byte search). The
+    shards are skipped: they are the run's own output, written before any key was in play."""
     needle, leaks = secret.encode(), []
     for path in sorted(Path(folder).rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not rel.startswith(tuple(f"{s}/" for s in skip)) and needle in path.read_bytes():
+        if not path.is_file() or rel.startswith(tuple(f"{s}/" for s in skip)):
+            continue
+        if needle in path.read_bytes() or (path.suffix == ".parquet" and secret in _parquet_text(path)):
             leaks.append(rel)
     if leaks:
-        raise PublishError(f"the Hub token appears in {', '.join(leaks)}; not publishing")
+        raise PublishError(f"a key (the Hub token or the judge's) appears in {', '.join(leaks)}; not publishing")
+
+
+def _parquet_text(path: Path) -> str:
+    table = pq.read_table(path)
+    metadata = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
+    return json.dumps([metadata, table.to_pylist()], default=str, ensure_ascii=False)
 
 
 def publish(out_dir: Path, *, options: PublishOptions, staging: Path, log=print) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.publish.hub import (
-    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging,
+    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging, publish_secrets,
     size_category, staged_files, write_license_file,
 )
 from annotator.core import layout
@@ -95,9 +95,8 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
     shutil.copy2(out_dir / STATS_FILE, dest / STATS_FILE)
     (dest / CARD_FILE).write_text(build_sft_card(stats, options=options), encoding="utf-8")
     write_license_file(dest, options, sample=pa.table({}))
-    token = hub_token()
-    if token:
-        check_no_secret(dest, token, skip=())
+    for secret in publish_secrets(stats):
+        check_no_secret(dest, secret, skip=())
     return staged_files(dest)
 
 

@@ -285,3 +285,16 @@ def test_audit_settings_come_from_the_recorded_config(demo_run):
     cfg = audit_config(out, None, ["audit.reflections.sample=7"])
     assert cfg.audit.reflections.sample == 7
     assert cfg.generation.prompt_pack == load_config("configs/demo.yaml").generation.prompt_pack
+
+
+def test_an_endpoint_without_its_key_variable_is_a_clear_error(tmp_path, monkeypatch):
+    from annotator.audit.judge import run_judge
+    from annotator.config import ConfigError
+
+    monkeypatch.delenv("SPP_TEST_NO_SUCH_KEY", raising=False)
+    cfg = load_config("configs/demo.yaml", overrides=[("audit.judge.base_url", "http://127.0.0.1:9/v1"), ("audit.judge.model", "judge"),
+                                                       ("audit.judge.api_key_env", "SPP_TEST_NO_SUCH_KEY")])
+    rubric = Rubric(load_pack("judge-reflection-v1"), 1, 5)
+    with pytest.raises(ConfigError, match="audit.judge.api_key_env: SPP_TEST_NO_SUCH_KEY is not set"):
+        run_judge([{"id": "a", "user": "u"}], cfg=cfg, rubric=rubric, system="s", task="t", work_dir=tmp_path / "w", num_cpus=1)
+    assert not (tmp_path / "w").exists()   # refused before anything was written or started

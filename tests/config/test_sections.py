@@ -218,3 +218,11 @@ def test_output_path_as_a_url_is_refused_at_start():
         with pytest.raises(ConfigError, match=r"output\.path: .*is a URL; output goes to a local or mounted folder"):
             load_config(DEMO, overrides=[("output.path", url)])
     assert load_config(DEMO, overrides=[("output.path", "/runs/s3:bucket")]).output.path == "/runs/s3:bucket"   # a colon is not a URL
+
+
+def test_a_judge_endpoint_url_carries_no_credentials():
+    ok = load_config(DEMO, overrides=[("audit.judge.base_url", "https://judge.example.org:8443/v1")])
+    assert ok.audit.judge.base_url == "https://judge.example.org:8443/v1"
+    for url in ("https://me:s3cret@judge.example.org/v1", "https://judge.example.org/v1?api_key=s3cret", "https://tok@host/v1"):
+        with pytest.raises(ConfigError, match=r"audit\.judge\.base_url: Value error, must not carry credentials"):
+            load_config(DEMO, overrides=[("audit.judge.base_url", url)])

@@ -4,6 +4,7 @@ stats.json, and the staged repository folder from a small SFT output (refusals i
 from __future__ import annotations
 
 import json
+import random
 import secrets
 
 import pyarrow as pa
@@ -151,14 +152,32 @@ def test_an_unfinished_run_is_refused(tmp_path, no_token):
         build_sft_repo_folder(out, tmp_path / "staging", options=PublishOptions(repo_id=REPO_ID))
 
 
+WORDS = ("the of and to in is you that it was for on are as with they at be this have from or one had by word but not what all "
+         "were we when your can said there use an each which she do how their if will up other about out many then them").split()
+
+
 def test_a_token_in_any_staged_file_stops_the_staging(tmp_path, monkeypatch):
     token = "hf_" + secrets.token_hex(12)
     monkeypatch.setenv("HF_TOKEN", token)
     out = sft_output(tmp_path)
     assert "LICENSE.md" in build_sft_repo_folder(out, tmp_path / "clean", options=PublishOptions(repo_id=REPO_ID))
-    leaky = pa.Table.from_pylist([row("c9", [{"role": "user", "content": f"my key is {token}"},
+    rng = random.Random(0)   # varied prose: zstd codes its literals, so the token's bytes do not appear
+    prose = " ".join(rng.choice(WORDS) for _ in range(600))
+    leaky = pa.Table.from_pylist([row("c9", [{"role": "user", "content": f"{prose} my key is {token}. {prose}"},
                                              {"role": "assistant", "content": "Do not share keys."}])], schema=EXPORT_SCHEMA)
-    # Uncompressed: the check reads the staged files' bytes (a compressed page may hide a token from it).
-    pq.write_table(leaky, dataset_file(out, "uncited"), compression="none")
-    with pytest.raises(PublishError, match=r"the Hub token appears in data/uncited/train-00000-of-00001\.parquet; not publishing"):
+    # Compressed as the exports are: no byte search finds the token; the decoded values hold it.
+    pq.write_table(leaky, dataset_file(out, "uncited"), compression="zstd")
+    assert token.encode() not in dataset_file(out, "uncited").read_bytes()
+    with pytest.raises(PublishError, match=r"a key \(the Hub token or the judge's\) appears in data/uncited/train-00000-of-00001\.parquet; "
+                                           r"not publishing"):
         build_sft_repo_folder(out, tmp_path / "leaky", options=PublishOptions(repo_id=REPO_ID))
+    # The judge endpoint's key (the variable the run's audit.judge.api_key_env names) is looked for too.
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-saved-login"))
+    judge_key = "sk-" + secrets.token_hex(12)
+    monkeypatch.setenv("OPENAI_API_KEY", judge_key)
+    leaky = pa.Table.from_pylist([row("c9", [{"role": "user", "content": f"{prose} the endpoint key {judge_key}. {prose}"},
+                                             {"role": "assistant", "content": "Do not share keys."}])], schema=EXPORT_SCHEMA)
+    pq.write_table(leaky, dataset_file(out, "uncited"), compression="zstd")
+    with pytest.raises(PublishError, match="appears in data/uncited/"):
+        build_sft_repo_folder(out, tmp_path / "leaky2", options=PublishOptions(repo_id=REPO_ID))
