@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     ap.add_argument("--include-shards", action="store_true", help="also upload the full text shards (config 'full')")
     ap.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                    help="create the repository as private (default: publish.private, true)")
+                    help="create the repository as private (default: publish.private, true); --no-private creates it public")
+    ap.add_argument("--public", action="store_true",
+                    help="publish into a public repository: needed when the repository exists and is public")
     ap.add_argument("--license", help="licence id for the card metadata (default: publish.license, other)")
     ap.add_argument("--license-name", help="with licence other: its name (default: publish.license_name, source-licences)")
     ap.add_argument("--license-link", help="with licence other: a URL or repository file with its terms (default: a LICENSE.md written "
@@ -58,7 +60,7 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
         raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
     private = args.private if args.private is not None else defaults.get("private", True)
     return PublishOptions(repo_id=repo_id, sample_rows=rows, seed=args.seed, include_shards=args.include_shards,
-                          private=private, license=args.license or defaults.get("license") or "other",
+                          private=private, public=args.public or args.private is False, license=args.license or defaults.get("license") or "other",
                           license_name=args.license_name or defaults.get("license_name"),
                           license_link=args.license_link or defaults.get("license_link"),
                           language=args.language or defaults.get("language"))

@@ -24,6 +24,7 @@ ROUTES = [
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
     ("POST", re.compile(_REPO + r"/preupload/(?P<rev>[^/?]+)"), "preupload"),
     ("POST", re.compile(_REPO + r"/commit/(?P<rev>[^/?]+)"), "commit"),
+    ("GET", re.compile(_REPO + r"/tree/(?P<rev>[^/?]+)(/(?P<path>[^?]*))?"), "list_tree"),
     ("GET", re.compile(_REPO + r"(/revision/(?P<rev>[^/?]+))?"), "repo_info"),
 ]
 
@@ -109,6 +110,13 @@ class FakeHubServer:
             return 404, {"error": "Repository not found"}
         siblings = [{"rfilename": p} for p in sorted(self.repos[repo].files)]
         return 200, {"id": repo, "sha": self._head(repo), "private": self.repos[repo].visibility == "private", "siblings": siblings}
+
+    def list_tree(self, *, repo: str, path: str = "", **_) -> tuple[int, list | dict]:
+        """Every file of the repository (the listing `upload_folder(delete_patterns=...)` reads)."""
+        if repo not in self.repos:
+            return 404, {"error": "Repository not found"}
+        return 200, [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                     for p, b in sorted(self.repos[repo].files.items()) if p.startswith(path)]
 
     def _head(self, repo: str) -> str:
         return hashlib.sha1("\n".join(self.repos[repo].commits).encode()).hexdigest()

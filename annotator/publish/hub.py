@@ -56,6 +56,7 @@ class PublishOptions:
     seed: int = 0
     include_shards: bool = False
     private: bool = True
+    public: bool = False   # consent to publish into a public repository (an existing one, or a new one)
     license: str = "other"
     license_name: str | None = None
     license_link: str | None = None
@@ -360,16 +361,36 @@ def publish(out_dir: Path, *, options: PublishOptions, staging: Path, log=print)
     """Stages the repository in `staging`, creates the Hub dataset repo if needed and uploads the
     folder (hf_xet uploads resume when rerun). The token comes from HF_TOKEN or the saved login
     and is never printed or written. Returns the URL of the last commit."""
-    from huggingface_hub import HfApi
-
     if not hub_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     paths = build_repo_folder(out_dir, staging, options=options)  # also refuses files holding the token
+    message = f"SPP run: card, stats, {options.sample_rows}-row sample" + (", shards" if options.include_shards else "")
+    return push_staging(staging, options=options, paths=paths, message=message, log=log)
+
+
+def push_staging(staging: Path, *, options: PublishOptions, paths: list[str], message: str, log=print) -> str:
+    """One commit that makes the repository hold exactly the staging folder: its files uploaded,
+    remote files it does not hold deleted (an earlier publish's shards, a renamed file). The
+    repository is created with `options.private`; an existing one that is public is refused
+    unless `options.public` (publishing into a public repository is said out loud)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi()
-    repo = api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
-    log(f"[publish] uploading {len(paths)} files to {repo}")
-    commit = api.upload_folder(
-        repo_id=options.repo_id, repo_type="dataset", folder_path=staging, ignore_patterns=[layout.STAGING_MARKER],
-        commit_message=f"SPP run: card, stats, {options.sample_rows}-row sample" + (", shards" if options.include_shards else ""),
-    )
+    try:
+        info = api.repo_info(options.repo_id, repo_type="dataset")
+    except HfHubHTTPError as err:
+        if getattr(err.response, "status_code", None) != 404:
+            raise
+        info = None
+    if info is not None and not info.private and not options.public:
+        raise PublishError(f"{options.repo_id} exists and is public: pass --public to publish into a public repository "
+                           "(nothing was uploaded)")
+    if info is None:
+        if not options.private and not options.public:
+            raise PublishError(f"creating {options.repo_id} as public needs --public (nothing was uploaded)")
+        api.create_repo(options.repo_id, repo_type="dataset", private=options.private)
+    log(f"[publish] uploading {len(paths)} files to {options.repo_id} ({'private' if info is None and options.private else 'existing'})")
+    commit = api.upload_folder(repo_id=options.repo_id, repo_type="dataset", folder_path=staging, commit_message=message,
+                               ignore_patterns=[layout.STAGING_MARKER], delete_patterns=["*"])
     return commit.commit_url

@@ -11,10 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.publish.hub import (
-    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging, publish_secrets,
+    CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging, publish_secrets, push_staging,
     size_category, staged_files, write_license_file,
 )
-from annotator.core import layout
 from annotator.core.layout import SFT_DATA_DIR as DATA_DIR, SFT_RENDERINGS as RENDERINGS, SFT_SKIP_SPLIT as SKIP_SPLIT
 from annotator.core.layout import sft_dataset_file as dataset_file
 
@@ -102,14 +101,9 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
 
 def publish_sft(out_dir: Path, *, options: PublishOptions, staging: Path, log=print) -> str:
     """Stages and uploads an SFT run (token from HF_TOKEN or the saved login); returns the commit URL."""
-    from huggingface_hub import HfApi
 
     if not hub_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     paths = build_sft_repo_folder(out_dir, staging, options=options)
-    api = HfApi()
-    repo = api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
-    log(f"[publish] uploading {len(paths)} files to {repo}")
-    commit = api.upload_folder(repo_id=options.repo_id, repo_type="dataset", folder_path=staging, ignore_patterns=[layout.STAGING_MARKER],
-                               commit_message="SPP persona SFT: card, stats, cited and uncited conversations")
-    return commit.commit_url
+    return push_staging(staging, options=options, paths=paths, message="SPP persona SFT: card, stats, cited and uncited conversations",
+                        log=log)

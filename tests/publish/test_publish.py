@@ -185,7 +185,7 @@ def test_upload_to_fake_hub_arrives_complete_without_the_token(run_output, dry_r
                            "--seed", "3", env=hub_env(tmp_path, endpoint=hub.url, token=token))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert hub.unexpected == []
-        assert [r["endpoint"] for r in hub.requests] == ["create_repo", "validate_yaml", "preupload", "commit"]
+        assert [r["endpoint"] for r in hub.requests] == ["repo_info", "create_repo", "list_tree", "validate_yaml", "preupload", "commit"]
         assert all(r["authorized"] for r in hub.requests)
         repo = hub.repos["me/spp-test"]
         assert repo.repo_type == "dataset" and repo.visibility == "private"
@@ -202,11 +202,24 @@ def test_upload_to_fake_hub_arrives_complete_without_the_token(run_output, dry_r
         assert token not in proc.stdout and token not in proc.stderr
         assert "me/spp-test" in proc.stdout
 
-        # Publishing again updates the same repository (exist_ok) with a second commit.
+        # Publishing again updates the same repository with a second commit, which also removes what
+        # the staging no longer holds (a file an earlier publish left there).
+        repo.files["data/old-shard.parquet"] = b"from an earlier publish"
         again = run_publish("--output", str(run_output), "--repo-id", "me/spp-test", "--sample-rows", "10",
                             env=hub_env(tmp_path, endpoint=hub.url, token=token))
         assert again.returncode == 0, again.stderr[-3000:]
         assert len(repo.commits) == 2 and pq.read_table(io.BytesIO(repo.files["sample/train-00000-of-00001.parquet"])).num_rows == 10
+        assert "data/old-shard.parquet" not in repo.files and set(repo.files) == set(expected)
+
+        # A repository that is public is published into only with --public.
+        repo.visibility = "public"
+        refused = run_publish("--output", str(run_output), "--repo-id", "me/spp-test", env=hub_env(tmp_path, endpoint=hub.url, token=token))
+        assert refused.returncode == 2 and "me/spp-test exists and is public: pass --public" in refused.stderr
+        assert len(repo.commits) == 2
+        consent = run_publish("--output", str(run_output), "--repo-id", "me/spp-test", "--public",
+                              env=hub_env(tmp_path, endpoint=hub.url, token=token))
+        assert consent.returncode == 0, consent.stderr[-3000:]
+        assert len(repo.commits) == 3 and hub.unexpected == []
 
 
 def test_publish_without_a_token_stops_before_any_request(run_output, tmp_path):
