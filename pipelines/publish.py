@@ -60,7 +60,7 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
         raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
     private = args.private if args.private is not None else defaults.get("private", True)
     return PublishOptions(repo_id=repo_id, sample_rows=rows, seed=args.seed, include_shards=args.include_shards,
-                          private=private, public=args.public or args.private is False, license=args.license or defaults.get("license") or "other",
+                          private=private, public=args.public or args.private is False, columns=defaults.get("columns"), license=args.license or defaults.get("license") or "other",
                           license_name=args.license_name or defaults.get("license_name"),
                           license_link=args.license_link or defaults.get("license_link"),
                           language=args.language or defaults.get("language"))

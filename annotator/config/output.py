@@ -67,6 +67,9 @@ class PublishConfig(Section):
     repo_id: str | None = Field(None, description="Hugging Face dataset repository to publish to (null: do not publish).")
     private: bool = Field(True, description="Create the Hub repository as private.")
     sample_rows: int = Field(2000, ge=1, description="Rows in the published stratified sample.")
+    columns: list[str] | None = Field(
+        None, description="Columns of the published sample, as an allowlist; null: every column of the shards except local paths (source_file)."
+    )
     license: str = Field("other", description="Licence id in the card's metadata (a Hub licence id, or other).")
     license_name: str | None = Field(None, description="With license other: its name (default source-licences).")
     license_link: str | None = Field(None, description="With license other: where its terms are (default: a LICENSE.md the publisher writes).")

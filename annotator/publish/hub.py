@@ -57,6 +57,7 @@ class PublishOptions:
     include_shards: bool = False
     private: bool = True
     public: bool = False   # consent to publish into a public repository (an existing one, or a new one)
+    columns: list[str] | None = None   # the sample's columns; None: all but LOCAL_COLUMNS
     license: str = "other"
     license_name: str | None = None
     license_link: str | None = None
@@ -103,6 +104,21 @@ def stratified_sample(out_dir: Path, stats: dict, *, rows: int, seed: int) -> tu
     drawn = Counter(stratum_key(s, r) for s, r in zip(table.column("safety_score").to_pylist(),
                                                       table.column("selected_reason").to_pylist())) if table.num_rows else Counter()
     return table, {k: {"rows_in_run": strata[k], "rows_in_sample": drawn.get(k, 0)} for k in sorted(strata)}
+
+
+# Columns that say where the run read its input on the machine that ran it: not published by default.
+LOCAL_COLUMNS = ("source_file",)
+
+
+def sample_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """The sample's published columns: `columns` (an allowlist, in its order), or all but the
+    local paths."""
+    if columns is None:
+        return table.drop_columns([c for c in LOCAL_COLUMNS if c in table.column_names])
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise PublishError(f"publish.columns: {missing} are not columns of the run's shards ({', '.join(table.column_names)})")
+    return table.select(columns)
 
 
 def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
@@ -279,6 +295,7 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
     stats = json.loads(stats_path.read_text())
     prepare_staging(dest)
     sample, strata = stratified_sample(out_dir, stats, rows=options.sample_rows, seed=options.seed)
+    sample = sample_columns(sample, options.columns)
     (dest / SAMPLE_DIR).mkdir()
     pq.write_table(sample, dest / SAMPLE_FILE, compression="zstd")
     plots = run_plots(stats)

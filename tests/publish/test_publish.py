@@ -116,7 +116,8 @@ def test_dry_run_folder_loads_with_datasets(run_output, dry_run, tmp_path):
     sample = pq.read_table(dest / "sample" / "train-00000-of-00001.parquet")
     assert ds.num_rows == sample.num_rows == SAMPLE_ROWS
     assert ds["doc_id"] == sample.column("doc_id").to_pylist()
-    assert ds.column_names == pq.read_schema(next((run_output / "shards").glob("*.parquet"))).names
+    shard_columns = pq.read_schema(next((run_output / "shards").glob("*.parquet"))).names
+    assert "source_file" in shard_columns and ds.column_names == [c for c in shard_columns if c != "source_file"]   # no local paths
     assert ds[0]["text"] == sample.column("text")[0].as_py()
     assert (dest / "stats.json").read_bytes() == (run_output / "stats.json").read_bytes()
 
@@ -301,3 +302,12 @@ def test_a_dry_run_replaces_only_its_own_staging(run_output, dry_run, tmp_path):
     (empty / "leftover.txt").write_text("from an earlier staging")
     assert run_publish("--output", str(run_output), "--dry-run", str(empty), "--repo-id", "me/x").returncode == 0
     assert not (empty / "leftover.txt").exists() and (empty / STAGING_MARKER).is_file()
+
+
+def test_the_sample_publishes_the_allowed_columns_only(run_output, tmp_path):
+    from annotator.publish.hub import PublishOptions, build_repo_folder
+
+    build_repo_folder(run_output, tmp_path / "a", options=PublishOptions(repo_id="me/x", sample_rows=20, columns=["doc_id", "text", "safety_score"]))
+    assert pq.read_schema(tmp_path / "a" / "sample" / "train-00000-of-00001.parquet").names == ["doc_id", "text", "safety_score"]
+    with pytest.raises(PublishError, match=r"publish\.columns: \['colour'\] are not columns of the run's shards"):
+        build_repo_folder(run_output, tmp_path / "b", options=PublishOptions(repo_id="me/x", sample_rows=20, columns=["doc_id", "colour"]))
