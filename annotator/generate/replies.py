@@ -15,9 +15,11 @@ from annotator.method.prompt_packs import PromptPack
 # A bracket group of section ids: [2.3], [1.2,1.4], [1.2, 1.4]; [1.2][1.4] is two groups.
 CITATION_GROUP = re.compile(r"\[\s*(\d+\.\d+(?:\s*,\s*\d+\.\d+)*)\s*\]")
 SECTION_ID = re.compile(r"\d+\.\d+")
-# A marker the token cut split in two ("... [2." at the very end).
-_PARTIAL_MARKER = re.compile(r"\s*\[[\d.,\s]*$")
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+# What is left of a marker the token cut split in two ("... [2." at the very end), after its "[".
+_PARTIAL_TAIL = re.compile(r"[\d.,\s]*")
+# Replies are cut to this many characters before any pattern reads them: far above any budget
+# (1,024 tokens), and every pattern below is linear, so a hostile or runaway reply costs little.
+MAX_REPLY_CHARS = 32_768
 _FIRST_PERSON_CASED = re.compile(r"\bI\b(?![-–])|\bI['’](?:m|ve|d|ll)\b|\b(?:[Mm]e|[Mm]y|[Mm]ine|[Mm]yself)\b")
 _QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”|«[^»]*»")
 _CUTOFF = re.compile(
@@ -51,11 +53,11 @@ class ParsedReply:
 def strip_reasoning(raw: str) -> tuple[str | None, bool]:
     """The reply without reasoning text: everything up to the last `</think>` goes, closed
     `<think>` blocks go; an unclosed `<think>` means the answer never came (None)."""
-    had = "<think>" in raw.lower() or "</think>" in raw.lower()
+    raw = raw[:MAX_REPLY_CHARS]
     low = raw.lower()
-    if "</think>" in low:
+    had = "<think>" in low or "</think>" in low
+    if "</think>" in low:   # after the last closing tag no closed block is left
         raw = raw[low.rindex("</think>") + len("</think>"):]
-    raw = _THINK_BLOCK.sub("", raw)
     if "<think>" in raw.lower():
         return None, had
     return raw.strip(), had
@@ -111,17 +113,18 @@ def extract_citations(text: str, valid: frozenset[str]) -> tuple[str, list[str],
     cited: list[str] = []
     dropped = 0
 
-    def rewrite(m: re.Match) -> str:
-        nonlocal dropped
-        ids = SECTION_ID.findall(m.group(2))
+    pieces, pos = [], 0
+    for m in CITATION_GROUP.finditer(text):   # linear: the space before a group is trimmed, not matched
+        ids = SECTION_ID.findall(m.group(1))
         known = [i for i in ids if i in valid]
         cited.extend(known)
         if len(known) == len(ids):
-            return m.group(0)
+            continue
         dropped += len(ids) - len(known)
-        return f"{m.group(1)}[{','.join(known)}]" if known else ""
-
-    out = re.sub(r"(\s*)" + CITATION_GROUP.pattern, rewrite, text)
+        before = text[pos:m.start()]
+        pieces.append(f"{before}[{','.join(known)}]" if known else before.rstrip())
+        pos = m.end()
+    out = "".join(pieces) + text[pos:]
     return out, list(dict.fromkeys(cited)), dropped
 
 
@@ -138,7 +141,10 @@ def cut_to_tokens(text: str, tokenizer, *, max_tokens: int) -> str:
     if len(offsets) <= max_tokens:
         return text
     cut = text[: offsets[max_tokens - 1][1]].rstrip()
-    return _PARTIAL_MARKER.sub("", cut).rstrip()
+    bracket = cut.rfind("[")
+    if bracket >= 0 and _PARTIAL_TAIL.fullmatch(cut, bracket + 1):
+        cut = cut[:bracket]
+    return cut.rstrip()
 
 
 def token_offsets(tokenizer, text: str) -> list[tuple[int, int]]:

@@ -117,3 +117,38 @@ def test_detectors():
     assert mentions_cutoff("An incomplete list of tools") == []
     assert mentions_charter("Under the Charter this is wrong", terms=("charter",), source="") == ["charter"]
     assert json_object('noise {"a": "}"} more') == {"a": "}"}
+
+
+HOSTILE = {
+    "spaces": " " * 100_000 + "[1.2",
+    "open_brackets": "[" + "1." * 50_000,
+    "think_tags": "<think>" * 15_000,
+    "citation_list": "[" + "1.2, " * 20_000,
+    "quotes": '"' * 100_000,
+    "json": json.dumps({"analysis": " " * 50_000 + "[2.3", "reflection_1p": "[" * 40_000, "reflection_3p": "x [1.2]" * 7_000}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hundred_thousand_character_reply_parses_in_a_tenth_of_a_second(name, pack, tok):
+    """Replies are cut before any pattern reads them, and the patterns are linear: the partial
+    marker, citation and think-block patterns were quadratic (74 s for 100k spaces before a marker)."""
+    import time
+
+    from annotator.audit.judge import Rubric
+    from annotator.sft.conversation import parse_sft_reply
+
+    raw, rubric = HOSTILE[name], Rubric(load_pack("judge-reflection-v1"), 1, 5)
+    for parser in (lambda: parse_reply(raw, pack=pack, tokenizer=tok, voice_tokens=126, analysis_tokens=128, source="A page."),
+                   lambda: parse_sft_reply(raw, sections=VALID), lambda: rubric.parse(raw), lambda: extract_citations(raw, VALID)):
+        t0 = time.perf_counter()
+        parser()
+        assert time.perf_counter() - t0 < 0.1, name
+
+
+def test_the_linear_rewrites_keep_what_the_patterns_did(tok):
+    assert extract_citations("Harm [9.9] and care [1.2, 9.9].", VALID) == ("Harm and care [1.2].", ["1.2"], 2)
+    assert extract_citations("Harm \n [9.9]", VALID) == ("Harm", [], 1)
+    assert cut_to_tokens("Care for others matters [1.2] and [2.", tok, max_tokens=9).endswith("[1.2]")
+    assert strip_reasoning("<think>a</think> <think>b</think> answer") == ("answer", True)
+    assert strip_reasoning("<think>never closed") == (None, True)
