@@ -20,12 +20,14 @@ def files(folder) -> dict[str, bytes]:
 
 @pytest.fixture
 def tokenizer_dir(tmp_path, monkeypatch):
-    """A local tokenizer folder (the built-in model's tokenizer files) and an empty cache."""
+    """A local tokenizer folder (the built-in model's tokenizer files) and an empty cache (set once
+    the built-in model is found: an empty SPP_CACHE would convert the model again)."""
+    builtin = resolve_model("builtin:smollm2-135m-instruct")
     monkeypatch.setenv("SPP_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "tok"
     src.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
-        shutil.copyfile(f"{resolve_model('builtin:smollm2-135m-instruct')}/{name}", src / name)
+        shutil.copyfile(f"{builtin}/{name}", src / name)
     return src
 
 
