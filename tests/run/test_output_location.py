@@ -120,8 +120,10 @@ def test_a_folder_holding_only_a_plan_is_a_fresh_start(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / layout.PLAN_FILE).write_text('{"key": "k"}')
+    # The lock, and a heartbeat's temporary left by a process killed while writing it, are not content.
+    (out / f"{layout.LOCK_FILE}.tmp-host-1-abcd").write_text("{")
     assert open_output(out, config(tmp_path), plan=input_plan(tmp_path)) is False
-    assert sorted(p.name for p in out.iterdir()) == [layout.PLAN_FILE, layout.RUN_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [f"{layout.LOCK_FILE}.tmp-host-1-abcd", layout.PLAN_FILE, layout.RUN_FILE]
 
 
 def test_calibration_slice_is_the_first_selected_documents_in_the_runs_column_names(tmp_path):
