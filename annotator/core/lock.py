@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from annotator.core.checkpoint import write_atomically
 from annotator.core.errors import OutputDirError
 from annotator.core.layout import LOCK_FILE
 
@@ -132,9 +133,7 @@ class OutputLock:
             if self._read() != self.record:
                 return  # lost (taken over after a long stall): `check` says so before the next write
             self.record["heartbeat_at"] = time.time()
-            tmp = self.path.with_name(f"{self.path.name}.tmp-{self.record['host']}-{self.record['pid']}-{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps(self.record))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, lambda tmp: tmp.write_text(json.dumps(self.record)))
 
     def check(self) -> None:
         """Before anything is finalized or deleted: the lock is still this command's."""

@@ -94,7 +94,7 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
                 f"output.path {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:8])}); "
                 "use --overwrite (output.overwrite=true) to start a fresh run there"
             )
-    if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE and not p.name.startswith(layout.LOCK_FILE) for p in out_dir.iterdir()):
+    if out_dir.exists() and any(p.name not in layout.KEPT_ON_OVERWRITE and layout.LOCK_FILE not in p.name for p in out_dir.iterdir()):
         if not cfg.output.overwrite:
             raise OutputDirError(f"output.path {str(out_dir)!r} is not empty; set output.overwrite=true to replace it")
         if previous is None:

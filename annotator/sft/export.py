@@ -63,7 +63,7 @@ def sft_settings(cfg: RunConfig, packs) -> dict:
 def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
     """run.json of this output directory: a new one, or the earlier attempt's when the settings
     match (a resume); a different run there is refused unless output.overwrite replaces it."""
-    if out.exists() and any(not p.name.startswith(layout.LOCK_FILE) for p in out.iterdir()):   # the lock and its heartbeat's temp
+    if out.exists() and any(layout.LOCK_FILE not in p.name for p in out.iterdir()):   # the lock and its heartbeat's temp
         record = our_run_record(out)
         if record is None or record.get("kind") != "sft":
             raise SftRunError(f"{out} is not empty and holds no SFT run of this tool ({RUN_FILE}); choose another output.path "

@@ -12,7 +12,7 @@ import pytest
 
 from annotator.config import RunConfig, load_config
 from annotator.core import layout
-from annotator.core.checkpoint import write_json
+from annotator.core.checkpoint import temp_path, write_json
 from annotator.core.errors import OutputDirError
 from annotator.core.units import InputPlan, RejectedFile, Unit
 from annotator.run.add_recipe import AddRecipeError, comparable, plan_added, recorded_config
@@ -121,9 +121,10 @@ def test_a_folder_holding_only_a_plan_is_a_fresh_start(tmp_path):
     out.mkdir()
     (out / layout.PLAN_FILE).write_text('{"key": "k"}')
     # The lock, and a heartbeat's temporary left by a process killed while writing it, are not content.
-    (out / f"{layout.LOCK_FILE}.tmp-host-1-abcd").write_text("{")
+    leftover = temp_path(out / layout.LOCK_FILE)
+    leftover.write_text("{")
     assert open_output(out, config(tmp_path), plan=input_plan(tmp_path)) is False
-    assert sorted(p.name for p in out.iterdir()) == [f"{layout.LOCK_FILE}.tmp-host-1-abcd", layout.PLAN_FILE, layout.RUN_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted([leftover.name, layout.PLAN_FILE, layout.RUN_FILE])
 
 
 def test_calibration_slice_is_the_first_selected_documents_in_the_runs_column_names(tmp_path):
