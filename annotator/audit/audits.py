@@ -20,7 +20,7 @@ from annotator.core import layout
 from annotator.core.checkpoint import digest, write_json, write_table
 from annotator.config import ConfigError, RunConfig
 from annotator.audit.judge import REASON, Rubric, judge_engine_config, run_judge
-from annotator.method.prompt_packs import load_pack
+from annotator.method.prompt_packs import guard_closer, load_pack
 from annotator.method.resolved import ResolvedRun
 from annotator.audit.sampling import allocate_sample, choose_sample, count_strata, read_rows
 from annotator.output.stats import stratum_key
@@ -79,7 +79,7 @@ def reflection_user_message(row: dict, *, voices: list[str], max_chars: int) -> 
     seen = row["text"][:row["reflection_position"]]
     cut = seen[-max_chars:]
     parts = ["Document, up to the pause point where the reflection was written:", "<<<",
-             ("[...]" if len(cut) < len(seen) else "") + cut, ">>>"]
+             ("[...]" if len(cut) < len(seen) else "") + guard_closer(cut, ">>>"), ">>>"]
     for v in voices:
         parts += ["", f"{VOICE_LABELS.get(v, v)}:", row.get(v) or "(none)"]
     return "\n".join(parts)

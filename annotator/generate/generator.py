@@ -22,7 +22,7 @@ from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.generate.pause import Pause, pause_point, sample_pause_fraction
 from annotator.method.prompt_packs import Canary, PromptPack
 from annotator.method.recipes import Recipe, recipe_columns, run_recipes
-from annotator.generate.replies import cut_to_tokens, json_object, parse_reply, strip_reasoning, trivial
+from annotator.generate.replies import cut_to_tokens, echoes_prompt, json_object, parse_reply, strip_reasoning, trivial
 from annotator.core.stages import Resources, Stage
 from annotator.core.tokens import target_tokenizer
 from annotator.generate.canaries import assign_canary, canary_present, run_canaries
@@ -145,8 +145,9 @@ class RecipeRun:
             return tags is not None, status
         if fmt == "text":
             text, _ = strip_reasoning(raw)
-            if text is None or trivial(text):
-                reason = "unclosed_reasoning" if text is None else "checks=voices_present"
+            echo = text is not None and self.pack.check_enabled("no_prompt_echo") and echoes_prompt(text, self.pack.system_prompt())
+            if text is None or trivial(text) or echo:
+                reason = "unclosed_reasoning" if text is None else "checks=no_prompt_echo" if echo else "checks=voices_present"
                 out[self.col("status")][i] = failed(reason)
                 return False, reason
             out[self.col(self.pack.fields[0])][i] = cut_to_tokens(text, tok, max_tokens=self.replace_tokens)

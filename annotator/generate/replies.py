@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from annotator.method.prompt_packs import PromptPack
 
@@ -30,6 +31,10 @@ _CUTOFF = re.compile(
     r"|\bmid-sentence\b",
     re.IGNORECASE,
 )
+# A reply holding this many consecutive words of its system prompt is echoing the prompt (a page
+# asked it to, or the model parroted its instructions), not writing a reflection.
+ECHO_WORDS = 12
+_WORD = re.compile(r"\w+")
 
 
 @dataclass
@@ -177,6 +182,19 @@ def leaked_keys(text: str, keys) -> list[str]:
     return [k for k in keys if re.search(rf'(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])', text) and ("_" in k or f'"{k}"' in text)]
 
 
+@lru_cache(maxsize=64)
+def _prompt_runs(prompt: str) -> frozenset[tuple[str, ...]]:
+    words = _WORD.findall(prompt.lower())
+    return frozenset(tuple(words[i:i + ECHO_WORDS]) for i in range(len(words) - ECHO_WORDS + 1))
+
+
+def echoes_prompt(text: str, prompt: str) -> bool:
+    """Whether `text` repeats `ECHO_WORDS` consecutive words of `prompt` (case and punctuation aside)."""
+    runs = _prompt_runs(prompt)
+    words = _WORD.findall(text[:MAX_REPLY_CHARS].lower())
+    return any(tuple(words[i:i + ECHO_WORDS]) in runs for i in range(len(words) - ECHO_WORDS + 1))
+
+
 def trivial(text: str) -> bool:
     return sum(ch.isalnum() for ch in text) < 3
 
@@ -230,4 +248,6 @@ def run_checks(reply: ParsedReply, *, pack: PromptPack, source: str) -> list[str
         failures.append("no_charter_mention")
     if pack.check_enabled("no_cutoff_mention") and any(mentions_cutoff(v) for _, v in voices):
         failures.append("no_cutoff_mention")
+    if pack.check_enabled("no_prompt_echo") and any(echoes_prompt(v, pack.system_prompt()) for v in reply.fields.values()):
+        failures.append("no_prompt_echo")
     return failures

@@ -30,7 +30,8 @@ CANARY_PLACEHOLDERS = ("instruction", "instruction_3p", "value", "id")
 # Reply formats: a JSON object of the pack's fields (structured outputs), plain text (one field),
 # or `key:value` tags (a JSON object of configured keys; the system template may name them as {keys}).
 FORMATS = ("json", "text", "tags")
-CHECKS = ("voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention", "no_cutoff_mention")
+CHECKS = ("voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention", "no_cutoff_mention",
+          "no_prompt_echo")
 _SECTION_HEADING = re.compile(r"^#{2,6}[ \t]*§?(\d+\.\d+)\.?[ \t]+(\S[^\n]*?)[ \t#]*$", re.MULTILINE)
 _SECTION_LINE = re.compile(r"^[ \t]*(\d+\.\d+)\.?[ \t]+(\S[^\n]*)$", re.MULTILINE)
 _DOMAIN_HEADING = re.compile(r"^#{1,6}[ \t]*(?:Domain[ \t]+)?(\d+)(?!\.?\d)[.:]?[ \t]*[—–-]?[ \t]*(\S[^\n]*?)[ \t#]*$", re.MULTILINE)
@@ -138,6 +139,7 @@ class PromptPack:
         return fill(self.system_template, values)
 
     def user_message(self, text: str, canary: Canary | None = None) -> str:
+        text = guard_closer(text, text_closer(self.user_template))
         block = ""
         if canary is not None:
             if self.canary_template is None:
@@ -148,6 +150,32 @@ class PromptPack:
     def messages(self, text: str, canary: Canary | None = None, *, style: str | None = None, keys: list[str] = ()) -> list[dict]:
         return [{"role": "system", "content": self.system_prompt(style, keys=keys)},
                 {"role": "user", "content": self.user_message(text, canary)}]
+
+
+# Between a delimiter's first and second character, where it appears inside a document: the text
+# reads the same, but no longer tokenizes as the delimiter the prompt closes the document with.
+WORD_JOINER = "\u2060"
+
+
+def text_closer(template: str) -> str | None:
+    """The delimiter that closes `{text}` in a user template (`>>>` after `<<<\n{text}\n`): the
+    first non-blank text after the placeholder, up to the next placeholder or the line's end,
+    when it is short enough to be a delimiter (2 to 40 characters)."""
+    at = template.find("{text}")
+    if at < 0:
+        return None
+    line = template[at + len("{text}"):].lstrip().split("\n", 1)[0]
+    nxt = _PLACEHOLDER_OR_ESCAPE.search(line)
+    line = (line[:nxt.start()] if nxt else line).strip()
+    return line if 2 <= len(line) <= 40 else None
+
+
+def guard_closer(text: str, closer: str | None) -> str:
+    """`text` with every occurrence of the closing delimiter broken by a word joiner, so a page
+    cannot end the document's block and write what follows as the prompt's own words."""
+    if not closer or closer not in text:
+        return text
+    return text.replace(closer, closer[0] + WORD_JOINER + closer[1:])
 
 
 def canary_values(canary: Canary) -> dict[str, str]:

@@ -21,7 +21,7 @@ import yaml
 from annotator.config import RunConfig
 from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.method.prompt_packs import Canary, PackError, PromptPack, fill, load_pack, resolve_pack_path
-from annotator.generate.replies import CITATION_GROUP, cited_sections, json_object, strip_reasoning, trivial
+from annotator.generate.replies import CITATION_GROUP, cited_sections, echoes_prompt, json_object, strip_reasoning, trivial
 from annotator.core.statuses import OK, SKIP, failed
 
 SKIP_MARK = "[SKIP]"
@@ -190,11 +190,11 @@ def word_overlap(cited: str, uncited: str) -> float:
 
 
 def parse_sft_reply(raw: str, *, sections: frozenset[str], taxonomy_terms=(), identity_terms=(), max_citations: int = 3,
-                    canary_value: str | None = None, min_overlap: float = 0.0) -> SftReply:
+                    canary_value: str | None = None, min_overlap: float = 0.0, system_prompt: str | None = None) -> SftReply:
     """One assistant reply: parsed, recognised as a skip, and checked. Every failed check is
     listed (the first is the row's reason): missing_field, partial_skip, unknown_section,
     too_many_citations, uncited_marker, uncited_taxonomy, renderings_differ, identity_leak,
-    canary_missing."""
+    canary_missing, prompt_echo (12 consecutive words of `system_prompt`)."""
     reply = SftReply()
     text, _ = strip_reasoning(raw)
     obj = json_object(text) if text is not None else None
@@ -229,6 +229,8 @@ def parse_sft_reply(raw: str, *, sections: frozenset[str], taxonomy_terms=(), id
         reply.failures.append("identity_leak")
     if canary_value is not None and not all(canary_value.casefold() in v.casefold() for v in (reply.cited, reply.uncited)):
         reply.failures.append("canary_missing")
+    if system_prompt and any(echoes_prompt(v, system_prompt) for v in (reply.analysis, reply.cited, reply.uncited)):
+        reply.failures.append("prompt_echo")
     return reply
 
 
@@ -338,7 +340,7 @@ def _assistant_turn(engine, packs: SftPacks, *, cfg: RunConfig, convs: list[_Con
             c.count(reply)
             parsed = parse_sft_reply(reply.text, sections=sections, taxonomy_terms=s.taxonomy_terms, identity_terms=s.identity_leak_terms,
                                      max_citations=s.max_citations, canary_value=canary.value if canary else None,
-                                     min_overlap=s.min_rendering_overlap)
+                                     min_overlap=s.min_rendering_overlap, system_prompt=packs.system)
             if parsed.skip:
                 if turn == 0:
                     c.status, c.canary_action = SKIP, SKIP
