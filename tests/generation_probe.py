@@ -29,6 +29,14 @@ def main() -> None:
         original_init(self, *args, **kwargs)
 
     vllm.LLM.__init__ = counting_init
+    prompts = []  # the token ids each request sent to the engine
+    original_generate = vllm.LLM.generate
+
+    def recording_generate(self, requests, *args, **kwargs):
+        prompts.extend(r["prompt_token_ids"] for r in requests)
+        return original_generate(self, requests, *args, **kwargs)
+
+    vllm.LLM.generate = recording_generate
     spec = json.loads(sys.argv[1])
     tokenizer = spec.pop("_tokenizer", "builtin:smollm2-135m-instruct")
     content = spec.pop("_content_tokens", 1920)
@@ -39,6 +47,7 @@ def main() -> None:
     pq.write_table(out, sys.argv[3])
     Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.runs[0].max_prefix_tokens,
                                                               "threads": stage._engine.threads}))
+    Path(sys.argv[3]).with_suffix(".prompts.json").write_text(json.dumps(prompts))
 
 
 if __name__ == "__main__":
