@@ -25,6 +25,20 @@ class InputConfig(Section):
             "output shard names and manifests; a finalize task holds one unit in memory."
         ),
     )
+    unit_bytes: int | None = Field(
+        256 * 2**20, ge=1,
+        description=(
+            "A unit also ends once its row groups hold this many bytes uncompressed (from the Parquet footers), so a task's "
+            "memory is bounded however large the documents are. null: rows only (what runs written before this setting used)."
+        ),
+    )
+    max_row_group_bytes: int | None = Field(
+        2**30, ge=1,
+        description=(
+            "A file with a row group over this many bytes uncompressed is rejected at planning (rejects/files.jsonl): a row "
+            "group is read whole, so it cannot be split into bounded units. Rewrite such a file with smaller row groups. null: no cap."
+        ),
+    )
     max_document_chars: int = Field(
         1_000_000, ge=1, description="Documents longer than this (in characters) are quarantined in rejects/ as too_long."
     )

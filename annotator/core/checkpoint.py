@@ -106,14 +106,34 @@ def _file_hash(path: Path) -> str:
 
 
 def as_recorded(settings: dict, previous: dict) -> dict:
-    """`settings` with the file fingerprints a run recorded before they were all fingerprinted
-    left out of the comparison (a run written by an earlier version resumes; what it did record
-    must match)."""
-    recorded = (previous.get("output_settings") or {}).get("files")
-    if not isinstance(recorded, dict):
-        return settings
-    files = {k: v for k, v in settings["output_settings"]["files"].items() if k in recorded}
-    return {**settings, "output_settings": {**settings["output_settings"], "files": files}}
+    """`settings` as a run written by an earlier version recorded them: file fingerprints it did
+    not take yet, and settings it did not have that are off (null), are left out of the
+    comparison. Such a run resumes; what it did record must match."""
+    old = previous.get("output_settings") or {}
+    out = dict(settings["output_settings"])
+    for section, values in out.items():
+        if isinstance(values, dict) and isinstance(old.get(section), dict):
+            out[section] = {k: v for k, v in values.items() if k in old[section] or (v is not None and section != "files")}
+    return {**settings, "output_settings": out}
+
+
+# Settings a run written before them did not have; such a run is resumed with them off, as it was planned.
+SINCE_RECORDED = {"input": {"unit_bytes": None, "max_row_group_bytes": None}}
+
+
+def config_as_recorded(cfg: RunConfig, out_dir: Path) -> RunConfig:
+    """`cfg` with the settings of `SINCE_RECORDED` off when the run in `out_dir` (resumed, not
+    overwritten) was written before they existed: its units were planned without them."""
+    previous = our_run_record(out_dir)
+    if previous is None or cfg.output.overwrite:
+        return cfg
+    old = previous.get("output_settings") or {}
+    update = {}
+    for section, fields in SINCE_RECORDED.items():
+        missing = {k: v for k, v in fields.items() if isinstance(old.get(section), dict) and k not in old[section]}
+        if missing:
+            update[section] = getattr(cfg, section).model_copy(update=missing)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def config_differences(old: dict, new: dict, *, prefix: str = "") -> list[str]:

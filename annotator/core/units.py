@@ -75,7 +75,8 @@ def open_parquet(path: str):
 @dataclass(frozen=True)
 class _Footer:
     path: str
-    row_groups: tuple[int, ...] = ()
+    row_groups: tuple[int, ...] = ()   # rows per row group
+    group_bytes: tuple[int, ...] = ()  # uncompressed bytes per row group
     error: str | None = None
 
 
@@ -91,12 +92,23 @@ def _read_footer(path: str, text_column: str) -> _Footer:
     if not any(check(text_type) for check in TEXT_TYPES):
         return _Footer(path, error=f"text_column_type: {text_column!r} is {text_type}, expected string or binary")
     md = meta.metadata
-    return _Footer(path, row_groups=tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)))
+    groups = [md.row_group(i) for i in range(md.num_row_groups)]
+    return _Footer(path, row_groups=tuple(g.num_rows for g in groups), group_bytes=tuple(g.total_byte_size for g in groups))
+
+
+def _oversized_group(footer: _Footer, cap: int | None) -> str | None:
+    for index, size in enumerate(footer.group_bytes):
+        if cap is not None and size > cap:
+            return (f"row_group_too_large: row group {index} holds {size:,} bytes uncompressed, over input.max_row_group_bytes = "
+                    f"{cap:,}; a row group is read whole: rewrite the file with smaller row groups")
+    return None
 
 
 def plan_input(files: list[str], cfg: InputConfig, *, max_workers: int = 16) -> InputPlan:
-    """Units of about `cfg.rows_per_unit` rows (whole row groups, never across files), in file
-    order, cut at `cfg.limit`; files that cannot be used are listed with the reason."""
+    """Units of about `cfg.rows_per_unit` rows, or fewer when their row groups reach
+    `cfg.unit_bytes` uncompressed (whole row groups, never across files), in file order, cut at
+    `cfg.limit`; files that cannot be used (unreadable, no text column, a row group over
+    `cfg.max_row_group_bytes`) are listed with the reason."""
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(files)))) as pool:
         footers = list(pool.map(lambda p: _read_footer(p, cfg.text_column), files))
     units: list[Unit] = []
@@ -104,28 +116,31 @@ def plan_input(files: list[str], cfg: InputConfig, *, max_workers: int = 16) -> 
     budget = cfg.limit if cfg.limit else None
     seen: set[str] = set()
     for footer in footers:
-        if footer.error:
-            rejected.append(RejectedFile(footer.path, footer.error))
+        error = footer.error or _oversized_group(footer, cfg.max_row_group_bytes)
+        if error:
+            rejected.append(RejectedFile(footer.path, error))
             continue
         base = file_key(footer.path)
         if base in seen:
             continue  # the same file named twice (a glob and a path) is read once
         seen.add(base)
-        start, groups, rows = 0, [], 0
+        start, groups, rows, size = 0, [], 0, 0
         for index, n in enumerate(footer.row_groups):
             if budget is not None and budget <= 0:
                 break
             groups.append(index)
             rows += n
+            size += footer.group_bytes[index]
             last = index == len(footer.row_groups) - 1
-            if rows >= cfg.rows_per_unit or last or (budget is not None and rows >= budget):
+            full = rows >= cfg.rows_per_unit or (cfg.unit_bytes is not None and size >= cfg.unit_bytes)
+            if full or last or (budget is not None and rows >= budget):
                 take = min(rows, budget) if budget is not None else rows
                 units.append(Unit(key=f"{base}-{start:09d}", path=footer.path, row_groups=tuple(groups),
                                   row_start=start, rows=take))
                 if budget is not None:
                     budget -= take
                 start += rows
-                groups, rows = [], 0
+                groups, rows, size = [], 0, 0
     return InputPlan(units=units, rejected_files=rejected)
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from annotator import __version__
-from annotator.core.checkpoint import (as_recorded, config_differences, load_manifests, our_run_record, output_settings, remove_entries,
+from annotator.core.checkpoint import (as_recorded, config_as_recorded, config_differences, load_manifests, our_run_record, output_settings, remove_entries,
                                       sweep_temporaries, unit_done, write_json)
 from annotator.generate.cache import generation_key
 from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
@@ -255,6 +255,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
 def run(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
     out_dir = Path(cfg.output.path).resolve()
+    cfg = config_as_recorded(cfg, out_dir)
     files = expand_paths(cfg.input.paths)
     check_output_location(out_dir, cfg, files=files)
     plan = plan_input(files, cfg.input)
