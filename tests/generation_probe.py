@@ -29,14 +29,16 @@ def main() -> None:
         original_init(self, *args, **kwargs)
 
     vllm.LLM.__init__ = counting_init
-    prompts = []  # the token ids each request sent to the engine
-    original_generate = vllm.LLM.generate
+    from vllm.v1.engine.llm_engine import LLMEngine
 
-    def recording_generate(self, requests, *args, **kwargs):
-        prompts.extend(r["prompt_token_ids"] for r in requests)
-        return original_generate(self, requests, *args, **kwargs)
+    prompts = []  # the token ids of every request added to the engine
+    original_add = LLMEngine.add_request
 
-    vllm.LLM.generate = recording_generate
+    def recording_add(self, request_id, prompt, *args, **kwargs):
+        prompts.append(list(prompt["prompt_token_ids"]))
+        return original_add(self, request_id, prompt, *args, **kwargs)
+
+    LLMEngine.add_request = recording_add
     spec = json.loads(sys.argv[1])
     tokenizer = spec.pop("_tokenizer", "builtin:smollm2-135m-instruct")
     content = spec.pop("_content_tokens", 1920)

@@ -87,7 +87,7 @@ def test_end_to_end_output_is_exact(demo_run):
     assert checks["requests"] == len(logs) >= stats["selected_documents"]
     assert checks["parsed"] == sum(e.startswith(("ok:", "checks=")) for e in logs)
     assert set(checks["checks"]) == {"voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention",
-                                     "no_cutoff_mention"}
+                                     "no_cutoff_mention", "no_prompt_echo"}
     assert stats["selected_by_reason"].get("token_matched_sample", 0) >= 1
 
 

@@ -98,7 +98,7 @@ def test_six_recipes_from_one_engine_load_each_where_it_belongs(base_run):
         # shorter than one of vLLM's cache blocks, like the annotator's, are not cached at all).
         assert per[name]["prefix_cache_hit_rate"] > 0.8, (name, per[name])
     assert per["summary"]["reply_checks"]["checks"].keys() == {"voices_present", "no_key_leak", "third_person", "no_charter_mention",
-                                                                  "no_cutoff_mention"}
+                                                                  "no_cutoff_mention", "no_prompt_echo"}
 
 
 @pytest.fixture(scope="module")
