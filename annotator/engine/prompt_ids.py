@@ -24,6 +24,7 @@ class PromptBuilder:
         self.tok = tokenizer
         self.kwargs = dict(chat_template_kwargs or {})
         self.added = {tok.content: i for i, tok in tokenizer.added_tokens_decoder.items()}
+        self._added_ids = frozenset(self.added.values())
         # Longest first, so an added token that contains another is cut as a whole.
         names = sorted(self.added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, names))) if names else None
@@ -81,7 +82,6 @@ class PromptBuilder:
         ids: list[int] = []
         for part in filter(None, parts):
             ids.extend(self.tok(part, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-        added = set(self.added.values())
-        if any(i in added for i in ids):
+        if not self._added_ids.isdisjoint(ids):
             raise PromptError("a message content still tokenizes to an added token")
         return ids
