@@ -111,7 +111,23 @@ class GenerationConfig(Section):
         256, ge=1,
         description="Documents per engine batch (planned per unit from the documents that need the engine). Part of the run's fingerprint: vLLM's numerics depend on what shares a batch.",
     )
-    max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per replica so the engine never waits for input.")
+    reproducible: bool = Field(
+        False,
+        description="true: a replica runs one engine batch at a time on a prefix cache reset to the system prompts, so a batch's text is a "
+                    "function of the batch alone and a resumed or restarted run writes byte-identical output (slower: the engine drains "
+                    "between batches). false: replicas keep the engine full across batches (continuous batching); every document still "
+                    "gets exactly one outcome and saved batches are reused as they are, but a batch generated again after a crash can "
+                    "differ in its text.",
+    )
+    max_num_seqs: int | Literal["auto"] = Field(
+        "auto", description="Sequences a replica's engine runs at once (vLLM max_num_seqs); auto: vLLM's default for the device "
+                            "(1,024 on large GPUs, as the published runs found best; 256 on CPU and smaller GPUs).",
+    )
+    max_batches_in_flight: int | Literal["auto"] = Field(
+        "auto",
+        description="Batches a replica holds at once. reproducible: queued, run one after another (auto: 2). Otherwise run together "
+                    "in the engine (auto: enough to keep max_num_seqs sequences running, plus one).",
+    )
     max_reflection_tokens: int = Field(
         128, ge=8, le=1024,
         description="The reflection budget in target-tokenizer tokens, template tokens included: each voice is cut so that <assistant>reflection</assistant> fits (the window's 2048 = 1920 content + 128).",
@@ -164,6 +180,41 @@ class GenerationConfig(Section):
     def _moved(cls, data: Any) -> Any:
         return refuse_moved(data, tokenizer="generation.tokenizer was replaced by output.tokenizer "
                                             "(the target tokenizer is independent of the generator)")
+
+    @field_validator("max_num_seqs", "max_batches_in_flight")
+    @classmethod
+    def _positive_or_auto(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+    @property
+    def engine_seqs(self) -> int:
+        """Sequences in flight per replica: `max_num_seqs`, or what vLLM picks for the device."""
+        if self.max_num_seqs != "auto":
+            return self.max_num_seqs
+        return 1024 if self.num_gpus else 256
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Planned batches a replica holds at once (see `max_batches_in_flight`)."""
+        if self.max_batches_in_flight != "auto":
+            return self.max_batches_in_flight
+        if self.reproducible:
+            return 2
+        return min(64, -(-self.engine_seqs // self.batch_size) + 1)
+
+    @property
+    def concurrent_batches(self) -> int:
+        """Batches a replica runs in its engine at the same time: 1 when reproducible."""
+        return 1 if self.reproducible else self.batches_in_flight
+
+    @property
+    def batching(self) -> str:
+        """How replicas run their batches, in words (logs)."""
+        if self.reproducible:
+            return "one batch at a time, reproducible"
+        return f"continuous batching, up to {self.batches_in_flight} batches in flight per replica"
 
     @field_validator("num_cpus")
     @classmethod

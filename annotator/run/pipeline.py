@@ -224,7 +224,7 @@ def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
         generation_stage(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus),
     ]
     log(f"[spp] pass 2a: generating for {len(units)} units -> {out_dir / GENERATED} ({cfg.generation.concurrency} replica(s), "
-        f"{cpus:g} CPUs each)")
+        f"{cpus:g} CPUs each; {cfg.generation.batching})")
     remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
     rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
     expected = rate * cfg.generation.concurrency if rate else None

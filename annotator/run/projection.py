@@ -54,7 +54,7 @@ def project(cfg: RunConfig, *, scoring: dict, calibration: dict | None, document
         rate = calibration_documents / seconds if seconds else None
         start = max(0.0, calibration["wall_seconds"].get("generation_pass", 0.0) - seconds / max(1, gen.concurrency))
         measured |= {
-            "generate_seconds": round(seconds, 2), "reflections_per_second_per_replica": round(rate, 4) if rate else None,
+            "generate_seconds": round(seconds, 2), "reflections_per_second_per_replica": round(rate, 6) if rate else None,
             "reflections_ok": calibration.get("reflection_status", {}).get(OK, 0),
             "prompt_tokens_per_reflection": _per(tokens["prompt"], calibration_documents),
             "prompt_tokens_computed_per_reflection": _per(tokens["prompt"] - tokens["cached_prompt"], calibration_documents),

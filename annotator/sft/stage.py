@@ -69,4 +69,4 @@ class SftTask(ReplicaTask):
 def sft_stage(cfg: RunConfig, *, out_dir: str, num_cpus: float) -> ReplicaStage:
     """The SFT run's replicas: the SFT task on the generation engine's actor pool."""
     return ReplicaStage(SftTask(cfg, out_dir=out_dir),
-                        resources=replica_resources(cfg.generation, num_cpus=num_cpus, max_in_flight=cfg.generation.max_batches_in_flight))
+                        resources=replica_resources(cfg.generation, num_cpus=num_cpus, max_in_flight=cfg.generation.batches_in_flight))

@@ -15,6 +15,9 @@ def test_demo_and_production_configs_validate():
     prod = load_config(REPO / "configs" / "production-gpu.yaml")
     assert prod.generation.num_gpus >= 1
     assert prod.input.paths[0].startswith("hf://datasets/")
+    # A GPU replica keeps vLLM's 1,024 sequences running: five batches of 256 in flight together.
+    assert (prod.generation.reproducible, prod.generation.engine_seqs, prod.generation.concurrent_batches) == (False, 1024, 5)
+    assert "continuous batching" in prod.generation.batching and not demo.generation.reproducible
 
 
 def test_override_sets_one_field_with_yaml_typing():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +14,7 @@ import pytest
 from annotator.config import RunConfig
 from annotator.run.pipeline import scoring_ops, scoring_stages
 from annotator.core.ray_adapter import setup_key
-from annotator.core.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage
+from annotator.core.stages import TIMING_PREFIX, InProcess, PipelineError, Resources, Stage, timed
 from tests.support import in_child_process, require_shared_data
 
 
@@ -59,6 +61,34 @@ def test_in_process_refuses_a_broken_chain_and_gpu_stages():
     gpu.resources = Resources(num_gpus=1)
     with pytest.raises(PipelineError, match="GPU"):
         InProcess([Double(batch_size=None), gpu], resources=Resources())
+
+
+class _Sleep(Stage):
+    name = "sleep"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        time.sleep(batch.column("s")[0].as_py())
+        return batch
+
+
+def test_overlapping_calls_are_charged_their_share_so_seconds_add_up_to_the_busy_time():
+    """A replica runs batches together: 0.4 s, and 0.4 s starting 0.2 s later, keep the stage busy
+    0.6 s; each is charged 0.2 s alone plus half of the 0.2 s shared."""
+    stage, charged = _Sleep(), []
+
+    def call(delay: float) -> None:
+        time.sleep(delay)
+        out = timed(stage, pa.table({"s": [0.4, 0.4]}))
+        charged.append(sum(out.column(TIMING_PREFIX + "sleep").to_pylist()))
+
+    threads = [threading.Thread(target=call, args=(d,)) for d in (0.0, 0.2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert charged == pytest.approx([0.3, 0.3], abs=0.05) and sum(charged) == pytest.approx(0.6, abs=0.05)
+    alone = timed(stage, pa.table({"s": [0.1]}))  # one call at a time: its own time
+    assert alone.column(TIMING_PREFIX + "sleep")[0].as_py() == pytest.approx(0.1, abs=0.03)
 
 
 def test_setup_key_survives_pickling():

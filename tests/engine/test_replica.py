@@ -4,13 +4,16 @@ atomically under the task's path, and only counts come back."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from annotator.config import GenerationConfig
 from annotator.engine.replica import ENGINE_LOADS, ReplicaStage, ReplicaTask, replica_resources
+from annotator.engine.stream import HOST
 
 
 class Upper(ReplicaTask):
@@ -79,3 +82,52 @@ def test_replica_resources_follow_the_engine_settings():
     assert (res.num_cpus, res.num_gpus, res.concurrency, res.batch_size, res.max_in_flight, res.max_restarts) == (2.0, 1, 3, 1, 4, 2)
     light = replica_resources(gen, num_cpus=0.5, num_gpus=0, concurrency=1)
     assert (light.num_gpus, light.concurrency, light.max_in_flight) == (0, 1, None)
+    # Batches in flight run together in the engine unless the run is reproducible.
+    assert res.concurrent_calls == 4 and light.concurrent_calls == 1
+    assert replica_resources(gen.model_copy(update={"reproducible": True}), num_cpus=2.0, max_in_flight=4).concurrent_calls == 1
+
+
+def test_batches_in_flight_follow_the_mode_and_the_engine_size():
+    assert (GenerationConfig().batches_in_flight, GenerationConfig().concurrent_batches) == (2, 2)  # 256 sequences, batches of 256
+    assert GenerationConfig(batch_size=64).batches_in_flight == 5            # 256 / 64 + 1: the engine stays full
+    assert GenerationConfig(batch_size=256, num_gpus=1).batches_in_flight == 5  # 1,024 sequences on a GPU
+    assert GenerationConfig(batch_size=1).batches_in_flight == 64            # bounded
+    slow = GenerationConfig(batch_size=64, reproducible=True)
+    assert (slow.batches_in_flight, slow.concurrent_batches) == (2, 1)       # queued, one at a time
+    assert GenerationConfig(max_batches_in_flight=3, max_num_seqs=8).concurrent_batches == 3
+
+
+class WaitsTogether(Upper):
+    """A batch 'waits for the engine' (giving the host turn up, as the engine stream does) until
+    `together` batches wait at once; it records how many held the host turn at the same time."""
+
+    def __init__(self, out_dir: Path, *, together: int, timeout: float = 10):
+        super().__init__(out_dir)
+        self.barrier, self.timeout = threading.Barrier(together), timeout
+        self.in_host, self.most_in_host = 0, 0
+
+    def run(self, plan: dict) -> pa.Table:
+        self.in_host += 1
+        self.most_in_host = max(self.most_in_host, self.in_host)
+        self.in_host -= 1
+        with HOST.waiting():
+            self.barrier.wait(timeout=self.timeout)  # raises BrokenBarrierError unless `together` batches are in flight
+        return super().run(plan)
+
+
+def test_batches_of_one_call_run_together_up_to_the_replica_limit(tmp_path):
+    """A call holds a unit's planned batches: streaming, they are all in the engine at once (no more
+    than `concurrent_calls`), and the engine loads once."""
+    task = WaitsTogether(tmp_path, together=3)
+    stage = ReplicaStage(task, resources=replica_resources(GenerationConfig(batch_size=64), num_cpus=1.0, max_in_flight=3))
+    out = stage.process(plans(["a"], ["bb"], ["ccc"]))
+    assert out.column("letters").to_pylist() == [1, 2, 3] and out.column(ENGINE_LOADS).to_pylist().count(1) == 1
+    assert task.loads == 1 and task.most_in_host == 1  # host work took turns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.parquet", "batch-00001.parquet", "batch-00002.parquet"]
+
+    # Reproducible: one batch at a time, so three batches never wait together.
+    slow = ReplicaStage(WaitsTogether(tmp_path / "r", together=3, timeout=1),
+                        resources=replica_resources(GenerationConfig(batch_size=64, reproducible=True), num_cpus=1.0, max_in_flight=3))
+    (tmp_path / "r").mkdir()
+    with pytest.raises(threading.BrokenBarrierError):
+        slow.process(plans(["a"], ["bb"], ["ccc"]))

@@ -17,3 +17,12 @@ def test_watchdog_declares_a_hung_engine_call():
     assert not fired.wait(0.6)
     with watchdog:
         assert fired.wait(3), "a call that outlives batch_timeout_s was not declared hung"
+
+
+def test_watchdog_declares_an_engine_whose_process_died_during_a_call():
+    fired, dead = threading.Event(), threading.Event()
+    watchdog = EngineWatchdog(timeout_s=600, on_hang=fired.set, engine_dead=dead.is_set)
+    dead.set()
+    assert not fired.wait(0.5)  # between calls nothing waits on the engine
+    with watchdog:
+        assert fired.wait(3), "vLLM's client waits forever once its engine process is gone"

@@ -44,7 +44,8 @@ def args(corpus: Path) -> list[str]:
             "--set", "input.rows_per_unit=4", "--set", "selection.matched_token_ratio=2", "--set", "generation.batch_size=4",
             "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=0",
             "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=4096",
-            "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps(FIRST)}"]
+            "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps(FIRST)}",
+            "--set", "generation.reproducible=true"]  # a killed add is compared with an uninterrupted one, byte for byte
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ TERMS = ("constitution", "principles", "section")
 # turn and half asked for a canary; short replies, one retry: the run stays about a minute on CPU.
 RUN_ARGS = ["--config", str(DEMO), "--prompts", "4", "--set", "sft.batch_size=2", "--set", "sft.max_output_tokens=128",
             "--set", "sft.followup_max_tokens=48", "--set", "sft.multi_turn_fraction=0.5", "--set", "sft.max_followups=1",
-            "--set", "sft.canary_fraction=0.5", "--set", "generation.max_retries=1"]
+            "--set", "sft.canary_fraction=0.5", "--set", "generation.max_retries=1",
+            "--set", "generation.reproducible=true"]  # the kill test compares regenerated rows with uninterrupted ones
 
 
 def reply(**fields) -> str:
