@@ -3,16 +3,18 @@ the whole request list: the same requests (the pack's prompts, per-document seed
 outputs), the same engine arguments, the same cores (both bind their engine threads to the cores
 the replica's reservation gives, `engine.configure_cpu_threads`).
 
-    .venv/bin/python bench/bench_generation.py [--docs 48] [--batch-size 48] [--repeat 3] [--pack bench|PATH]
-        [--set generation.field=value ...]
+    .venv/bin/python bench/bench_generation.py [--batches 4 8] [--batch-size 24] [--modes fast reproducible]
+        [--repeat 3] [--pack bench|PATH] [--set generation.field=value ...]
 
 `--pack bench` (default) is the built-in reflection-v2 pack plus a per-section guidance table, so
-its system prompt is ~3,500 target tokens, the size of the published SPP prompt. Each repetition
-runs the Ray stage, then the plain call, each in a fresh process; the table gives every
-repetition, the ratio of output tokens/s per repetition (the Ray stage over its busy span, from
-its first batch's start to its last batch's end, engine load excluded; the plain call over its
-own time), and the median and spread. The stage runs in the config's mode: add
-`--set generation.reproducible=true` for one batch at a time. Prompt tokens per document are given with and without prefix caching.
+its system prompt is ~4,900 target tokens, the size of the published SPP prompt. One row per
+workload of `--batches` engine batches (`batches x batch-size` real documents, all selected).
+Each repetition runs the Ray stage in each mode (`fast`: continuous batching; `reproducible`:
+one batch at a time), then the plain call on all the requests, each in a fresh process. The
+stage's time is its busy span, from its first batch's start to its last batch's end (engine load
+excluded); beside it, the sum of the batches' busy shares, and the reproducible replica's
+re-warm and tail seconds (its engine calls after half of a call's requests finished). Ratios of
+output tokens/s to the plain call per repetition, median and spread, then a summary per workload.
 """
 
 from __future__ import annotations
@@ -78,8 +80,12 @@ def stage_for(cfg, *, eager: bool = False):
         def process(self, batch: pa.Table) -> pa.Table:
             started = time.time()
             out = super().process(batch)
-            n = out.num_rows
-            return out.append_column("_bench_start", pa.array([started] * n)).append_column("_bench_end", pa.array([time.time()] * n))
+            n, drain = out.num_rows, self._engine.drain  # drain: cumulative over the replica's batches
+            columns = {"_bench_start": [started] * n, "_bench_end": [time.time()] * n,
+                       "_bench_rewarm": [drain["rewarm_seconds"]] * n, "_bench_tail": [drain["tail_seconds"]] * n}
+            for name, values in columns.items():
+                out = out.append_column(name, pa.array(values, pa.float64()))
+            return out
 
     cpus = replica_cpus(cfg, {"CPU": cfg.ray.num_cpus or 2})
     cls = EagerGenerator if eager else Generator
@@ -131,6 +137,7 @@ def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
         # between batches included (with batches in flight together, busy times overlap).
         "seconds": pc.max(table.column("_bench_end")).as_py() - pc.min(table.column("_bench_start")).as_py(),
         "busy_sum": float(pc.sum(table.column(TIMING_PREFIX + "generate")).as_py()),
+        "rewarm": pc.max(table.column("_bench_rewarm")).as_py(), "tail": pc.max(table.column("_bench_tail")).as_py(),
         "batching": cfg.generation.batching,
         "wall_with_engine_load": wall,
         "prompt": total("gen_prompt_tokens"), "cached": total("gen_cached_prompt_tokens"), "output": total("gen_output_tokens"),
@@ -141,15 +148,20 @@ def side_ray(cfg, docs: pa.Table, tmp: Path) -> dict:
     }
 
 
+MODES = {"fast": "false", "reproducible": "true"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--docs", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="engine batches per workload (one row each)")
+    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pack", default="bench", help="'bench' (v2 at the published prompt size) or a pack path/name")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--side", choices=["ray", "plain"], help=argparse.SUPPRESS)  # one side, in a child process
+    ap.add_argument("--docs", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -168,48 +180,66 @@ def main() -> None:
             for child in psutil.Process().children(recursive=True):
                 child.kill()  # vLLM's engine processes would outlive us and hold our output pipes
             os._exit(0)  # and its shutdown can hang the interpreter's exit; the result is written
-        runs = []
-        for rep in range(args.repeat):
-            rep_result = {}
-            for side in ("ray", "plain"):
-                out = Path(tmp) / f"{side}-{rep}.json"
-                cmd = [sys.executable, __file__, "--side", side, "--json", str(out), "--docs", str(args.docs),
-                       "--batch-size", str(args.batch_size), "--config", args.config, "--pack", pack]
-                for o in args.overrides:
-                    cmd += ["--set", o]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                if proc.returncode:
-                    sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
-                rep_result[side] = json.loads(out.read_text())
-            runs.append(rep_result)
-            print(f"repetition {rep + 1} done", flush=True)
-    report(args, runs)
+        rows = {}
+        for batches in args.batches:
+            runs = []
+            for rep in range(args.repeat):
+                rep_result = {}
+                for side in [*args.modes, "plain"]:
+                    out = Path(tmp) / f"{side}-{batches}-{rep}.json"
+                    cmd = [sys.executable, __file__, "--side", "plain" if side == "plain" else "ray", "--json", str(out),
+                           "--docs", str(batches * args.batch_size), "--batch-size", str(args.batch_size), "--config", args.config,
+                           "--pack", pack]
+                    for o in [*args.overrides, *([f"generation.reproducible={MODES[side]}"] if side in MODES else [])]:
+                        cmd += ["--set", o]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                    if proc.returncode:
+                        sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+                    rep_result[side] = json.loads(out.read_text())
+                runs.append(rep_result)
+                print(f"{batches} batches: repetition {rep + 1} done", flush=True)
+            rows[batches] = runs
+            report(args, batches, runs)
+        summary(args, rows)
 
 
-def report(args, runs: list[dict]) -> None:
+def ratio(ray: dict, plain: dict) -> float:
+    return (ray["output"] / ray["seconds"]) / (plain["output"] / plain["seconds"])
+
+
+def report(args, batches: int, runs: list[dict]) -> None:
     plain0 = runs[0]["plain"]
-    print(f"\n{args.docs} documents, batch size {args.batch_size}, pack system prompt {plain0['system_tokens']} target tokens, "
-          f"engine threads: {plain0['threads']}; Ray stage: {runs[0]['ray']['batching']}")
-    print(f"{'rep':<4} {'what':<36} {'seconds':>8} {'out tok/s':>10} {'prompt tok/s':>13} {'cache hit':>10} {'computed prompt tok/doc':>24}")
-    ratios, times = [], []
+    docs = batches * args.batch_size
+    print(f"\n{batches} batches: {docs} documents, batch size {args.batch_size}, pack system prompt {plain0['system_tokens']} target "
+          f"tokens, engine threads: {plain0['threads']}")
+    print(f"{'rep':<4} {'what':<44} {'seconds':>8} {'busy sum':>9} {'re-warm':>8} {'tail':>7} {'out tok/s':>10} {'cache hit':>10} "
+          f"{'computed prompt tok/doc':>24} {'ok':>7}")
     for i, r in enumerate(runs, 1):
-        for name, side in (("plain vllm.LLM.chat (all prompts)", r["plain"]), ("Ray pipeline stage (busy span)", r["ray"])):
-            print(f"{i:<4} {name:<36} {side['seconds']:>8.1f} {side['output'] / side['seconds']:>10.1f} "
-                  f"{side['prompt'] / side['seconds']:>13.1f} {side['cached'] / side['prompt']:>10.3f} "
-                  f"{(side['prompt'] - side['cached']) / args.docs:>24.1f}")
-        ratios.append((r["ray"]["output"] / r["ray"]["seconds"]) / (r["plain"]["output"] / r["plain"]["seconds"]))
-        times.append(r["plain"]["seconds"] / r["ray"]["seconds"])
-    prompt = plain0["prompt"] / plain0["requests"]
-    print(f"\nprompt tokens per document without prefix caching: {prompt:.1f}; computed with caching: plain "
-          f"{(plain0['prompt'] - plain0['cached']) / plain0['requests']:.1f}, Ray stage "
-          f"{(runs[0]['ray']['prompt'] - runs[0]['ray']['cached']) / runs[0]['ray']['requests']:.1f}")
-    print("Ray stage reflections ok per repetition: " + ", ".join(f"{r['ray']['ok']}/{args.docs}" for r in runs)
-          + "; wall incl. engine load: " + ", ".join(f"{r['ray']['wall_with_engine_load']:.0f}s" for r in runs))
-    print("ratio Ray stage / plain vLLM, output tokens/s, per repetition: " + " / ".join(f"{x:.2f}" for x in ratios)
-          + f"; median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} (target >= 0.9)")
-    print("time for the same requests, plain seconds / Ray stage seconds, per repetition: " + " / ".join(f"{x:.2f}" for x in times)
-          + f"; median {statistics.median(times):.2f} (sampling is seeded per document, but the two engines' outputs can "
-          "differ in length, which moves the tokens/s ratio)")
+        for side in [*args.modes, "plain"]:
+            v = r[side]
+            name = "plain vllm.LLM.chat (all prompts)" if side == "plain" else f"Ray stage, {v['batching'].split(',')[0]}"
+            extra = (f"{v['busy_sum']:>9.1f} {v['rewarm']:>8.1f} {v['tail']:>7.1f}" if side != "plain" else f"{'':>9} {'':>8} {'':>7}")
+            ok = f"{v['ok']}/{docs}" if side != "plain" else ""
+            print(f"{i:<4} {name:<44} {v['seconds']:>8.1f} {extra} {v['output'] / v['seconds']:>10.1f} {v['cached'] / v['prompt']:>10.3f} "
+                  f"{(v['prompt'] - v['cached']) / docs:>24.1f} {ok:>7}")
+    for mode in args.modes:
+        ratios = [ratio(r[mode], r["plain"]) for r in runs]
+        times = [r["plain"]["seconds"] / r[mode]["seconds"] for r in runs]
+        print(f"{mode}: ratio to plain vLLM, output tokens/s, per repetition " + " / ".join(f"{x:.2f}" for x in ratios)
+              + f"; median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}"
+              + f"; on time for the same requests: median {statistics.median(times):.2f}")
+
+
+def summary(args, rows: dict) -> None:
+    print("\nsummary: median ratio to plain vLLM, output tokens/s (spread)" + (" (target for fast: >= 0.9)" if "fast" in args.modes else ""))
+    for batches, runs in rows.items():
+        parts = []
+        for mode in args.modes:
+            ratios = [ratio(r[mode], r["plain"]) for r in runs]
+            parts.append(f"{mode} {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"  {batches} batches of {args.batch_size}: " + ", ".join(parts))
+    print("(sampling is seeded per document, but the engines' outputs differ in length with what shares a step, which moves "
+          "time and tokens/s apart)")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,9 @@ class Engine:
         self.num_cpus = num_cpus
         self._warm: tuple[list, list] = ([], [])   # the system prompts' conversations, their schemas
         self._dirty = False                          # a batch ran since the last warm()
+        # Seconds a reproducible replica spends re-warming between batches, and in the tails of its
+        # engine calls (after half of a call's requests finished): what continuous batching saves.
+        self.drain = {"rewarm_seconds": 0.0, "tail_seconds": 0.0}
         self.llm = None
         self.threads = None
         self._prompts: PromptBuilder | None = None
@@ -265,11 +268,15 @@ class Engine:
             raise
         finally:
             engine.engine_core.call_utility("resume_scheduler")
-        done = {}
+        done, half = {}, None
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out
+            if half is None and 2 * len(done) >= len(ids) > 1:
+                half = time.monotonic()
+        if half is not None:
+            self.drain["tail_seconds"] += time.monotonic() - half
         return [done[rid] for rid in ids]
 
     def warm(self, conversations: list[list[dict]], schemas: list[dict | None]) -> None:
@@ -306,9 +313,11 @@ class Engine:
         if self.stream is not None:
             return
         if self._dirty:  # the first batch after warm() finds the cache as warm() left it
+            started = time.monotonic()
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache between batches (requests still running)")
             self.warm(*self._warm)
+            self.drain["rewarm_seconds"] += time.monotonic() - started
         self._dirty = True
 
     def sampling(self, *, seed: int, max_tokens: int, schema: dict | None):
