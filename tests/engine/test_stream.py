@@ -69,6 +69,7 @@ def probe(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_batches_from_several_threads_run_together_and_get_their_own_replies(probe):
     assert probe["streaming"]
     batches = {int(b): v for b, v in probe["batches"].items()}
@@ -88,6 +89,7 @@ def test_batches_from_several_threads_run_together_and_get_their_own_replies(pro
     assert max(probe["in_host"]) == 1  # host work never ran in two threads at once
 
 
+@pytest.mark.slow
 def test_an_engine_that_dies_fails_every_caller(probe):
     assert probe["engine_core_found"]
     assert probe["died_running"] and "engine stopped" in probe["died_running"]
