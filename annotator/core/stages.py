@@ -160,16 +160,24 @@ class BusyClock:
             return charged
 
 
+_STATE_LOCK = threading.Lock()
+
+
+def stage_state(registry: weakref.WeakKeyDictionary, stage: Stage, *, make):
+    """A stage's process-local object in `registry` (made on first use, shared by the threads
+    that call the stage, never pickled with it)."""
+    with _STATE_LOCK:
+        value = registry.get(stage)
+        if value is None:
+            value = registry[stage] = make()
+        return value
+
+
 _CLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CLOCKS_LOCK = threading.Lock()
 
 
 def busy_clock(stage: Stage) -> BusyClock:
-    with _CLOCKS_LOCK:
-        clock = _CLOCKS.get(stage)
-        if clock is None:
-            clock = _CLOCKS[stage] = BusyClock()
-        return clock
+    return stage_state(_CLOCKS, stage, make=BusyClock)
 
 
 def timed(stage: Stage, batch: pa.Table) -> pa.Table:

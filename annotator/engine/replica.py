@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from annotator.config import GenerationConfig
 from annotator.core.checkpoint import write_table
-from annotator.core.stages import Resources, Stage
+from annotator.core.stages import Resources, Stage, stage_state
 from annotator.engine.stream import HOST
 
 ENGINE_LOADS = "engine_loads"
@@ -119,13 +119,8 @@ class ReplicaStage(Stage):
 
 
 _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SLOTS_LOCK = threading.Lock()
 
 
 def batch_slots(stage: ReplicaStage) -> threading.BoundedSemaphore:
     """The replica's batches in flight: `concurrent_calls` at once, over all of its calls."""
-    with _SLOTS_LOCK:
-        slots = _SLOTS.get(stage)
-        if slots is None:
-            slots = _SLOTS[stage] = threading.BoundedSemaphore(stage.resources.concurrent_calls)
-        return slots
+    return stage_state(_SLOTS, stage, make=lambda: threading.BoundedSemaphore(stage.resources.concurrent_calls))
