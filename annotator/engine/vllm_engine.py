@@ -255,7 +255,11 @@ class Engine:
         engine = self.llm.llm_engine
         self._calls += 1
         ids = [f"spp-{self._calls}-{i}" for i in range(len(prompts))]
-        engine.engine_core.call_utility("pause_scheduler", "keep", False)
+        # An in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0) steps only when asked:
+        # nothing to pause.
+        pausable = hasattr(engine.engine_core, "call_utility")
+        if pausable:
+            engine.engine_core.call_utility("pause_scheduler", "keep", False)
         added: list[str] = []
         try:
             for rid, prompt, sp in zip(ids, prompts, params):
@@ -267,7 +271,8 @@ class Engine:
                 engine.abort_request(added, internal=True)
             raise
         finally:
-            engine.engine_core.call_utility("resume_scheduler")
+            if pausable:
+                engine.engine_core.call_utility("resume_scheduler")
         done, half = {}, None
         while engine.has_unfinished_requests():
             for out in engine.step():
