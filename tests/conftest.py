@@ -20,12 +20,6 @@ from collections import defaultdict
 
 import pytest
 
-# vLLM's engine core in the process that loads it (a replica, a probe), not in a process of its
-# own: real vLLM, the same scheduler and model code, and each engine load starts two interpreters
-# fewer (~8 s of a minute-long load here). Subprocesses and the Ray clusters the tests start
-# inherit it. Tests of the engine process itself (its death) set it back to "1".
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
 EXIT_STATUS = pytest.StashKey[int]()
 
 

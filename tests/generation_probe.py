@@ -47,10 +47,8 @@ def main() -> None:
     stage.setup()
     out = stage.process(pq.read_table(sys.argv[2]))  # the engine loads with this first batch
     pq.write_table(out, sys.argv[3])
-    import torch
-
     Path(sys.argv[3]).with_suffix(".json").write_text(json.dumps({"engine_loads": len(loads), "max_prefix_tokens": stage.runs[0].max_prefix_tokens,
-                                                              "threads": stage._engine.threads, "torch_threads": torch.get_num_threads()}))
+                                                              "threads": stage._engine.threads}))
     Path(sys.argv[3]).with_suffix(".prompts.json").write_text(json.dumps(prompts))
 
 

@@ -70,9 +70,8 @@ class EngineStream:
     tells); in a replica both exit, so Ray restarts it and its unsaved batches run again. Every
     caller still waiting gets `EngineDied` first."""
 
-    def __init__(self, engine, *, timeout_s: float, on_hang, on_dead=None, engine_dead=None, thread_setup=None):
+    def __init__(self, engine, *, timeout_s: float, on_hang, on_dead=None, engine_dead=None):
         self._engine = engine
-        self._thread_setup = thread_setup or (lambda: None)  # run first in the thread that steps the engine
         self._cond = threading.Condition()
         self._queue: list[tuple[str, list[int], object, Future]] = []
         self._active: dict[str, Future] = {}
@@ -115,7 +114,6 @@ class EngineStream:
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._engine
-        self._thread_setup()
         while True:
             with self._cond:
                 while not self._queue and not self._active:

@@ -133,12 +133,6 @@ def claim_cores(n: int) -> list[int] | None:
 _HELD_CORES: list = []
 
 
-def engine_in_process() -> bool:
-    """vLLM's engine core and model run in the loading process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-    instead of processes of their own: each engine load starts two interpreters fewer."""
-    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-
-
 def configure_cpu_threads(num_cpus: float) -> str:
     """Before the engine starts on CPU: its compute threads follow the replica's reservation.
 
@@ -149,15 +143,8 @@ def configure_cpu_threads(num_cpus: float) -> str:
     if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} (set by the user)"
     n = engine_threads(num_cpus)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    if engine_in_process():
-        # The model runs on this process's torch threads (Ray started the actor with
-        # OMP_NUM_THREADS=1), and vLLM binds threads only in the processes it starts.
-        import torch
-
-        torch.set_num_threads(n)
-        return f"{n} threads, unbound (engine core in this process)"
     cores = claim_cores(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
     if cores is None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         return f"{n} threads, unbound (no {n} free cores to bind)"
@@ -197,8 +184,6 @@ class Engine:
         self._prompts: PromptBuilder | None = None
         self._calls = 0
         self.stream: EngineStream | None = None     # continuous batching (not `reproducible`), after warm()
-        self._model_threads: int | None = None       # an in-process engine on CPU: torch threads per stepping thread
-        self._threads_set: set[int] = set()
 
     @property
     def loaded(self) -> bool:
@@ -230,9 +215,6 @@ class Engine:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
         if not cfg.num_gpus:
             self.threads = configure_cpu_threads(self.num_cpus)
-            if engine_in_process():
-                self._model_threads = engine_threads(self.num_cpus)
-                self._threads_set.add(threading.get_ident())  # configure_cpu_threads set this thread's
             # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
             # request's prompt is split by chunked prefill; per-request seeds keep outputs
             # independent of batching, so chunked prefill goes instead.
@@ -240,18 +222,6 @@ class Engine:
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
         self.watchdog = EngineWatchdog(timeout_s=cfg.batch_timeout_s, on_hang=_exit_hung_replica, engine_dead=lambda: _core_dead(self.llm))
-
-    def _own_threads(self) -> None:
-        """An in-process engine on CPU computes on the OpenMP threads of the thread that steps it:
-        each such thread takes the replica's thread count once. A new thread starts from the
-        process's OMP_NUM_THREADS (1 in a Ray actor), and vLLM's CPU attention stops the engine when
-        a step is planned with one count and run with another."""
-        if self._model_threads is None or threading.get_ident() in self._threads_set:
-            return
-        import torch
-
-        torch._C.set_num_threads(self._model_threads)  # vLLM replaces torch.set_num_threads with a no-op once loaded
-        self._threads_set.add(threading.get_ident())
 
     def tokenizer(self):
         return self.llm.get_tokenizer()
@@ -283,14 +253,9 @@ class Engine:
         if self.stream is not None:
             return self.stream.run(prompts, params)
         engine = self.llm.llm_engine
-        self._own_threads()
         self._calls += 1
         ids = [f"spp-{self._calls}-{i}" for i in range(len(prompts))]
-        # An in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0) steps only when asked:
-        # nothing to pause.
-        pausable = hasattr(engine.engine_core, "call_utility")
-        if pausable:
-            engine.engine_core.call_utility("pause_scheduler", "keep", False)
+        engine.engine_core.call_utility("pause_scheduler", "keep", False)
         added: list[str] = []
         try:
             for rid, prompt, sp in zip(ids, prompts, params):
@@ -302,8 +267,7 @@ class Engine:
                 engine.abort_request(added, internal=True)
             raise
         finally:
-            if pausable:
-                engine.engine_core.call_utility("resume_scheduler")
+            engine.engine_core.call_utility("resume_scheduler")
         done, half = {}, None
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -332,10 +296,10 @@ class Engine:
         self._dirty = False
         params = [SamplingParams(max_tokens=1, temperature=0.0,
                                  structured_outputs=StructuredOutputsParams(json=s) if s is not None else None) for s in schemas]
-        if not self.cfg.reproducible and self.stream is None:  # from here on (the warm-up too), requests stream in
-            self.stream = EngineStream(self.llm.llm_engine, timeout_s=self.cfg.batch_timeout_s, on_hang=_exit_hung_replica,
-                                       on_dead=_exit_if_replica, engine_dead=lambda: _core_dead(self.llm), thread_setup=self._own_threads)
         self._generate(conversations, params)
+        if not self.cfg.reproducible and self.stream is None:  # from here on, requests stream in
+            self.stream = EngineStream(self.llm.llm_engine, timeout_s=self.cfg.batch_timeout_s, on_hang=_exit_hung_replica,
+                                       on_dead=_exit_if_replica, engine_dead=lambda: _core_dead(self.llm))
 
     def begin_batch(self) -> None:
         """Before each engine batch: the prefix cache back to the system prompts alone.

@@ -5,7 +5,6 @@ and an engine that dies fails every caller instead of being recorded as failed r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -64,9 +63,8 @@ def test_a_stream_whose_requests_stop_finishing_is_declared_hung():
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "probe.json"
-    # The engine in a process of its own, which the probe kills.
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "stream_probe.py"), str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+                          timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(out.read_text())
 
