@@ -201,7 +201,7 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     """Adds `names` to the finished run in `out_dir`; returns the updated stats. `lock`: the
     folder's `OutputLock` held by the caller, checked before anything is finalized."""
     from annotator.engine.resources import replica_cpus
-    from annotator.run.pipeline import finish_run, progress_for
+    from annotator.run.pipeline import finish_run, progress_for, saved_generations
     from annotator.score.reader import units_dataset
 
     out_dir = Path(out_dir).resolve()
@@ -217,8 +217,11 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     pending = [u for u in plan.units if not all(n in json.loads((out_dir / DONE / f"{u.key}.json").read_text()).get("recipes", [])
                                                 for n in names)]
     log(f"[spp] adding {names} to {out_dir}: {len(pending)} of {len(plan.units)} units to do")
-    work = {"resumed": False, "added_recipes": names, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
-            "documents_scored": 0, "generations_made": 0, "engine_loads": 0, "units_finalized": len(pending)}
+    reused = saved_generations(out_dir, pending, pass_name=pass_name)
+    # An earlier attempt of this add that was stopped: its written units or saved batches are kept.
+    work = {"resumed": bool(reused) or len(pending) < len(plan.units), "added_recipes": names, "units": len(plan.units),
+            "units_done_before": len(plan.units) - len(pending), "documents_scored": 0, "generations_reused": reused,
+            "generations_made": 0, "engine_loads": 0, "units_finalized": len(pending)}
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
     if pending:
         t0 = time.time()

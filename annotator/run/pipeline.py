@@ -21,7 +21,7 @@ from annotator.core.checkpoint import (as_recorded, config_as_recorded, config_d
                                       sweep_temporaries, unit_done, write_json)
 from annotator.generate.cache import generation_key
 from annotator.score.store import WriteScored, clear_unit_scoring, unit_scored
-from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION
+from annotator.core.layout import GENERATED, REJECTED_FILES, RUN_FILE, SCORED, SELECTION, generated_dir
 from annotator.core.lock import OutputLock
 from annotator.config import RunConfig
 from annotator.core.errors import OutputDirError, RunError
@@ -182,11 +182,13 @@ def _selection_state(cfg: RunConfig, out_dir: Path, *, units: list[Unit]) -> dic
     return state
 
 
-def _saved_generations(out_dir: Path, units: list[Unit]) -> int:
-    """Generation results already on disk for `units` (from Parquet footers, no data read)."""
+def saved_generations(out_dir: Path, units: list[Unit], *, pass_name: str | None = None) -> int:
+    """Generation results already on disk for `units` (from Parquet footers, no data read), of the
+    run or of the recipes `pass_name` added to it."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (out_dir / GENERATED / u.key).glob("*.parquet"))
+    folder = generated_dir(out_dir, pass_name)
+    return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (folder / u.key).glob("*.parquet"))
 
 
 def progress_for(cfg: RunConfig, total: int, *, label: str, log, expected_docs_per_s: float | None = None) -> Progress:
@@ -304,7 +306,7 @@ def _run_locked(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, extra: dict[s
 
     work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
             "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
-            "generations_reused": _saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
+            "generations_reused": saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
             "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
         timings["generation_pass"] = generate_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
