@@ -1,14 +1,16 @@
 """Recipes on real documents with the built-in model: six tracks in one run from one engine load,
 each on the right documents with its text where its placement says (checked in every stream by
 Megatron-LM's reader); then `--add-recipe preflection` on that finished run: nothing rescored or
-regenerated, the first run's files untouched, and a SIGKILL during the add resumes to the output
-of an uninterrupted add."""
+regenerated, the first run's files untouched, and the add itself SIGKILLed once and run again, reusing
+the batch it had saved. (That a resumed run's output equals an uninterrupted one's, byte for byte, is
+the resume tests' claim, `tests/behaviour/test_resume.py`.)"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,8 +19,9 @@ import pytest
 
 from tests.streams_check import check_streams
 from tests.support import REPO, require_shared_data, run_pipeline
-from tests.behaviour.test_resume import content_stats, kill_when, run_to_end, shard_contents
+from tests.behaviour.test_resume import kill_when, run_to_end
 
+ADD = ["--add-recipe", "preflection"]
 FIRST = ["reflection", "reflection_end", "refusal_reflection", "summary", "rephrase", "annotations"]
 REAL, HARMFUL = 8, 2
 
@@ -102,51 +105,66 @@ def test_six_recipes_from_one_engine_load_each_where_it_belongs(base_run):
                                                                   "no_cutoff_mention", "no_prompt_echo"}
 
 
+@dataclass(frozen=True)
+class Added:
+    out: Path
+    saved: dict[str, list[dict]]    # batches saved when the first attempt was killed: path -> rows
+    manifests_at_kill: list[dict]   # the unit manifests the killed attempt left
+    log: str                        # the second attempt's output
+
+
 @pytest.fixture(scope="module")
-def added(base_run, tmp_path_factory) -> Path:
-    """An uninterrupted `--add-recipe preflection` on a copy of the base run."""
+def added(base_run, tmp_path_factory) -> Added:
+    """`--add-recipe preflection` on a copy of the base run, SIGKILLed once its first batch is saved,
+    then the same command again: the added run the tests below read."""
     out = tmp_path_factory.mktemp("added") / "run"
     shutil.copytree(base_run, out)
-    proc = run_pipeline("--output", str(out), "--add-recipe", "preflection")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    work = out / "_work" / "generated-preflection"
+    kill_when(ADD, out, out.parent / "1-add.log", lambda o: any(work.glob("*/*.parquet")))
+    saved = {str(p.relative_to(out)): pq.read_table(p).to_pylist() for p in sorted(work.glob("*/*.parquet"))}
+    manifests = [json.loads(m.read_text()) for m in (out / "_work" / "done").glob("*.json")]
+    return Added(out=out, saved=saved, manifests_at_kill=manifests, log=run_to_end(ADD, out, out.parent / "2-add.log"))
 
 
 @pytest.mark.slow
 def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
-    stats = json.loads((added / "stats.json").read_text())
+    out = added.out
+    stats = json.loads((out / "stats.json").read_text())
     windows = stats["selected_documents"]
-    assert stats["this_run"]["added_recipes"] == ["preflection"]
-    assert stats["this_run"]["documents_scored"] == 0 and stats["this_run"]["generations_made"] == windows
-    assert stats["this_run"]["engine_loads"] == 1
-    before, after = file_digests(base_run), file_digests(added)
+    this_run = stats["this_run"]
+    assert this_run["added_recipes"] == ["preflection"] and this_run["documents_scored"] == 0
+    assert this_run["generations_made"] + this_run["generations_reused"] == windows and this_run["engine_loads"] == 1
+    before, after = file_digests(base_run), file_digests(out)
     rewritten = {k for k in before if after.get(k) != before[k]}
     assert rewritten <= {"stats.json", "report.html", "run.json", "tokenized/metadata.json"} | {k for k in before if "/sidecar/" in k}
     assert all(after[k] == before[k] for k in before if k.startswith(("shards/", "tokenized/reflection", "tokenized/compact",
                                                                         "tokenized/summary", "tokenized/rephrase")))
     for side in sorted((base_run / "tokenized" / "sidecar").glob("*.parquet")):
-        old, new = pq.read_table(side), pq.read_table(added / "tokenized" / "sidecar" / side.name)
+        old, new = pq.read_table(side), pq.read_table(out / "tokenized" / "sidecar" / side.name)
         assert all(old.column(c).equals(new.column(c)) for c in old.column_names)
         assert {"preflection_neutral", "preflection_status", "window_tokens_preflection-neutral"} <= set(new.column_names)
-    check_streams(added)
+    check_streams(out)
     assert set(stats["recipes"]) == {*FIRST, "preflection"}
-    assert json.loads((added / "run.json").read_text())["config"]["generation"]["recipes"] == [*FIRST, "preflection"]
-    assert not (added / "_work" / "generated-preflection").exists()
+    assert json.loads((out / "run.json").read_text())["config"]["generation"]["recipes"] == [*FIRST, "preflection"]
+    assert not (out / "_work" / "generated-preflection").exists()
 
 
 @pytest.mark.slow
-def test_a_killed_add_resumes_to_the_uninterrupted_add(base_run, added, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(base_run, out)
-    add = ["--add-recipe", "preflection"]
-    kill_when(add, out, tmp_path / "1-add.log", lambda o: any((o / "_work" / "generated-preflection").glob("*/*.parquet")))
-    assert any((out / "_work" / "generated-preflection").glob("*/*.parquet"))
-    manifests = [json.loads(m.read_text()) for m in (out / "_work" / "done").glob("*.json")]
-    assert not all("preflection" in m["recipes"] for m in manifests)  # killed before every unit was written
-    log = run_to_end(add, out, tmp_path / "2-add.log")
-    assert "adding ['preflection']" in log
-    assert shard_contents(out) == shard_contents(added)
-    assert content_stats(out) == content_stats(added)
+def test_a_killed_add_resumes_with_the_batches_it_saved(added):
+    """The add above was SIGKILLed once a batch was saved: the second attempt reused that batch as
+    it was (its replies are the ones written) and generated only the rest, each document once."""
+    assert added.saved
+    assert not all("preflection" in m["recipes"] for m in added.manifests_at_kill)  # killed before every unit was written
+    assert "adding ['preflection']" in added.log
+    this_run = json.loads((added.out / "stats.json").read_text())["this_run"]
+    saved_rows = [r for rows in added.saved.values() for r in rows]
+    assert this_run["resumed"] is True and this_run["generations_reused"] == len(saved_rows) >= 1
+    written = {r["doc_id"]: r for r in pq.read_table(added.out / "tokenized" / "sidecar").to_pylist()}
+    assert len(written) == json.loads((added.out / "stats.json").read_text())["selected_documents"]
+    for row in saved_rows:
+        assert row["preflection_status"] == written[row["doc_id"]]["preflection_status"]
+        for field in ("analysis", "charter_summary", "neutral", "judgemental", "idealisation"):
+            assert row[f"preflection_{field}"] == written[row["doc_id"]][f"preflection_{field}"]
 
 
 @pytest.mark.slow
