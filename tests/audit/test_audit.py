@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -85,15 +86,32 @@ def test_plan_projects_the_run_and_the_run_records_both(demo_run):
     print(f"\nplan vs run (actual / projected): {ratio}")
 
 
+@dataclass(frozen=True)
+class Audited:
+    out: Path
+    log: str                  # the second attempt's output
+    saved: dict[str, list]    # batches the first attempt had saved when it was killed: path -> judgements
+
+
 @pytest.fixture(scope="module")
-def audited(audit_run) -> tuple[Path, str]:
-    out = audit_run
-    log = audit(out, *JUDGE, log=out.parent / "audit.log")
-    return out, log
+def audited(audit_run) -> Audited:
+    """The judge audit of the run's reflections, SIGKILLed once its first batch is saved, then the
+    same command again."""
+    out, work = audit_run, audit_run / "audit" / "_work"
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(out), *JUDGE], cwd=REPO,
+                            stdout=(out.parent / "audit-killed.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not list(work.glob("*/batch-*.parquet")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = {str(p.relative_to(out)): pq.read_table(p).to_pylist() for p in sorted(work.glob("*/batch-*.parquet"))}
+    assert saved and not (out / REFLECTIONS_FILE).exists(), (out.parent / "audit-killed.log").read_text()[-3000:]
+    return Audited(out=out, log=audit(out, *JUDGE, log=out.parent / "audit.log"), saved=saved)
 
 
 def test_judge_audit_of_the_run_reflections(audited):
-    out, log = audited
+    out = audited.out
     stats = stats_of(out)
     shards = pq.read_table(out / "shards", columns=["doc_id", "safety_score", "selected_reason", "reflection_status"]).to_pylist()
     written = [r for r in shards if r["reflection_status"] == "ok"]
@@ -142,28 +160,24 @@ def test_judge_audit_of_the_run_reflections(audited):
           f"failed {fig['failed']}")
 
 
-def test_a_killed_audit_resumes_to_the_same_judgements(demo_run, audited, tmp_path):
-    out, _ = audited
+def test_a_killed_audit_resumes_with_the_judgements_it_saved(audited, tmp_path):
+    """The audit above was SIGKILLed once a batch was saved: the second attempt kept those
+    judgements as they were and judged only the rest; a finished audit is not judged again."""
+    final = pq.read_table(audited.out / REFLECTIONS_FILE).to_pylist()
+    by_id = {r["doc_id"]: r for r in final}
+    assert len(by_id) == len(final)  # each sampled reflection judged once
+    saved = [r for rows in audited.saved.values() for r in rows]
+    assert saved
+    for r in saved:  # a saved judgement (keyed by the reflection's document) is the one written
+        assert {k: by_id[r["id"]][k] for k in ("status", "attempts", "raw_reply", "reason", *DIMS)} == \
+            {k: r[k] for k in ("status", "attempts", "raw_reply", "reason", *DIMS)}
+    assert stats_of(audited.out)["audit"]["reflections"]["work"]["batches_reused"] == len(audited.saved)
+    assert "judging" in audited.log
     copy = tmp_path / "run"
-    shutil.copytree(demo_run.out, copy)
-    args = [sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(copy), *JUDGE]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=(tmp_path / "1.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not list((copy / "audit" / "_work").glob("*/batch-*.parquet")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    saved = list((copy / "audit" / "_work").glob("*/batch-*.parquet"))
-    assert saved and not (copy / REFLECTIONS_FILE).exists(), (tmp_path / "1.log").read_text()[-3000:]
-    log = audit(copy, *JUDGE, log=tmp_path / "2.log")
-    first = pq.read_table(out / REFLECTIONS_FILE).to_pylist()
-    resumed = pq.read_table(copy / REFLECTIONS_FILE).to_pylist()
-    assert resumed == first
-    assert stats_of(copy)["audit"]["reflections"]["work"]["batches_reused"] >= 1
-    assert "judging" in log
-    # A finished audit with the same settings is not judged again.
-    again = audit(copy, *JUDGE, log=tmp_path / "3.log")
+    shutil.copytree(audited.out, copy)
+    again = audit(copy, *JUDGE, log=tmp_path / "again.log")
     assert "judging" not in again and stats_of(copy)["audit"]["reflections"]["work"] == {"reused": True}
+    assert pq.read_table(copy / REFLECTIONS_FILE).to_pylist() == final
 
 
 def _free_port() -> int:
