@@ -2,8 +2,9 @@
 seeded prompt draw on the real harm set, the pack's system prompt; then real runs with the built-in
 model on real harmful and benign requests: every conversation has both renderings or a recorded
 failure, `uncited` carries no marker, canary rows carry the value, skip rows stay aside, the output
-loads as a chat dataset the generator's chat template accepts, a SIGKILL and a rerun give the rows of
-an uninterrupted run, and the Hub staging has one config per rendering."""
+loads as a chat dataset the generator's chat template accepts, a run SIGKILLed once and run again keeps
+the batch it saved, and the Hub staging has one config per rendering. (That a resumed run equals an
+uninterrupted one, byte for byte, is the resume tests' claim, `tests/behaviour/test_resume.py`.)"""
 
 from __future__ import annotations
 
@@ -142,10 +143,23 @@ def run_to_end(out: Path, log: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def killed(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """The SFT run, SIGKILLed once its first batch is saved, then the same command again (the run
+    every test below reads); with the bytes of the batch saved before the kill."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    run_to_end(out, out.parent / "run.log")
-    return out
+    generated = out / "_work" / "generated"
+    # Whichever batch is saved first: a replica takes its two batches in either order.
+    kill_process_when(start(out, out.parent / "killed.log"), out, out.parent / "killed.log",
+                      lambda o: list(generated.glob("batch-*.parquet")))
+    assert not (out / "stats.json").exists()
+    saved = {p.name: p.read_bytes() for p in generated.glob("batch-*.parquet")}
+    run_to_end(out, out.parent / "rerun.log")
+    return out, saved
+
+
+@pytest.fixture(scope="module")
+def run(killed) -> Path:
+    return killed[0]
 
 
 def rows_of(out: Path) -> dict:
@@ -220,16 +234,20 @@ def test_output_loads_as_a_chat_dataset_the_chat_template_accepts(run):
             assert row["messages"][0]["content"] in text and text.count("<|im_start|>user") == (len(row["messages"]) + 1) // 2
 
 
-def test_sigkill_mid_run_and_rerun_gives_the_rows_of_an_uninterrupted_run(run, tmp_path):
-    out = tmp_path / "killed"
-    generated = out / "_work" / "generated"
-    # Whichever batch is saved first: a replica takes its two batches in either order.
-    kill_process_when(start(out, tmp_path / "killed.log"), out, tmp_path / "killed.log",
-                      lambda o: list(generated.glob("batch-*.parquet")))
-    assert not (out / "stats.json").exists() and len(list(generated.glob("batch-*.parquet"))) == 1
-    run_to_end(out, tmp_path / "rerun.log")
-    assert rows_of(out) == rows_of(run)
+def test_sigkill_mid_run_and_rerun_keeps_the_saved_batch_and_makes_the_other(killed):
+    """The run above was SIGKILLed with one of its two batches saved: the rerun kept that batch as it
+    was (its conversations are the ones exported) and generated only the other."""
+    out, saved = killed
+    assert len(saved) == 1
     assert json.loads((out / "run.json").read_text())["attempts"][-1]["pending_batches"] == 1
+    name, data = next(iter(saved.items()))
+    assert (out / "_work" / "generated" / name).read_bytes() == data
+    assert len(list((out / "_work" / "generated").glob("batch-*.parquet"))) == 2
+    exported = {r["conversation_id"]: r for r in rows_of(out)["cited"]}
+    kept = [r for r in pq.read_table(out / "_work" / "generated" / name).to_pylist() if r["conversation_id"] in exported]
+    for row in kept:  # the replies of the saved batch are the exported conversation's
+        replies = [m["content"] for m in exported[row["conversation_id"]]["messages"][1::2]]
+        assert row["status"] == "ok" and replies == [t["cited"] for t in row["turns"]][:len(replies)]
 
 
 def test_hub_staging_has_one_config_per_rendering(run, tmp_path):
