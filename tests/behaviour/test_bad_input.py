@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from annotator.generate.generator import FAILED_REPLY, generator_columns
 from annotator.core.layout import GENERATED, SCORED
 from annotator.score.reader import ReadUnits
 from annotator.core.units import Unit
+from tests.behaviour.test_resume import generated_batches, kill_replicas_once, manifests, start
 from tests.support import SAFETY, require_shared_data, run_pipeline
 
 SECRET = "hf_FAKE_secret_token_must_not_leak_0123456789"
@@ -67,17 +69,31 @@ def bad_corpus(tmp_path_factory) -> Path:
     return d
 
 
+@dataclass(frozen=True)
+class BadRun:
+    out: Path
+    log: str           # the driver's output
+    stats: dict
+    killed: dict       # `kill_replicas_once`: replicas killed and replaced, the batches saved at the kill
+
+
 @pytest.fixture(scope="module")
-def bad_run(bad_corpus, tmp_path_factory):
+def bad_run(bad_corpus, tmp_path_factory) -> BadRun:
+    """The demo config (the default, fast mode) on the bad corpus, in batches of one document, with
+    a Hub token in its environment; its generation replicas are SIGKILLed once a batch is saved, and
+    the run goes on. What a long run meets: bad input and a lost replica, in one run."""
     out = tmp_path_factory.mktemp("bad-run") / "out"
+    log = out.parent / "run.log"
+    args = ["--config", "configs/demo.yaml", "--set", f"input.paths=['{bad_corpus}']", "--set", "input.limit=null",
+            "--set", "input.rows_per_unit=10", "--set", "selection.matched_token_ratio=0.2", "--set", "generation.batch_size=1",
+            "--set", "output.keep_work=true"]
     os.environ["HF_TOKEN"] = SECRET  # the run's environment carries a Hub token; it must not reach any output
     try:
-        proc = run_pipeline("--config", "configs/demo.yaml", "--output", str(out), "--set", f"input.paths=['{bad_corpus}']",
-                            "--set", "input.limit=null", "--set", "input.rows_per_unit=10", "--set", "selection.matched_token_ratio=0.01")
+        proc = start(args, out, log)
     finally:
         del os.environ["HF_TOKEN"]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, proc, json.loads((out / "stats.json").read_text())
+    killed = kill_replicas_once(proc, out, log)
+    return BadRun(out=out, log=log.read_text(), stats=json.loads((out / "stats.json").read_text()), killed=killed)
 
 
 def rejected_rows(out: Path, kind: str = "documents") -> dict[str, str]:
@@ -96,7 +112,7 @@ def rejected_files(out: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_every_document_is_written_or_rejected(bad_run):
-    out, _, stats = bad_run
+    out, stats = bad_run.out, bad_run.stats
     written = written_ids(out)
     assert stats["documents_read"] == REAL_DOCS + 7 + 3 + 4
     assert stats["documents_read"] == len(written) + stats["documents_rejected_total"] + stats["documents_dropped_bad"]
@@ -107,14 +123,14 @@ def test_every_document_is_written_or_rejected(bad_run):
 
 @pytest.mark.slow
 def test_truncated_parquet_file_is_quarantined(bad_run):
-    out, proc, stats = bad_run
+    out, stats = bad_run.out, bad_run.stats
     assert rejected_files(out)["02-truncated.parquet"].startswith("unreadable_parquet")
-    assert "02-truncated.parquet" in proc.stdout and any(f["path"].endswith("02-truncated.parquet") for f in stats["files_rejected"])
+    assert "02-truncated.parquet" in bad_run.log and any(f["path"].endswith("02-truncated.parquet") for f in stats["files_rejected"])
 
 
 @pytest.mark.slow
 def test_missing_or_mistyped_text_column_is_quarantined(bad_run):
-    out, _, _ = bad_run
+    out = bad_run.out
     files = rejected_files(out)
     assert files["03-no-text.parquet"].startswith("missing_text_column")
     assert files["04-int-text.parquet"].startswith("text_column_type") and "int64" in files["04-int-text.parquet"]
@@ -122,22 +138,22 @@ def test_missing_or_mistyped_text_column_is_quarantined(bad_run):
 
 @pytest.mark.slow
 def test_null_empty_and_whitespace_text_are_quarantined(bad_run):
-    rejected = rejected_rows(bad_run[0])
+    rejected = rejected_rows(bad_run.out)
     assert rejected["null-text"] == "null_text"
     assert rejected["empty-text"] == rejected["whitespace-text"] == "empty_text"
 
 
 @pytest.mark.slow
 def test_five_megabyte_document_is_quarantined_as_too_long(bad_run):
-    rejected = rejected_rows(bad_run[0])
+    rejected = rejected_rows(bad_run.out)
     assert rejected["five-mb"] == f"too_long:{len('lorem ipsum ' * 440_000)}_chars"
-    preview = pq.read_table(bad_run[0] / "rejects" / "documents").to_pylist()
+    preview = pq.read_table(bad_run.out / "rejects" / "documents").to_pylist()
     assert [r["text_preview"] for r in preview if r["doc_id"] == "five-mb"] == [("lorem ipsum " * 100)[:1000]]
 
 
 @pytest.mark.slow
 def test_invalid_utf8_and_control_characters_are_quarantined(bad_run):
-    out, _, _ = bad_run
+    out = bad_run.out
     rejected = rejected_rows(out)
     assert rejected["utf8-bad"] == "invalid_utf8" and rejected["control-chars"] == "control_characters"
     ok = [r for r in pq.read_table(out / "shards").to_pylist() if r["doc_id"] == "utf8-ok"]
@@ -152,7 +168,7 @@ def test_invalid_utf8_and_control_characters_are_quarantined(bad_run):
 
 @pytest.mark.slow
 def test_duplicate_ids_keep_the_first_and_quarantine_the_rest(bad_run, bad_corpus):
-    out, _, _ = bad_run
+    out = bad_run.out
     dups = pq.read_table(out / "rejects" / "duplicates").to_pylist()
     real = pq.read_table(bad_corpus / "00-good.parquet", columns=["id", "text"]).to_pylist()
     assert sorted((r["doc_id"], Path(r["source_file"]).name, r["source_row"]) for r in dups) == sorted([
@@ -165,7 +181,7 @@ def test_duplicate_ids_keep_the_first_and_quarantine_the_rest(bad_run, bad_corpu
 
 @pytest.mark.slow
 def test_document_longer_than_the_model_context_gets_a_reflection(bad_run):
-    out, _, _ = bad_run
+    out = bad_run.out
     row = [r for r in pq.read_table(out / "shards").to_pylist() if r["doc_id"] == "long-bad"][0]
     assert row["source_token_length"] > 6144 and row["selected_reason"] == "bad"
     assert row["token_length"] <= 1920 and row["clipped_tokens"] == row["source_token_length"] - row["token_length"]
@@ -177,11 +193,50 @@ def test_document_longer_than_the_model_context_gets_a_reflection(bad_run):
 
 @pytest.mark.slow
 def test_hub_token_in_the_environment_is_written_nowhere(bad_run):
-    out, proc, _ = bad_run
-    assert SECRET not in proc.stdout + proc.stderr
+    out = bad_run.out
+    assert SECRET not in bad_run.log
     for path in out.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_replicas_killed_mid_generation_leave_every_document_written_once(bad_run, bad_corpus, demo_run):
+    """The fast mode (`generation.reproducible: false`) runs many batches in a replica's engine at
+    once, so a batch generated again after a crash may differ in its text. What holds after the
+    replicas of the run above were killed: batches saved before the kill are reused as they are,
+    every document comes out exactly once with a status, the columns are the reproducible run's.
+    (Resuming after the driver's own death is the same batch cache in both modes: the reproducible
+    resume test, `tests/behaviour/test_resume.py`.)"""
+    out, stats, seen = bad_run.out, bad_run.stats, bad_run.killed
+    assert "continuous batching, up to 64 batches in flight per replica" in bad_run.log  # batch size 1, 256 sequences
+    assert seen["killed_replicas"] >= 1 and seen["replaced"], "no replica was killed and replaced"
+    saved = seen["saved"]
+    assert saved and manifests(out) == stats["this_run"]["units"]  # every unit written (keep_work keeps the records)
+    # Saved batches were reused as they were (same bytes, and what the shards hold), the rest generated.
+    after = {name: (out / name).read_bytes() for name in generated_batches(out)}
+    assert {k: after[k] for k in saved} == saved and len(after) > len(saved)
+    rows = pq.read_table(out / "shards").to_pylist()
+    by_id = {r["doc_id"]: r for r in rows}
+    for data in saved.values():
+        for g in pq.read_table(pa.BufferReader(data)).to_pylist():
+            assert by_id[g["doc_id"]]["reflection_status"] == g["reflection_status"]
+            assert by_id[g["doc_id"]]["reflection_1p"] == g["reflection_1p"]
+    # Every document exactly once, each with an outcome; the columns of the reproducible run.
+    assert len(rows) == len(by_id) == stats["documents_out"]
+    for r in rows:
+        assert r["reflection_status"] in ("ok", "not_selected") or r["reflection_status"].startswith("failed:"), r["reflection_status"]
+        assert (r["reflection_status"] != "not_selected") == r["selected"]
+    assert sum(v for k, v in stats["reflection_status"].items() if k != "not_selected") == stats["selected_documents"] > len(saved)
+    assert own_columns(out, bad_corpus / "00-good.parquet") == own_columns(demo_run.out, sorted(require_shared_data().glob("*.parquet"))[0])
+
+
+def own_columns(out: Path, corpus_file: Path) -> pa.Schema:
+    """The schema of a run's shards without the columns its corpus carried besides id and text
+    (kept as they were read: the demo corpus has more of them)."""
+    carried = set(pq.read_schema(corpus_file).names) - {"id", "text"}
+    schema = pq.read_schema(sorted((out / "shards").glob("*.parquet"))[0]).remove_metadata()
+    return pa.schema([f for f in schema if f.name not in carried])
 
 
 @pytest.mark.slow

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support import DEMO_DOCS, DEMO_ROWS_PER_UNIT, DEMO_UNITS, REPO
+from tests.support import DEMO_DOCS, DEMO_UNITS, REPO
 
 def start(args: list[str], out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -264,9 +263,6 @@ def test_a_method_file_edited_between_a_kill_and_the_resume_is_refused(tmp_path)
     assert "resuming" in log and json.loads((out / "stats.json").read_text())["documents_out"] == DEMO_DOCS
 
 
-STREAMED_DOCS = 60
-
-
 def kill_replicas_once(proc: subprocess.Popen, out: Path, log: Path) -> dict:
     """A run (started: `proc`) whose generation replicas are all SIGKILLed once a batch is saved,
     then left to finish: the bytes of the batches saved at the kill, and whether Ray replaced the
@@ -287,40 +283,3 @@ def kill_replicas_once(proc: subprocess.Popen, out: Path, log: Path) -> dict:
     assert proc.wait(timeout=60) == 0, log.read_text()[-5000:]
     seen["killed_replicas"] = len(killed)
     return seen
-
-
-@pytest.mark.slow
-def test_streaming_replicas_killed_mid_generation_still_give_every_document_exactly_once(demo_run, tmp_path):
-    """The default, fast mode (`generation.reproducible: false`): a replica runs many batches in its
-    engine at once, so a batch generated again after a crash may differ in its text. What holds:
-    batches saved before the kill are reused as they are, every document comes out exactly once
-    with a status, the columns are the reproducible run's, and read = written + rejected. (Resuming
-    after the driver's own death is the same batch cache in both modes: the reproducible test.)"""
-    out = tmp_path / "out"
-    args = [*demo_run.args, "--set", "generation.reproducible=false", "--set", f"input.limit={STREAMED_DOCS}",
-            "--set", "output.keep_work=true"]
-    seen = kill_replicas_once(start(args, out, tmp_path / "1-generation.log"), out, tmp_path / "1-generation.log")
-    first = (tmp_path / "1-generation.log").read_text()
-    assert "continuous batching, up to 64 batches in flight per replica" in first  # batch size 3, 256 sequences
-    assert seen["killed_replicas"] >= 1 and seen["replaced"], "no replica was killed and replaced"
-    saved = seen["saved"]
-    assert saved and manifests(out) == STREAMED_DOCS // DEMO_ROWS_PER_UNIT  # every unit written (keep_work keeps the records)
-    # Saved batches were reused as they were (same bytes, and what the shards hold), the rest generated.
-    after = {name: (out / name).read_bytes() for name in generated_batches(out)}
-    assert {k: after[k] for k in saved} == saved and len(after) > len(saved)
-    rows = pq.read_table(out / "shards").to_pylist()
-    by_id = {r["doc_id"]: r for r in rows}
-    for data in saved.values():
-        for g in pq.read_table(pa.BufferReader(data)).to_pylist():
-            assert by_id[g["doc_id"]]["reflection_status"] == g["reflection_status"]
-            assert by_id[g["doc_id"]]["reflection_1p"] == g["reflection_1p"]
-    # Every document exactly once, each with an outcome; the columns of the reproducible run.
-    stats = json.loads((out / "stats.json").read_text())
-    assert len(rows) == len(by_id) == stats["documents_out"] == STREAMED_DOCS
-    assert stats["documents_read"] == stats["documents_out"] + stats["documents_rejected_total"] + stats["documents_dropped_bad"]
-    for r in rows:
-        assert r["reflection_status"] in ("ok", "not_selected") or r["reflection_status"].startswith("failed:"), r["reflection_status"]
-        assert (r["reflection_status"] != "not_selected") == r["selected"]
-    assert sum(v for k, v in stats["reflection_status"].items() if k != "not_selected") == stats["selected_documents"] > 0
-    assert pq.read_schema(sorted((out / "shards").glob("*.parquet"))[0]).remove_metadata() == \
-        pq.read_schema(sorted((demo_run.out / "shards").glob("*.parquet"))[0]).remove_metadata()
