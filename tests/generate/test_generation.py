@@ -173,7 +173,9 @@ def test_failures_are_retried_then_recorded_and_long_documents_cut(tmp_path, tok
 @pytest.mark.slow
 def test_guard_stops_a_replica_that_generates_far_beyond_the_budget(tmp_path, real_docs):
     docs = [(i, t, True) for i, t in real_docs[:4]]
-    proc = probe(tmp_path, "guard", {"guard": {"max_generated_multiple": 0.05, "min_requests": 2}, "max_retries": 0}, docs, expect_ok=False)
+    # 32 tokens per request is 4x the guard's limit (0.05 x 128 = 6.4) and ends each request early.
+    proc = probe(tmp_path, "guard", {"guard": {"max_generated_multiple": 0.05, "min_requests": 2}, "max_retries": 0, "max_output_tokens": 32},
+                 docs, expect_ok=False)
     assert proc.returncode != 0
     assert "generation guard: builtin:smollm2-135m-instruct generated" in proc.stderr
     assert "generation.guard.max_generated_multiple = 0.05" in proc.stderr
