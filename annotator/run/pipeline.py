@@ -45,6 +45,7 @@ from annotator.core.units import InputPlan, Unit, plan_input
 from annotator.output.report import write_report
 from annotator.core.ray_adapter import aggregate_stats
 from annotator.output.stats import finalize_stats
+from annotator.output.stats_merge import merge_stats
 from annotator.core.statuses import OK, is_failed
 
 
@@ -341,6 +342,24 @@ def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, t
     return stats
 
 
+# Up to this many units, the driver merges their manifests itself: it has read them already, and the
+# first Ray Data aggregation of a process starts its own workers (3-4 s here, more than the merge of
+# a few dozen manifests); past it, the merge runs inside Ray.
+DRIVER_MERGE_UNITS = 64
+
+
+def merge_manifests(manifests: list[dict]) -> dict:
+    """The statistics of `manifests` (this run's and earlier runs' units) merged into one, with
+    `shards` the sorted shard names: in the driver for a small run, else by a Ray Data aggregation
+    (`aggregate_stats`); both merge with `merge_stats`, so the result is the same."""
+    if len(manifests) <= DRIVER_MERGE_UNITS:
+        merged = merge_stats([m["stats"] for m in manifests])
+        merged["shards"] = sorted(s for m in manifests for s in m["shards"])
+        return merged
+    table = items_dataset([{"manifest": json.dumps(m)} for m in manifests], blocks=min(len(manifests), 64))
+    return aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
+
+
 def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, timings: dict, started: float, wall: float,
               resolved: ResolvedRun) -> dict:
     """Statistics of the whole output, merged from every unit's manifest (this run's and earlier
@@ -350,10 +369,7 @@ def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, ti
     manifests = [m for m in manifests if m["unit"] in keys]
     if len(manifests) != len(plan.units):
         raise RunError(f"{len(plan.units) - len(manifests)} units have no manifest after the run")
-    # Merged inside Ray (a Ray Data aggregation over the manifests), this run's and earlier runs'.
-    table = items_dataset([{"manifest": json.dumps(m)} for m in manifests], blocks=min(len(manifests), 64))
-    merged = aggregate_stats(table, stats_column="manifest", stats_field="stats", shard_column="manifest", shard_field="shards")
-    stats = finalize_stats(merged, config=cfg, packs=resolved.packs, started_at=started)
+    stats = finalize_stats(merge_manifests(manifests), config=cfg, packs=resolved.packs, started_at=started)
     rejected = stats.get("documents_rejected", {})
     dropped = stats.get("selected_by_reason", {}).get(DROPPED_BAD, 0)
     stats["documents_read"] = plan.documents

@@ -1,5 +1,6 @@
 """The Ray adapter's statistics aggregation (`core/ray_adapter.py`): block statistics of a real
-run output merged inside a Ray Data aggregation equal the exact merge, also from unit manifests."""
+run output merged inside a Ray Data aggregation equal the exact merge, also from unit manifests, and
+the driver's merge of a small run's manifests."""
 
 from __future__ import annotations
 
@@ -48,3 +49,8 @@ def test_ray_aggregation_merges_block_stats_inside_ray(run_output):
     assert merged == expected
     assert finalize_stats(merged) == finalize_stats(expected)
     assert from_manifests == {**expected, "shards": sorted(n for r in rows for n in json.loads(r["shard"]))}
+    # A run of a few units merges its manifests in the driver instead (`run.pipeline.merge_manifests`): the same result.
+    from annotator.run.pipeline import DRIVER_MERGE_UNITS, merge_manifests
+
+    assert len(manifests) <= DRIVER_MERGE_UNITS
+    assert merge_manifests([json.loads(m["manifest"]) for m in manifests]) == from_manifests
