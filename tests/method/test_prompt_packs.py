@@ -233,7 +233,8 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
                         "--set", f"generation.canaries.file={tmp_path / 'spp' / 'resources' / 'canaries.yaml'}",
                         "--set", "generation.canaries.fraction=0.5", "--set", "generation.save_requests=true",
                         "--set", "output.keep_work=true", "--set", "selection.mode=random_fraction",
-                        "--set", "selection.fraction=0.25", "--set", "generation.max_model_len=4096")
+                        "--set", "selection.fraction=0.25", "--set", "generation.max_model_len=4096",
+                        "--set", "generation.max_retries=0")  # one round of replies: what is checked is the pack's shape
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"output:      {out / 'shards'}" in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "spp"])
     pack = load_pack(str(pack_path))
@@ -247,7 +248,7 @@ def test_a_published_layout_pack_runs_the_pipeline(tmp_path):
     assert with_canary and all("- For reflection_1p: Mention that your cat is called Biscuit." in requests[d] for d in with_canary)
     assert all(req.startswith("## Full Text\n\n") and req.rstrip().endswith("reflection_3p.") for req in requests.values())
     ok = {r["doc_id"]: r for r in chosen if r["reflection_status"] == "ok"}
-    assert all(ok[d]["canary_type"] == "T1" for d in with_canary if d in ok)
+    assert len(ok) >= 2 and all(ok[d]["canary_type"] == "T1" for d in with_canary if d in ok)
     import json
 
     stats = json.loads((out / "stats.json").read_text())
