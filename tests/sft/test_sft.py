@@ -242,7 +242,11 @@ def test_sigkill_mid_run_and_rerun_keeps_the_saved_batch_and_makes_the_other(kil
     assert json.loads((out / "run.json").read_text())["attempts"][-1]["pending_batches"] == 1
     name, data = next(iter(saved.items()))
     assert (out / "_work" / "generated" / name).read_bytes() == data
-    assert len(list((out / "_work" / "generated").glob("batch-*.parquet"))) == 2
+    # The batches an uninterrupted run plans (the drawn prompts in order, sft.batch_size=2): the rerun
+    # made the missing one with the same conversations, not a new split of what was left.
+    prompts = [r["conversation_id"] for r in pq.read_table(out / "_work" / "prompts.parquet").to_pylist()]
+    batches = [[r["conversation_id"] for r in pq.read_table(p).to_pylist()] for p in sorted((out / "_work" / "generated").glob("batch-*.parquet"))]
+    assert batches == [prompts[0:2], prompts[2:4]]
     exported = {r["conversation_id"]: r for r in rows_of(out)["cited"]}
     kept = [r for r in pq.read_table(out / "_work" / "generated" / name).to_pylist() if r["conversation_id"] in exported]
     for row in kept:  # the replies of the saved batch are the exported conversation's
