@@ -27,6 +27,7 @@ from annotator.audit.judge import Rubric
 from annotator.method.prompt_packs import load_pack
 from annotator.audit.sampling import allocate_sample
 from annotator.output.stats import stratum_key
+from tests.behaviour.test_resume import kill_process_when
 from tests.support import DEMO_DOCS, REPO
 
 pytestmark = pytest.mark.slow
@@ -97,16 +98,12 @@ class Audited:
 def audited(audit_run) -> Audited:
     """The judge audit of the run's reflections, SIGKILLed once its first batch is saved, then the
     same command again."""
-    out, work = audit_run, audit_run / "audit" / "_work"
+    out, work, log = audit_run, audit_run / "audit" / "_work", audit_run.parent / "audit-killed.log"
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", str(out), *JUDGE], cwd=REPO,
-                            stdout=(out.parent / "audit-killed.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not list(work.glob("*/batch-*.parquet")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    kill_process_when(proc, out, log, lambda o: list(work.glob("*/batch-*.parquet")))
     saved = {str(p.relative_to(out)): pq.read_table(p).to_pylist() for p in sorted(work.glob("*/batch-*.parquet"))}
-    assert saved and not (out / REFLECTIONS_FILE).exists(), (out.parent / "audit-killed.log").read_text()[-3000:]
+    assert saved and not (out / REFLECTIONS_FILE).exists(), log.read_text()[-3000:]
     return Audited(out=out, log=audit(out, *JUDGE, log=out.parent / "audit.log"), saved=saved)
 
 
