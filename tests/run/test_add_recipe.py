@@ -156,11 +156,11 @@ def test_a_killed_add_resumes_with_the_batches_it_saved(added):
     assert added.saved
     assert not all("preflection" in m["recipes"] for m in added.manifests_at_kill)  # killed before every unit was written
     assert "adding ['preflection']" in added.log
-    this_run = json.loads((added.out / "stats.json").read_text())["this_run"]
+    stats = json.loads((added.out / "stats.json").read_text())
     saved_rows = [r for rows in added.saved.values() for r in rows]
-    assert this_run["resumed"] is True and this_run["generations_reused"] == len(saved_rows) >= 1
+    assert stats["this_run"]["resumed"] is True and stats["this_run"]["generations_reused"] == len(saved_rows) >= 1
     written = {r["doc_id"]: r for r in pq.read_table(added.out / "tokenized" / "sidecar").to_pylist()}
-    assert len(written) == json.loads((added.out / "stats.json").read_text())["selected_documents"]
+    assert len(written) == stats["selected_documents"]
     for row in saved_rows:
         assert row["preflection_status"] == written[row["doc_id"]]["preflection_status"]
         for field in ("analysis", "charter_summary", "neutral", "judgemental", "idealisation"):
