@@ -25,7 +25,8 @@ def main() -> None:
     from annotator.engine.stream import HOST, EngineDied
     from annotator.engine.vllm_engine import Engine
 
-    cfg = GenerationConfig.model_validate({"enforce_eager": True, "gpu_memory_utilization": 0.1, "max_model_len": 1024, "seed": 3})
+    cfg = GenerationConfig.model_validate({"enforce_eager": True, "gpu_memory_utilization": 0.1, "max_model_len": 1024, "seed": 3,
+                                          "engine_process": "separate"})
     engine = Engine(cfg, num_cpus=2)
     engine.load()
     system = {"role": "system", "content": "You answer in one short sentence."}

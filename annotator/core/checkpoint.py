@@ -29,7 +29,7 @@ OPERATIONAL_FIELDS = {
     "classifier": {"batch_size", "concurrency", "num_cpus", "num_gpus", "micro_batch_size"},
     # generation.batch_size is not here: vLLM's numerics depend on what shares a batch, so the
     # engine batches (planned from it) are part of what decides the reflections.
-    "generation": {"concurrency", "num_gpus", "num_cpus", "tensor_parallel_size", "max_batches_in_flight",
+    "generation": {"concurrency", "num_gpus", "num_cpus", "tensor_parallel_size", "engine_process", "max_batches_in_flight",
                    "reproducible", "max_num_seqs", "gpu_memory_utilization", "enforce_eager", "batch_timeout_s", "max_replica_restarts"},
     "output": {"path", "overwrite", "keep_work"},
     "publish": None,

@@ -70,7 +70,7 @@ class EngineStream:
     tells); in a replica both exit, so Ray restarts it and its unsaved batches run again. Every
     caller still waiting gets `EngineDied` first."""
 
-    def __init__(self, engine, *, timeout_s: float, on_hang, on_dead=None, engine_dead=None):
+    def __init__(self, engine, *, timeout_s: float, on_hang, on_dead=None, engine_dead=None, drive_on=None):
         self._engine = engine
         self._cond = threading.Condition()
         self._queue: list[tuple[str, list[int], object, Future]] = []
@@ -83,7 +83,10 @@ class EngineStream:
         self.on_dead = on_dead
         self.engine_dead = engine_dead or (lambda: False)
         self.peak_running = 0  # most requests in the engine at once (tests, benchmark)
-        threading.Thread(target=self._drive, daemon=True, name="engine-stream").start()
+        if drive_on is not None:  # an inline engine's own thread (`vllm_engine.EngineThread`)
+            drive_on(self._drive)
+        else:
+            threading.Thread(target=self._drive, daemon=True, name="engine-stream").start()
         threading.Thread(target=self._watch, daemon=True, name="engine-stream-watchdog").start()
 
     def submit(self, prompts: list[list[int]], params: list) -> list[Future]:

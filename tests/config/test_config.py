@@ -20,6 +20,19 @@ def test_demo_and_production_configs_validate():
     assert "continuous batching" in prod.generation.batching and not demo.generation.reproducible
 
 
+def test_the_engine_runs_inline_on_cpu_and_in_its_own_process_on_gpus(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    demo = load_config(REPO / "configs" / "demo.yaml").generation
+    prod = load_config(REPO / "configs" / "production-gpu.yaml").generation
+    assert (demo.engine_process, demo.engine_inline, prod.engine_inline) == ("auto", True, False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # a user's own vLLM binding: vLLM's engine process applies it
+    assert not demo.engine_inline
+    assert load_config(REPO / "configs" / "production-gpu.yaml", overrides=["generation.engine_process=inline"]).generation.engine_inline
+    with pytest.raises(ConfigError, match=r"engine_process: inline runs one device per replica"):
+        load_config(REPO / "configs" / "production-gpu.yaml",
+                    overrides=["generation.engine_process=inline", "generation.tensor_parallel_size=2"])
+
+
 def test_override_sets_one_field_with_yaml_typing():
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides=["generation.temperature=0.2", "input.limit=7"])
     assert cfg.generation.temperature == 0.2

@@ -89,7 +89,7 @@ def test_reflections_canaries_and_annotations_from_one_engine(tmp_path, tok, rea
            "canaries": {"file": str(CANARIES), "fraction": 0.5}, "save_requests": True, "num_cpus": 2}
     rows, meta = probe(tmp_path, "full", cfg, docs)
     assert meta["engine_loads"] == 1
-    assert meta["threads"] == "2 threads bound to cores [0, 1]"
+    assert meta["threads"] == "2 threads bound to cores [0, 1], engine inline"
     pack = load_pack("reflection-v2")
     canaries = {c.id: c for c in load_canaries(CANARIES)}
     assert len(rows) == 16
