@@ -308,17 +308,17 @@ class Engine:
         prompts = [self.prompt_ids(m) for m in conversations]
         if self.stream is not None:
             return self.stream.run(prompts, params)
-        self._calls += 1
-        ids = [f"spp-{self._calls}-{i}" for i in range(len(prompts))]
-        return self._on_engine(lambda: self._run_call(ids, prompts, params))
+        return self._on_engine(lambda: self._run_call(prompts, params))
 
-    def _run_call(self, ids: list[str], prompts: list[list[int]], params: list) -> list:
+    def _run_call(self, prompts: list[list[int]], params: list) -> list:
         """Add every request, then step until all finished (`_generate`). An engine in its own
         process steps on its own: its scheduler is paused while the requests are added. An inline
         one steps only when stepped."""
         from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
+        self._calls += 1
+        ids = [f"spp-{self._calls}-{i}" for i in range(len(prompts))]
         if not self.inline:
             engine.engine_core.call_utility("pause_scheduler", "keep", False)
         added: list[str] = []
