@@ -157,10 +157,15 @@ def test_judge_audit_of_the_run_reflections(audited):
           f"failed {fig['failed']}")
 
 
-def test_a_killed_audit_resumes_with_the_judgements_it_saved(audited, tmp_path):
+def test_a_killed_audit_resumes_to_the_judgements_of_an_uninterrupted_audit(demo_run, audited, tmp_path):
     """The audit above was SIGKILLed once a batch was saved: the second attempt kept those
-    judgements as they were and judged only the rest; a finished audit is not judged again."""
+    judgements as they were, judged only the rest, and wrote what an uninterrupted audit of the same
+    run writes; a finished audit is not judged again."""
     final = pq.read_table(audited.out / REFLECTIONS_FILE).to_pylist()
+    twin = tmp_path / "uninterrupted"
+    shutil.copytree(demo_run.out, twin)
+    audit(twin, *JUDGE, log=tmp_path / "uninterrupted.log")
+    assert pq.read_table(twin / REFLECTIONS_FILE).to_pylist() == final
     by_id = {r["doc_id"]: r for r in final}
     assert len(by_id) == len(final)  # each sampled reflection judged once
     saved = [r for rows in audited.saved.values() for r in rows]
@@ -170,11 +175,9 @@ def test_a_killed_audit_resumes_with_the_judgements_it_saved(audited, tmp_path):
             {k: r[k] for k in ("status", "attempts", "raw_reply", "reason", *DIMS)}
     assert stats_of(audited.out)["audit"]["reflections"]["work"]["batches_reused"] == len(audited.saved)
     assert "judging" in audited.log
-    copy = tmp_path / "run"
-    shutil.copytree(audited.out, copy)
-    again = audit(copy, *JUDGE, log=tmp_path / "again.log")
-    assert "judging" not in again and stats_of(copy)["audit"]["reflections"]["work"] == {"reused": True}
-    assert pq.read_table(copy / REFLECTIONS_FILE).to_pylist() == final
+    again = audit(twin, *JUDGE, log=tmp_path / "again.log")
+    assert "judging" not in again and stats_of(twin)["audit"]["reflections"]["work"] == {"reused": True}
+    assert pq.read_table(twin / REFLECTIONS_FILE).to_pylist() == final
 
 
 def _free_port() -> int:

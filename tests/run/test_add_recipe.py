@@ -2,8 +2,7 @@
 each on the right documents with its text where its placement says (checked in every stream by
 Megatron-LM's reader); then `--add-recipe preflection` on that finished run: nothing rescored or
 regenerated, the first run's files untouched, and the add itself SIGKILLed once and run again, reusing
-the batch it had saved. (That a resumed run's output equals an uninterrupted one's, byte for byte, is
-the resume tests' claim, `tests/behaviour/test_resume.py`.)"""
+the batch it had saved, to the output of an uninterrupted add, byte for byte."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import pytest
 
 from tests.streams_check import check_streams
 from tests.support import REPO, require_shared_data, run_pipeline
-from tests.behaviour.test_resume import kill_when, run_to_end
+from tests.behaviour.test_resume import content_stats, kill_when, run_to_end, shard_contents
 
 ADD = ["--add-recipe", "preflection"]
 FIRST = ["reflection", "reflection_end", "refusal_reflection", "summary", "rephrase", "annotations"]
@@ -149,10 +148,23 @@ def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
     assert not (out / "_work" / "generated-preflection").exists()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_add(base_run, tmp_path_factory) -> Path:
+    """The same add on another copy of the base run, never interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    shutil.copytree(base_run, out)
+    proc = run_pipeline("--output", str(out), *ADD)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_a_killed_add_resumes_with_the_batches_it_saved(added):
+def test_a_killed_add_resumes_to_the_uninterrupted_add(added, uninterrupted_add):
     """The add above was SIGKILLed once a batch was saved: the second attempt reused that batch as
-    it was (its replies are the ones written) and generated only the rest, each document once."""
+    it was (its replies are the ones written), generated only the rest, each document once, and wrote
+    what an uninterrupted add writes."""
+    assert shard_contents(added.out) == shard_contents(uninterrupted_add)
+    assert content_stats(added.out) == content_stats(uninterrupted_add)
     assert added.saved
     assert not all("preflection" in m["recipes"] for m in added.manifests_at_kill)  # killed before every unit was written
     assert "adding ['preflection']" in added.log

@@ -3,8 +3,8 @@ seeded prompt draw on the real harm set, the pack's system prompt; then real run
 model on real harmful and benign requests: every conversation has both renderings or a recorded
 failure, `uncited` carries no marker, canary rows carry the value, skip rows stay aside, the output
 loads as a chat dataset the generator's chat template accepts, a run SIGKILLed once and run again keeps
-the batch it saved, and the Hub staging has one config per rendering. (That a resumed run equals an
-uninterrupted one, byte for byte, is the resume tests' claim, `tests/behaviour/test_resume.py`.)"""
+the batch it saved and gives the rows of an uninterrupted run, and the Hub staging has one config per
+rendering."""
 
 from __future__ import annotations
 
@@ -234,10 +234,13 @@ def test_output_loads_as_a_chat_dataset_the_chat_template_accepts(run):
             assert row["messages"][0]["content"] in text and text.count("<|im_start|>user") == (len(row["messages"]) + 1) // 2
 
 
-def test_sigkill_mid_run_and_rerun_keeps_the_saved_batch_and_makes_the_other(killed):
+def test_sigkill_mid_run_and_rerun_gives_the_rows_of_an_uninterrupted_run(killed, tmp_path):
     """The run above was SIGKILLed with one of its two batches saved: the rerun kept that batch as it
-    was (its conversations are the ones exported) and generated only the other."""
+    was (its conversations are the ones exported), generated only the other, and exported the rows
+    an uninterrupted run exports."""
     out, saved = killed
+    run_to_end(tmp_path / "uninterrupted", tmp_path / "uninterrupted.log")
+    assert rows_of(out) == rows_of(tmp_path / "uninterrupted")
     assert len(saved) == 1
     assert json.loads((out / "run.json").read_text())["attempts"][-1]["pending_batches"] == 1
     name, data = next(iter(saved.items()))
