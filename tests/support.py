@@ -76,7 +76,7 @@ def demo_args(corpus: Path) -> list[str]:
     return ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null",
             "--set", f"input.rows_per_unit={DEMO_ROWS_PER_UNIT}", "--set", f"classifier.batch_size={DEMO_ROWS_PER_UNIT}",
             "--set", "generation.batch_size=3", "--set", "selection.matched_token_ratio=4", "--set", "output.rows_per_shard=7",
-            "--set", "output.template.charter_tokens=true", "--set", "output.overwrite=false", "--set", "plan.calibration_documents=2",
+            "--set", "output.template.charter_tokens=true", "--set", "output.overwrite=false", "--set", "plan.calibration_documents=1",
             # The resume and audit tests compare regenerated text with this run's, byte for byte.
             "--set", "generation.reproducible=true"]
 

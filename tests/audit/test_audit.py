@@ -69,7 +69,7 @@ def test_plan_projects_the_run_and_the_run_records_both(demo_run):
     # The plan's selection count is the run's: it scored the same 120 documents with the same config.
     assert m["documents_scored"] == stats["documents_in"] == p["documents"] == DEMO_DOCS
     assert m["selected"] == p["selected"] == stats["selected_documents"]
-    assert m["calibration_documents"] == min(2, m["selected"])  # plan.calibration_documents=2
+    assert m["calibration_documents"] == min(1, m["selected"])  # plan.calibration_documents=1
     assert m["prompt_tokens_per_reflection"] > m["prompt_tokens_computed_per_reflection"] > 0  # the system prompt is cached
     assert m["generated_tokens_per_reflection"] > 0 and 0 < m["prefix_cache_hit_rate"] < 1
     rate = m["reflections_per_second_per_replica"]
