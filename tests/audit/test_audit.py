@@ -212,7 +212,8 @@ def test_audit_through_an_openai_compatible_vllm_server(demo_run, tmp_path):
                 break
             except OSError:
                 time.sleep(2)
-        log = audit(copy, *JUDGE, "--set", f"audit.judge.base_url=http://127.0.0.1:{port}/v1",
+        # Two reflections: the sample's rule is the judge audit's above; here the path to the server is tested.
+        log = audit(copy, *JUDGE, "--set", "audit.reflections.sample=2", "--set", f"audit.judge.base_url=http://127.0.0.1:{port}/v1",
                     "--set", "audit.judge.model=judge", "--set", "audit.judge.api_key_env=SPP_TEST_JUDGE_KEY",
                     log=tmp_path / "audit.log", env={"SPP_TEST_JUDGE_KEY": key})
     finally:
