@@ -173,7 +173,9 @@ class EngineThread:
 
     Each thread that runs torch work keeps an OpenMP team of its own; while a second team lives
     (the thread that loaded the engine, say), a step runs ~1.5x slower (measured: 4.9 s against
-    3.4 s for the same 8 requests). One thread for all engine work keeps one team."""
+    3.4 s for the same 8 requests). One thread for all engine work keeps one team. A daemon thread
+    of its own, not a one-worker ThreadPoolExecutor: a streaming driver never returns, and the
+    executor's workers are joined at interpreter exit."""
 
     def __init__(self, setup=None):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
