@@ -20,10 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.core import layout  # noqa: E402
 from annotator.core.checkpoint import our_run_record  # noqa: E402
-from annotator.core.lock import OutputLock, OutputLockedError  # noqa: E402
+from annotator.core.errors import OutputDirError  # noqa: E402
+from annotator.core.lock import OutputLock  # noqa: E402
+from annotator.core.storage import is_remote, reachable  # noqa: E402
 from annotator.publish.hub import STATS_FILE, PublishError, PublishOptions, build_repo_folder, publish  # noqa: E402
 
 STAGING = layout.PUBLISH_STAGING
+
+
+def local_staging(output) -> Path:
+    """Where a run on object storage is staged for the upload: a folder of this machine's model
+    cache named after the run's URL, so a rerun of the publish finds and replaces its own staging."""
+    from annotator.core.checkpoint import digest
+    from annotator.engine.models import cache_dir
+
+    return cache_dir() / "publish" / digest(str(output))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +65,7 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
     if not repo_id:
         if not args.dry_run:
             raise PublishError("no repository: pass --repo-id or set publish.repo_id in the run config")
-        repo_id = f"local/{output.resolve().name}"  # a dry run still needs a name for the card
+        repo_id = f"local/{output.name}"  # a dry run still needs a name for the card
     rows = args.sample_rows or defaults.get("sample_rows") or 2000
     if rows < 1:
         raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
@@ -68,8 +79,8 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output = Path(args.output)
     try:
+        output = reachable(args.output)
         if not (output / STATS_FILE).exists():
             raise PublishError(f"{output / STATS_FILE} not found; is --output a finished run's output directory?")
         stats = json.loads((output / STATS_FILE).read_text())
@@ -84,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                 for p in paths:
                     print(f"  {p}")
                 return 0
-            staging = output / STAGING
+            # Staged on this machine: beside a local run, in its own _work/; for a run on object storage, in a
+            # local folder named after it (the Hub upload reads local files).
+            staging = output / STAGING if not is_remote(output) else local_staging(output)
             if staging.is_dir() and not (staging / layout.STAGING_MARKER).exists() and our_run_record(output) is not None:
                 shutil.rmtree(staging)  # a staging from before the marker existed, inside this run's own _work/
             url = upload(output, options=options, staging=staging)
-    except (PublishError, OutputLockedError) as err:
+    except (PublishError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[publish] done: {url}")

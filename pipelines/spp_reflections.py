@@ -18,6 +18,7 @@ from annotator.score.reader import InputError  # noqa: E402
 from annotator.core.stages import PipelineError  # noqa: E402
 from annotator.core.errors import OutputDirError, ResourceError, RunError  # noqa: E402
 from annotator.core.lock import OutputLock  # noqa: E402
+from annotator.core.storage import location, reachable  # noqa: E402
 from annotator.run.pipeline import run  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.output.summary import format_summary  # noqa: E402
@@ -56,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return add(args, overrides)
     try:
         cfg = load_config(args.config, overrides=overrides)
-        OutputLock.check_free(Path(cfg.output.path))   # a folder in use: refused before Ray starts
+        OutputLock.check_free(reachable(cfg.output.path))   # a folder in use (or out of reach): refused before Ray starts
     except (ConfigError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start_ray(cfg)
     try:
         if args.plan:
-            with OutputLock(Path(cfg.output.path), command="spp_reflections.py --plan"):
+            with OutputLock(location(cfg.output.path), command="spp_reflections.py --plan"):
                 print(format_plan(cost_plan(cfg), output=cfg.output.path))
             return 0
         stats = run(cfg)   # holds the output folder's lock while it writes
@@ -121,11 +122,11 @@ def add(args, overrides: list) -> int:
     """--add-recipe: the run's recorded config (or --config, which must match it) plus the recipes."""
     from annotator.run.add_recipe import AddRecipeError, add_recipes, recorded_config
 
-    out = Path(args.output)
     try:
+        out = reachable(args.output)
         given = load_config(args.config, overrides=[*overrides, ("output.path", str(out))]) if args.config else None
-        ray_cfg = given or recorded_config(out.resolve())[1]
-    except (ConfigError, AddRecipeError) as err:
+        ray_cfg = given or recorded_config(out)[1]
+    except (ConfigError, AddRecipeError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

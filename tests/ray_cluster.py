@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -81,20 +82,29 @@ class LocalRayCluster:
         self.gcs_address = f"127.0.0.1:{gcs_port}"
         self.dashboard = f"http://127.0.0.1:{dash_port}"
 
-    def add_worker(self, *, name: str, num_cpus: int, resources: dict | None = None, object_store_bytes: int | None = None) -> None:
+    def add_worker(self, *, name: str, num_cpus: int, resources: dict | None = None, object_store_bytes: int | None = None,
+                   node_local: Path | None = None) -> None:
+        """A worker node; with `node_local`, that folder is the node's own disk: the node runs in a
+        mount namespace of its own with a private tmpfs there, as a second machine would have."""
         assert self.gcs_address, "start the head first"
         args = [
             "start", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
             f"--temp-dir={self.temp_root / name}", "--disable-usage-stats", *_node_ports(),
         ]
-        self._start(args, resources, object_store_bytes)
+        self._start(args, resources, object_store_bytes, node_local=node_local)
 
-    def _start(self, args: list[str], resources: dict | None, object_store_bytes: int | None) -> None:
+    def _start(self, args: list[str], resources: dict | None, object_store_bytes: int | None, *, node_local: Path | None = None) -> None:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         if object_store_bytes:
             args.append(f"--object-store-memory={object_store_bytes}")
-        started = ray_cli(*args, env=self.env)
+        if node_local is None:
+            started = ray_cli(*args, env=self.env)
+        else:
+            node_local.mkdir(parents=True, exist_ok=True)
+            script = f"mount -t tmpfs spp-node-local {shlex.quote(str(node_local))} && exec {shlex.quote(str(BIN / 'ray'))} {shlex.join(args)}"
+            started = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=self.env,
+                                     capture_output=True, text=True, timeout=300, cwd=REPO)
         assert started.returncode == 0, started.stdout + started.stderr
 
     def list_state(self, kind: str, *filters: str) -> list[dict]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from annotator.config import ConfigError, GenerationConfig, JudgeConfig, RunConfig
 from annotator.engine.vllm_engine import Engine, Reply
+from annotator.core import storage
 from annotator.core.layout import judge_batch_path
 from annotator.core.seeding import sampling_seed
 from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resources
@@ -192,7 +192,7 @@ class JudgeTask(ReplicaTask):
         return pa.Table.from_pylist(rows, schema=schema)
 
     def batch_path(self, plan: dict) -> Path:
-        return judge_batch_path(Path(self.work_dir), plan["batch_index"])
+        return judge_batch_path(storage.location(self.work_dir), plan["batch_index"])
 
     def run(self, plan: dict) -> pa.Table:
         return self.judge_items(json.loads(plan["items"]))
@@ -237,7 +237,7 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
         configure_ray_data_console()
         for row in run_stages(items_dataset(plans), [stage]):
             work["engine_loads"] += row["engine_loads"]
-    tables = [pq.read_table(judge_batch_path(work_dir, b)) for b in range(len(batches))]
+    tables = [storage.read_table(judge_batch_path(work_dir, b)) for b in range(len(batches))]
     table = pa.concat_tables(tables) if tables else pa.table({})
     if table.num_rows and table.column("id").to_pylist() != [it["id"] for it in items]:
         raise RuntimeError(f"{work_dir}: saved judgements do not match the sample (delete the folder to judge again)")

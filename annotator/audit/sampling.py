@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from annotator.core import storage
 from annotator.core.seeding import unit_hash
 
 # A row's stratum from the tuple of its values of the sampled columns after `doc_id`; None leaves the row out.
@@ -41,7 +41,7 @@ def count_strata(files: list[Path], *, columns: list[str], stratum: Stratum) -> 
     """Rows per stratum over `files` (each row's values of `columns`, in order, go to `stratum` as one tuple)."""
     counts: dict[str, int] = {}
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65_536):
+        for batch in storage.parquet_file(f).iter_batches(columns=columns, batch_size=65_536):
             for values in zip(*(batch.column(c).to_pylist() for c in columns)):
                 key = stratum(values)
                 if key is not None:
@@ -57,7 +57,7 @@ def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int, c
     kept: dict[str, list] = {k: [] for k, n in allocation.items() if n > 0}  # max-heaps of (-hash, file, row)
     for f in files:
         offset = 0
-        for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=65_536):
+        for batch in storage.parquet_file(f).iter_batches(columns=columns, batch_size=65_536):
             ids, *rest = (batch.column(c).to_pylist() for c in columns)
             for i, (doc_id, *values) in enumerate(zip(ids, *rest)):
                 key = stratum(tuple(values))
@@ -71,7 +71,8 @@ def choose_sample(files: list[Path], *, allocation: dict[str, int], seed: int, c
                 elif -heap[0][0] > h:
                     heapq.heapreplace(heap, item)
             offset += batch.num_rows
-    return sorted((-neg, Path(f), row) for heap in kept.values() for neg, f, row in heap)
+    by_name = {str(f): f for f in files}
+    return sorted(((-neg, by_name[f], row) for heap in kept.values() for neg, f, row in heap), key=lambda t: (t[0], str(t[1]), t[2]))
 
 
 def read_rows(picks: list[tuple[float, Path, int]], *, batch_size: int = 4096, columns: list[str] | None = None) -> pa.Table:
@@ -82,7 +83,7 @@ def read_rows(picks: list[tuple[float, Path, int]], *, batch_size: int = 4096, c
         by_file.setdefault(f, set()).add(row)
     tables, order = [], []
     for f, rows in by_file.items():
-        pf = pq.ParquetFile(f)
+        pf = storage.parquet_file(f)
         start = 0
         for g in range(pf.num_row_groups):
             size = pf.metadata.row_group(g).num_rows

@@ -13,7 +13,7 @@ from annotator.config.generation import TemplateConfig
 
 class OutputConfig(Section):
     path: str = Field(
-        description="Output directory (created): text shards in `shards/`, token streams in `tokenized/`, the extended tokenizer in `tokenizer/`, statistics in `stats.json`."
+        description="Output directory (created), or an object-storage prefix (s3://bucket/prefix, or any fsspec filesystem; credentials from the environment): text shards in `shards/`, token streams in `tokenized/`, the extended tokenizer in `tokenizer/`, statistics in `stats.json`."
     )
     tokenizer: str = Field(
         "builtin:smollm2-135m-instruct",
@@ -47,10 +47,17 @@ class OutputConfig(Section):
 
     @field_validator("path")
     @classmethod
-    def _local_path(cls, path: str) -> str:
+    def _writable_path(cls, path: str) -> str:
+        from annotator.core.storage import check_writable_url
+
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
-            raise ValueError(f"{path!r} is a URL; output goes to a local or mounted folder (object storage output is not "
-                             "supported yet: write to a folder and copy it, or mount the bucket)")
+            check_writable_url(path)
+            rest = path.split("://", 1)[1]
+            if not rest.strip("/"):
+                raise ValueError(f"{path!r} names no bucket")
+            if "@" in rest.split("/", 1)[0] or "?" in rest:
+                raise ValueError(f"{path!r} must not carry credentials or options: they come from the environment "
+                                 "(AWS_* variables, profiles, instance roles), never from a config file")
         if not path.strip():
             raise ValueError("output.path is empty")
         return path

@@ -2,17 +2,14 @@
 the config fingerprint (run.json) and each unit's manifest, written last (paths in
 `core/layout.py`; pass 1's scored parts are `score/store.py`, saved generations `generate/cache.py`).
 
-Every file is written under a temporary name and renamed, so a file that exists is complete.
+Every file is written under a temporary name and renamed (uploaded in one PUT on object storage,
+`core/storage.py`), so a file that exists is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import socket
-import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.config import RunConfig
+from annotator.core import storage
 from annotator.core.layout import DONE, RUN_FILE, TOOL
+from annotator.core.storage import TMP_MARK, write_atomically
 from annotator.core.units import Unit
 
 
@@ -151,50 +150,11 @@ def digest(*parts: object) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-TMP_MARK = ".tmp-"
-
-
-def temp_path(path: Path) -> Path:
-    """A temporary name beside `path` that no other writer uses: hidden, with this host, process
-    and a random part (nodes share the output filesystem; pids repeat across them)."""
-    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def durable_replace(tmp: Path, path: Path) -> None:
-    """`tmp` flushed to disk, renamed to `path`, and the rename itself flushed (where the
-    filesystem allows a folder to be synced): a file that exists after a crash is complete."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` then a durable rename: the final name only ever holds a complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sweep_temporaries(out_dir: Path, names: tuple[str, ...]) -> int:
     """Deletes the temporary files a killed writer left under the named entries of `out_dir`
     (under the folder's lock, on resume: no writer of this run has started); returns how many."""
+    if storage.is_remote(out_dir):
+        return 0    # temporaries of object storage are local files of the writer, never objects
     swept = 0
     for name in names:
         root = Path(out_dir) / name
@@ -214,19 +174,23 @@ def write_table(path: Path, table: pa.Table, *, compression: str = "zstd") -> No
     write_atomically(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
 
 
+def read_json(path) -> dict:
+    return json.loads(path.read_text())
+
+
 def unit_done(out_dir: Path, unit: Unit) -> bool:
     return (out_dir / DONE / f"{unit.key}.json").exists()
 
 
 def load_manifests(out_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out_dir / DONE).glob("*.json"))]
+    return [read_json(p) for p in sorted((out_dir / DONE).glob("*.json"), key=lambda p: p.name)]
 
 
 def our_run_record(out_dir: Path) -> dict | None:
     """run.json of `out_dir` when this tool wrote it (its `tool` field; a run written before the
     field existed is known by its `output_settings`, an SFT run by `kind`), else None."""
     try:
-        record = json.loads((Path(out_dir) / RUN_FILE).read_text())
+        record = read_json(storage.location(out_dir) / RUN_FILE)
     except (OSError, ValueError):
         return None
     if isinstance(record, dict) and (record.get("tool") == TOOL or "output_settings" in record or record.get("kind") == "sft"):
@@ -237,8 +201,4 @@ def our_run_record(out_dir: Path) -> dict | None:
 def remove_entries(out_dir: Path, names: tuple[str, ...]) -> None:
     """Deletes the named top-level entries of `out_dir` (this tool's outputs) and nothing else."""
     for name in names:
-        path = Path(out_dir) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        storage.remove_tree(storage.location(out_dir) / name)

@@ -1,4 +1,5 @@
-"""The output layout, in one place: every folder, file name and glob of a run's output directory.
+"""The output layout, in one place: every folder, file name and glob of a run's output directory,
+a local folder or an object-storage prefix (`storage.py`, the one filesystem layer under it).
 
     shards/<unit>-<part>.parquet                 text shards: every written document, published schema
     tokenized/<stream>/<unit>.bin/.idx           windows layout: one annotated document per window, per
@@ -16,6 +17,7 @@
     _work/selection.json                          sample probability and duplicate ids (kept after a run)
     _work/generated[-<recipes>]/<unit>/<batch>.parquet   generation results per engine batch
     _work/done/<unit>.json                        a unit's manifest, written last
+    _work/nodes/<node>-<token>.json               each node's proof that it sees the output (removed at once)
 
 A unit's outputs are named after the unit alone, so a rerun rewrites the same names; a unit with
 nothing for a stream writes no file for it.
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+
+from annotator.core.storage import location
 
 TEXT_DIR = "shards"
 TOKENS_DIR = "tokenized"
@@ -51,6 +55,7 @@ REJECTED_FILES = "rejects/files.jsonl"
 WORK = "_work"
 IDS = "_work/ids"
 PUBLISH_STAGING = "_work/publish"
+NODE_PROBES = "_work/nodes"
 CARD_FILE = "README.md"
 # Audits of a finished run (`pipelines/audit.py`).
 AUDIT_DIR = "audit"
@@ -77,16 +82,16 @@ KEPT_ON_OVERWRITE = (PLAN_FILE,)
 
 
 def text_shard(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / TEXT_DIR / f"{name}.parquet"
+    return location(out_dir) / TEXT_DIR / f"{name}.parquet"
 
 
 def text_shards(out_dir: Path) -> list[Path]:
-    return sorted((Path(out_dir) / TEXT_DIR).glob("*.parquet"))
+    return sorted((location(out_dir) / TEXT_DIR).glob("*.parquet"), key=str)
 
 
 def stream_prefix(out_dir: Path, stream: str, *, name: str) -> Path:
     """`<out>/tokenized/<stream>/<name>`: the Megatron prefix (`.bin`/`.idx` appended)."""
-    return Path(out_dir) / TOKENS_DIR / stream / name
+    return location(out_dir) / TOKENS_DIR / stream / name
 
 
 def mask_prefix(prefix: Path) -> Path:
@@ -98,27 +103,27 @@ def token_lengths_path(prefix: Path) -> Path:
 
 
 def sidecar_path(out_dir: Path, unit: str) -> Path:
-    return Path(out_dir) / TOKENS_DIR / SIDECAR / f"{unit}.parquet"
+    return location(out_dir) / TOKENS_DIR / SIDECAR / f"{unit}.parquet"
 
 
 def stream_names(out_dir: Path) -> list[str]:
-    root = Path(out_dir) / TOKENS_DIR
+    root = location(out_dir) / TOKENS_DIR
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != SIDECAR) if root.is_dir() else []
 
 
 def stream_prefixes(out_dir: Path, stream: str) -> list[Path]:
     """Every file prefix of one stream, in name order (masks excluded)."""
-    root = Path(out_dir) / TOKENS_DIR / stream
-    return sorted(p.with_suffix("") for p in root.glob("*.idx") if not p.stem.endswith(MASK_SUFFIX))
+    root = location(out_dir) / TOKENS_DIR / stream
+    return sorted((p.with_suffix("") for p in root.glob("*.idx") if not p.stem.endswith(MASK_SUFFIX)), key=str)
 
 
 def sidecars(out_dir: Path) -> list[Path]:
-    return sorted((Path(out_dir) / TOKENS_DIR / SIDECAR).glob("*.parquet"))
+    return sorted((location(out_dir) / TOKENS_DIR / SIDECAR).glob("*.parquet"), key=str)
 
 
 def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
     """Every file a unit's finalize may have written (text shards, token streams, sidecar)."""
-    out = Path(out_dir)
+    out = location(out_dir)
     found = list((out / TEXT_DIR).glob(f"{glob.escape(unit)}-*"))
     tokens = out / TOKENS_DIR
     if tokens.is_dir():
@@ -126,13 +131,13 @@ def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
             if d.is_dir():
                 found += [p for p in d.iterdir() if p.name.startswith(f"{unit}-") or p.name.startswith(f"{unit}.")
                           or p.name.startswith(f"{unit}{MASK_SUFFIX}")]
-    return sorted(found)
+    return sorted(found, key=str)
 
 
 def generated_dir(out_dir: Path, pass_name: str | None = None) -> Path:
     """Saved generations of the run (`_work/generated/`) or of recipes added to it
     (`_work/generated-<recipes>/`)."""
-    return out_dir / (GENERATED if pass_name is None else f"{GENERATED}-{pass_name}")
+    return location(out_dir) / (GENERATED if pass_name is None else f"{GENERATED}-{pass_name}")
 
 
 def generated_batch_path(out_dir: Path, unit: str, *, index: int, pass_name: str | None = None) -> Path:
@@ -145,7 +150,7 @@ def batch_file(index: int) -> str:
 
 
 def sft_batch_path(out_dir: Path, index: int) -> Path:
-    return out_dir / GENERATED / batch_file(index)
+    return location(out_dir) / GENERATED / batch_file(index)
 
 
 def judge_batch_path(work_dir: Path, index: int) -> Path:
@@ -154,4 +159,4 @@ def judge_batch_path(work_dir: Path, index: int) -> Path:
 
 def sft_dataset_file(out_dir: Path, split_dir: str, *, split: str = "train") -> Path:
     """One split of an SFT run's datasets (`data/<rendering or skip>/<split>-00000-of-00001.parquet`)."""
-    return Path(out_dir) / SFT_DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"
+    return location(out_dir) / SFT_DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"

@@ -4,7 +4,8 @@ heartbeat; checked again before anything is finalized or deleted.
 
 A second command on a folder in use fails at once, naming the holder. A lock whose holder is gone
 (a dead process on this host, or a heartbeat older than `stale_after_s` from any host) is taken
-over with a warning: a SIGKILLed run is resumed by running its command again.
+over with a warning: a SIGKILLed run is resumed by running its command again. On object storage
+the lock is an object created by a conditional PUT (`If-None-Match: *`), the S3 form of O_EXCL.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from annotator.core.checkpoint import write_atomically
+from annotator.core import storage
+from annotator.core.storage import write_atomically
 from annotator.core.errors import OutputDirError
 from annotator.core.layout import LOCK_FILE
 
@@ -44,7 +46,7 @@ class OutputLock:
 
     def __init__(self, out_dir: Path, *, command: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
                  log=print):
-        self.path = Path(out_dir) / LOCK_FILE
+        self.path = storage.location(out_dir) / LOCK_FILE
         self.command = command
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
@@ -66,7 +68,7 @@ class OutputLock:
         """Fails at once, naming the holder, when a live command holds `out_dir` (before a
         command starts Ray or loads anything); takes nothing."""
         probe = cls(out_dir, command="(check)")
-        holder = probe._read() if probe.path.is_file() else None
+        holder = probe._read()
         if holder is not None and not probe._stale_reason(holder):
             raise OutputLockedError(probe._in_use(holder))
 
@@ -78,8 +80,8 @@ class OutputLock:
                 f"If it is not running, remove {self.path}")
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while not self._create():
+        storage.mkdirs(self.path.parent)
+        while not storage.create_exclusive(self.path, json.dumps(self.record).encode()):
             holder = self._read()
             if holder is None:          # removed (or half-written) just now: try again
                 time.sleep(0.05)
@@ -92,17 +94,6 @@ class OutputLock:
             self._replace_if_unchanged(holder)
         self._thread = threading.Thread(target=self._beat, name="spp-lock-heartbeat", daemon=True)
         self._thread.start()
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
 
     def _read(self) -> dict | None:
         try:
@@ -123,10 +114,7 @@ class OutputLock:
         """Removes the stale lock only if it is still the one judged stale (another taker may
         have replaced it meanwhile); the next `_create` decides who holds the folder."""
         if self._read() == holder:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            storage.remove_tree(self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -148,4 +136,4 @@ class OutputLock:
             self._thread.join(timeout=5)
         holder = self._read()
         if holder is not None and holder.get("run_id") == self.record["run_id"]:
-            self.path.unlink(missing_ok=True)
+            storage.remove_tree(self.path)

@@ -62,6 +62,7 @@ class Progress:
         clock: Callable[[], float] = time.monotonic,
         window_s: float = DEFAULT_WINDOW_S,
         expected_docs_per_s: float | None = None,
+        metrics=None,
     ):
         self.total_documents = total_documents
         self.interval_s = interval_s
@@ -78,6 +79,11 @@ class Progress:
         self.selected = 0
         self.generated_tokens = 0
         self.failures = 0
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.batches_retried = 0
+        # `core.metrics.RunMetrics` (or None): the same counts as live Ray metrics.
+        self.metrics = metrics
         self._samples: deque[_Sample] = deque([_Sample(self.started, 0, 0)])
         self.closed = False
         self._final_line = ""
@@ -87,6 +93,7 @@ class Progress:
         self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> "Progress":
+        self.publish()
         if not self.interactive:
             self._heartbeat = threading.Thread(target=self._beat, name="spp-progress", daemon=True)
             self._heartbeat.start()
@@ -98,6 +105,7 @@ class Progress:
     def _beat(self) -> None:
         while not self._stop.wait(min(1.0, self.interval_s)):
             self.maybe_log()
+            self.publish()
 
     def configure_ray_data(self) -> None:
         """Ray Data's bars in a terminal; off otherwise, where Ray would log a multi-line
@@ -107,19 +115,42 @@ class Progress:
         configure_ray_data_console(interactive=self.interactive)
 
 
-    def update(self, *, documents: int, selected: int = 0, generated_tokens: int = 0, failures: int = 0) -> None:
+    def update(self, *, documents: int, selected: int = 0, generated_tokens: int = 0, failures: int = 0, prompt_tokens: int = 0,
+               cached_prompt_tokens: int = 0, batches_retried: int = 0) -> None:
         """Add the counts of one result row (a written shard); logs when a status line is due."""
         with self._lock:
             self.documents += documents
             self.selected += selected
             self.generated_tokens += generated_tokens
             self.failures += failures
+            self.prompt_tokens += prompt_tokens
+            self.cached_prompt_tokens += cached_prompt_tokens
+            self.batches_retried += batches_retried
             now = self._clock()
             self._samples.append(_Sample(now, self.documents, self.generated_tokens))
             # Keep one sample at or before the window's start so the rate always spans the window.
             while len(self._samples) > 2 and self._samples[1].at <= now - self.window_s:
                 self._samples.popleft()
         self.maybe_log()
+        self.publish()
+
+    def publish(self) -> None:
+        """The counts so far as live metrics (`core.metrics`), when this pass has them."""
+        if self.metrics is None:
+            return
+        with self._lock:
+            now = self._clock()
+            docs_per_s, _ = self.rates(now)
+            values = {
+                "spp_documents_total": self.total_documents, "spp_documents_in": self.documents,
+                "spp_documents_out": self.documents - self.failures, "spp_documents_rejected": self.failures,
+                "spp_generated_tokens": self.generated_tokens, "spp_prompt_tokens": self.prompt_tokens,
+                "spp_cached_prompt_tokens": self.cached_prompt_tokens,
+                "spp_prefix_cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else None,
+                "spp_batches_retried": self.batches_retried, "spp_documents_per_second": docs_per_s,
+                "spp_eta_seconds": 0.0 if self.closed else self.eta_seconds(now),
+            }
+        self.metrics.publish(values)
 
     def rates(self, now: float | None = None) -> tuple[float, float]:
         """(documents/s, generated tokens/s) over the recent window."""
@@ -189,6 +220,7 @@ class Progress:
             self._samples = deque([_Sample(self.started, 0, 0)])
             line = self._final_line = self._status_line(now)
         self._log(line)
+        self.publish()
         return line
 
 

@@ -106,10 +106,15 @@ def start_ray(cfg) -> None:
 
     to_driver = cfg.ray.worker_logs_to_driver
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address, log_to_driver=to_driver)
+        context = ray.init(address=cfg.ray.address, log_to_driver=to_driver)
     else:
         object_store = int(cfg.ray.object_store_memory_gb * 2**30) if cfg.ray.object_store_memory_gb else None
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, log_to_driver=to_driver)
+        context = ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, log_to_driver=to_driver)
+    from annotator.core.metrics import endpoint
+
+    dashboard = getattr(context, "dashboard_url", None)
+    print(f"[spp] live metrics (ray_spp_*): {endpoint() or 'no metrics endpoint on this node'} (Prometheus)"
+          + (f"; Ray dashboard: http://{dashboard}" if dashboard else ""), flush=True)
     if not to_driver:
         print(f"[spp] worker output (vLLM engines, replicas) goes to Ray's logs: {worker_log_dir()}/worker-*.err "
               "(ray.worker_logs_to_driver=true copies it here)", flush=True)
@@ -148,6 +153,34 @@ def cluster_nodes() -> list[dict]:
     import ray
 
     return ray.nodes()
+
+
+def on_every_node(fn, *args, timeout_s: float = 120.0) -> dict[str, tuple[str, object]]:
+    """`fn(*args)` once on every alive node with CPUs or GPUs (pinned there, no resources held);
+    node id -> (node address, its result, or the exception it raised or a TimeoutError). Only the
+    driver's node: {} (nothing to ask another node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
+    if all(n["NodeID"] == here for n in nodes):
+        return {}
+    remote = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {n["NodeID"]: (n["NodeManagerAddress"], remote.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)).remote(*args)) for n in nodes}
+    ready, _ = ray.wait([ref for _, ref in refs.values()], num_returns=len(refs), timeout=timeout_s)
+    out = {}
+    for node_id, (address, ref) in refs.items():
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            out[node_id] = (address, TimeoutError(f"no answer in {timeout_s:.0f}s"))
+            continue
+        try:
+            out[node_id] = (address, ray.get(ref))
+        except Exception as err:  # noqa: BLE001 - reported per node by the caller
+            out[node_id] = (address, err)
+    return out
 
 
 def configure_ray_data_console(*, interactive: bool | None = None) -> None:

@@ -17,11 +17,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.config import GenerationConfig
+from annotator.core import storage
 from annotator.core.checkpoint import write_table
 from annotator.core.stages import Resources, Stage, stage_state
 from annotator.engine.stream import HOST
 
 ENGINE_LOADS = "engine_loads"
+# Batches this replica started although an earlier attempt of them had started (a lost replica's
+# batches Ray hands to another, a resumed run's unfinished ones): told by a claim written at start.
+BATCHES_RETRIED = "batches_retried"
+CLAIM_SUFFIX = ".started"
 
 
 class ReplicaTask:
@@ -85,12 +90,12 @@ class ReplicaStage(Stage):
         self.task = task
         self.name = task.name
         self.reads = task.reads
-        self.adds = (*task.keys, *task.counts, ENGINE_LOADS)
+        self.adds = (*task.keys, *task.counts, ENGINE_LOADS, BATCHES_RETRIED)
         self.resources = resources
 
     @property
     def output_schema(self) -> pa.Schema:
-        return pa.schema([*self.task.keys.items(), *[(c, pa.int64()) for c in (*self.task.counts, ENGINE_LOADS)]])
+        return pa.schema([*self.task.keys.items(), *[(c, pa.int64()) for c in (*self.task.counts, ENGINE_LOADS, BATCHES_RETRIED)]])
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Each planned batch of the call; with `concurrent_calls` > 1 they run together (a call
@@ -109,13 +114,14 @@ class ReplicaStage(Stage):
             keys = self.task.echo(plan)
             path = self.task.batch_path(plan)
             if path.exists():  # saved by an earlier attempt of this batch
-                return {**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0}
+                return {**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0, BATCHES_RETRIED: 0}
+            retried = 0 if storage.create_exclusive(path.with_name(path.name + CLAIM_SUFFIX), b"") else 1
             loads = 0
             if not self.task.loaded and self.task.needs_engine(plan):
                 loads = self.task.load(num_cpus=self.resources.num_cpus)
             table = self.task.run(plan)
             self.task.save(table, path)
-            return {**keys, **self.task.count(table), ENGINE_LOADS: loads}
+            return {**keys, **self.task.count(table), ENGINE_LOADS: loads, BATCHES_RETRIED: retried}
 
 
 _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from annotator.config import GenerationConfig, RunConfig, SelectionConfig
+from annotator.core import storage
 from annotator.core.checkpoint import OPERATIONAL_FIELDS, content_fingerprint, digest, write_table
 from annotator.score.store import read_unit_scored
 from annotator.core.layout import generated_batch_path, generated_dir
@@ -53,7 +53,7 @@ class EngineDocuments(UnitStage):
 
     def engine_documents(self, unit: Unit, columns: list[str] | None = None) -> pa.Table:
         """The unit's documents that need the engine (duplicates dropped, selected), in input order."""
-        table, _ = drop_duplicates(read_unit_scored(Path(self.out_dir), unit, columns=columns), self.duplicates.get(unit.key, []))
+        table, _ = drop_duplicates(read_unit_scored(storage.location(self.out_dir), unit, columns=columns), self.duplicates.get(unit.key, []))
         if not table.num_rows:
             return table
         table = self.select.process(table)
@@ -77,7 +77,7 @@ class PlanGeneration(EngineDocuments):
     pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        return plan_batches(self.engine_documents(unit), unit=unit.key, out_dir=Path(self.out_dir),
+        return plan_batches(self.engine_documents(unit), unit=unit.key, out_dir=storage.location(self.out_dir),
                             batch_size=self.generation.batch_size, pass_name=self.pass_name)
 
 
@@ -108,6 +108,8 @@ def generation_counts(batch: pa.Table, *, main_status: str) -> dict[str, int]:
     status = batch.column(main_status).to_pylist()
     return {"documents": batch.num_rows, "selected": sum(s not in (NOT_SELECTED, NOT_REQUESTED) for s in status),
             "generated_tokens": int(pc.sum(batch.column("gen_output_tokens")).as_py() or 0),
+            "prompt_tokens": int(pc.sum(batch.column("gen_prompt_tokens")).as_py() or 0),
+            "cached_prompt_tokens": int(pc.sum(batch.column("gen_cached_prompt_tokens")).as_py() or 0),
             "failures": sum(is_failed(s) for s in status)}
 
 
@@ -118,7 +120,7 @@ class GenerationTask(ReplicaTask):
     name = "generate"
     reads = PlanGeneration.adds
     keys = {"unit": pa.string()}
-    counts = ("documents", "selected", "generated_tokens", "failures")
+    counts = ("documents", "selected", "generated_tokens", "prompt_tokens", "cached_prompt_tokens", "failures")
 
     def __init__(self, cfg: RunConfig, *, out_dir: str, generation_key: str, num_cpus: float | None = None,
                  recipes: list[Recipe] | None = None, pass_name: str | None = None):
@@ -142,7 +144,7 @@ class GenerationTask(ReplicaTask):
         return bool(plan["doc_ids"])
 
     def batch_path(self, plan: dict) -> Path:
-        return generated_batch_path(Path(self.out_dir), plan["_unit"], index=plan["batch_index"], pass_name=self.pass_name)
+        return generated_batch_path(storage.location(self.out_dir), plan["_unit"], index=plan["batch_index"], pass_name=self.pass_name)
 
     def run(self, plan: dict) -> pa.Table:
         docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
@@ -179,7 +181,7 @@ def generation_key(cfg: RunConfig) -> str:
 
 def cached_generations(out_dir: Path, unit_key: str, *, key: str, pass_name: str | None = None) -> pa.Table | None:
     """The generation results already saved for a unit under generation key `key`."""
-    parts = [pq.read_table(p) for p in sorted((generated_dir(out_dir, pass_name) / unit_key).glob("*.parquet"))]
+    parts = [storage.read_table(p) for p in sorted((generated_dir(out_dir, pass_name) / unit_key).glob("*.parquet"), key=str)]
     if not parts:
         return None
     table = pa.concat_tables(parts, promote_options="permissive")

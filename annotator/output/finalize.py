@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import write_json, write_table
 from annotator.generate.cache import cached_generations
 from annotator.score.store import read_unit_scored, rejected_count
@@ -122,7 +121,7 @@ class FinalizeUnit(UnitStage):
         return [{"unit": unit.key, "manifest": json.dumps(self.finalize(unit))}]
 
     def finalize(self, unit: Unit) -> dict:
-        out = Path(self.out_dir)
+        out = storage.location(self.out_dir)
         scored = read_unit_scored(out, unit)
         rejected = rejected_count(out, unit)
         if scored.num_rows + rejected != unit.rows:
@@ -164,8 +163,8 @@ class FinalizeUnit(UnitStage):
 
 def _reasons(out: Path, unit: Unit) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for p in sorted((out / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet")):
-        for reason in pq.read_table(p, columns=["reason"]).column("reason").to_pylist():
+    for p in sorted((out / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet"), key=str):
+        for reason in storage.read_table(p, columns=["reason"]).column("reason").to_pylist():
             key = reason.split(":", 1)[0]
             counts[key] = counts.get(key, 0) + 1
     return counts

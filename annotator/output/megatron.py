@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from annotator.core import layout
-from annotator.core.checkpoint import durable_replace, temp_path
+from annotator.core.storage import commit, location, temp_path
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -33,7 +33,7 @@ class IndexedDatasetWriter:
     """Writes `<prefix>.bin` and `<prefix>.idx` under temporary names, renamed on `close()`."""
 
     def __init__(self, prefix: str | Path, *, dtype: np.dtype):
-        self.prefix = Path(prefix)
+        self.prefix = location(prefix)
         self.dtype = np.dtype(dtype)
         self._tmp_bin = temp_path(self.prefix.with_suffix(".bin"))
         self._bin = open(self._tmp_bin, "wb")
@@ -61,8 +61,8 @@ class IndexedDatasetWriter:
             f.write(sizes.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_idx.tobytes(order="C"))
-        durable_replace(self._tmp_bin, self.prefix.with_suffix(".bin"))
-        durable_replace(tmp_idx, self.prefix.with_suffix(".idx"))
+        commit(self._tmp_bin, self.prefix.with_suffix(".bin"))
+        commit(tmp_idx, self.prefix.with_suffix(".idx"))
 
 
 @dataclass
@@ -80,6 +80,15 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         start = self.pointers[i] // self.tokens.itemsize
         return np.asarray(self.tokens[start : start + self.sizes[i]])
+
+
+def sequence_count(prefix) -> int:
+    """Sequences in `<prefix>.idx`, from its header (any location: only the header is read)."""
+    with location(prefix).with_suffix(".idx").open("rb") as f:
+        head = f.read(len(_MAGIC) + 8 + 1 + 8)
+    if not head.startswith(_MAGIC) or len(head) < len(_MAGIC) + 17:
+        raise ValueError(f"{prefix}.idx is not a Megatron MMIDIDX index")
+    return struct.unpack("<Q", head[len(_MAGIC) + 9:])[0]
 
 
 def read_indexed_dataset(prefix: str | Path) -> IndexedDataset:

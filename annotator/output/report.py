@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
+from annotator.core.storage import write_atomically
 from annotator.core.statuses import OK
 
 REPORT_FILE = "report.html"
@@ -265,8 +265,8 @@ def sample_documents(out_dir: Path, *, n: int = 3) -> list[dict]:
     """The first `n` annotated documents (a reflection or annotations) of the first shards that hold
     them; each file is read batch by batch, and reading stops once `n` are found."""
     found: list[dict] = []
-    for shard in layout.text_shards(Path(out_dir)):
-        pf = pq.ParquetFile(shard)
+    for shard in layout.text_shards(out_dir):
+        pf = storage.parquet_file(shard)
         columns = [c for c in SAMPLE_COLUMNS if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
             annotated = pc.equal(batch.column("reflection_status"), OK)
@@ -443,7 +443,8 @@ def render_report(stats: dict, *, samples: list[dict], plots: dict[str, bytes]) 
 
 def write_report(out_dir: Path, stats: dict) -> Path:
     """Writes `report.html` into the run's output directory; returns its path."""
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     path = out_dir / REPORT_FILE
-    path.write_text(render_report(stats, samples=sample_documents(out_dir), plots=run_plots(stats)), encoding="utf-8")
+    html = render_report(stats, samples=sample_documents(out_dir), plots=run_plots(stats))
+    write_atomically(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return path

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.statuses import OK, is_failed
-
 
 
 def sample_reflection(output: str) -> dict | None:
     """The first document with a reflection in the written shards, or None."""
-    for shard in layout.text_shards(Path(output)):
-        table = pq.read_table(shard, columns=["doc_id", "safety_score", "selected_reason", "reflection_1p", "reflection_status"])
+    for shard in layout.text_shards(output):
+        table = storage.read_table(shard, columns=["doc_id", "safety_score", "selected_reason", "reflection_1p", "reflection_status"])
         hits = table.filter(pc.equal(table.column("reflection_status"), OK))
         if hits.num_rows:
             return hits.slice(0, 1).to_pylist()[0]
@@ -23,7 +19,7 @@ def sample_reflection(output: str) -> dict | None:
 
 
 def format_summary(stats: dict, *, output: str) -> str:
-    out = Path(output).resolve()
+    out = storage.location(output)
     status = stats.get("reflection_status", {})
     failed = {k: v for k, v in status.items() if is_failed(k)}
     lines = [

@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from importlib.metadata import version
 from pathlib import Path
 
 from annotator.config import RunConfig
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import write_json
 from annotator.core.errors import RunError
 from annotator.engine.models import cache_dir, resolve_model
@@ -26,7 +27,7 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolv
     `tokenized/metadata.json`: every added token's id, EOS and pad ids, the window, each stream's
     size and files, and the blend line Megatron-LM's `--data-path` takes (weights proportional to
     windows: the natural mix of annotated and compact windows)."""
-    from annotator.output.megatron import read_indexed_dataset, token_dtype
+    from annotator.output.megatron import sequence_count, token_dtype
     from annotator.output.tokenized import special_tokens, training_tokenizer
 
     pack_sections = list(resolved.sections)
@@ -39,11 +40,11 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolv
     streams = {}
     for name in layout.stream_names(out_dir):
         prefixes = layout.stream_prefixes(out_dir, name)
-        sequences = [len(read_indexed_dataset(p)) for p in prefixes]
+        sequences = [sequence_count(p) for p in prefixes]
         merged = stats.get("streams", {}).get(name, {})
         streams[name] = {"files": len(prefixes), "sequences": sum(sequences), "tokens": merged.get("tokens", 0),
                          "padding": merged.get("padding", 0),
-                         "prefixes": [str(p.relative_to(out_dir)) for p in prefixes], "sequences_per_file": sequences}
+                         "prefixes": [storage.relative(p, out_dir) for p in prefixes], "sequences_per_file": sequences}
     pad = cfg.output.pad_token_id if cfg.output.pad_token_id is not None else target.eos_id
     meta = {
         "format": "megatron-mmidx",
@@ -70,9 +71,7 @@ def save_training_metadata(cfg: RunConfig, out_dir: Path, *, stats: dict, resolv
         "recipes": stream_recipes(resolved, voices=cfg.output.voices),
         "blend": blend_lines(out_dir, streams, cfg=cfg),
     }
-    path = out_dir / layout.TOKENS_DIR / layout.METADATA
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, meta)
+    write_json(out_dir / layout.TOKENS_DIR / layout.METADATA, meta)
     return {k: v for k, v in meta.items() if k != "streams"} | {"streams": {k: {f: v[f] for f in ("files", "sequences", "tokens", "padding")}
                                                                            for k, v in streams.items()}}
 
@@ -91,7 +90,10 @@ def save_extended_tokenizer(spec: str, *, added: tuple[str, ...], eos_token: str
     every run's finish here. A Hub id is built every time (its files are not local to key on)."""
     source = Path(resolve_model(spec))
     if not source.is_dir():
-        return _build_extended_tokenizer(spec, added=added, eos_token=eos_token, dest=dest)
+        with tempfile.TemporaryDirectory(prefix="spp-tokenizer-") as built:
+            ids = _build_extended_tokenizer(spec, added=added, eos_token=eos_token, dest=Path(built))
+            _copy_folder(Path(built), dest)
+        return ids
     cached = cache_dir() / "tokenizers" / _tokenizer_key(source, added=added, eos_token=eos_token)
     if not (cached / _IDS_FILE).is_file():
         tmp = cached.with_name(f"{cached.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -104,11 +106,16 @@ def save_extended_tokenizer(spec: str, *, added: tuple[str, ...], eos_token: str
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(cached.iterdir()):
-        if f.is_file() and f.name != _IDS_FILE:
-            shutil.copyfile(f, dest / f.name)
+    _copy_folder(cached, dest, skip=(_IDS_FILE,))
     return json.loads((cached / _IDS_FILE).read_text())
+
+
+def _copy_folder(local: Path, dest, *, skip: tuple[str, ...] = ()) -> None:
+    """The files of a local folder copied into `dest` (a folder or an object-storage prefix)."""
+    storage.mkdirs(dest)
+    for f in sorted(local.iterdir()):
+        if f.is_file() and f.name not in skip:
+            storage.copy_in(f, dest / f.name)
 
 
 def _build_extended_tokenizer(spec: str, *, added: tuple[str, ...], eos_token: str, dest: Path) -> dict[str, int]:

@@ -9,13 +9,12 @@ into `compact`), or `documents` (one sequence per document). Names depend on the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import write_atomically, write_table
 from annotator.config import OutputConfig
 from annotator.output.megatron import IndexedDatasetWriter, token_dtype
@@ -136,7 +135,7 @@ class StreamWriter:
 
     def __init__(self, *, out_dir: str, output: OutputConfig, sections: list[str], annotation_tokens: int, streams: list[Placed],
                  generation_enabled: bool = True):
-        self.out = Path(out_dir)
+        self.out = storage.location(out_dir)
         self.generation_enabled = generation_enabled
         self.output = output
         self.sections = list(sections)
@@ -179,7 +178,7 @@ class StreamWriter:
         chosen = chosen_mask(table, generation_enabled=self.generation_enabled)
         for placed in self.streams:
             prefix = layout.stream_prefix(self.out, placed.stream, name=name)
-            prefix.parent.mkdir(parents=True, exist_ok=True)
+            storage.mkdirs(prefix.parent)
             tokens, masks = IndexedDatasetWriter(prefix, dtype=self.dtype), IndexedDatasetWriter(layout.mask_prefix(prefix), dtype=np.uint8)
             total = 0
             for start in range(0, table.num_rows, _TOKENIZE_SLICE):
@@ -231,7 +230,7 @@ class StreamWriter:
         writers = {}
         for placed in self.streams:
             prefix = layout.stream_prefix(self.out, placed.stream, name=unit)
-            prefix.parent.mkdir(parents=True, exist_ok=True)
+            storage.mkdirs(prefix.parent)
             writers[placed.stream] = (placed, prefix, IndexedDatasetWriter(prefix, dtype=self.dtype),
                                       IndexedDatasetWriter(layout.mask_prefix(prefix), dtype=np.uint8), [])
         rows = table.to_pylist()
@@ -266,7 +265,7 @@ class StreamWriter:
 
     def _compact(self, table: pa.Table, unit: str, *, tails: list[list[int]], placed: Placed | None, stream: str = layout.COMPACT) -> dict:
         prefix = layout.stream_prefix(self.out, stream, name=unit)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+        storage.mkdirs(prefix.parent)
         writer = IndexedDatasetWriter(prefix, dtype=self.dtype)
         packer = DensePacker(size=self.size, eos_id=self.eos_id, pad_id=self.pad_id)
         windows = 0
@@ -319,7 +318,7 @@ class ShardWriter(Stage):
             return pa.table({"shard": [json.dumps([])], "stats_json": [json.dumps({**shard_stats(batch, written=written), "streams": {}})]})
         written = written.take(interleave_order(written.column("doc_id").to_pylist(), self.output.shuffle_seed))
         stem = batch.column("_unit")[0].as_py()  # one work unit per call: names follow the unit
-        out = Path(self.out_dir)
+        out = storage.location(self.out_dir)
         streams: dict[str, dict] = {}
         names = []
         writer = StreamWriter(out_dir=self.out_dir, output=self.output, sections=self.sections, annotation_tokens=self.annotation_tokens,

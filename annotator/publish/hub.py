@@ -23,8 +23,8 @@ from annotator.output.report import (
     RECIPE_HEADER, REPORT_FILE, audit_rows, plot_titles, recipe_rows, render_report, run_plots, sample_documents, summary_rows,
 )
 from annotator.output.stats import STRATUM_SEPARATOR, provenance, stratum_key
-from annotator.core import layout
-from annotator.core.checkpoint import TMP_MARK
+from annotator.core import layout, storage
+from annotator.core.storage import TMP_MARK
 from annotator.audit import sampling
 from annotator.audit.sampling import allocate_sample, read_rows
 
@@ -73,9 +73,9 @@ def size_category(rows: int) -> str:
 
 
 def shard_files(out_dir: Path) -> list[Path]:
-    files = layout.text_shards(Path(out_dir))
+    files = layout.text_shards(out_dir)
     if not files:
-        raise PublishError(f"no shards under {Path(out_dir) / layout.TEXT_DIR}; is --output a finished run's output directory?")
+        raise PublishError(f"no shards under {storage.location(out_dir) / layout.TEXT_DIR}; is --output a finished run's output directory?")
     return files
 
 
@@ -276,9 +276,12 @@ def license_text(options: PublishOptions, sample: pa.Table) -> str:
     ])
 
 
-def _place(src: Path, dest: Path) -> None:
-    """Hard link when possible (shards can be large), copy otherwise."""
+def _place(src, dest: Path) -> None:
+    """Hard link when possible (shards can be large), copy otherwise (a download from object storage)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(src):
+        storage.copy_out(src, dest)
+        return
     try:
         os.link(src, dest)
     except OSError:
@@ -288,7 +291,7 @@ def _place(src: Path, dest: Path) -> None:
 def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> list[str]:
     """Stages the repository in `dest` (replaced if it holds an earlier staging); returns the
     repository paths, sorted."""
-    out_dir, dest = Path(out_dir), Path(dest)
+    out_dir, dest = storage.location(out_dir), Path(dest)
     stats_path = out_dir / STATS_FILE
     if not stats_path.exists():
         raise PublishError(f"{stats_path} not found; is --output a finished run's output directory?")
@@ -303,14 +306,14 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
     for name, png in plots.items():
         (dest / IMAGES_DIR / f"{name}.png").write_bytes(png)
     (dest / REPORT_FILE).write_text(render_report(stats, samples=sample_documents(out_dir), plots=plots), encoding="utf-8")
-    shutil.copy2(stats_path, dest / STATS_FILE)
+    _place(stats_path, dest / STATS_FILE)
     if options.include_shards:
         for f in shard_files(out_dir):
             _place(f, dest / SHARDS_IN_REPO / f.name)
         for folder in (layout.TOKENS_DIR, layout.TOKENIZER_DIR):  # what a trainer needs besides the text
             for f in sorted((out_dir / folder).rglob("*")):
                 if f.is_file() and TMP_MARK not in f.name:   # never a killed writer's half-written file
-                    _place(f, dest / f.relative_to(out_dir))
+                    _place(f, dest / storage.relative(f, out_dir))
     write_license_file(dest, options, sample=sample)
     (dest / CARD_FILE).write_text(build_card(stats, options=options, sample=sample, strata=strata), encoding="utf-8")
     for secret in publish_secrets(stats):  # a dry run refuses what an upload would refuse

@@ -13,15 +13,13 @@ Text shards, the other streams and their files stay byte for byte as they were.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import (OPERATIONAL_FIELDS, config_differences, content_fingerprint, digest, output_settings, write_json,
                                       write_table)
 from annotator.generate.cache import cached_generations
@@ -38,6 +36,7 @@ from annotator.output.tokenized import training_tokenizer
 from annotator.core.units import InputPlan, RejectedFile, Unit, units_from_json
 from annotator.output.writer import StreamWriter
 from annotator.method.resolved import ResolvedRun, resolve_run
+from annotator.run.shared_output import check_nodes_see_output
 
 # What a new recipe must share with the run it is added to: a difference here is refused.
 SHARED_SECTIONS = ("input", "classifier", "selection", "output")
@@ -109,7 +108,7 @@ def plan_added(out_dir: Path, names: list[str], *, given: RunConfig | None) -> t
 
 def sidecar_table(out_dir: Path, unit: str) -> pa.Table | None:
     path = layout.sidecar_path(out_dir, unit)
-    return pq.read_table(path) if path.exists() else None
+    return storage.read_table(path) if path.exists() else None
 
 
 class PlanAddedGeneration(UnitStage):
@@ -129,12 +128,12 @@ class PlanAddedGeneration(UnitStage):
         self.pass_name = pass_name
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        side = sidecar_table(Path(self.out_dir), unit.key)
+        side = sidecar_table(storage.location(self.out_dir), unit.key)
         if side is None or not side.num_rows:
             return []
         docs = side.select(["doc_id", "text", "is_bad", "source_row"]).sort_by("source_row")
         docs = docs.append_column("selected", pa.array([True] * docs.num_rows))
-        return plan_batches(docs, unit=unit.key, out_dir=Path(self.out_dir), batch_size=self.batch_size, pass_name=self.pass_name)
+        return plan_batches(docs, unit=unit.key, out_dir=storage.location(self.out_dir), batch_size=self.batch_size, pass_name=self.pass_name)
 
 
 class AddRecipeUnit(UnitStage):
@@ -157,7 +156,7 @@ class AddRecipeUnit(UnitStage):
         self.resources = Resources(num_cpus=1, batch_size=1)
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        out = Path(self.out_dir)
+        out = storage.location(self.out_dir)
         manifest_path = out / DONE / f"{unit.key}.json"
         manifest = json.loads(manifest_path.read_text())
         names = [r.name for r in self.recipes]
@@ -201,11 +200,12 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     """Adds `names` to the finished run in `out_dir`; returns the updated stats. `lock`: the
     folder's `OutputLock` held by the caller, checked before anything is finalized."""
     from annotator.engine.resources import replica_cpus
-    from annotator.run.pipeline import finish_run, progress_for, saved_generations
+    from annotator.run.pipeline import count_generated, finish_run, progress_for, saved_generations
     from annotator.score.reader import units_dataset
 
-    out_dir = Path(out_dir).resolve()
+    out_dir = storage.location(out_dir)
     cfg, plan, recipes = plan_added(out_dir, names, given=given)
+    check_nodes_see_output(out_dir, log=log)
     resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
     added = resolve_run(cfg.generation, voices=cfg.output.voices, recipes=recipes)
     pass_name = "+".join(names)
@@ -221,25 +221,22 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     # An earlier attempt of this add that was stopped: its written units or saved batches are kept.
     work = {"resumed": bool(reused) or len(pending) < len(plan.units), "added_recipes": names, "units": len(plan.units),
             "units_done_before": len(plan.units) - len(pending), "documents_scored": 0, "generations_reused": reused,
-            "generations_made": 0, "engine_loads": 0, "units_finalized": len(pending)}
+            "generations_made": 0, "engine_loads": 0, "batches_retried": 0, "units_finalized": len(pending)}
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}
     if pending:
         t0 = time.time()
         cpus = replica_cpus(cfg, cluster_resources())
         stages = [PlanAddedGeneration(out_dir=str(out_dir), batch_size=cfg.generation.batch_size, pass_name=pass_name),
                   generation_stage(cfg, out_dir=str(out_dir), generation_key=gen_key, num_cpus=cpus, recipes=recipes, pass_name=pass_name)]
-        with progress_for(cfg, None, label="pass 2a", log=log) as progress:
+        with progress_for(cfg, None, label="pass 2a", stage="add-generate", log=log) as progress:
             for row in run_stages(units_dataset(pending), stages):
-                progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
-                                failures=row["failures"])
-                work["generations_made"] += row["documents"]
-                work["engine_loads"] += row["engine_loads"]
+                count_generated(row, progress=progress, work=work)
         timings["generation_pass"] = time.time() - t0
         if lock is not None:
             lock.check()
         t0 = time.time()
         add = AddRecipeUnit(cfg, out_dir=str(out_dir), resolved=resolved, added=added, generation_key=gen_key, pass_name=pass_name)
-        with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", log=log) as progress:
+        with progress_for(cfg, sum(u.rows for u in pending), label="pass 2b", stage="add-finalize", log=log) as progress:
             for row in run_stages(units_dataset(pending), [add]):
                 progress.update(documents=json.loads(row["manifest"])["rows"])
         timings["finalize_pass"] = time.time() - t0
@@ -253,5 +250,5 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
                        if (out_dir / SELECTION).exists() else {"probability": None},
                        timings=timings, started=started, work=work, log=log, resolved=resolved)
     if not cfg.output.keep_work:
-        shutil.rmtree(generated_dir(out_dir, pass_name), ignore_errors=True)
+        storage.remove_tree(generated_dir(out_dir, pass_name))
     return stats

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -29,12 +28,16 @@ from annotator.engine.resources import check_reservations, replica_cpus
 from annotator.output.training_metadata import save_training_metadata
 from annotator.method.resolved import ResolvedRun, resolve_run
 from annotator.score.corpus import IDS, corpus_totals, count_for_generation
-from annotator.core import layout
+from annotator.core import layout, storage
+from annotator.core.storage import write_atomically
 from annotator.generate.cache import PlanGeneration, generation_stage, generator_stage
 from annotator.output.finalize import FinalizeUnit, finalize_stages
 from annotator.generate.generator import NoGeneration
 from annotator.run.projection import load_plan, plan_vs_actual
+from annotator.run.shared_output import check_nodes_see_output
+from annotator.core.metrics import RunMetrics
 from annotator.core.progress import Progress
+from annotator.engine.replica import BATCHES_RETRIED
 from annotator.score.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
 from annotator.score.safety import build_scorer
 from annotator.score.selection import DROPPED_BAD, SelectForReflection, sample_probability
@@ -59,8 +62,20 @@ def input_directory(path: str) -> Path:
     return Path(head.rstrip("/") or ".").resolve()
 
 
+def input_directory_url(path: str) -> str:
+    """`input_directory` of a URL, as a URL."""
+    head = re.split(r"[*?\[]", path, maxsplit=1)[0]
+    return (head.rsplit("/", 1)[0] if head != path else head).rstrip("/")
+
+
 def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) -> None:
     """Never write into the input: not into an input directory, not where input files live."""
+    if storage.is_remote(out_dir):
+        prefix = str(out_dir).rstrip("/") + "/"
+        for p in [*cfg.input.paths, *files]:
+            if p.rstrip("/") + "/" == prefix or p.startswith(prefix) or prefix.startswith(input_directory_url(p) + "/"):
+                raise OutputDirError(f"output.path {str(out_dir)!r} and the input {p!r} overlap; refusing to write into the input")
+        return
     for p in cfg.input.paths:
         if "://" in p:
             continue
@@ -103,7 +118,7 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
                                  "this tool's files of its own runs: choose a new or empty folder")
         # This tool's entries only (those of an SFT run when one was there); --plan's plan.json stays.
         remove_entries(out_dir, layout.SFT_OUTPUTS if previous.get("kind") == "sft" else layout.RUN_OUTPUTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.mkdirs(out_dir)
     write_json(run_file, {"tool": layout.TOOL, **settings, "config": cfg.model_dump(mode="json"), "created_at": time.time(),
                           "versions": _versions()})
     return False
@@ -154,8 +169,8 @@ def _chain_check(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]
 def reserved_columns(cfg: RunConfig, *, resolved: ResolvedRun) -> set[str]:
     """Every column the pipeline adds: an input column of the same name is renamed, not overwritten."""
     names = {"unit", *ReadUnits.adds}
-    for stage in (*scoring_stages(cfg, out_dir=Path(cfg.output.path), extra_columns={})[1:-1],
-                  *second_pass_stages(cfg, out_dir=Path(cfg.output.path), resolved=resolved)[:-1]):
+    for stage in (*scoring_stages(cfg, out_dir=cfg.output.path, extra_columns={})[1:-1],
+                  *second_pass_stages(cfg, out_dir=cfg.output.path, resolved=resolved)[:-1]):
         names |= set(stage.adds)
     return names
 
@@ -179,22 +194,23 @@ def _selection_state(cfg: RunConfig, out_dir: Path, *, units: list[Unit]) -> dic
         "duplicates": duplicates,
     }
     write_json(path, state)
-    shutil.rmtree(out_dir / IDS, ignore_errors=True)
+    storage.remove_tree(out_dir / IDS)
     return state
 
 
 def saved_generations(out_dir: Path, units: list[Unit], *, pass_name: str | None = None) -> int:
     """Generation results already on disk for `units` (from Parquet footers, no data read), of the
     run or of the recipes `pass_name` added to it."""
-    import pyarrow.parquet as pq
 
     folder = generated_dir(out_dir, pass_name)
-    return sum(pq.ParquetFile(p).metadata.num_rows for u in units for p in (folder / u.key).glob("*.parquet"))
+    return sum(storage.parquet_file(p).metadata.num_rows for u in units for p in (folder / u.key).glob("*.parquet"))
 
 
-def progress_for(cfg: RunConfig, total: int, *, label: str, log, expected_docs_per_s: float | None = None) -> Progress:
+def progress_for(cfg: RunConfig, total: int, *, label: str, stage: str, log, expected_docs_per_s: float | None = None) -> Progress:
+    """A pass's progress: status lines, and the same counts as live metrics tagged `stage`."""
+    metrics = RunMetrics(stage=stage, output=str(storage.location(cfg.output.path)), count_replicas="generate" in stage)
     progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
-                        expected_docs_per_s=expected_docs_per_s)
+                        expected_docs_per_s=expected_docs_per_s, metrics=metrics)
     progress.configure_ray_data()
     configure_backpressure()
     return progress
@@ -207,7 +223,7 @@ def score_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], extra: dict,
         clear_unit_scoring(out_dir, unit)
     log(f"[spp] pass 1: scoring {len(units)} units -> {out_dir / SCORED}")
     ops = scoring_ops(scoring_stages(cfg, out_dir=out_dir, extra_columns=extra), num_cpus=cfg.classifier.num_cpus)
-    with progress_for(cfg, sum(u.rows for u in units), label="pass 1", log=log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), label="pass 1", stage="score", log=log) as progress:
         for row in run_stages(units_dataset(units), ops):
             progress.update(documents=row["scored"] + row["rejected"], failures=row["rejected"])
     unfinished = [u.key for u in units if not unit_scored(out_dir, u)]
@@ -231,13 +247,20 @@ def generate_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     remaining = max(0, state.get("needs_generation", 0) - work["generations_reused"]) or None
     rate = (cost_plan or {}).get("measured", {}).get("reflections_per_second_per_replica")
     expected = rate * cfg.generation.concurrency if rate else None
-    with progress_for(cfg, remaining, label="pass 2a", log=log, expected_docs_per_s=expected) as progress:
+    with progress_for(cfg, remaining, label="pass 2a", stage="generate", log=log, expected_docs_per_s=expected) as progress:
         for row in run_stages(units_dataset(units), stages):
-            progress.update(documents=row["documents"], selected=row["selected"],
-                            generated_tokens=row["generated_tokens"], failures=row["failures"])
-            work["generations_made"] += row["documents"]
-            work["engine_loads"] += row["engine_loads"]
+            count_generated(row, progress=progress, work=work)
     return time.time() - t0
+
+
+def count_generated(row: dict, *, progress: Progress, work: dict) -> None:
+    """One generated batch's counts, into the pass's progress (and live metrics) and the run's record."""
+    progress.update(documents=row["documents"], selected=row["selected"], generated_tokens=row["generated_tokens"],
+                    failures=row["failures"], prompt_tokens=row["prompt_tokens"], cached_prompt_tokens=row["cached_prompt_tokens"],
+                    batches_retried=row[BATCHES_RETRIED])
+    work["generations_made"] += row["documents"]
+    work["engine_loads"] += row["engine_loads"]
+    work["batches_retried"] += row[BATCHES_RETRIED]
 
 
 def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: dict, gen_key: str, resolved: ResolvedRun, log) -> float:
@@ -246,7 +269,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
     finalize = FinalizeUnit(cfg, out_dir=str(out_dir), probability=state["probability"], generation_key=gen_key,
                             duplicates=state["duplicates"], resolved=resolved)
     log(f"[spp] pass 2b: writing {len(units)} units -> {out_dir / layout.TEXT_DIR}")
-    with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", log=log) as progress:
+    with progress_for(cfg, sum(u.rows for u in units), label="pass 2b", stage="finalize", log=log) as progress:
         for row in run_stages(units_dataset(units), [finalize]):
             manifest = json.loads(row["manifest"])
             stats = manifest["stats"]
@@ -257,7 +280,7 @@ def finalize_pass(cfg: RunConfig, out_dir: Path, *, units: list[Unit], state: di
 
 def run(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) the whole pipeline on the current Ray cluster; returns the merged stats."""
-    out_dir = Path(cfg.output.path).resolve()
+    out_dir = storage.location(cfg.output.path)
     cfg = config_as_recorded(cfg, out_dir)
     files = expand_paths(cfg.input.paths)
     check_output_location(out_dir, cfg, files=files)
@@ -281,9 +304,10 @@ def _run_locked(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, extra: dict[s
                 lock: OutputLock, log) -> dict:
     """The passes, under the output folder's lock (checked again before anything is finalized)."""
     resumed = open_output(out_dir, cfg, plan=plan)
+    check_nodes_see_output(out_dir, log=log)
     cost_plan = load_plan(out_dir, cfg, log=log)
-    (out_dir / REJECTED_FILES).parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / REJECTED_FILES).write_text("".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files))
+    rejected_files = "".join(json.dumps({"path": r.path, "reason": r.reason}) + "\n" for r in plan.rejected_files)
+    write_atomically(out_dir / REJECTED_FILES, lambda tmp: tmp.write_text(rejected_files))
 
     started = time.time()
     pending = [u for u in plan.units if not unit_done(out_dir, u)]
@@ -307,7 +331,7 @@ def _run_locked(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, extra: dict[s
 
     work = {"resumed": resumed, "units": len(plan.units), "units_done_before": len(plan.units) - len(pending),
             "units_scored_before": len(pending) - len(to_score), "documents_scored": sum(u.rows for u in to_score),
-            "generations_reused": saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0,
+            "generations_reused": saved_generations(out_dir, pending), "generations_made": 0, "engine_loads": 0, "batches_retried": 0,
             "units_finalized": len(pending)}
     if pending and cfg.generation.enabled:
         timings["generation_pass"] = generate_pass(cfg, out_dir, units=pending, state=state, gen_key=gen_key, cpus=cpus, work=work, log=log,
@@ -338,7 +362,7 @@ def finish_run(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, t
     write_report(out_dir, stats)
     if not cfg.output.keep_work:
         for d in (SCORED, GENERATED):
-            shutil.rmtree(out_dir / d, ignore_errors=True)
+            storage.remove_tree(out_dir / d)
     return stats
 
 

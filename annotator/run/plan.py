@@ -11,15 +11,13 @@ side in stats.json (`plan`).
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from annotator.core import layout
-from annotator.core.checkpoint import write_json
+from annotator.core import layout, storage
+from annotator.core.checkpoint import write_json, write_table
 from annotator.config import RunConfig, load_config
 from annotator.run.pipeline import run
 from annotator.run.projection import project
@@ -34,21 +32,20 @@ def calibration_slice(shards: list[Path], *, n: int, cfg: RunConfig, dest: Path)
     column names; returns how many."""
     rows: list[dict] = []
     for f in shards:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["doc_id", "text", "selected"], batch_size=4096):
+        for batch in storage.parquet_file(f).iter_batches(columns=["doc_id", "text", "selected"], batch_size=4096):
             for doc_id, text, selected in zip(*(batch.column(c).to_pylist() for c in ("doc_id", "text", "selected"))):
                 if selected and len(rows) < n:
                     rows.append({cfg.input.id_column or "id": doc_id, cfg.input.text_column: text})
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([(cfg.input.id_column or "id", pa.string()),
-                                                                (cfg.input.text_column, pa.string())])), dest)
+    write_table(dest, pa.Table.from_pylist(rows, schema=pa.schema([(cfg.input.id_column or "id", pa.string()),
+                                                                   (cfg.input.text_column, pa.string())])))
     return len(rows)
 
 
 def make_plan(cfg: RunConfig, *, documents_in_input: int, log=print) -> dict:
     """Runs the two measuring runs and writes `<output>/plan.json`; returns the plan."""
-    out = Path(cfg.output.path).resolve()
+    out = storage.location(cfg.output.path)
     work = out / layout.PLAN_WORK
-    shutil.rmtree(work, ignore_errors=True)
+    storage.remove_tree(work)
     t0 = time.time()
     score_limit = cfg.plan.score_documents
     log(f"[spp] plan 1/2: scoring and selection on {score_limit or documents_in_input} documents (no generation)")
@@ -68,5 +65,5 @@ def make_plan(cfg: RunConfig, *, documents_in_input: int, log=print) -> dict:
     plan = project(cfg, scoring=s, calibration=c, documents_in_input=documents_in_input, calibration_documents=n)
     plan["measured_in_seconds"] = round(time.time() - t0, 1)
     write_json(out / layout.PLAN_FILE, plan)
-    shutil.rmtree(work, ignore_errors=True)
+    storage.remove_tree(work)
     return plan

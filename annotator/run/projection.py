@@ -11,6 +11,7 @@ from pathlib import Path
 
 from annotator.config import RunConfig
 from annotator.core import layout
+from annotator.core.storage import location
 from annotator.core.checkpoint import digest, output_settings
 from annotator.core.statuses import OK
 
@@ -79,7 +80,7 @@ def project(cfg: RunConfig, *, scoring: dict, calibration: dict | None, document
 
 def load_plan(out_dir: Path, cfg: RunConfig, *, log=print) -> dict | None:
     """The plan in `out_dir` when it was made for this config (else None, said once)."""
-    path = Path(out_dir) / layout.PLAN_FILE
+    path = location(out_dir) / layout.PLAN_FILE
     if not path.exists():
         return None
     plan = json.loads(path.read_text())

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import write_atomically
 from annotator.score.store import read_unit_scored
 from annotator.config import SelectionConfig
@@ -66,7 +66,7 @@ class SummarizeUnit(UnitStage):
         self.resources = Resources(num_cpus=0.5, batch_size=1)
 
     def _summarize(self, unit: Unit, index: int) -> dict:
-        out = Path(self.out_dir)
+        out = storage.location(self.out_dir)
         table = read_unit_scored(out, unit, columns=["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
         per_score = table.group_by("safety_score").aggregate([("safety_score", "count"), ("token_length", "sum")]).to_pylist()
         unconfident = table.filter(pc.and_(pc.greater_equal(table.column("safety_score"), self.selection.bad_threshold),
@@ -120,11 +120,11 @@ class FindDuplicates(Stage):
     def _bucket(self, bucket: int) -> pa.Table:
         import pyarrow.dataset as pads
 
-        files = sorted(str(p) for p in (Path(self.out_dir) / IDS).glob("*.parquet"))
+        files, fs = storage.dataset_files((storage.location(self.out_dir) / IDS).glob("*.parquet"))
         empty = pa.table({"unit_index": pa.array([], pa.int32()), "source_row": pa.array([], pa.int64())})
         if not files:
             return empty
-        ids = pads.dataset(files, schema=_IDS_SCHEMA, format="parquet").to_table(
+        ids = pads.dataset(files, schema=_IDS_SCHEMA, format="parquet", filesystem=fs).to_table(
             filter=pc.field("bucket") == bucket, columns=["doc_id", "unit_index", "source_row"])
         counts = ids.group_by("doc_id").aggregate([("doc_id", "count")])
         repeated = counts.filter(pc.greater(counts.column("doc_id_count"), 1)).column("doc_id")

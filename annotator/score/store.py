@@ -6,13 +6,12 @@ parts and rejects add up to its rows; the later passes read the unit back in inp
 from __future__ import annotations
 
 import glob
-import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from annotator.core import storage
 from annotator.core.checkpoint import write_table
 from annotator.core.layout import REJECTED_DOCUMENTS, SCORED
 from annotator.core.stages import Resources, Stage
@@ -22,7 +21,7 @@ from annotator.score.reader import REJECT_COLUMNS
 
 def _counted(names) -> int:
     """Rows recorded in part names `<first>-<n>.parquet`."""
-    return sum(int(Path(n).stem.rsplit("-", 1)[1]) for n in names)
+    return sum(int(PurePosixPath(getattr(n, "name", n)).stem.rsplit("-", 1)[1]) for n in names)
 
 
 def unit_scored(out_dir: Path, unit: Unit) -> bool:
@@ -32,7 +31,7 @@ def unit_scored(out_dir: Path, unit: Unit) -> bool:
 
 def clear_unit_scoring(out_dir: Path, unit: Unit) -> None:
     """Forget a unit's partial pass-1 output before it is scored again (no duplicates)."""
-    shutil.rmtree(out_dir / SCORED / unit.key, ignore_errors=True)
+    storage.remove_tree(out_dir / SCORED / unit.key)
     for p in (out_dir / REJECTED_DOCUMENTS).glob(f"{glob.escape(unit.key)}-*.parquet"):
         p.unlink()
 
@@ -50,7 +49,7 @@ class WriteScored(Stage):
         self.resources = Resources(num_cpus=0.25, batch_size=None)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        out = Path(self.out_dir)
+        out = storage.location(self.out_dir)
         rows = {"unit": [], "scored": [], "rejected": []}
         for unit in sorted(set(batch.column("_unit").to_pylist())):
             part = batch.filter(pc.equal(batch.column("_unit"), unit))
@@ -75,7 +74,7 @@ def read_unit_scored(out_dir: Path, unit: Unit, *, columns: list[str] | None = N
     """All scored documents of a unit (all columns, or `columns` and `source_row`), in input order."""
     if columns is not None and "source_row" not in columns:
         columns = [*columns, "source_row"]
-    parts = [pq.read_table(p, columns=columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"))]
+    parts = [storage.read_table(p, columns=columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"), key=str)]
     table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({c: [] for c in columns or ()})
     if not table.num_rows:
         return table

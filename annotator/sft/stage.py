@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotator.config import ConfigError, RunConfig
+from annotator.core import storage
 from annotator.core.layout import sft_batch_path
 from annotator.engine.replica import ReplicaStage, ReplicaTask, replica_resources
 from annotator.sft.conversation import followup_schema, generate_batch, load_sft_packs, render_user, reply_schema
@@ -55,7 +56,7 @@ class SftTask(ReplicaTask):
         return 1
 
     def batch_path(self, plan: dict) -> Path:
-        return sft_batch_path(Path(self.out_dir), plan["batch_index"])
+        return sft_batch_path(storage.location(self.out_dir), plan["batch_index"])
 
     def run(self, plan: dict) -> pa.Table:
         return generate_batch(self._engine, self._packs, cfg=self.cfg, rows=json.loads(plan["rows"]))

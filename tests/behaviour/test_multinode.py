@@ -36,12 +36,18 @@ def small_corpus(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    cluster = LocalRayCluster(token_auth_env(tmp_path), temp_root=Path("/tmp") / f"spp-ray2-{os.getpid()}")
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """The cluster, shared by this module's tests. Its worker has a disk of its own at
+    `cluster.node_local` (a private tmpfs in its own mount namespace): a path there is a different
+    folder on each node, as a node-local disk is on two machines."""
+    root = tmp_path_factory.mktemp("two-nodes")
+    cluster = LocalRayCluster(token_auth_env(root), temp_root=Path("/tmp") / f"spp-ray2-{os.getpid()}")
+    cluster.node_local = root / "node-local"
     try:
         cluster.start_head(num_cpus=2, resources={"head_node": 1}, object_store_bytes=OBJECT_STORE)
-        cluster.add_worker(name="worker", num_cpus=2, resources={"worker_node": 1}, object_store_bytes=OBJECT_STORE)
+        cluster.add_worker(name="worker", num_cpus=2, resources={"worker_node": 1}, object_store_bytes=OBJECT_STORE,
+                           node_local=cluster.node_local)
         yield cluster
     finally:
         cluster.stop()
@@ -111,6 +117,9 @@ def test_pipeline_job_runs_on_both_nodes(two_nodes, tmp_path):
     # Non-interactive (job logs): one-line progress status, ending with each pass's final line.
     assert re.search(r"\[spp\] pass .* docs/s .* selected .* failed \d+  done in ", logs), logs[-3000:]
 
+    # Both nodes proved they see the output before any work.
+    assert "seen by all 2 nodes of the cluster" in logs
+
     # Work landed on both nodes: the job's tasks (Ray Data map tasks and actor calls), by node.
     jobs = [j for j in cluster.list_state("jobs") if j.get("submission_id") == submission.group(1)]
     assert len(jobs) == 1 and jobs[0]["job_id"], jobs
@@ -119,3 +128,24 @@ def test_pipeline_job_runs_on_both_nodes(two_nodes, tmp_path):
     ran = sorted(Counter((str(role.get(t.get("node_id"))), t["name"]) for t in tasks if STAGE_TASK.match(t["name"])).items())
     assert set(per_node) == {nodes["head"], nodes["worker"]}, ran
     print(f"pipeline stage tasks per node: head {per_node[nodes['head']]}, worker {per_node[nodes['worker']]}; {ran}")
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_see_the_output_is_refused_before_any_work(two_nodes, tmp_path):
+    """The output on a path that is the worker's own disk: the driver (on the head) never sees
+    the worker's probe, and the run stops naming the worker before scoring anything."""
+    cluster = two_nodes
+    corpus = small_corpus(tmp_path / "corpus")
+    out = cluster.node_local / "out"
+    proc = ray_cli(
+        "job", "submit", f"--address={cluster.dashboard}", "--working-dir", ".", "--",
+        "python", "pipelines/spp_reflections.py", "--config", "configs/demo.yaml",
+        "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null", "--set", "generation.enabled=false",
+        "--output", str(out), env=cluster.env, timeout=600,
+    )
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and re.search(r"Job 'raysubmit_\w+' failed", logs), logs[-4000:]
+    worker = next(n for n in cluster.list_state("nodes") if "worker_node" in n["resources_total"])
+    assert f"is not one location for the whole cluster: node {worker['node_ip']} ({worker['node_id'][:12]}) wrote its probe" in logs
+    assert "pass 1" not in logs and not (out / "_work" / "scored").exists() and not (out / "shards").exists()
+    assert not (out / "_work" / "nodes").exists() or not any((out / "_work" / "nodes").iterdir())   # the probes removed

@@ -3,6 +3,8 @@ validator and its message, and `load_config`'s overrides and the errors that nam
 
 from __future__ import annotations
 
+import re
+
 import pydantic
 import pytest
 
@@ -213,9 +215,14 @@ def test_path_flags_are_literal_strings(path):
     assert load_config(DEMO, overrides=[("input.paths", [path])]).input.paths == [path]
 
 
-def test_output_path_as_a_url_is_refused_at_start():
-    for url in ("s3://bucket/prefix", "gs://b/p", "hf://datasets/me/x", "file:///tmp/x"):
-        with pytest.raises(ConfigError, match=r"output\.path: .*is a URL; output goes to a local or mounted folder"):
+def test_output_path_takes_object_storage_urls_and_refuses_what_cannot_hold_a_run():
+    assert load_config(DEMO, overrides=[("output.path", "s3://bucket/prefix")]).output.path == "s3://bucket/prefix"
+    assert load_config(DEMO, overrides=[("output.path", "file:///tmp/x")]).output.path == "file:///tmp/x"
+    refused = {"hf://datasets/me/x": "hf:// cannot hold a run's output", "https://host/x": "https:// cannot hold a run's output",
+               "s3://": "names no bucket", "nosuchfs://b/p": "no filesystem for nosuchfs://",
+               "s3://AKIA:secret@bucket/p": "must not carry credentials", "s3://bucket/p?key=AKIA": "must not carry credentials"}
+    for url, why in refused.items():
+        with pytest.raises(ConfigError, match=rf"output\.path: .*{re.escape(why)}"):
             load_config(DEMO, overrides=[("output.path", url)])
     assert load_config(DEMO, overrides=[("output.path", "/runs/s3:bucket")]).output.path == "/runs/s3:bucket"   # a colon is not a URL
 

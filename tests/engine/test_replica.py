@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotator.config import GenerationConfig
-from annotator.engine.replica import ENGINE_LOADS, ReplicaStage, ReplicaTask, replica_resources
+from annotator.engine.replica import BATCHES_RETRIED, CLAIM_SUFFIX, ENGINE_LOADS, ReplicaStage, ReplicaTask, replica_resources
 from annotator.engine.stream import HOST
 
 
@@ -57,15 +57,25 @@ def test_batches_are_saved_once_and_only_counts_return(tmp_path):
     task = Upper(tmp_path)
     stage = ReplicaStage(task, resources=replica_resources(GenerationConfig(), num_cpus=1.5))
     assert stage.name == "upper" and stage.reads == ("batch_index", "words")
-    assert stage.adds == ("batch_index", "words", "letters", ENGINE_LOADS)
+    assert stage.adds == ("batch_index", "words", "letters", ENGINE_LOADS, BATCHES_RETRIED)
     out = stage.process(plans([], ["ab", "cde"], ["f"]))
     # The empty batch does not load the engine; the first batch with rows does, once.
-    assert out.to_pylist() == [{"batch_index": 0, "words": 0, "letters": 0, ENGINE_LOADS: 0},
-                               {"batch_index": 1, "words": 2, "letters": 5, ENGINE_LOADS: 1},
-                               {"batch_index": 2, "words": 1, "letters": 1, ENGINE_LOADS: 0}]
+    assert out.to_pylist() == [{"batch_index": 0, "words": 0, "letters": 0, ENGINE_LOADS: 0, BATCHES_RETRIED: 0},
+                               {"batch_index": 1, "words": 2, "letters": 5, ENGINE_LOADS: 1, BATCHES_RETRIED: 0},
+                               {"batch_index": 2, "words": 1, "letters": 1, ENGINE_LOADS: 0, BATCHES_RETRIED: 0}]
     assert task.loads == 1
     assert pq.read_table(tmp_path / "batch-00001.parquet").column("word").to_pylist() == ["AB", "CDE"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.parquet", "batch-00001.parquet", "batch-00002.parquet"]
+    # Each batch, and the claim its attempt made when it started.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"batch-0000{i}.parquet{s}" for i in range(3) for s in ("", CLAIM_SUFFIX)]
+
+
+def test_a_batch_started_before_and_not_saved_counts_as_retried(tmp_path):
+    """An earlier attempt (a replica lost with the batch in flight, a killed run) left its claim
+    and no batch: this attempt makes the batch and says it was a retry."""
+    (tmp_path / f"batch-00001.parquet{CLAIM_SUFFIX}").write_bytes(b"")
+    out = ReplicaStage(Upper(tmp_path), resources=replica_resources(GenerationConfig(), num_cpus=1.0)).process(plans(["a"], ["b"]))
+    assert out.column(BATCHES_RETRIED).to_pylist() == [0, 1] and out.column("words").to_pylist() == [1, 1]
+    assert pq.read_table(tmp_path / "batch-00001.parquet").column("word").to_pylist() == ["B"]
 
 
 def test_a_saved_batch_is_not_made_again(tmp_path):
@@ -123,7 +133,7 @@ def test_batches_of_one_call_run_together_up_to_the_replica_limit(tmp_path):
     out = stage.process(plans(["a"], ["bb"], ["ccc"]))
     assert out.column("letters").to_pylist() == [1, 2, 3] and out.column(ENGINE_LOADS).to_pylist().count(1) == 1
     assert task.loads == 1 and task.most_in_host == 1  # host work took turns
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-00000.parquet", "batch-00001.parquet", "batch-00002.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["batch-00000.parquet", "batch-00001.parquet", "batch-00002.parquet"]
 
     # Reproducible: one batch at a time, so three batches never wait together.
     slow = ReplicaStage(WaitsTogether(tmp_path / "r", together=3, timeout=1),

@@ -45,11 +45,12 @@ def test_needs_generation_is_the_selection_unless_a_recipe_applies_to_all():
 def test_a_saved_batch_keeps_its_columns_and_key_and_counts_its_outcomes(tmp_path):
     batch = pa.table({"doc_id": ["a", "b", "c"], "reflection_1p": ["x", None, None], "reflection_status": ["ok", NOT_SELECTED, "failed:too_long"],
                       FAILED_REPLY: [None, None, "raw"], "gen_output_tokens": pa.array([12, 0, 30], pa.int32()),
+                      "gen_prompt_tokens": pa.array([900, 0, 950], pa.int32()), "gen_cached_prompt_tokens": pa.array([800, 0, 0], pa.int32()),
                       "_seconds_generate": [0.5, 0.0, 0.7], "unrelated": [1, 2, 3]})
     path = tmp_path / "b.parquet"
     save_generations(batch, path=path, generation_key="k1", columns=["reflection_1p", "reflection_status"])
     counts = generation_counts(batch, main_status="reflection_status")
-    assert counts == {"documents": 3, "selected": 2, "generated_tokens": 42, "failures": 1}
+    assert counts == {"documents": 3, "selected": 2, "generated_tokens": 42, "prompt_tokens": 1850, "cached_prompt_tokens": 800, "failures": 1}
     saved = pq.read_table(path)
     assert saved.column_names == ["doc_id", "reflection_1p", "reflection_status", FAILED_REPLY, "_seconds_generate", "generation_key"]
     assert saved.column("generation_key").to_pylist() == ["k1"] * 3

@@ -12,7 +12,8 @@ import pytest
 
 from annotator.config import RunConfig, load_config
 from annotator.core import layout
-from annotator.core.checkpoint import temp_path, write_json
+from annotator.core.checkpoint import write_json
+from annotator.core.storage import temp_path
 from annotator.core.errors import OutputDirError
 from annotator.core.units import InputPlan, RejectedFile, Unit
 from annotator.run.add_recipe import AddRecipeError, comparable, plan_added, recorded_config
