@@ -20,6 +20,7 @@ from annotator.audit.audits import AuditError, audit_reflections, calibration_le
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.core.errors import OutputDirError, ResourceError  # noqa: E402
 from annotator.core.lock import OutputLock  # noqa: E402
+from annotator.core.storage import reachable  # noqa: E402
 from annotator.engine.resources import replica_cpus  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.method.resolved import resolve_run  # noqa: E402
@@ -50,10 +51,10 @@ def audit_config(out: Path, config: str | None, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = Path(args.output).resolve()
     try:
+        out = reachable(args.output)
         cfg = audit_config(out, args.config, args.overrides)
-    except (ConfigError, AddRecipeError) as err:
+    except (ConfigError, AddRecipeError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     parts = args.only or list(PARTS)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotator.config import ConfigError, load_config  # noqa: E402
 from annotator.core.errors import OutputDirError  # noqa: E402
 from annotator.core.lock import OutputLock  # noqa: E402
+from annotator.core.storage import is_remote, location  # noqa: E402
 from annotator.method.prompt_packs import PackError  # noqa: E402
 from annotator.core.ray_adapter import start_ray  # noqa: E402
 from pipelines.cli import cli_overrides  # noqa: E402
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load(args)
-        OutputLock.check_free(Path(cfg.output.path))   # a folder in use: refused before Ray starts
+        if is_remote(location(cfg.output.path)):
+            raise OutputDirError(f"output.path {cfg.output.path!r}: an SFT run writes to a local or mounted folder (object "
+                                 "storage holds annotation runs; copy the SFT data there after the run)")
+        OutputLock.check_free(location(cfg.output.path))   # a folder in use: refused before Ray starts
     except (ConfigError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

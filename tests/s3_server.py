@@ -60,6 +60,7 @@ class S3Server:
         return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def stop(self) -> None:
+        _forget_clients()
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -67,11 +68,20 @@ class S3Server:
             self.process.kill()
 
 
+def _forget_clients() -> None:
+    """s3fs keeps one client per set of options for the life of the process: one made for an
+    earlier server (another test module's) would still point at that server's port."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def start_s3_server(*, log_path=None) -> S3Server:
     """moto's S3 on 127.0.0.1 with signature checks, and one IAM user allowed s3:* whose keys the
     tests use."""
     import boto3
 
+    _forget_clients()
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_ACTIONS), "MOTO_ALLOW_NONEXISTENT_REGION": "false"}
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL

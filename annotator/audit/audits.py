@@ -8,15 +8,13 @@ one saved batch at a time, so an interrupted audit resumes.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from annotator.core import layout
+from annotator.core import layout, storage
 from annotator.core.checkpoint import digest, write_json, write_table
 from annotator.config import ConfigError, RunConfig
 from annotator.audit.judge import REASON, Rubric, judge_engine_config, run_judge
@@ -43,14 +41,14 @@ def _reused(path: Path, key: str) -> pa.Table | None:
     """The finished audit file when it was made with the same settings."""
     if not path.exists():
         return None
-    meta = pq.read_schema(path).metadata or {}
-    return pq.read_table(path) if meta.get(b"spp_audit_key", b"").decode() == key else None
+    meta = storage.read_schema(path).metadata or {}
+    return storage.read_table(path) if meta.get(b"spp_audit_key", b"").decode() == key else None
 
 
 def _save(out_dir: Path, rel: str, *, table: pa.Table, key: str, work_dir: Path) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"spp_audit_key": key.encode()})
     write_table(out_dir / rel, table)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    storage.remove_tree(work_dir)
 
 
 def _judge_setup(cfg: RunConfig, pack_spec: str, *, low: int, high: int, constitution=None) -> tuple[Rubric, str, dict]:
@@ -90,7 +88,7 @@ def audit_reflections(out_dir: Path, cfg: RunConfig, *, resolved: ResolvedRun, n
     reason); returns the audit table and its figures."""
     audit = cfg.audit.reflections
     files = layout.text_shards(out_dir)
-    names = set(pq.read_schema(files[0]).names) if files else set()
+    names = set(storage.read_schema(files[0]).names) if files else set()
     voices = [v for v in ("reflection_1p", "reflection_3p") if v in names]
     if not voices:
         raise AuditError(f"{out_dir}: the shards hold no reflections (was generation disabled?)")
@@ -236,7 +234,7 @@ def calibration_ledger(out_dir: Path, cfg: RunConfig, *, num_cpus: float, log=pr
     write_table(out_dir / LEDGER_FILE, table)
     work_dir = about.pop("_work_dir", None)
     if work_dir is not None:  # the judgements are in the ledger now; a rerun with the same settings judges again
-        shutil.rmtree(work_dir, ignore_errors=True)
+        storage.remove_tree(work_dir)
     selected = count_strata(files, columns=["safety_score", "selected"], stratum=lambda v: str(v[0]) if v[1] else None)
     figures = ledger_figures(table, buckets=buckets, selected=selected, threshold=threshold)
     return table, figures | about

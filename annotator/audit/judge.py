@@ -229,7 +229,7 @@ def run_judge(items: list[dict], *, cfg: RunConfig, rubric: Rubric, system: str,
     todo = [b for b in range(len(batches)) if not judge_batch_path(work_dir, b).exists()]
     work = {"batches": len(batches), "batches_reused": len(batches) - len(todo), "engine_loads": 0}
     if todo:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        storage.mkdirs(work_dir)
         where = judge.base_url or f"{judge_engine_config(cfg).model} on {judge_engine_config(cfg).concurrency} replica(s)"
         log(f"[spp] judging {sum(len(batches[b]) for b in todo)} items ({task}) with {where}")
         stage = judge_stage(cfg, rubric=rubric, system=system, task=task, work_dir=str(work_dir), num_cpus=num_cpus)

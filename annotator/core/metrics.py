@@ -33,8 +33,10 @@ class RunMetrics:
     """The gauges of one stage of a run; `publish` sets them. Without Ray (a unit test, a plain
     function call) nothing is exported and nothing fails."""
 
-    def __init__(self, *, stage: str, output: str, count_replicas: bool = False):
-        self.tags = {"stage": stage, "output": output}
+    def __init__(self, *, stage: str, output: str, count_replicas: bool = False, log=print):
+        # Ray's metric tags are ASCII: a folder named `café` is tagged `caf\xe9`.
+        self.tags = {"stage": stage, "output": output.encode("ascii", "backslashreplace").decode()}
+        self.log = log
         self.count_replicas = count_replicas
         self._gauges: dict | None = None
         self._replicas: int | None = None
@@ -55,9 +57,13 @@ class RunMetrics:
             return
         if self.count_replicas:
             values = {**values, "spp_replicas_alive": self.replicas_alive()}
-        for name, value in values.items():
-            if value is not None:
-                gauges[name].set(float(value), tags=self.tags)
+        try:
+            for name, value in values.items():
+                if value is not None:
+                    gauges[name].set(float(value), tags=self.tags)
+        except Exception as err:  # noqa: BLE001 - a metric is never a reason to stop a run: say so once, stop exporting
+            self._gauges = {}
+            self.log(f"[spp] warning: live metrics off for this pass: {type(err).__name__}: {err}")
 
     def replicas_alive(self) -> int | None:
         """Alive replica actors (Ray's state API, asked at most every `REPLICA_POLL_S`); None

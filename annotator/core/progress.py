@@ -94,7 +94,7 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self.publish()
-        if not self.interactive:
+        if not self.interactive or self.metrics is not None:   # status lines off a terminal; metrics in every mode
             self._heartbeat = threading.Thread(target=self._beat, name="spp-progress", daemon=True)
             self._heartbeat.start()
         return self

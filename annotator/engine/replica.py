@@ -24,9 +24,14 @@ from annotator.engine.stream import HOST
 
 ENGINE_LOADS = "engine_loads"
 # Batches this replica started although an earlier attempt of them had started (a lost replica's
-# batches Ray hands to another, a resumed run's unfinished ones): told by a claim written at start.
+# batches Ray hands to another, a resumed run's unfinished ones): told by a claim written at start,
+# `.<batch file>.started`, hidden from the globs that find saved batches.
 BATCHES_RETRIED = "batches_retried"
 CLAIM_SUFFIX = ".started"
+
+
+def claim_path(path):
+    return path.with_name(f".{path.name}{CLAIM_SUFFIX}")
 
 
 class ReplicaTask:
@@ -115,7 +120,7 @@ class ReplicaStage(Stage):
             path = self.task.batch_path(plan)
             if path.exists():  # saved by an earlier attempt of this batch
                 return {**keys, **dict.fromkeys(self.task.counts, 0), ENGINE_LOADS: 0, BATCHES_RETRIED: 0}
-            retried = 0 if storage.create_exclusive(path.with_name(path.name + CLAIM_SUFFIX), b"") else 1
+            retried = 0 if storage.create_exclusive(claim_path(path), b"") else 1
             loads = 0
             if not self.task.loaded and self.task.needs_engine(plan):
                 loads = self.task.load(num_cpus=self.resources.num_cpus)

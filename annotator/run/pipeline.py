@@ -208,7 +208,7 @@ def saved_generations(out_dir: Path, units: list[Unit], *, pass_name: str | None
 
 def progress_for(cfg: RunConfig, total: int, *, label: str, stage: str, log, expected_docs_per_s: float | None = None) -> Progress:
     """A pass's progress: status lines, and the same counts as live metrics tagged `stage`."""
-    metrics = RunMetrics(stage=stage, output=str(storage.location(cfg.output.path)), count_replicas="generate" in stage)
+    metrics = RunMetrics(stage=stage, output=str(storage.location(cfg.output.path)), count_replicas="generate" in stage, log=log)
     progress = Progress(total_documents=total, interval_s=cfg.ray.progress_interval_s, label=label, log=log,
                         expected_docs_per_s=expected_docs_per_s, metrics=metrics)
     progress.configure_ray_data()

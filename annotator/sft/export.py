@@ -28,7 +28,8 @@ from annotator.generate.replies import cited_sections
 from annotator.sft.conversation import RESULT_SCHEMA, load_sft_packs
 from annotator.engine.resources import replica_cpus
 from annotator.core.lock import OutputLock
-from annotator.core import layout
+from annotator.core import layout, storage
+from annotator.core.errors import OutputDirError
 from annotator.core.layout import sft_batch_path as batch_path, sft_dataset_file as dataset_file
 from annotator.sft.stage import sft_stage
 from annotator.sft.prompts import materialise_prompts
@@ -82,7 +83,10 @@ def open_sft_output(out: Path, cfg: RunConfig, *, settings: dict) -> dict:
 def run_sft(cfg: RunConfig, *, log=print) -> dict:
     """Run (or resume) an SFT run on the current Ray cluster, holding its output folder's lock;
     returns its stats."""
-    out = Path(cfg.output.path).resolve()
+    out = storage.location(cfg.output.path)
+    if storage.is_remote(out):
+        raise OutputDirError(f"output.path {cfg.output.path!r}: an SFT run writes to a local or mounted folder (object storage "
+                             "holds annotation runs; copy the SFT data there after the run)")
     packs = load_sft_packs(cfg)  # a broken pack fails before any engine starts
     with OutputLock(out, command="spp_sft.py", log=log) as lock:
         return _run_sft_locked(cfg, out, packs=packs, lock=lock, log=log)

@@ -1,16 +1,17 @@
 """Object storage in and out, end to end, on a real S3 API on loopback (`tests/s3_server.py`,
 configured only through the standard AWS variables): the demo config reads its corpus from
 `s3://corpus/web/*.parquet` (row groups as units, a broken file among them) and writes to
-`s3://runs/...`. A full run; a run SIGKILLed mid-generation and resumed, whose objects equal the
-uninterrupted run's byte for byte; `--add-recipe`, a publish dry run and the lock on object
-storage; and wrong credentials, refused at start with nothing written."""
+`s3://runs/...`. A full run, with its live metrics scraped from the node's Prometheus endpoint while
+it runs; a run SIGKILLed mid-generation and resumed, whose objects equal the uninterrupted run's
+byte for byte; a publish dry run and the lock on object storage; and wrong credentials, refused at
+start with nothing written. `--add-recipe` on object storage is the uninterrupted twin of
+`tests/run/test_add_recipe.py` (its objects equal a killed and resumed add on disk, byte for byte)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.behaviour.test_resume import _RUN_SPECIFIC
+from tests.behaviour.test_resume import _RUN_SPECIFIC, kill_process_when
 from tests.s3_server import start_s3_server
 from tests.support import REPO, demo_args, demo_corpus
 
@@ -170,21 +171,9 @@ def generated_batches(server, prefix: str) -> list[str]:
 
 
 def test_killed_mid_generation_and_resumed_gives_the_objects_of_the_uninterrupted_run(s3, whole, tmp_path):
-    import psutil
-
     proc = start(s3, *s3_args(), "--output", "s3://runs/killed", log=tmp_path / "killed.log")
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not generated_batches(s3, "killed"):
-        time.sleep(0.05)
-    cluster = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    os.kill(proc.pid, signal.SIGKILL)
-    for p in cluster:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(cluster, timeout=30)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    # SIGKILL once a batch is saved: the driver, then the local Ray cluster it started.
+    kill_process_when(proc, "killed", tmp_path / "killed.log", lambda prefix: generated_batches(s3, prefix))
     saved = {k: s3.objects("runs", k)[k]["etag"] for k in generated_batches(s3, "killed")}
     assert saved and not s3.objects("runs", "killed/_work/done/")
     assert ".spp-lock.json" in {k.rsplit("/", 1)[-1] for k in s3.objects("runs", "killed/")}   # the dead run's lock
@@ -257,21 +246,3 @@ def test_the_output_lock_holds_on_object_storage(s3, monkeypatch):
     with OutputLock("s3://runs/locked", command="taker", log=logs.append) as taker:
         assert json.loads(s3.read("runs", "locked/.spp-lock.json"))["run_id"] == taker.record["run_id"]
     assert "taking over the lock of s3://runs/locked from `crashed`" in logs[0] and "no heartbeat for" in logs[0]
-
-
-def test_a_recipe_is_added_to_a_run_on_object_storage(s3, whole, tmp_path):
-    before = s3.objects("runs", "whole/")
-    log = run_to_end(s3, "--output", "s3://runs/whole", "--add-recipe", "preflection", log=tmp_path / "add.log")
-    after = s3.objects("runs", "whole/")
-    manifests = [json.loads(s3.read("runs", k)) for k in after if "/_work/done/" in k]
-    assert manifests and all("preflection" in m["recipes"] for m in manifests)
-    streams = {k.split("/")[2] for k in after if k.startswith("whole/tokenized/") and k.endswith(".idx")}
-    assert {"preflection-neutral", "reflection-1p", "compact"} <= streams, streams
-    stats = json.loads(s3.read("runs", "whole/stats.json"))
-    assert stats["this_run"]["added_recipes"] == ["preflection"] and stats["this_run"]["documents_scored"] == 0
-    side = pq.read_table(pa.BufferReader(s3.read("runs", next(k for k in after if "/tokenized/sidecar/" in k))))
-    assert {"preflection_neutral", "preflection_status", "window_tokens_preflection-neutral"} <= set(side.column_names)
-    # The run's text shards and its own streams are the same objects as before.
-    kept = [k for k in before if k.startswith(("whole/shards/", "whole/tokenized/compact/", "whole/tokenized/reflection-1p/"))]
-    assert kept and all(after[k]["etag"] == before[k]["etag"] for k in kept)
-    assert "adding ['preflection']" in log and not [k for k in after if "/_work/generated-" in k]

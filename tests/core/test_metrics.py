@@ -40,6 +40,7 @@ def test_a_pass_publishes_its_counts_rate_eta_and_cache_hit_rate():
 
 
 def test_without_ray_the_metrics_are_not_exported_and_nothing_fails():
-    metrics = RunMetrics(stage="score", output="/tmp/out", count_replicas=True)
+    metrics = RunMetrics(stage="score", output="/runs/exp #2 café", count_replicas=True)
     metrics.publish({"spp_documents_in": 3})
     assert metrics._gauges == {}   # no Ray in this process: nothing to export to
+    assert metrics.tags == {"stage": "score", "output": "/runs/exp #2 caf\\xe9"}   # Ray's tags are ASCII

@@ -66,13 +66,14 @@ def test_batches_are_saved_once_and_only_counts_return(tmp_path):
     assert task.loads == 1
     assert pq.read_table(tmp_path / "batch-00001.parquet").column("word").to_pylist() == ["AB", "CDE"]
     # Each batch, and the claim its attempt made when it started.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"batch-0000{i}.parquet{s}" for i in range(3) for s in ("", CLAIM_SUFFIX)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*(f".batch-0000{i}.parquet{CLAIM_SUFFIX}" for i in range(3)),
+                                                          *(f"batch-0000{i}.parquet" for i in range(3))]
 
 
 def test_a_batch_started_before_and_not_saved_counts_as_retried(tmp_path):
     """An earlier attempt (a replica lost with the batch in flight, a killed run) left its claim
     and no batch: this attempt makes the batch and says it was a retry."""
-    (tmp_path / f"batch-00001.parquet{CLAIM_SUFFIX}").write_bytes(b"")
+    (tmp_path / f".batch-00001.parquet{CLAIM_SUFFIX}").write_bytes(b"")
     out = ReplicaStage(Upper(tmp_path), resources=replica_resources(GenerationConfig(), num_cpus=1.0)).process(plans(["a"], ["b"]))
     assert out.column(BATCHES_RETRIED).to_pylist() == [0, 1] and out.column("words").to_pylist() == [1, 1]
     assert pq.read_table(tmp_path / "batch-00001.parquet").column("word").to_pylist() == ["B"]

@@ -2,13 +2,16 @@
 each on the right documents with its text where its placement says (checked in every stream by
 Megatron-LM's reader); then `--add-recipe preflection` on that finished run: nothing rescored or
 regenerated, the first run's files untouched, and the add itself SIGKILLed once and run again, reusing
-the batch it had saved, to the output of an uninterrupted add, byte for byte."""
+the batch it had saved, to the output of an uninterrupted add, byte for byte (that one made on object
+storage, on a copy of the run uploaded to a loopback S3 server)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +153,29 @@ def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
 
 @pytest.fixture(scope="module")
 def uninterrupted_add(base_run, tmp_path_factory) -> Path:
-    """The same add on another copy of the base run, never interrupted."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    shutil.copytree(base_run, out)
-    proc = run_pipeline("--output", str(out), *ADD)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """The same add, never interrupted, on another copy of the base run that lives on object
+    storage (moto's S3 on loopback, `tests/s3_server.py`): the add reads the run's sidecars and
+    manifests there and writes its streams there; its objects, downloaded, are what the killed add
+    on disk must equal, byte for byte."""
+    from tests.s3_server import start_s3_server
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    server = start_s3_server(log_path=root / "moto.log")
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="runs")
+        for f in sorted(p for p in base_run.rglob("*") if p.is_file()):
+            client.upload_file(str(f), "runs", f"base/{f.relative_to(base_run)}")
+        proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "spp_reflections.py"), "--output", "s3://runs/base", *ADD],
+                              cwd=REPO, env=server.env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "adding ['preflection']" in proc.stdout
+        out = root / "run"
+        for key in server.objects("runs", "base/"):
+            (out / key.removeprefix("base/")).parent.mkdir(parents=True, exist_ok=True)
+            (out / key.removeprefix("base/")).write_bytes(server.read("runs", key))
+    finally:
+        server.stop()
     return out
 
 
@@ -162,7 +183,7 @@ def uninterrupted_add(base_run, tmp_path_factory) -> Path:
 def test_a_killed_add_resumes_to_the_uninterrupted_add(added, uninterrupted_add):
     """The add above was SIGKILLed once a batch was saved: the second attempt reused that batch as
     it was (its replies are the ones written), generated only the rest, each document once, and wrote
-    what an uninterrupted add writes."""
+    what an uninterrupted add writes (that one on object storage: the same bytes as on disk)."""
     assert shard_contents(added.out) == shard_contents(uninterrupted_add)
     assert content_stats(added.out) == content_stats(uninterrupted_add)
     assert added.saved

@@ -108,6 +108,15 @@ def test_system_prompt_names_skip_topics_but_never_their_values():
     assert SftConfig().sources == [] and load_config(REPO / "configs" / "demo.yaml").sft.pack == "sft-v1"
 
 
+def test_an_sft_run_to_object_storage_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from pipelines.spp_sft import main
+
+    monkeypatch.chdir(tmp_path)   # where a URL taken for a folder would have made `s3:/...`
+    config = REPO / "configs" / "sft-demo.yaml"
+    assert main(["--config", str(config), "--output", "s3://bucket/sft"]) == 2
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_sft_output_replaces_only_its_own_files(tmp_path):
     cfg = _demo_config()
     foreign = tmp_path / "theirs"
