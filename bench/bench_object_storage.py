@@ -52,7 +52,7 @@ def main() -> None:
             disk = Path(tmp) / "demo"
             disk_s = run(*common, "--set", f"input.paths=['{CORPUS}/*.parquet']", "--output", str(disk))
             s3_s = run(*common, "--set", "input.paths=['s3://corpus/web/*.parquet']", "--output", "s3://runs/demo", env=server.env())
-            files = [p for p in disk.rglob("*") if p.is_file()]
+            files = [p.stat().st_size for p in disk.rglob("*") if p.is_file()]
             objects = server.objects("runs", "demo/")
             disk_rows = pq.read_table(disk / "shards", columns=COMPARED).sort_by("doc_id")
             s3_rows = pa.concat_tables([pq.read_table(pa.BufferReader(server.read("runs", k)), columns=COMPARED)
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"demo config, {args.limit} documents, generation.reproducible=true; S3 = moto on 127.0.0.1\n")
         print("| output | files/objects | bytes | wall s |")
         print("|---|---|---|---|")
-        print(f"| disk ({Path(tempfile.gettempdir())}) | {len(files)} | {sum(p.stat().st_size for p in files):,} | {disk_s:.1f} |")
+        print(f"| disk ({Path(tempfile.gettempdir())}) | {len(files)} | {sum(files):,} | {disk_s:.1f} |")
         print(f"| s3://runs/demo (input s3://corpus/web/) | {len(objects)} | {sum(o['size'] for o in objects.values()):,} | {s3_s:.1f} |")
         print(f"\nwall time S3 / disk: {s3_s / disk_s:.2f}x")
         same = disk_rows.equals(s3_rows)
