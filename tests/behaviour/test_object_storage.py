@@ -246,3 +246,26 @@ def test_the_output_lock_holds_on_object_storage(s3, monkeypatch):
     with OutputLock("s3://runs/locked", command="taker", log=logs.append) as taker:
         assert json.loads(s3.read("runs", "locked/.spp-lock.json"))["run_id"] == taker.record["run_id"]
     assert "taking over the lock of s3://runs/locked from `crashed`" in logs[0] and "no heartbeat for" in logs[0]
+
+
+def test_the_calibration_ledger_audits_a_run_on_object_storage(s3, whole, tmp_path):
+    """`pipelines/audit.py` on the run in the bucket (the ledger, with the MiniLM test classifier as
+    teacher: no engine): it reads the shards there, writes `audit/ledger.parquet`, and updates the
+    run's stats and report there, under the run's lock."""
+    from classifiers import build_test_classifier
+
+    teacher = str(build_test_classifier.build(out=build_test_classifier.default_out()))
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "audit.py"), "--output", "s3://runs/whole", "--only", "ledger",
+                           "--set", "audit.ledger.teacher=classifier", "--set", f"audit.ledger.teacher_model={teacher}",
+                           "--set", "audit.ledger.per_bucket=5"], cwd=REPO, env=s3.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ledger = pq.read_table(pa.BufferReader(s3.read("runs", "whole/audit/ledger.parquet"))).to_pylist()
+    shards = pa.concat_tables([pq.read_table(pa.BufferReader(v)) for k, v in whole["objects"].items() if k.startswith("shards/")])
+    scores = dict(zip(shards.column("doc_id").to_pylist(), shards.column("safety_score").to_pylist()))
+    assert ledger and all(scores[r["doc_id"]] == r["safety_score"] for r in ledger)
+    stats = json.loads(s3.read("runs", "whole/stats.json"))
+    assert stats["audit"]["ledger"]["teacher"].startswith("classifier:") and sum(
+        v["sampled"] for v in stats["audit"]["ledger"]["per_bucket"].values()) == len(ledger)
+    assert b"Calibration ledger" in s3.read("runs", "whole/report.html")
+    left = s3.objects("runs", "whole/")
+    assert "whole/.spp-lock.json" not in left and not [k for k in left if k.startswith("whole/audit/_work/")]
