@@ -13,7 +13,7 @@ import pytest
 from annotator.config import RunConfig, load_config
 from annotator.core import layout
 from annotator.core.checkpoint import write_json
-from annotator.core.storage import temp_path
+from annotator.core.storage import location, temp_path
 from annotator.core.errors import OutputDirError
 from annotator.core.units import InputPlan, RejectedFile, Unit
 from annotator.run.add_recipe import AddRecipeError, comparable, plan_added, recorded_config
@@ -50,6 +50,12 @@ def test_never_into_the_input(tmp_path):
     # URLs are not local directories.
     url_cfg = load_config(DEMO, overrides=["input.paths=['hf://datasets/x/y/*.parquet']", f"output.path={tmp_path / 'o'}"])
     check_output_location((tmp_path / "o").resolve(), url_cfg, files=["hf://datasets/x/y/a.parquet"])
+    # On object storage: an output prefix that holds the input, or lies inside the input's folder, is refused.
+    s3_cfg = load_config(DEMO, overrides=["input.paths=['s3://data/corpus/*.parquet']", "output.path=s3://data/out"])
+    check_output_location(location("s3://data/out"), s3_cfg, files=["s3://data/corpus/a.parquet"])   # a sibling prefix is fine
+    for out in ("s3://data/corpus/out", "s3://data/corpus", "s3://data"):
+        with pytest.raises(OutputDirError, match=r"and the input .* overlap; refusing to write into the input"):
+            check_output_location(location(out), s3_cfg, files=["s3://data/corpus/a.parquet"])
 
 
 def test_a_fresh_run_records_its_settings_and_a_rerun_resumes(tmp_path):
