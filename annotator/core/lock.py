@@ -112,7 +112,7 @@ class OutputLock:
 
     def _replace_if_unchanged(self, holder: dict) -> None:
         """Removes the stale lock only if it is still the one judged stale (another taker may
-        have replaced it meanwhile); the next `_create` decides who holds the folder."""
+        have replaced it meanwhile); the next exclusive create decides who holds the folder."""
         if self._read() == holder:
             storage.remove_tree(self.path)
 

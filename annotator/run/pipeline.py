@@ -53,19 +53,18 @@ from annotator.core.statuses import OK, is_failed
 
 
 
-def input_directory(path: str) -> Path:
-    """The directory an input path names: the path itself, or a glob's directory, the part before
-    the pattern up to its last '/' (`in/part-*.parquet` -> `in`)."""
+def _directory_part(path: str) -> str:
+    """The path itself, or a glob's directory: the part before the pattern up to its last '/'
+    (`in/part-*.parquet` -> `in`, `s3://b/corpus/*.parquet` -> `s3://b/corpus`)."""
     head = re.split(r"[*?\[]", path, maxsplit=1)[0]
     if head != path:
         head = head.rsplit("/", 1)[0] if "/" in head else "."
-    return Path(head.rstrip("/") or ".").resolve()
+    return head.rstrip("/") or "."
 
 
-def input_directory_url(path: str) -> str:
-    """`input_directory` of a URL, as a URL."""
-    head = re.split(r"[*?\[]", path, maxsplit=1)[0]
-    return (head.rsplit("/", 1)[0] if head != path else head).rstrip("/")
+def input_directory(path: str) -> Path:
+    """The local directory an input path names (`_directory_part`, resolved)."""
+    return Path(_directory_part(path)).resolve()
 
 
 def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) -> None:
@@ -73,7 +72,7 @@ def check_output_location(out_dir: Path, cfg: RunConfig, *, files: list[str]) ->
     if storage.is_remote(out_dir):
         prefix = str(out_dir).rstrip("/") + "/"
         for p in [*cfg.input.paths, *files]:
-            if p.rstrip("/") + "/" == prefix or p.startswith(prefix) or prefix.startswith(input_directory_url(p) + "/"):
+            if p.startswith(prefix) or prefix.startswith(_directory_part(p) + "/"):
                 raise OutputDirError(f"output.path {str(out_dir)!r} and the input {p!r} overlap; refusing to write into the input")
         return
     for p in cfg.input.paths:
