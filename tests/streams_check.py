@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from annotator.config import OutputConfig
-from annotator.method.recipes import BUILTIN, Recipe
+from annotator.method.recipes import Recipe, run_recipes
 from annotator.output.tokenized import annotation_block
 from annotator.core.tokens import TargetTokenizer, load_tokenizer
 
@@ -26,9 +26,15 @@ def megatron_dataset(prefix: Path):
     return IndexedDataset(str(prefix))
 
 
-def recipe_of(name: str, info: dict) -> Recipe:
-    base = BUILTIN[name]
-    return Recipe(name, base.pack, info["applies_to"], info["placement"], base.canaries)
+def run_recipe(out_dir: Path, name: str, info: dict) -> Recipe:
+    """The recipe as the run's recorded config gives it (a built-in one or a file), checked
+    against what the training metadata says of it."""
+    from annotator.config import RunConfig
+
+    cfg = RunConfig.model_validate(json.loads((out_dir / "run.json").read_text())["config"])
+    recipe = next(r for r in run_recipes(cfg.generation) if r.name == name)
+    assert (recipe.applies_to, recipe.placement) == (info["applies_to"], info["placement"]), name
+    return recipe
 
 
 def inserted_text(recipe: Recipe, field: str, row: dict, *, tok: TargetTokenizer, meta: dict, charter_render=None) -> str | None:
@@ -84,7 +90,7 @@ def check_streams(out_dir: Path, *, charter_render=None) -> dict:
     sidecars = sorted((out_dir / "tokenized" / "sidecar").glob("*.parquet"))
     side_rows = {s.stem: pq.read_table(s).to_pylist() for s in sidecars}
     for name, info in meta["recipes"].items():
-        recipe = recipe_of(name, info)
+        recipe = run_recipe(out_dir, name, info)
         for stream, field in info["streams"].items():
             prefixes = sorted(p.with_suffix("") for p in (out_dir / "tokenized" / stream).glob("*.idx")
                               if not p.stem.endswith("_reflection_mask"))
@@ -121,7 +127,7 @@ def check_streams(out_dir: Path, *, charter_render=None) -> dict:
                     counts["windows"] += 1
 
     first = next(iter(meta["recipes"]))  # the run's main recipe (metadata lists them in the run's order)
-    first_status = recipe_of(first, meta["recipes"][first]).column("status")
+    first_status = run_recipe(out_dir, first, meta["recipes"][first]).column("status")
     by_unit: dict[str, list[dict]] = {}
     for shard in sorted((out_dir / "shards").glob("*.parquet")):
         unit = shard.stem.rsplit("-", 1)[0]
@@ -131,7 +137,7 @@ def check_streams(out_dir: Path, *, charter_render=None) -> dict:
     for name, info in meta["recipes"].items():
         if info["applies_to"] == "all":
             for stream, field in info["streams"].items():
-                compact_streams[f"{stream}-compact"] = (recipe_of(name, info), field)
+                compact_streams[f"{stream}-compact"] = (run_recipe(out_dir, name, info), field)
     for cname, spec in compact_streams.items():
         prefixes = sorted(p.with_suffix("") for p in (out_dir / "tokenized" / cname).glob("*.idx"))
         assert [p.name for p in prefixes] == [u for u, docs in sorted(by_unit.items()) if docs], cname

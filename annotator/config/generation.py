@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -84,8 +85,9 @@ class GenerationConfig(Section):
     )
     recipes: list[str] = Field(
         default_factory=lambda: ["reflection"],
-        description="Annotation tracks, each with its own columns and training stream, from one engine load: reflection, reflection_end, "
-                    "refusal_reflection, preflection, summary, rephrase, annotations. The first is the shards' training_text.",
+        description="Annotation tracks, each with its own columns and training stream, from one engine load: a built-in recipe (reflection, "
+                    "reflection_end, refusal_reflection, preflection, summary, rephrase, annotations) or a recipe YAML file (README, "
+                    "'Writing a recipe'). The first is the shards' training_text.",
     )
     prompt_pack: str = Field(
         "reflection-v2",
@@ -176,12 +178,16 @@ class GenerationConfig(Section):
     @field_validator("recipes")
     @classmethod
     def _known_recipes(cls, recipes: list[str]) -> list[str]:
-        from annotator.method.recipes import BUILTIN
+        from annotator.method.recipes import builtin_recipes, load_recipe
 
-        unknown = [r for r in recipes if r not in BUILTIN]
-        if unknown or not recipes or len(set(recipes)) != len(recipes):
-            raise ValueError(f"recipes must be distinct names from {sorted(BUILTIN)}, got {recipes}")
-        return recipes
+        if not recipes:
+            raise ValueError(f"name at least one recipe: a built-in one ({', '.join(builtin_recipes())}) or a recipe file")
+        # A file is recorded by its absolute path, so the run's record names it wherever it is read.
+        specs = [str(Path(r).expanduser().resolve()) if r not in builtin_recipes() and Path(r).expanduser().is_file() else r for r in recipes]
+        names = [load_recipe(s).name for s in specs]  # a file's problems, with its line, at start
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipes must have distinct names, got {names} from {recipes}")
+        return specs
 
     @model_validator(mode="before")
     @classmethod

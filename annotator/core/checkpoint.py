@@ -56,17 +56,22 @@ def output_settings(cfg: RunConfig) -> dict:
 
 def content_fingerprint(cfg: RunConfig) -> dict:
     """The content of the files the generation reads, by digest: every recipe's pack version
-    (name@content hash) and the canaries file. A change between a crash and the resume is a
+    (name@content hash), the recipe files given by path, and the canaries file. A change between a crash and the resume is a
     different method: the resume is refused with the difference, and cached generations are not
     reused (they are keyed on this)."""
     from annotator.method.prompt_packs import file_digest
     from annotator.method.resolved import resolve_run
 
-    packs = resolve_run(cfg.generation, voices=cfg.output.voices).packs
+    resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
+    packs = resolved.packs
     canaries = cfg.generation.canaries.file
-    return {"prompt_version": packs[next(iter(packs))].version if packs else None,
-            "prompt_versions": {name: pack.version for name, pack in packs.items()},
-            "canary_file": file_digest(canaries) if canaries else None}
+    out = {"prompt_version": packs[next(iter(packs))].version if packs else None,
+           "prompt_versions": {name: pack.version for name, pack in packs.items()},
+           "canary_file": file_digest(canaries) if canaries else None}
+    files = {r.name: r.version for r in resolved.recipes if not r.builtin}  # a built-in recipe is the code's
+    if files:
+        out["recipe_files"] = files
+    return out
 
 
 def classifier_fingerprint(cfg: RunConfig) -> dict:

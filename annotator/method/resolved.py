@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from annotator.config import GenerationConfig
 from annotator.method.prompt_packs import PromptPack, section_order
-from annotator.method.recipes import Placed, Recipe, placed_streams, run_recipes
+from annotator.method.recipes import Placed, Recipe, check_columns, check_recipe, placed_streams, run_recipes
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,13 @@ class ResolvedRun:
 
 
 def resolve_run(gen: GenerationConfig, *, voices: list[str], recipes: list[Recipe] | None = None) -> ResolvedRun:
-    """The recipes of `gen` (or the given ones, e.g. those `--add-recipe` adds), each pack loaded once."""
+    """The recipes of `gen` (or the given ones, e.g. those `--add-recipe` adds), each pack loaded
+    once and checked against its recipe, and no column written twice (`RecipeError` otherwise)."""
     chosen = tuple(recipes if recipes is not None else run_recipes(gen))
     packs = {r.name: r.load_pack() for r in chosen}
+    for r in chosen:
+        check_recipe(r, packs[r.name])
+    check_columns([(r, packs[r.name]) for r in chosen])
     ids = {s for p in packs.values() if p.constitution for s in p.constitution.ids}
     sections = tuple(sorted(ids, key=section_order))
     streams = tuple(placed_streams([(r, packs[r.name]) for r in chosen], voices=voices))

@@ -86,8 +86,9 @@ def test_generation_sections_validators():
     assert AnnotationConfig(keys=["topic", "reading_level"]).keys == ["topic", "reading_level"]
 
     assert "generation.tokenizer was replaced by output.tokenizer" in errors_of(GenerationConfig, {"tokenizer": "x"})[0]["msg"]
-    for recipes in (["reflection", "nope"], ["summary", "summary"], []):
-        assert "recipes must be distinct names from" in errors_of(GenerationConfig, {"recipes": recipes})[0]["msg"]
+    assert "recipe 'nope': not a built-in recipe (annotations, preflection" in errors_of(GenerationConfig, {"recipes": ["reflection", "nope"]})[0]["msg"]
+    assert "recipes must have distinct names" in errors_of(GenerationConfig, {"recipes": ["summary", "summary"]})[0]["msg"]
+    assert "name at least one recipe" in errors_of(GenerationConfig, {"recipes": []})[0]["msg"]
     assert GenerationConfig(recipes=["summary", "reflection"]).recipes == ["summary", "reflection"]
     assert "must be > 0 or 'auto'" in errors_of(GenerationConfig, {"num_cpus": 0})[0]["msg"]
     assert GenerationConfig(num_cpus="auto").num_cpus == "auto"

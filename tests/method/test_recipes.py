@@ -9,16 +9,16 @@ import pytest
 from annotator.config import ConfigError, GenerationConfig, load_config
 from annotator.generate.generator import choose_style
 from annotator.method.prompt_packs import load_pack
-from annotator.method.recipes import BUILTIN, placed_fields, recipe_columns, run_recipes, stream_name
+from annotator.method.recipes import builtin_recipes, load_recipe, placed_fields, recipe_columns, run_recipes, stream_name
 from tests.support import REPO
 
 ALL = ["reflection", "reflection_end", "refusal_reflection", "preflection", "summary", "rephrase", "annotations"]
 
 
 def test_every_builtin_recipe_loads_its_pack():
-    assert sorted(BUILTIN) == sorted(ALL)
+    assert builtin_recipes() == sorted(ALL)
     for name in ALL:
-        recipe = BUILTIN[name]
+        recipe = load_recipe(name)
         pack = recipe.load_pack()
         assert pack.version.startswith(pack.name + "@")
         if recipe.canaries:
@@ -28,7 +28,7 @@ def test_every_builtin_recipe_loads_its_pack():
 
 
 def test_columns_published_for_the_main_recipe_prefixed_for_the_others():
-    cols = {name: recipe_columns(BUILTIN[name], BUILTIN[name].load_pack()) for name in ALL}
+    cols = {name: recipe_columns(load_recipe(name), load_recipe(name).load_pack()) for name in ALL}
     assert {"reflection_1p", "reflection_3p", "reflection_analysis", "citations", "reflection_position", "reflection_token_index",
             "canary_type", "canary_present_1p", "reflection_status", "prompt_version"} <= set(cols["reflection"])
     assert {"reflection_end_1p", "reflection_end_3p", "reflection_end_citations", "reflection_end_position",
@@ -48,7 +48,7 @@ def test_columns_published_for_the_main_recipe_prefixed_for_the_others():
 
 def test_streams_per_placed_field():
     def streams(name, voices=("1p",)):
-        recipe = BUILTIN[name]
+        recipe = load_recipe(name)
         pack = recipe.load_pack()
         return [stream_name(recipe, f) for f in placed_fields(recipe, pack, voices=list(voices))]
 
@@ -67,7 +67,7 @@ def test_run_recipes_from_config():
     recipes = run_recipes(cfg)
     assert [r.name for r in recipes] == ["reflection", "annotations", "preflection"]
     assert recipes[0].pack == "reflection-v1" and recipes[1].applies_to == "all" and recipes[2].placement == "before"
-    with pytest.raises(ConfigError, match=r"generation\.recipes: .*recipes must be distinct names"):
+    with pytest.raises(ConfigError, match=r"generation\.recipes: .*recipes must have distinct names"):
         load_config(REPO / "configs" / "demo.yaml", overrides=["generation.recipes=[reflection, reflection]"])
 
 

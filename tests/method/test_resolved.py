@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from annotator.config import load_config
 from annotator.method.prompt_packs import section_order
-from annotator.method.recipes import BUILTIN, stream_name
+from annotator.method.recipes import load_recipe, stream_name
 from annotator.method.resolved import resolve_run
 from tests.support import REPO
 
@@ -20,7 +20,7 @@ def test_a_run_resolves_its_recipes_packs_sections_and_streams():
     ids = {s for p in run.packs.values() if p.constitution for s in p.constitution.ids}
     assert list(run.sections) == sorted(ids, key=section_order) and len(run.sections) == len(ids) > 10
     streams = [s.stream for s in run.streams]
-    assert streams[:2] == [stream_name(BUILTIN["reflection"], "reflection_1p"), stream_name(BUILTIN["reflection"], "reflection_3p")]
+    assert streams[:2] == [stream_name(load_recipe("reflection"), "reflection_1p"), stream_name(load_recipe("reflection"), "reflection_3p")]
     assert {s.recipe.name for s in run.streams} == {"reflection", "preflection", "annotations"}
 
 
