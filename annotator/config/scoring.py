@@ -114,3 +114,21 @@ class SelectionConfig(Section):
     )
     fraction: float = Field(0.1, ge=0, le=1, description="random_fraction: share of documents selected.")
     seed: int = Field(0, description="Seed of every random choice in selection.")
+    languages: list[str] = Field(
+        default_factory=list,
+        description="Only documents identified as one of these languages (the `language` column's ISO 639 codes, e.g. [en, de]) are "
+                    "selected; the others stay plain text (`selected_reason: other_language`). Empty: every language.",
+    )
+    stratify: Literal["none", "language"] = Field(
+        "none",
+        description="token_matched: language matches the sample within each language (each language's non-bad documents are sampled "
+                    "to that language's bad tokens), so the annotated share follows each language's own bad share.",
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, codes: list[str]) -> list[str]:
+        bad = [c for c in codes if not (2 <= len(c) <= 3 and c.isalpha() and c.islower())]
+        if bad:
+            raise ValueError(f"languages are ISO 639 codes as in the language column (en, de, ceb), got {bad}")
+        return codes

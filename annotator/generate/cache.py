@@ -69,10 +69,10 @@ class PlanGeneration(EngineDocuments):
     give identical reflections in a resumed run."""
 
     name = "plan_generation"
-    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags", "languages")
     output_schema = pa.schema([("_unit", pa.string()), ("batch_index", pa.int64()), ("doc_ids", pa.list_(pa.string())),
                                ("texts", pa.list_(pa.string())), ("selected_flags", pa.list_(pa.bool_())),
-                               ("bad_flags", pa.list_(pa.bool_()))])
+                               ("bad_flags", pa.list_(pa.bool_())), ("languages", pa.list_(pa.string()))])
     resources = Resources(num_cpus=PLANNING_TASK_CPUS, batch_size=1)
     pass_name: str | None = None  # None: the run's own generation; a recipe name: `--add-recipe`
 
@@ -91,7 +91,8 @@ def plan_batches(table: pa.Table, *, unit: str, out_dir: Path, batch_size: int, 
         piece = table.slice(start, batch_size)
         plans.append({"_unit": unit, "batch_index": index, "doc_ids": piece.column("doc_id").to_pylist(),
                       "texts": piece.column("text").to_pylist(), "selected_flags": piece.column("selected").to_pylist(),
-                      "bad_flags": piece.column("is_bad").to_pylist()})
+                      "bad_flags": piece.column("is_bad").to_pylist(),
+                      "languages": piece.column("language").to_pylist() if "language" in piece.column_names else [None] * piece.num_rows})
     return plans
 
 
@@ -148,7 +149,8 @@ class GenerationTask(ReplicaTask):
 
     def run(self, plan: dict) -> pa.Table:
         docs = pa.table({"doc_id": pa.array(plan["doc_ids"], pa.string()), "text": pa.array(plan["texts"], pa.string()),
-                         "selected": pa.array(plan["selected_flags"], pa.bool_()), "is_bad": pa.array(plan["bad_flags"], pa.bool_())})
+                         "selected": pa.array(plan["selected_flags"], pa.bool_()), "is_bad": pa.array(plan["bad_flags"], pa.bool_()),
+                         "language": pa.array(plan["languages"], pa.string())})
         return timed(self.generator, docs)
 
     def save(self, table: pa.Table, path: Path) -> None:

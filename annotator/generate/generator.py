@@ -23,6 +23,7 @@ from annotator.core.seeding import sampling_seed, unit_hash
 from annotator.generate.pause import Pause, pause_point, sample_pause_fraction
 from annotator.method.prompt_packs import Canary, PromptPack
 from annotator.method.recipes import Recipe, recipe_columns, run_recipes
+from annotator.score.language import UNDETERMINED, language_name
 from annotator.generate.replies import cut_to_tokens, echoes_prompt, json_object, parse_reply, strip_reasoning, trivial
 from annotator.core.stages import Resources, Stage
 from annotator.core.tokens import target_tokenizer
@@ -109,6 +110,7 @@ class RecipeRun:
         else:
             self.max_new_tokens = cfg.rephrase_max_tokens
             self.schema = None
+        self.max_new_tokens = recipe.max_output_tokens or self.max_new_tokens
         self.budgeted = fmt == "json"
 
     def applies(self, *, selected: bool, bad: bool) -> bool:
@@ -118,9 +120,10 @@ class RecipeRun:
             return False
         return bad if self.recipe.applies_to == "bad" else True
 
-    def messages(self, text: str, *, canary: Canary | None, doc_id: str) -> list[dict]:
+    def messages(self, text: str, *, canary: Canary | None, doc_id: str, language: str | None = None) -> list[dict]:
         style = choose_style(self.pack, seed=self.cfg.seed, doc_id=doc_id)
-        return self.pack.messages(text, canary if self.recipe.canaries else None, style=style, keys=self.cfg.annotations.keys)
+        return self.pack.messages(text, canary if self.recipe.canaries else None, style=style, keys=self.cfg.annotations.keys,
+                                  language=language_name(language or UNDETERMINED))
 
     def warm_messages(self) -> list[list[dict]]:
         styles = sorted(self.pack.styles) or [None]
@@ -232,7 +235,7 @@ class Generator(Stage):
         seed = sampling_seed(run.recipe.name, self.cfg.seed, doc_id, attempt)
         return self._engine.sampling(seed=seed, max_tokens=run.max_new_tokens, schema=run.schema)
 
-    def _fit(self, run: RecipeRun, text: str, *, canary: Canary | None, doc_id: str) -> list[dict]:
+    def _fit(self, run: RecipeRun, text: str, *, canary: Canary | None, doc_id: str, language: str | None = None) -> list[dict]:
         """The recipe's messages for `text`; when the generator's own tokenizer counts more than the
         engine's context holds (its vocabulary differs from the target's), the text loses tokens
         from its start until it fits. The prompt around the text was counted once at load."""
@@ -243,7 +246,7 @@ class Generator(Stage):
             offsets = self._tok.offsets(text)
             drop = min(len(offsets), over + 16)
             text = text[offsets[drop][0]:] if drop < len(offsets) else ""
-        return run.messages(text, canary=canary, doc_id=doc_id)
+        return run.messages(text, canary=canary, doc_id=doc_id, language=language)
 
     def _point(self, run: RecipeRun, text: str, *, offsets, doc_id: str) -> Pause:
         place = run.recipe.place
@@ -266,6 +269,7 @@ class Generator(Stage):
         texts = batch.column("text").to_pylist()
         selected = batch.column("selected").to_pylist()
         bad = batch.column("is_bad").to_pylist() if "is_bad" in batch.column_names else [False] * n
+        languages = batch.column("language").to_pylist() if "language" in batch.column_names else [None] * n
         out = {k: [None] * n for k in self.columns}
         for k in ("gen_prompt_tokens", "gen_cached_prompt_tokens", "gen_output_tokens"):
             out[k] = [0] * n
@@ -282,7 +286,8 @@ class Generator(Stage):
                 offsets = offsets if offsets is not None else self._tok.offsets(texts[i])
                 point = self._point(run, texts[i], offsets=offsets, doc_id=ids[i])
                 req_canary = canary if run.recipe.canaries else None
-                requests.append(Request(i, run, self._fit(run, point.prompt_prefix, canary=req_canary, doc_id=ids[i]), point.prompt_prefix, req_canary))
+                messages = self._fit(run, point.prompt_prefix, canary=req_canary, doc_id=ids[i], language=languages[i])
+                requests.append(Request(i, run, messages, point.prompt_prefix, req_canary))
                 col = run.col
                 if col("token_index") in run.columns and not run.recipe.place.replaces:
                     out[col("token_index")][i], out[col("position")][i], out[col("fraction")][i] = point.token_index, point.char_index, point.fraction

@@ -25,7 +25,9 @@ VOICES = ("1p", "3p")
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PLACEHOLDER_OR_ESCAPE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Placeholders filled per request; the system prompt must not use them (it stays prefix-cached).
-REQUEST_PLACEHOLDERS = ("text", "canary")
+# `{language}`: the English name of the document's identified language (`German`), so a prompt can
+# ask for a reply in the document's language.
+REQUEST_PLACEHOLDERS = ("text", "canary", "language")
 CANARY_PLACEHOLDERS = ("instruction", "instruction_3p", "value", "id")
 # Reply formats: a JSON object of the pack's fields (structured outputs), plain text (one field),
 # or `key:value` tags (a JSON object of configured keys; the system template may name them as {keys}).
@@ -138,18 +140,19 @@ class PromptPack:
             values["keys"] = ", ".join(keys)
         return fill(self.system_template, values)
 
-    def user_message(self, text: str, canary: Canary | None = None) -> str:
+    def user_message(self, text: str, canary: Canary | None = None, *, language: str = "") -> str:
         text = guard_closer(text, text_closer(self.user_template))
         block = ""
         if canary is not None:
             if self.canary_template is None:
                 raise PackError(f"{self.source}: a canary was assigned but the pack has no canary template")
             block = fill(self.canary_template, canary_values(canary))
-        return fill(self.user_template, {**self._values(), "text": text, "canary": block})
+        return fill(self.user_template, {**self._values(), "text": text, "canary": block, "language": language})
 
-    def messages(self, text: str, canary: Canary | None = None, *, style: str | None = None, keys: list[str] = ()) -> list[dict]:
+    def messages(self, text: str, canary: Canary | None = None, *, style: str | None = None, keys: list[str] = (),
+                 language: str = "") -> list[dict]:
         return [{"role": "system", "content": self.system_prompt(style, keys=keys)},
-                {"role": "user", "content": self.user_message(text, canary)}]
+                {"role": "user", "content": self.user_message(text, canary, language=language)}]
 
 
 # Between a delimiter's first and second character, where it appears inside a document: the text

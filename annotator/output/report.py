@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from annotator.score.language import languages_line
 from annotator.core import layout, storage
 from annotator.core.storage import write_atomically
 from annotator.core.statuses import OK
@@ -31,10 +32,8 @@ AUDIT_PLOTS = {
     "ledger": "Calibration ledger: teacher's share of bad per classifier score",
 }
 MIN_TIMELINE_POINTS = 3
-SAMPLE_COLUMNS = [
-    "doc_id", "training_text", "safety_score", "selected_reason", "reflection_status", "reflection_token_index",
-    "reflection_position", "citations", "canary_type", "annotations", "prompt_version",
-]
+SAMPLE_COLUMNS = ["doc_id", "training_text", "safety_score", "selected_reason", "reflection_status", "reflection_token_index",
+                  "reflection_position", "citations", "canary_type", "annotations", "prompt_version"]
 _CONTEXT_CHARS = (700, 300)  # characters shown before and after the reflection in a sample
 
 
@@ -315,6 +314,7 @@ def summary_rows(stats: dict) -> list[tuple[str, str]]:
         ("safety score histogram", readable(dict(sorted(stats.get("score_histogram", {}).items())))),
         ("selected documents / tokens", f"{stats.get('selected_documents', 0):,} / {stats.get('selected_tokens', 0):,}"),
         ("documents by selection reason", readable(dict(sorted(stats.get("selected_by_reason", {}).items())))),
+        ("documents by language (selected)", languages_line(stats)),
         ("tokens by selection reason", readable(dict(sorted(stats.get("selected_tokens_by_reason", {}).items())))),
         ("reflections generated / failed", f"{refl.get('generated', 0):,} / {refl.get('failed', 0):,}"
          + (f" ({readable(dict(sorted(refl['failed_by_reason'].items())))})" if refl.get("failed_by_reason") else "")),

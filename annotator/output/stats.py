@@ -131,6 +131,15 @@ def _main_recipe_figures(main: dict, annotations: dict, *, measured: bool) -> di
     }
 
 
+def _language_counts(batch: pa.Table) -> dict:
+    """Documents per identified language (`language` column): all of them, and those selected."""
+    if "language" not in batch.column_names:
+        return {}
+    languages = batch.column("language").to_pylist()
+    return {"languages": dict(Counter(languages)),
+            "selected_by_language": dict(Counter(lang for lang, s in zip(languages, batch.column("selected").to_pylist()) if s))}
+
+
 def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: list = ()) -> dict:
     """Counts for one written block, merged across blocks by `merge_stats`. `batch` is the block as
     it reached the writer, `written` the rows that went to the shards; `tokenizer` (a tokenizer or
@@ -168,6 +177,7 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: 
         "selected_tokens_by_reason": dict(tokens_by_reason),
         "selected_documents": int(pc.sum(selected.cast(pa.int64())).as_py() or 0),
         "selected_tokens": column_total(batch, source_tokens, where=selected),
+        **_language_counts(batch),
         **_main_recipe_figures(main, annotations, measured=measured),
         "recipes": {name: {k: v for k, v in b.items() if k not in ("annotation_values",)} for name, b in blocks.items()},
         "generation_tokens": {

@@ -28,7 +28,8 @@ from annotator.config import RunConfig
 from annotator.generate.cache import generation_stage, plan_batches
 from annotator.output.finalize import attach_generations, failed_generations
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
-from annotator.method.recipes import Recipe, run_recipes
+from annotator.method.prompt_packs import PackError
+from annotator.method.recipes import Recipe, builtin_recipes, load_recipe, run_recipes
 from annotator.core.ray_adapter import cluster_resources, run_stages
 from annotator.core.stages import Resources, UnitStage
 from annotator.output.stats import recipe_stats
@@ -84,19 +85,25 @@ def plan_added(out_dir: Path, names: list[str], *, given: RunConfig | None) -> t
         raise AddRecipeError(f"--add-recipe adds streams over the windows of a run; {out_dir} was written with output.layout={cfg.output.layout}")
     if not cfg.generation.enabled:
         raise AddRecipeError(f"{out_dir} is a score-and-select run (generation.enabled=false): it has no windows to add a recipe to")
-    present = [n for n in names if n in cfg.generation.recipes]
+    specs = [str(Path(n).expanduser().resolve()) if n not in builtin_recipes() and Path(n).expanduser().is_file() else n for n in names]
+    try:
+        added_names = [load_recipe(s).name for s in specs]
+    except PackError as err:
+        raise AddRecipeError(str(err)) from None
+    run_names = [r.name for r in run_recipes(cfg.generation)]
+    present = [n for n in added_names if n in run_names]
     if present:
-        raise AddRecipeError(f"{present} already in the run's recipes {cfg.generation.recipes}")
+        raise AddRecipeError(f"{present} already in the run's recipes {run_names}")
     # The given config's generation settings (the engine, sampling, new recipes' packs), with the
     # run's own recipes and packs kept as they were written.
     tree = (given or cfg).model_dump(mode="json")
     tree["output"]["path"] = str(out_dir)
     gen = tree["generation"]
-    gen["recipes"] = [*cfg.generation.recipes, *names]
+    gen["recipes"] = [*cfg.generation.recipes, *specs]
     gen["prompt_pack"] = cfg.generation.prompt_pack
-    gen["packs"] = {**{n: p for n, p in gen["packs"].items() if n in names}, **cfg.generation.packs}
+    gen["packs"] = {**{n: p for n, p in gen["packs"].items() if n in added_names}, **cfg.generation.packs}
     new_cfg = RunConfig.model_validate(tree)
-    recipes = [r for r in run_recipes(new_cfg.generation) if r.name in names]
+    recipes = [r for r in run_recipes(new_cfg.generation) if r.name in added_names]
     wide = [r.name for r in recipes if r.applies_to == "all"]
     if wide:
         raise AddRecipeError(f"{wide} would annotate documents outside the windows; add it with annotations.apply_to=selected, or rerun")
@@ -116,7 +123,7 @@ class PlanAddedGeneration(UnitStage):
     batches (those already saved are left out)."""
 
     name = "plan_generation"
-    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags")
+    adds = ("_unit", "batch_index", "doc_ids", "texts", "selected_flags", "bad_flags", "languages")
     resources = Resources(num_cpus=0.25, batch_size=1)
 
     def __init__(self, *, out_dir: str, batch_size: int, pass_name: str):
@@ -131,7 +138,7 @@ class PlanAddedGeneration(UnitStage):
         side = sidecar_table(storage.location(self.out_dir), unit.key)
         if side is None or not side.num_rows:
             return []
-        docs = side.select(["doc_id", "text", "is_bad", "source_row"]).sort_by("source_row")
+        docs = side.select([c for c in ("doc_id", "text", "is_bad", "source_row", "language") if c in side.column_names]).sort_by("source_row")
         docs = docs.append_column("selected", pa.array([True] * docs.num_rows))
         return plan_batches(docs, unit=unit.key, out_dir=storage.location(self.out_dir), batch_size=self.batch_size, pass_name=self.pass_name)
 
@@ -197,7 +204,7 @@ class AddRecipeUnit(UnitStage):
 
 
 def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = None, lock=None, log=print) -> dict:
-    """Adds `names` to the finished run in `out_dir`; returns the updated stats. `lock`: the
+    """Adds `names` (built-in recipes or recipe files) to the finished run in `out_dir`; returns the updated stats. `lock`: the
     folder's `OutputLock` held by the caller, checked before anything is finalized."""
     from annotator.engine.resources import replica_cpus
     from annotator.run.pipeline import count_generated, finish_run, progress_for, saved_generations
@@ -208,18 +215,20 @@ def add_recipes(out_dir: Path, names: list[str], *, given: RunConfig | None = No
     check_nodes_see_output(out_dir, log=log)
     resolved = resolve_run(cfg.generation, voices=cfg.output.voices)
     added = resolve_run(cfg.generation, voices=cfg.output.voices, recipes=recipes)
-    pass_name = "+".join(names)
-    # Keyed on the added packs' content and the canaries file too: an edit between a crash and the
-    # resume makes a new key, so nothing generated with the old text is reused.
+    added_names = [r.name for r in recipes]
+    pass_name = "+".join(added_names)
+    # Keyed on the added packs' and recipe files' content and the canaries file too: an edit between
+    # a crash and the resume makes a new key, so nothing generated with the old text is reused.
     gen_key = digest("add", pass_name, cfg.generation.model_dump(mode="json"), cfg.output.tokenizer, cfg.content_tokens,
-                     {r.name: p.version for r, p in added.pairs}, content_fingerprint(cfg)["canary_file"])
+                     {r.name: p.version for r, p in added.pairs}, content_fingerprint(cfg)["canary_file"],
+                     *([{r.name: r.version for r in recipes if not r.builtin}] if any(not r.builtin for r in recipes) else []))
     started = time.time()
     pending = [u for u in plan.units if not all(n in json.loads((out_dir / DONE / f"{u.key}.json").read_text()).get("recipes", [])
-                                                for n in names)]
-    log(f"[spp] adding {names} to {out_dir}: {len(pending)} of {len(plan.units)} units to do")
+                                                for n in added_names)]
+    log(f"[spp] adding {added_names} to {out_dir}: {len(pending)} of {len(plan.units)} units to do")
     reused = saved_generations(out_dir, pending, pass_name=pass_name)
     # An earlier attempt of this add that was stopped: its written units or saved batches are kept.
-    work = {"resumed": bool(reused) or len(pending) < len(plan.units), "added_recipes": names, "units": len(plan.units),
+    work = {"resumed": bool(reused) or len(pending) < len(plan.units), "added_recipes": added_names, "units": len(plan.units),
             "units_done_before": len(plan.units) - len(pending), "documents_scored": 0, "generations_reused": reused,
             "generations_made": 0, "engine_loads": 0, "batches_retried": 0, "units_finalized": len(pending)}
     timings = {"scoring_pass": 0.0, "generation_pass": 0.0, "finalize_pass": 0.0}

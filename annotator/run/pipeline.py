@@ -39,6 +39,7 @@ from annotator.core.metrics import RunMetrics
 from annotator.core.progress import Progress
 from annotator.engine.replica import BATCHES_RETRIED
 from annotator.score.reader import InputError, ReadUnits, expand_paths, input_columns, units_dataset
+from annotator.score.language import LanguageIdentifier
 from annotator.score.safety import build_scorer
 from annotator.score.selection import DROPPED_BAD, SelectForReflection, sample_probability
 from annotator.core.ray_adapter import cluster_nodes, cluster_resources, configure_backpressure, items_dataset, run_stages
@@ -123,13 +124,20 @@ def open_output(out_dir: Path, cfg: RunConfig, *, plan: InputPlan) -> bool:
     return False
 
 
+def _probability_text(probability: float | dict[str, float]) -> str:
+    if isinstance(probability, dict):
+        return ", ".join(f"{lang} {p:.4f}" for lang, p in probability.items())
+    return f"{probability:.4f}"
+
+
 def scoring_stages(cfg: RunConfig, *, out_dir: Path, extra_columns: dict[str, str]) -> list[Stage]:
-    """Pass 1's stages, in order: read a unit, count tokens, score, write the scored unit."""
+    """Pass 1's stages, in order: read a unit, count tokens, identify the language, score, write the scored unit."""
     c = cfg.classifier
     scorer = Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size)
     return [
         ReadUnits(cfg.input, extra_columns=extra_columns),
         TokenCounter(tokenizer=cfg.output.tokenizer, resources=Resources(batch_size=c.batch_size)),
+        LanguageIdentifier(resources=Resources(batch_size=c.batch_size)),
         build_scorer(c, resources=scorer),
         WriteScored(out_dir=str(out_dir)),
     ]
@@ -139,10 +147,10 @@ def scoring_ops(stages: list[Stage], *, num_cpus: float) -> list[Stage]:
     """How pass 1's stages run. A CPU scorer (fastText) runs in the same task as the rest: one
     task per unit reads, counts, scores and writes it. A scorer with a model pool of its own (the
     transformers backend, on GPUs) gets its actors, fed by tasks that read and count a unit."""
-    read, tokens, scorer, write = stages
+    read, tokens, language, scorer, write = stages
     unit = Resources(num_cpus=num_cpus, batch_size=1)
     if scorer.stateful or scorer.resources.num_gpus:
-        return [InProcess([read, tokens], resources=unit), scorer, write]
+        return [InProcess([read, tokens, language], resources=unit), scorer, write]
     return [InProcess(stages, resources=unit)]
 
 
@@ -324,7 +332,7 @@ def _run_locked(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, extra: dict[s
     else:
         state = json.loads((out_dir / SELECTION).read_text())
     if pending:
-        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {state['probability']:.4f}; "
+        log(f"[spp] score histogram {state['score_documents']}; non-bad sample probability {_probability_text(state['probability'])}; "
             f"duplicate ids rejected {sum(len(v) for v in state['duplicates'].values())}")
     gen_key = generation_key(cfg)
 

@@ -57,7 +57,7 @@ class SummarizeUnit(UnitStage):
 
     name = "summarize_unit"
     reads = ("unit", "unit_index")
-    adds = ("unit_index", "score_documents", "score_tokens", "unconfident_tokens")
+    adds = ("unit_index", "score_documents", "score_tokens", "unconfident_tokens", "language_totals")
 
     def __init__(self, *, out_dir: str, selection: SelectionConfig, id_buckets: int | None):
         self.out_dir = out_dir
@@ -67,18 +67,35 @@ class SummarizeUnit(UnitStage):
 
     def _summarize(self, unit: Unit, index: int) -> dict:
         out = storage.location(self.out_dir)
-        table = read_unit_scored(out, unit, columns=["doc_id", "source_row", "safety_score", "safety_confidence", "token_length"])
-        per_score = table.group_by("safety_score").aggregate([("safety_score", "count"), ("token_length", "sum")]).to_pylist()
+        table = read_unit_scored(out, unit, columns=["doc_id", "source_row", "safety_score", "safety_confidence", "token_length", "language"])
         unconfident = table.filter(pc.and_(pc.greater_equal(table.column("safety_score"), self.selection.bad_threshold),
                                            pc.less(table.column("safety_confidence"), self.selection.min_confidence)))
-        low = unconfident.group_by("safety_score").aggregate([("token_length", "sum")]).to_pylist()
         if self.id_buckets is not None:
             self._write_ids(out / IDS / f"{unit.key}.parquet", table, index=index)
+        keys = ["language", "safety_score"]
+        per = table.group_by(keys).aggregate([("safety_score", "count"), ("token_length", "sum")]).to_pylist()
+        low = unconfident.group_by(keys).aggregate([("token_length", "sum")]).to_pylist()
+        languages: dict[str, dict[str, dict[int, int]]] = {}
+        for rows, fields in ((per, (("documents", "safety_score_count"), ("tokens", "token_length_sum"))),
+                             (low, (("unconfident", "token_length_sum"),))):
+            for r in rows:
+                block = languages.setdefault(r["language"], {"documents": {}, "tokens": {}, "unconfident": {}})
+                for name, column in fields:
+                    block[name][int(r["safety_score"])] = int(r[column] or 0)
+
+        def overall(name: str) -> dict[int, int]:
+            out: dict[int, int] = {}
+            for block in languages.values():
+                for score, n in block[name].items():
+                    out[score] = out.get(score, 0) + n
+            return out
+
         return {
             "unit_index": index,
-            "score_documents": json.dumps({int(r["safety_score"]): int(r["safety_score_count"]) for r in per_score}),
-            "score_tokens": json.dumps({int(r["safety_score"]): int(r["token_length_sum"] or 0) for r in per_score}),
-            "unconfident_tokens": json.dumps({int(r["safety_score"]): int(r["token_length_sum"] or 0) for r in low}),
+            "score_documents": json.dumps(overall("documents")),
+            "score_tokens": json.dumps(overall("tokens")),
+            "unconfident_tokens": json.dumps(overall("unconfident")),
+            "language_totals": json.dumps(languages),
         }
 
     def _write_ids(self, path: Path, table: pa.Table, *, index: int) -> None:
@@ -159,16 +176,25 @@ def corpus_totals(out_dir: Path, units: list[Unit], *, selection: SelectionConfi
     documents: dict[int, int] = {}
     tokens: dict[int, int] = {}
     unconfident: dict[int, int] = {}
+    by_language: dict[str, dict[str, dict[int, int]]] = {}
     for row in run_stages(units_with_index(units), [summarize]):
         for into, column in ((documents, "score_documents"), (tokens, "score_tokens"), (unconfident, "unconfident_tokens")):
             for score, n in json.loads(row[column]).items():
                 into[int(score)] = into.get(int(score), 0) + n
+        for lang, block in json.loads(row["language_totals"]).items():
+            mine = by_language.setdefault(lang, {"documents": {}, "tokens": {}, "unconfident": {}})
+            for name, counts in block.items():
+                for score, n in counts.items():
+                    mine[name][int(score)] = mine[name].get(int(score), 0) + n
     duplicates: dict[str, list[int]] = {}
     if buckets is not None:
         found = items_dataset([{"bucket": b} for b in range(buckets)])
         for row in run_stages(found, [FindDuplicates(out_dir=str(out_dir))]):
             duplicates.setdefault(units[row["unit_index"]].key, []).append(int(row["source_row"]))
-    return TokenTotals(documents=documents, tokens=tokens, unconfident_tokens=unconfident), {k: sorted(v) for k, v in sorted(duplicates.items())}
+    languages = {lang: TokenTotals(documents=b["documents"], tokens=b["tokens"], unconfident_tokens=b["unconfident"])
+                 for lang, b in sorted(by_language.items())}
+    totals = TokenTotals(documents=documents, tokens=tokens, unconfident_tokens=unconfident, by_language=languages)
+    return totals, {k: sorted(v) for k, v in sorted(duplicates.items())}
 
 
 def count_for_generation(out_dir: Path, units: list[Unit], **stage_args) -> int:

@@ -127,6 +127,11 @@ def test_end_to_end_stats_match_a_recount_from_the_shards(demo_run):
     assert stats["prompts"]["prompt_version"] == load_pack("reflection-v2").version
     assert stats["prompts"]["constitution"]["sections"] == 35
     assert stats["stage_seconds"]["generate"] > 0 and stats["timeline"]["points"]
+    # Every document's language, counted: the demo corpus is English with a few other pages.
+    rows = pq.read_table(out / "shards", columns=["language", "language_score", "selected"]).to_pylist()
+    assert stats["languages"] == dict(Counter(r["language"] for r in rows)) and sum(stats["languages"].values()) == LIMIT
+    assert stats["languages"]["en"] >= 0.9 * LIMIT and len(stats["languages"]) >= 2
+    assert stats["selected_by_language"] == dict(Counter(r["language"] for r in rows if r["selected"]))
 
 
 @pytest.mark.slow
@@ -147,6 +152,7 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     assert sample.num_rows == 40
     rows = {r["doc_id"]: r for r in pq.read_table(out / "shards").to_pylist()}
     assert all(rows[r["doc_id"]]["training_text"] == r["training_text"] for r in sample)
+    assert all(rows[r["doc_id"]]["language"] == r["language"] for r in sample)  # published with the sample
     # Stratified as allocated from the run's strata counts; the few bad documents are all in.
     drawn = Counter(f"{r['safety_score']}|{r['selected_reason']}" for r in sample)
     assert {k: v for k, v in allocate_sample(stats["strata"], 40).items() if v} == dict(drawn)
@@ -154,5 +160,10 @@ def test_end_to_end_dry_run_publish_and_report(demo_run, tmp_path):
     card = DatasetCard.load(dest / "README.md")
     assert card.data.to_dict()["configs"][0]["config_name"] == "sample"
     assert f"| documents in / out | {stats['documents_in']:,} / {stats['documents_out']:,} |" in card.text
+    # The card's languages: those the run identified above 2% of the documents, English first.
+    share = {c: n / stats["documents_in"] for c, n in stats["languages"].items()}
+    assert card.data.to_dict()["language"] == sorted((c for c, v in share.items() if v >= 0.02), key=lambda c: (-share[c], c))
+    assert card.data.to_dict()["language"][0] == "en" and "English (`en`)" in card.text
     page = write_report(out, stats).read_text()
+    assert f"en {stats['languages']['en']:,} ({stats['selected_by_language'].get('en', 0):,})" in page
     assert page.count("<div class='doc'>") == 3 and page.count("data:image/png;base64,") == 4

@@ -104,11 +104,11 @@ def test_pass_one_runs_a_cpu_scorer_in_the_unit_task_and_a_transformers_scorer_i
     cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)}})
     stages = scoring_stages(cfg, out_dir=tmp_path, extra_columns={})
     (op,) = scoring_ops(stages, num_cpus=1)
-    assert op.name == "read+tokens+safety+write_scored" and not op.stateful and op.resources.batch_size == 1
+    assert op.name == "read+tokens+language+safety+write_scored" and not op.stateful and op.resources.batch_size == 1
     cfg = RunConfig.model_validate({"input": {"paths": ["x.parquet"]}, "output": {"path": str(tmp_path)},
                                     "classifier": {"backend": "transformers", "model": "m", "num_gpus": 1, "concurrency": 3}})
     read_count, scorer, write = scoring_ops(scoring_stages(cfg, out_dir=tmp_path, extra_columns={}), num_cpus=1)
-    assert read_count.name == "read+tokens" and not read_count.stateful
+    assert read_count.name == "read+tokens+language" and not read_count.stateful
     assert scorer.stateful and scorer.resources.num_gpus == 1 and scorer.resources.concurrency == 3
     assert write.name == "write_scored"
 

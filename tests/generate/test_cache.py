@@ -27,6 +27,9 @@ def test_batches_follow_the_unit_and_skip_saved_ones(tmp_path):
     plans = plan_batches(documents(5), unit="u1", out_dir=tmp_path, batch_size=2, pass_name=None)
     assert [(p["batch_index"], p["doc_ids"]) for p in plans] == [(0, ["d0", "d1"]), (1, ["d2", "d3"]), (2, ["d4"])]
     assert plans[0]["selected_flags"] == [True, False] and plans[0]["bad_flags"] == [True, False]
+    assert plans[0]["languages"] == [None, None]  # scored before language identification: `{language}` says undetermined
+    with_language = documents(3).append_column("language", pa.array(["de", "en", "fr"]))
+    assert [p["languages"] for p in plan_batches(with_language, unit="u9", out_dir=tmp_path, batch_size=2, pass_name=None)] == [["de", "en"], ["fr"]]
     saved = generated_batch_path(tmp_path, "u1", index=1)
     saved.parent.mkdir(parents=True)
     saved.write_bytes(b"")

@@ -23,9 +23,18 @@ from tests.streams_check import check_streams
 from tests.support import REPO, require_shared_data, run_pipeline
 from tests.behaviour.test_resume import content_stats, kill_when, run_to_end, shard_contents
 
-ADD = ["--add-recipe", "preflection"]
 FIRST = ["reflection", "reflection_end", "refusal_reflection", "summary", "rephrase", "annotations"]
+# A recipe written only as files (README, "Writing a recipe"): a one-voice note at the pause point
+# with its own constitution and guidelines, for bad documents only, beside the built-in ones...
+EXAMPLE = REPO / "examples" / "recipes" / "normative_note.yaml"
+# ...and a copy of it under another name, added to the finished run with preflection.
+LATE = "normative_late"
+ADDED = ["preflection", LATE]
 REAL, HARMFUL = 8, 2
+
+
+LATE_FILE = Path(__file__).resolve().parent / "data" / f"{LATE}.yaml"
+ADD = ["--add-recipe", "preflection", "--add-recipe", str(LATE_FILE)]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,7 @@ def args(corpus: Path) -> list[str]:
             "--set", "input.rows_per_unit=4", "--set", "selection.matched_token_ratio=2", "--set", "generation.batch_size=4",
             "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=0",
             "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=4096",
-            "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps(FIRST)}",
+            "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps([*FIRST, str(EXAMPLE)])}",
             "--set", "generation.reproducible=true"]  # a killed add is compared with an uninterrupted one, byte for byte
 
 
@@ -92,10 +101,24 @@ def test_six_recipes_from_one_engine_load_each_where_it_belongs(base_run):
     counts = check_streams(out)  # every stream: windows, lengths, the text placed where its recipe says
     meta = json.loads((out / "tokenized" / "metadata.json").read_text())
     assert set(meta["streams"]) == {"reflection-1p", "reflection_end-1p", "refusal_reflection-1p", "summary", "rephrase", "annotations",
-                                    "compact"}
-    assert counts["windows"] == 6 * len(chosen) and counts["placed"] >= len(chosen)
+                                    "normative_note-1p", "compact"}
+    assert counts["windows"] == 7 * len(chosen) and counts["placed"] >= len(chosen)
     per = stats["recipes"]
-    assert set(per) == set(FIRST)
+    assert set(per) == {*FIRST, "normative_note"}
+    # The files-only recipe: bad documents only, at the reflection's pause point, its own columns
+    # (one renamed in its file), its own stream and stats.
+    for r in rows:
+        expected = "not_selected" if not r["selected"] else "not_applicable" if not r["is_bad"] else None
+        assert r["normative_note_status"] == expected or expected is None and (r["normative_note_status"] == "ok" or
+                                                                               r["normative_note_status"].startswith("failed:"))
+        if r["is_bad"] and r["selected"]:
+            assert r["normative_note_token_index"] == r["reflection_token_index"]
+            assert r["normative_note_prompt_version"].startswith("normative-note-v1@")
+            assert (r["normative_note_1p"] is not None) == (r["normative_note_status"] == "ok")
+            assert r["language"] and 0 < r["language_score"] <= 1
+    assert "normative_note_reasoning" in rows[0] and "normative_note_analysis" not in rows[0] and "normative_note_3p" not in rows[0]
+    assert per["normative_note"]["reply_checks"]["requests"] >= len(bad) and per["normative_note"]["prompt_tokens"] > 0
+    assert stats["prompts"]["recipes"]["normative_note"].startswith("normative-note-v1@")
     for name in FIRST:
         assert per[name]["reply_checks"]["requests"] >= (len(bad) if name == "rephrase" else len(chosen)) or name == "annotations"
         assert per[name]["prompt_tokens"] > 0 and per[name]["generated_tokens_per_engine_second"] > 0
@@ -121,7 +144,7 @@ def added(base_run, tmp_path_factory) -> Added:
     then the same command again: the added run the tests below read."""
     out = tmp_path_factory.mktemp("added") / "run"
     shutil.copytree(base_run, out)
-    work = out / "_work" / "generated-preflection"
+    work = out / "_work" / f"generated-preflection+{LATE}"
     kill_when(ADD, out, out.parent / "1-add.log", lambda o: any(work.glob("*/*.parquet")))
     saved = {str(p.relative_to(out)): pq.read_table(p).to_pylist() for p in sorted(work.glob("*/*.parquet"))}
     manifests = [json.loads(m.read_text()) for m in (out / "_work" / "done").glob("*.json")]
@@ -134,7 +157,7 @@ def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
     stats = json.loads((out / "stats.json").read_text())
     windows = stats["selected_documents"]
     this_run = stats["this_run"]
-    assert this_run["added_recipes"] == ["preflection"] and this_run["documents_scored"] == 0
+    assert this_run["added_recipes"] == ADDED and this_run["documents_scored"] == 0
     assert this_run["generations_made"] + this_run["generations_reused"] == windows and this_run["engine_loads"] == 1
     before, after = file_digests(base_run), file_digests(out)
     rewritten = {k for k in before if after.get(k) != before[k]}
@@ -144,11 +167,14 @@ def test_added_recipe_reuses_the_run_and_changes_no_file_of_it(base_run, added):
     for side in sorted((base_run / "tokenized" / "sidecar").glob("*.parquet")):
         old, new = pq.read_table(side), pq.read_table(out / "tokenized" / "sidecar" / side.name)
         assert all(old.column(c).equals(new.column(c)) for c in old.column_names)
-        assert {"preflection_neutral", "preflection_status", "window_tokens_preflection-neutral"} <= set(new.column_names)
+        assert {"preflection_neutral", "preflection_status", "window_tokens_preflection-neutral", f"{LATE}_1p", f"{LATE}_status",
+                f"window_tokens_{LATE}-1p"} <= set(new.column_names)
     check_streams(out)
-    assert set(stats["recipes"]) == {*FIRST, "preflection"}
-    assert json.loads((out / "run.json").read_text())["config"]["generation"]["recipes"] == [*FIRST, "preflection"]
-    assert not (out / "_work" / "generated-preflection").exists()
+    assert set(stats["recipes"]) == {*FIRST, "normative_note", *ADDED}
+    assert json.loads((out / "run.json").read_text())["config"]["generation"]["recipes"] == [*FIRST, str(EXAMPLE), "preflection",
+                                                                                             str(LATE_FILE)]
+    assert stats["recipes"][LATE]["reply_checks"]["requests"] >= 1  # the harmful documents
+    assert not (out / "_work" / f"generated-preflection+{LATE}").exists()
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +195,7 @@ def uninterrupted_add(base_run, tmp_path_factory) -> Path:
         proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "spp_reflections.py"), "--output", "s3://runs/base", *ADD],
                               cwd=REPO, env=server.env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "adding ['preflection']" in proc.stdout
+        assert f"adding ['preflection', '{LATE}']" in proc.stdout
         out = root / "run"
         for key in server.objects("runs", "base/"):
             (out / key.removeprefix("base/")).parent.mkdir(parents=True, exist_ok=True)
@@ -187,8 +213,8 @@ def test_a_killed_add_resumes_to_the_uninterrupted_add(added, uninterrupted_add)
     assert shard_contents(added.out) == shard_contents(uninterrupted_add)
     assert content_stats(added.out) == content_stats(uninterrupted_add)
     assert added.saved
-    assert not all("preflection" in m["recipes"] for m in added.manifests_at_kill)  # killed before every unit was written
-    assert "adding ['preflection']" in added.log
+    assert not all(LATE in m["recipes"] for m in added.manifests_at_kill)  # killed before every unit was written
+    assert f"adding ['preflection', '{LATE}']" in added.log
     stats = json.loads((added.out / "stats.json").read_text())
     saved_rows = [r for rows in added.saved.values() for r in rows]
     assert stats["this_run"]["resumed"] is True and stats["this_run"]["generations_reused"] == len(saved_rows) >= 1

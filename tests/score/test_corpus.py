@@ -17,12 +17,12 @@ from annotator.core.units import Unit, unit_json
 
 
 def _scored_unit(out: Path, key: str, ids: list[str], scores: list[int], confidence: list[float], lengths: list[int],
-                 *, first_row: int = 0) -> Unit:
+                 *, first_row: int = 0, languages: list[str] | None = None) -> Unit:
     """A unit's pass-1 output in two parts, as `WriteScored` leaves it."""
     n = len(ids)
     table = pa.table({"doc_id": ids, "source_row": pa.array(range(first_row, first_row + n), pa.int64()),
                       "safety_score": pa.array(scores, pa.int64()), "safety_confidence": confidence,
-                      "token_length": pa.array(lengths, pa.int64())})
+                      "token_length": pa.array(lengths, pa.int64()), "language": languages or ["en"] * n})
     half = n // 2
     for start, part in ((first_row, table.slice(0, half)), (first_row + half, table.slice(half))):
         path = out / SCORED / key / f"{start:09d}-{part.num_rows}.parquet"
@@ -53,6 +53,8 @@ def test_unit_summary_counts_tokens_per_score_and_unconfident_bad(tmp_path):
     assert json.loads(row["score_documents"]) == {"0": 2, "3": 1, "4": 1}
     assert json.loads(row["score_tokens"]) == {"0": 50, "3": 20, "4": 30}
     assert json.loads(row["unconfident_tokens"]) == {"3": 20}  # score 3 below min_confidence: not bad
+    assert json.loads(row["language_totals"]) == {"en": {"documents": {"0": 2, "3": 1, "4": 1}, "tokens": {"0": 50, "3": 20, "4": 30},
+                                                         "unconfident": {"3": 20}}}
     totals = TokenTotals(documents={0: 2, 3: 1, 4: 1}, tokens={0: 50, 3: 20, 4: 30}, unconfident_tokens={3: 20})
     assert totals.split(3) == (30, 70)
     assert sample_probability(selection, totals) == pytest.approx(30 / 70)
@@ -74,3 +76,33 @@ def test_duplicates_keep_the_first_by_unit_order_then_row(tmp_path, buckets):
     later = sorted((units[r["unit_index"]].key, r["source_row"]) for r in found)
     # x: first at u0 row 0, again u0 row 2 and u1 row 7; y: u0 row 1 then u1 row 4; v: u1 row 6 then u2 row 8.
     assert later == [("u0", 2), ("u1", 4), ("u1", 7), ("u2", 8)]
+
+
+def test_selection_restricted_to_languages_or_matched_within_each(tmp_path):
+    """Two languages with different bad shares: `languages` leaves the other language's documents
+    (bad ones too) unselected and matches the sample to the listed language's tokens alone;
+    `stratify: language` gives each language its own probability."""
+    from annotator.score.corpus import corpus_totals
+    from annotator.score.selection import OTHER, OTHER_LANGUAGE, SelectForReflection
+
+    en = _scored_unit(tmp_path, "u0", ["e1", "e2", "e3", "e4"], [4, 0, 0, 0], [0.9] * 4, [10, 30, 30, 40], languages=["en"] * 4)
+    de = _scored_unit(tmp_path, "u1", ["d1", "d2", "d3", "d4"], [5, 5, 0, 0], [0.9] * 4, [20, 20, 10, 10], first_row=4, languages=["de"] * 4)
+    totals, _ = corpus_totals(tmp_path, [en, de], selection=SelectionConfig(), find_duplicates=False)
+    assert totals.documents == {0: 5, 4: 1, 5: 2} and set(totals.by_language) == {"de", "en"}
+    assert totals.by_language["de"].split(3) == (40, 20) and totals.by_language["en"].split(3) == (10, 100)
+    assert sample_probability(SelectionConfig(), totals) == pytest.approx(50 / 120)
+    only_en = SelectionConfig(languages=["en"])
+    assert sample_probability(only_en, totals) == pytest.approx(10 / 100)
+    assert sample_probability(SelectionConfig(stratify="language"), totals) == {OTHER: 0.0, "de": 1.0, "en": pytest.approx(0.1)}
+    batch = pa.table({"doc_id": ["d1", "e1", "x"], "safety_score": [5, 4, 0], "safety_confidence": [0.9, 0.9, 0.9],
+                      "language": ["de", "en", "fr"]})
+    picked = SelectForReflection(only_en, probability=sample_probability(only_en, totals)).process(batch).to_pylist()
+    assert [(r["is_bad"], r["selected"], r["selected_reason"]) for r in picked] == [
+        (True, False, OTHER_LANGUAGE), (True, True, "bad"), (False, False, OTHER_LANGUAGE)]
+    stratified = SelectionConfig(stratify="language", seed=3)
+    select = SelectForReflection(stratified, probability=sample_probability(stratified, totals))
+    many = pa.table({"doc_id": [f"n{i}" for i in range(2000)], "safety_score": [0] * 2000, "safety_confidence": [0.9] * 2000,
+                     "language": ["de", "en", "fr", "en"] * 500})
+    rows = select.process(many).to_pylist()
+    share = {lang: sum(r["selected"] for r in rows if r["language"] == lang) / sum(r["language"] == lang for r in rows) for lang in ("de", "en", "fr")}
+    assert share["de"] == 1.0 and 0.07 < share["en"] < 0.13 and share["fr"] == 0.0
