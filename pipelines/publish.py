@@ -1,6 +1,6 @@
 """Entry point: publish a finished run to a Hugging Face Hub dataset repository.
 
-    python pipelines/publish.py --output out/demo --repo-id me/spp-demo [--include-shards] [--public]
+    python pipelines/publish.py --output out/demo --repo-id me/spp-demo [--include-shards] [--include-safety-annotations] [--public]
     python pipelines/publish.py --output out/demo --dry-run /tmp/spp-repo     # stage the repository only
 
 The token comes from HF_TOKEN or `hf auth login`; there is no token flag, so it never lands in
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sample-rows", type=int, help="rows in the stratified sample (default: publish.sample_rows, 2000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     ap.add_argument("--include-shards", action="store_true", help="also upload the full text shards (config 'full')")
+    ap.add_argument("--include-safety-annotations", action="store_true",
+                    help="also upload id, safety_score and safety_probs of every scored document, those a filtered baseline "
+                         "dropped included (config 'safety_annotations'; an annotation run's option)")
     ap.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                     help="create the repository as private (default: publish.private, true); --no-private creates it public")
     ap.add_argument("--public", action="store_true",
@@ -71,6 +74,7 @@ def options_from(args: argparse.Namespace, stats: dict, output: Path) -> Publish
         raise PublishError(f"--sample-rows must be at least 1 (got {rows})")
     private = args.private if args.private is not None else defaults.get("private", True)
     return PublishOptions(repo_id=repo_id, sample_rows=rows, seed=args.seed, include_shards=args.include_shards,
+                          include_safety_annotations=args.include_safety_annotations,
                           private=private, public=args.public or args.private is False, columns=defaults.get("columns"), license=args.license or defaults.get("license") or "other",
                           license_name=args.license_name or defaults.get("license_name"),
                           license_link=args.license_link or defaults.get("license_link"),

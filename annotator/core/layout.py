@@ -8,6 +8,7 @@ a local folder or an object-storage prefix (`storage.py`, the one filesystem lay
     tokenized/compact/<unit>.bin/.idx             the other documents, dense-packed into windows
     tokenized/documents/<unit>-<part>.bin/.idx    documents layout: one sequence per document
     tokenized/metadata.json, tokenizer/           what a trainer needs to read the streams
+    safety_annotations/<unit>.parquet             id, safety_score, safety_probs of every scored document (dropped ones too)
     stats.json, report.html
     plan.json                                     the cost plan (`--plan`), kept by the run it plans
     run.json                                      the config, the unit plan, one record per attempt
@@ -43,6 +44,7 @@ REPORT_FILE = "report.html"
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 PLAN_WORK = "_plan"
+SAFETY_DIR = "safety_annotations"
 SCORED = "_work/scored"
 GENERATED = "_work/generated"
 DONE = "_work/done"
@@ -66,6 +68,8 @@ AUDIT_WORK = f"{AUDIT_DIR}/_work"
 SFT_PROMPTS = "_work/prompts.parquet"
 SFT_DATA_DIR = "data"
 SFT_RENDERINGS = ("cited", "uncited")
+# Both renderings of a conversation in one row (`messages_cite`, `messages_nocite`): the method's published SFT shape.
+SFT_PAIRED = "paired"
 SFT_SKIP_SPLIT = "skip"
 SFT_FAILURES = "rejects/failures.parquet"
 # Whose files these are: run.json's `tool` field, and the marker file of a publish staging folder.
@@ -75,7 +79,7 @@ STAGING_MARKER = ".spp-staging.json"
 LOCK_FILE = ".spp-lock.json"
 # What this tool writes at the top of an output directory: `--overwrite` deletes these entries of
 # a folder whose run.json is this tool's, and nothing else.
-RUN_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, WORK, TOKENS_DIR, TOKENIZER_DIR, REJECTS, PLAN_WORK, AUDIT_DIR)
+RUN_OUTPUTS = (RUN_FILE, STATS_FILE, REPORT_FILE, TEXT_DIR, WORK, TOKENS_DIR, TOKENIZER_DIR, REJECTS, PLAN_WORK, AUDIT_DIR, SAFETY_DIR)
 SFT_OUTPUTS = (RUN_FILE, STATS_FILE, WORK, SFT_DATA_DIR, REJECTS)
 # Written before a run (`--plan`) and kept when the run replaces the directory.
 KEPT_ON_OVERWRITE = (PLAN_FILE,)
@@ -87,6 +91,14 @@ def text_shard(out_dir: Path, name: str) -> Path:
 
 def text_shards(out_dir: Path) -> list[Path]:
     return sorted((location(out_dir) / TEXT_DIR).glob("*.parquet"), key=str)
+
+
+def safety_annotations_path(out_dir: Path, unit: str) -> Path:
+    return location(out_dir) / SAFETY_DIR / f"{unit}.parquet"
+
+
+def safety_annotation_files(out_dir: Path) -> list[Path]:
+    return sorted((location(out_dir) / SAFETY_DIR).glob("*.parquet"), key=str)
 
 
 def stream_prefix(out_dir: Path, stream: str, *, name: str) -> Path:
@@ -122,9 +134,9 @@ def sidecars(out_dir: Path) -> list[Path]:
 
 
 def unit_outputs(out_dir: Path, unit: str) -> list[Path]:
-    """Every file a unit's finalize may have written (text shards, token streams, sidecar)."""
+    """Every file a unit's finalize may have written (text shards, safety annotations, token streams, sidecar)."""
     out = location(out_dir)
-    found = list((out / TEXT_DIR).glob(f"{glob.escape(unit)}-*"))
+    found = list((out / TEXT_DIR).glob(f"{glob.escape(unit)}-*")) + list((out / SAFETY_DIR).glob(f"{glob.escape(unit)}.parquet"))
     tokens = out / TOKENS_DIR
     if tokens.is_dir():
         for d in tokens.iterdir():
@@ -158,5 +170,5 @@ def judge_batch_path(work_dir: Path, index: int) -> Path:
 
 
 def sft_dataset_file(out_dir: Path, split_dir: str, *, split: str = "train") -> Path:
-    """One split of an SFT run's datasets (`data/<rendering or skip>/<split>-00000-of-00001.parquet`)."""
+    """One split of an SFT run's datasets (`data/<rendering, paired or skip>/<split>-00000-of-00001.parquet`)."""
     return location(out_dir) / SFT_DATA_DIR / split_dir / f"{split}-00000-of-00001.parquet"

@@ -1,5 +1,6 @@
-"""Pass 2b: finalizing a unit (select, attach the saved generations, splice, write shards,
-manifest). Which documents need the engine, and saving what it produced, is `generate.cache`.
+"""Pass 2b: finalizing a unit (select, attach the saved generations, splice, write shards and
+the unit's safety annotations, manifest). Which documents need the engine, and saving what it
+produced, is `generate.cache`.
 
 Generation results are saved per batch, so a crash loses at most the batches in flight; a unit's
 shards are written from its whole scored set, so their names and contents do not depend on how
@@ -79,6 +80,17 @@ def finalize_stages(cfg: RunConfig, *, out_dir: str, resolved: ResolvedRun) -> t
                         recipes=recipes, generation_enabled=enabled))
 
 
+# The safety annotations of a run, as the SPP method publishes them: one row per scored document,
+# in input order; written per unit because a filtered baseline's shards lack the dropped documents.
+SAFETY_ANNOTATIONS_SCHEMA = pa.schema([("id", pa.string()), ("safety_score", pa.int8()), ("safety_probs", pa.list_(pa.float32()))])
+
+
+def safety_annotations(scored: pa.Table) -> pa.Table:
+    """`id`, `safety_score`, `safety_probs` of `scored` (a unit's documents, duplicates dropped)."""
+    columns = [scored.column(c) for c in ("doc_id", "safety_score", "safety_probs")]
+    return pa.Table.from_arrays([c.cast(t) for c, t in zip(columns, SAFETY_ANNOTATIONS_SCHEMA.types)], schema=SAFETY_ANNOTATIONS_SCHEMA)
+
+
 def failed_generations(table: pa.Table, recipes: list[Recipe]) -> pa.Table:
     """rejects/generations rows: one per (document, recipe) whose requests all failed, with the
     recipe's status and the model's last reply."""
@@ -95,7 +107,8 @@ def failed_generations(table: pa.Table, recipes: list[Recipe]) -> pa.Table:
 
 
 class FinalizeUnit(UnitStage):
-    """One unit from its scored documents and saved generations to shards and a manifest."""
+    """One unit from its scored documents and saved generations to shards, its safety annotations
+    and a manifest."""
 
     name = "finalize"
     adds = ("unit", "manifest")
@@ -136,6 +149,7 @@ class FinalizeUnit(UnitStage):
                 "text_preview": pc.utf8_slice_codeunits(dups.column("text"), 0, 1000)}))
         failed_rows = 0
         if kept.num_rows:
+            write_table(layout.safety_annotations_path(out, unit.key), safety_annotations(kept))
             table = self.select.process(kept)
             cache = cached_generations(out, unit.key, key=self.generation_key) if self.generation.enabled else None
             table = attach_generations(table, cache, cfg=self.cfg, unit=unit.key)

@@ -2,7 +2,7 @@
 
 `build_repo_folder` stages the exact repository: the dataset card (README.md), stats.json, the run
 report and its plots, a seeded sample stratified by safety score and selection reason in the shard
-schema, and optionally the full shards. `publish` uploads that folder with huggingface_hub.
+schema, optionally the full shards and every scored document's safety scores. `publish` uploads it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from annotator.output.report import (
 )
 from annotator.output.stats import STRATUM_SEPARATOR, provenance, stratum_key
 from annotator.core import layout, storage
+from annotator.score.language import card_languages, languages_text
 from annotator.core.storage import TMP_MARK
 from annotator.audit import sampling
 from annotator.audit.sampling import allocate_sample, read_rows
+from annotator.publish.safety_annotations import card_entry, safety_annotation_files, safety_config
 
 CARD_FILE, STATS_FILE = layout.CARD_FILE, layout.STATS_FILE
 PLOTS_MAIN = set(PLOTS)
@@ -55,13 +57,14 @@ class PublishOptions:
     sample_rows: int = 2000
     seed: int = 0
     include_shards: bool = False
+    include_safety_annotations: bool = False   # every scored document's id, safety_score, safety_probs (`safety_annotations`)
     private: bool = True
     public: bool = False   # consent to publish into a public repository (an existing one, or a new one)
     columns: list[str] | None = None   # the sample's columns; None: all but LOCAL_COLUMNS
     license: str = "other"
     license_name: str | None = None
     license_link: str | None = None
-    # None: not declared (web text holds many languages; nothing here identifies them).
+    # None: the languages the run identified (those above CARD_LANGUAGE_SHARE of its documents).
     language: list[str] | None = None
 
 
@@ -127,10 +130,11 @@ def _yaml_header(stats: dict, options: PublishOptions, *, rows: int) -> str:
     configs = [{"config_name": "sample", "data_files": [{"split": "train", "path": f"{SAMPLE_DIR}/*.parquet"}], "default": True}]
     if options.include_shards:
         configs.append({"config_name": "full", "data_files": [{"split": "train", "path": f"{SHARDS_IN_REPO}/*.parquet"}]})
+    configs += [safety_config()] if options.include_safety_annotations else []
     data = DatasetCardData(
         license=options.license,
         **license_metadata(options),
-        language=list(options.language) if options.language else None,
+        language=card_languages(stats, declared=options.language) or None,
         size_categories=[size_category(rows)],
         task_categories=["text-generation"],
         annotations_creators=["machine-generated"],
@@ -160,11 +164,14 @@ def _method(stats: dict) -> str:
     canaries = gen.get("canaries", {})
     return "\n".join([
         f"1. **Safety scoring** (0-5): `{cls.get('backend')}` classifier `{cls.get('model')}` "
-        f"(version `{cls.get('version')}`), written to `safety_score`, `safety_probs`, `safety_confidence`.",
+        f"(version `{cls.get('version')}`), written to `safety_score`, `safety_probs`, `safety_confidence`"
+        + (" (the built-in scorers were measured on English text only: see their model card)" if cls.get("backend") == "fasttext" else "")
+        + "; each document's language (fastText lid.176) in `language`, `language_score`.",
         f"2. **Selection** (`{sel.get('mode')}`, seed {sel.get('seed')}): every document with score >= "
         f"{sel.get('bad_threshold')} is `bad`; other documents are sampled (probability "
         f"{_number(stats.get('selection_probability'))}, matched token ratio {sel.get('matched_token_ratio')}); "
-        "the reason is in `selected_reason`.",
+        "the reason is in `selected_reason`" + (f"; only documents in {', '.join(sel['languages'])} are selected" if sel.get("languages") else "")
+        + ("; the sample is matched within each language" if sel.get("stratify") == "language" else "") + ".",
         f"3. **Reflections**: `{gen.get('model')}` reads each selected document up to a seeded pause point and "
         f"writes a JSON reply (prompt pack `{prompts.get('prompt_version')}`, constitution of "
         f"{const.get('sections')} sections sha256 `{const.get('sha256')}`) enforced by vLLM structured outputs; "
@@ -211,6 +218,7 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
             files.append(f"- `{layout.TOKENS_DIR}/` and `{layout.TOKENIZER_DIR}/`: the training data as a trainer reads it "
                          f"(Megatron `.bin/.idx` token streams, the window sidecars, `{layout.TOKENS_DIR}/{layout.METADATA}` with the "
                          "stream blend), and the extended tokenizer those token ids belong to.")
+    files += [card_entry(stats)] if options.include_safety_annotations else []
     files.append(f"- `{STATS_FILE}`: the run's statistics, config and versions; `{REPORT_FILE}`: the run report; "
                  f"`{IMAGES_DIR}/`: its plots.")
     load = f'load_dataset("{options.repo_id}", "sample", split="train")'
@@ -241,9 +249,7 @@ def build_card(stats: dict, *, options: PublishOptions, sample: pa.Table, strata
         "so per-stratum estimates need the weights `rows_in_run / rows_in_sample`.", "",
         markdown_table(strata_rows, ("stratum", "rows")), "",
         "## Languages", "",
-        (f"Declared: {', '.join(f'`{x}`' for x in options.language)}." if options.language else
-         "Not declared: web text holds several languages and this run did not identify them (declare them with "
-         "`--language` or `publish.language`)."), "",
+        languages_text(stats, declared=options.language), "",
         "## Licence", "",
         f"Declared licence: `{options.license}`" + (f" ({options.license_name or DEFAULT_LICENSE_NAME}, see "
                                                     f"`{options.license_link or LICENSE_FILE}`)" if options.license == "other" else "")
@@ -297,6 +303,8 @@ def build_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions) -> 
         raise PublishError(f"{stats_path} not found; is --output a finished run's output directory?")
     stats = json.loads(stats_path.read_text())
     prepare_staging(dest)
+    for f in safety_annotation_files(out_dir, documents=stats.get("documents_in")) if options.include_safety_annotations else ():
+        _place(f, dest / layout.SAFETY_DIR / f.name)   # first: a run without them stops before the sample is drawn
     sample, strata = stratified_sample(out_dir, stats, rows=options.sample_rows, seed=options.seed)
     sample = sample_columns(sample, options.columns)
     (dest / SAMPLE_DIR).mkdir()
@@ -356,10 +364,10 @@ def publish_secrets(stats: dict) -> list[str]:
     return [s for s in (hub_token(), os.environ.get(judge_env)) if s and len(s) >= 8]
 
 
-def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO, layout.TOKENS_DIR)) -> None:
+def check_no_secret(folder: Path, secret: str, *, skip: tuple[str, ...] = (SHARDS_IN_REPO, layout.TOKENS_DIR, layout.SAFETY_DIR)) -> None:
     """Refuses to publish a staged file that contains `secret` (a key), in its bytes or, for a
     Parquet file, in any decoded value (a compressed page hides text from a byte search). The
-    shards are skipped: they are the run's own output, written before any key was in play."""
+    shards, token streams and safety scores are skipped: the run's own output, written before any key was in play."""
     needle, leaks = secret.encode(), []
     for path in sorted(Path(folder).rglob("*")):
         rel = path.relative_to(folder).as_posix()

@@ -1,6 +1,7 @@
 """Publishing a finished SFT run as a Hub dataset repository: one config per rendering (`cited`,
-the default, and `uncited`), each with a `train` split and the shared `skip` split, plus the card
-and `stats.json`. The token handling and the upload are those of the annotation runs (`hub`)."""
+the default, and `uncited`), each with a `train` split and the shared `skip` split, the `paired`
+config (both renderings per row, the SPP method's published shape), plus the card and `stats.json`.
+The token handling and the upload are those of the annotation runs (`hub`)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from annotator.publish.hub import (
     CARD_FILE, STATS_FILE, PublishError, PublishOptions, hub_token, markdown_table, check_no_secret, license_metadata, prepare_staging, publish_secrets, push_staging,
     size_category, staged_files, write_license_file,
 )
-from annotator.core.layout import SFT_DATA_DIR as DATA_DIR, SFT_RENDERINGS as RENDERINGS, SFT_SKIP_SPLIT as SKIP_SPLIT
+from annotator.core.layout import SFT_DATA_DIR as DATA_DIR, SFT_PAIRED as PAIRED, SFT_RENDERINGS as RENDERINGS, SFT_SKIP_SPLIT as SKIP_SPLIT
 from annotator.core.layout import sft_dataset_file as dataset_file
 
 
 def _configs(*, with_skip: bool) -> list[dict]:
-    """One config per rendering; the skip split only when the run has skip rows (the Hub's
-    Parquet reader cannot read a file without rows)."""
+    """One config per rendering, then `paired`; the skip split only when the run has skip rows (the
+    Hub's Parquet reader cannot read a file without rows), and not in `paired` (a skip row has no
+    reply to pair, and a config's splits share one schema)."""
     skip = [{"split": SKIP_SPLIT, "path": f"{DATA_DIR}/{SKIP_SPLIT}/*.parquet"}] if with_skip else []
-    return [{"config_name": r, "default": r == RENDERINGS[0],
-             "data_files": [{"split": "train", "path": f"{DATA_DIR}/{r}/*.parquet"}, *skip]} for r in RENDERINGS]
+    return [*({"config_name": r, "default": r == RENDERINGS[0],
+               "data_files": [{"split": "train", "path": f"{DATA_DIR}/{r}/*.parquet"}, *skip]} for r in RENDERINGS),
+            {"config_name": PAIRED, "data_files": [{"split": "train", "path": f"{DATA_DIR}/{PAIRED}/*.parquet"}]}]
 
 
 def build_sft_card(stats: dict, *, options: PublishOptions) -> str:
@@ -61,6 +64,10 @@ def build_sft_card(stats: dict, *, options: PublishOptions) -> str:
         f"- split `{SKIP_SPLIT}` (in both configs): prompts the generator answered `[SKIP]` because they ask about an "
         "off-limits canary topic; only the user message is kept, as a clean test of what pretraining taught.",
         "- Columns besides `messages`: `conversation_id`, `source`, `source_id`, `category`, `harm_category`, `n_turns`, "
+        "`canary_id`, `canary_action`, `prompt_version`, `model`.",
+        f"- `{PAIRED}`: split `train`, the same conversations in the same order, both renderings in one row as the SPP "
+        "method publishes its SFT data: `source`, `source_id`, `messages_cite` (the `cited` messages), `messages_nocite` "
+        "(the `uncited` ones), `n_turns`, and `meta`, a JSON string with `conversation_id`, `category`, `harm_category`, "
         "`canary_id`, `canary_action`, `prompt_version`, `model`.", "",
         "```python", "from datasets import load_dataset", f"cited = {load}", "```", "",
         "## How the data was made", "",
@@ -82,12 +89,14 @@ def build_sft_repo_folder(out_dir: Path, dest: Path, *, options: PublishOptions)
     out_dir, dest = Path(out_dir), Path(dest)
     stats = json.loads((out_dir / STATS_FILE).read_text())
     prepare_staging(dest)
-    for split_dir, split in [*((r, "train") for r in RENDERINGS), (SKIP_SPLIT, SKIP_SPLIT)]:
+    for split_dir, split in [*((r, "train") for r in (*RENDERINGS, PAIRED)), (SKIP_SPLIT, SKIP_SPLIT)]:
         src = dataset_file(out_dir, split_dir, split=split)
         if split == SKIP_SPLIT and not src.exists():
             continue  # no skip rows in this run
         if not src.exists():
-            raise PublishError(f"{src} not found; is --output a finished SFT run?")
+            hint = (" (an SFT run exported before the paired dataset existed: run spp_sft.py on it again, which re-exports "
+                    "its saved batches without generating)") if split_dir == PAIRED else ""
+            raise PublishError(f"{src} not found; is --output a finished SFT run?{hint}")
         target = dest / src.relative_to(out_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
@@ -105,5 +114,5 @@ def publish_sft(out_dir: Path, *, options: PublishOptions, staging: Path, log=pr
     if not hub_token():
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     paths = build_sft_repo_folder(out_dir, staging, options=options)
-    return push_staging(staging, options=options, paths=paths, message="SPP persona SFT: card, stats, cited and uncited conversations",
+    return push_staging(staging, options=options, paths=paths, message="SPP persona SFT: card, stats, cited, uncited and paired conversations",
                         log=log)

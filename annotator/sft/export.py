@@ -4,6 +4,7 @@ generates only what is missing), then the chat datasets and `stats.json`.
 
     <out>/data/cited/train-00000-of-00001.parquet     messages (user, assistant with [X.Y] markers) + metadata
     <out>/data/uncited/train-00000-of-00001.parquet   the same conversations without markers
+    <out>/data/paired/train-00000-of-00001.parquet    both renderings per row (messages_cite, messages_nocite, meta), the method's shape
     <out>/data/skip/skip-00000-of-00001.parquet       prompts the generator answered [SKIP] (user message only; no file without any)
     <out>/rejects/failures.parquet                    conversations whose first reply failed every attempt: reason, last reply
     <out>/stats.json, <out>/run.json                  figures; the fingerprint and one record per attempt
@@ -35,7 +36,7 @@ from annotator.sft.stage import sft_stage
 from annotator.sft.prompts import materialise_prompts
 from annotator.core.statuses import OK, SKIP, failure_reason
 
-RENDERINGS, SKIP_SPLIT = layout.SFT_RENDERINGS, layout.SFT_SKIP_SPLIT
+RENDERINGS, SKIP_SPLIT, PAIRED = layout.SFT_RENDERINGS, layout.SFT_SKIP_SPLIT, layout.SFT_PAIRED
 DATA_DIR, PROMPTS, FAILURES = layout.SFT_DATA_DIR, layout.SFT_PROMPTS, layout.SFT_FAILURES
 RUN_FILE, STATS_FILE = layout.RUN_FILE, layout.STATS_FILE
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -44,6 +45,14 @@ EXPORT_SCHEMA = pa.schema([
     ("category", pa.string()), ("harm_category", pa.string()), ("n_turns", pa.int32()), ("canary_id", pa.string()),
     ("canary_action", pa.string()), ("prompt_version", pa.string()), ("model", pa.string()),
 ])
+# The SPP method's published SFT shape (epfl-dlab/model-raising-data, pipeline/sft/*/export.py): both
+# renderings in one row, `content` a large string, every other field of the conversation in `meta`, a JSON string.
+PAIRED_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.large_string())]))
+PAIRED_SCHEMA = pa.schema([
+    ("source", pa.string()), ("source_id", pa.string()), ("messages_cite", PAIRED_MESSAGES), ("messages_nocite", PAIRED_MESSAGES),
+    ("n_turns", pa.int32()), ("meta", pa.string()),
+])
+META_FIELDS = ("conversation_id", "category", "harm_category", "canary_id", "canary_action", "prompt_version", "model")
 
 
 class SftRunError(RuntimeError):
@@ -141,6 +150,17 @@ def _meta(r: dict) -> dict:
                               "canary_action", "prompt_version", "model")}
 
 
+def paired_table(cited: pa.Table, uncited: pa.Table) -> pa.Table:
+    """The `paired` dataset from the two rendering tables (EXPORT_SCHEMA, the same conversations in
+    the same order): one row per conversation, in their order."""
+    if cited.column("conversation_id").to_pylist() != uncited.column("conversation_id").to_pylist():
+        raise ValueError("the cited and uncited tables hold different conversations or orders")
+    rows = [{"source": c["source"], "source_id": c["source_id"], "messages_cite": c["messages"], "messages_nocite": u,
+             "n_turns": c["n_turns"], "meta": json.dumps({k: c[k] for k in META_FIELDS}, ensure_ascii=False)}
+            for c, u in zip(cited.to_pylist(), uncited.column("messages").to_pylist())]
+    return pa.Table.from_pylist(rows, schema=PAIRED_SCHEMA)
+
+
 def export(out: Path, results: pa.Table, *, prompts: pa.Table, cfg: RunConfig, draw: dict, record: dict) -> dict:
     """The chat datasets, the failures and stats.json from the saved batches (rewritten whole on
     every run, so they are a function of the batches alone)."""
@@ -149,9 +169,11 @@ def export(out: Path, results: pa.Table, *, prompts: pa.Table, cfg: RunConfig, d
     ok = [r for r in rows if r["status"] == OK and r["n_turns"]]
     skip = [r for r in rows if r["status"] == SKIP]
     failed = [r for r in rows if r["status"] not in (OK, SKIP)]
-    for rendering in RENDERINGS:
-        table = pa.Table.from_pylist([{**_meta(r), "messages": messages_of(r["turns"], rendering)} for r in ok], schema=EXPORT_SCHEMA)
+    tables = {rendering: pa.Table.from_pylist([{**_meta(r), "messages": messages_of(r["turns"], rendering)} for r in ok], schema=EXPORT_SCHEMA)
+              for rendering in RENDERINGS}
+    for rendering, table in tables.items():
         write_table(dataset_file(out, rendering), table)
+    write_table(dataset_file(out, PAIRED), paired_table(*(tables[r] for r in RENDERINGS)))
     skip_file = dataset_file(out, SKIP_SPLIT, split=SKIP_SPLIT)
     skip_file.unlink(missing_ok=True)
     if skip:  # a Parquet file without rows is one that `datasets` cannot read

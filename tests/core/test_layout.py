@@ -27,6 +27,8 @@ def test_paths_of_every_output_kind(tmp_path):
     assert layout.mask_prefix(prefix) == out / "tokenized" / "reflection-1p" / f"{UNIT}_reflection_mask"
     assert layout.token_lengths_path(prefix) == out / "tokenized" / "reflection-1p" / f"{UNIT}.token_lengths.npy"
     assert layout.sidecar_path(out, UNIT) == out / "tokenized" / "sidecar" / f"{UNIT}.parquet"
+    assert layout.safety_annotations_path(out, UNIT) == out / "safety_annotations" / f"{UNIT}.parquet"
+    assert layout.sft_dataset_file(out, layout.SFT_PAIRED) == out / "data" / "paired" / "train-00000-of-00001.parquet"
     assert layout.generated_dir(out) == out / "_work" / "generated"
     assert layout.generated_dir(out, "summary+preflection") == out / "_work" / "generated-summary+preflection"
     assert layout.generated_batch_path(out, UNIT, index=7) == out / "_work" / "generated" / UNIT / "000007.parquet"
@@ -41,7 +43,7 @@ def test_every_output_lives_under_a_name_this_tool_owns():
     tops = {Path(p).parts[0] for p in (layout.SCORED, layout.GENERATED, layout.DONE, layout.SELECTION, layout.REJECTED_DOCUMENTS,
                                        layout.REJECTED_DUPLICATES, layout.REJECTED_GENERATIONS, layout.REJECTED_FILES,
                                        layout.TEXT_DIR, layout.TOKENS_DIR, layout.RUN_FILE, layout.STATS_FILE, layout.REPORT_FILE,
-                                       layout.PLAN_FILE, layout.PLAN_WORK)}
+                                       layout.PLAN_FILE, layout.PLAN_WORK, layout.SAFETY_DIR)}
     assert tops <= set(layout.RUN_OUTPUTS) | set(layout.KEPT_ON_OVERWRITE)
     assert not set(layout.KEPT_ON_OVERWRITE) & set(layout.RUN_OUTPUTS)   # --overwrite keeps plan.json
     assert {layout.TOKENIZER_DIR, layout.AUDIT_DIR} <= set(layout.RUN_OUTPUTS)
@@ -78,12 +80,13 @@ def test_unit_outputs_are_the_units_own_files_only(tmp_path):
         tmp_path / "tokenized" / "reflection-1p" / f"{UNIT}_reflection_mask.bin",
         tmp_path / "tokenized" / "reflection-1p" / f"{UNIT}.token_lengths.npy",
         tmp_path / "tokenized" / "documents" / f"{UNIT}-0000.bin",
-        layout.sidecar_path(tmp_path, UNIT),
+        layout.sidecar_path(tmp_path, UNIT), layout.safety_annotations_path(tmp_path, UNIT),
     ]
     theirs = [
         layout.text_shard(tmp_path, f"{OTHER}-0000"), tmp_path / "tokenized" / "compact" / f"{OTHER}.bin",
         tmp_path / "tokenized" / "metadata.json", tmp_path / "tokenized" / "reflection-1p" / f"{UNIT}0.bin",
-        tmp_path / "_work" / "done" / f"{UNIT}.json",
+        tmp_path / "_work" / "done" / f"{UNIT}.json", layout.safety_annotations_path(tmp_path, OTHER),
+        tmp_path / "safety_annotations" / f"{UNIT}0.parquet",
     ]
     for p in mine + theirs:
         touch(p)

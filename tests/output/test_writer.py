@@ -1,6 +1,6 @@
 """Writer: the training text, text shards in the published schema, the windows and documents
 layouts read back with Megatron-LM's own reader, special-token text that stays text, atomic
-files, and a filtered-baseline run."""
+files, and a filtered-baseline run (whose dropped documents keep their safety annotations)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def test_indexed_dataset_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_filtered_baseline_drops_bad_documents(tmp_path):
+def test_filtered_baseline_drops_bad_documents_and_publishes_every_score(tmp_path):
     require_shared_data()
     out = tmp_path / "baseline"
     proc = run_pipeline("--config", "configs/demo.yaml", "--limit", "200", "--output", str(out),
@@ -248,3 +248,23 @@ def test_filtered_baseline_drops_bad_documents(tmp_path):
     source = read_input()
     assert all(r["text"] == r["training_text"] == source[r["doc_id"]] for r in rows)
     assert check_streams(out)["compact_documents"] == len(rows)
+
+    # The scores of every scored document, the dropped ones too: the `safety_annotations` config of the
+    # run's Hub repository (staged by the publish command), loaded with `datasets`.
+    from datasets import load_dataset
+
+    from pipelines.publish import main
+
+    repo = tmp_path / "repo"
+    assert main(["--output", str(out), "--dry-run", str(repo), "--sample-rows", "10", "--include-safety-annotations"]) == 0
+    ds = load_dataset(str(repo), "safety_annotations", split="train", cache_dir=str(tmp_path / "cache"))
+    schema = ds.data.schema
+    assert ds.column_names == ["id", "safety_score", "safety_probs"] and schema.field("id").type == pa.string()
+    assert schema.field("safety_score").type == pa.int8() and ds.features["safety_score"].dtype == "int8"
+    assert pa.types.is_list(schema.field("safety_probs").type) and schema.field("safety_probs").type.value_type == pa.float32()
+    scores = {r["id"]: r for r in ds}
+    assert ds.num_rows == len(scores) == stats["documents_in"] == 200 and set(scores) <= set(source)
+    for r in rows:   # the written documents: the shards' own columns
+        assert (scores[r["doc_id"]]["safety_score"], scores[r["doc_id"]]["safety_probs"]) == (r["safety_score"], r["safety_probs"])
+    dropped = set(scores) - {r["doc_id"] for r in rows}
+    assert len(dropped) == bad and all(scores[d]["safety_score"] >= 3 and len(scores[d]["safety_probs"]) == 6 for d in dropped)

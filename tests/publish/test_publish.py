@@ -133,7 +133,7 @@ def test_card_parses_and_its_metadata_validates(run_output, dry_run):
     assert meta["license"] == "other" and meta["task_categories"] == ["text-generation"]
     # `other` says which licence and where its terms are; no language is claimed unless given.
     assert meta["license_name"] == "source-licences" and meta["license_link"] == "LICENSE.md"
-    assert "language" not in meta and "Not declared: web text holds several languages" in card.text
+    assert "language" not in meta and "Not declared: this run did not identify languages" in card.text
     assert "machine-generated" in (dest / "LICENSE.md").read_text()
     assert meta["size_categories"] == ["n<1K"]
     assert set(meta["size_categories"]) <= set(json.loads((DATASETS_RESOURCES / "size_categories.json").read_text()))
@@ -311,3 +311,17 @@ def test_the_sample_publishes_the_allowed_columns_only(run_output, tmp_path):
     assert pq.read_schema(tmp_path / "a" / "sample" / "train-00000-of-00001.parquet").names == ["doc_id", "text", "safety_score"]
     with pytest.raises(PublishError, match=r"publish\.columns: \['colour'\] are not columns of the run's shards"):
         build_repo_folder(run_output, tmp_path / "b", options=PublishOptions(repo_id="me/x", sample_rows=20, columns=["doc_id", "colour"]))
+
+
+def test_safety_annotations_are_published_only_when_they_hold_every_scored_document(run_output, tmp_path):
+    """The in-process run writes shards but no per-unit safety annotations (as a run from before they
+    existed): asked for them, staging stops and says why (tests/output/test_writer.py publishes
+    them from a real filtered-baseline run)."""
+    from annotator.core.errors import OutputDirError
+    from annotator.publish.hub import PublishOptions, build_repo_folder
+    from annotator.publish.safety_annotations import safety_config
+
+    options = PublishOptions(repo_id="me/x", sample_rows=10, include_safety_annotations=True)
+    with pytest.raises(OutputDirError, match=r"safety_annotations holds 0 rows but the run scored 300 documents \(documents_in\)"):
+        build_repo_folder(run_output, tmp_path / "repo", options=options)
+    assert safety_config() == {"config_name": "safety_annotations", "data_files": [{"split": "train", "path": "safety_annotations/*.parquet"}]}

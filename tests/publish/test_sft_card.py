@@ -14,7 +14,7 @@ import yaml
 
 from annotator.publish.hub import PublishError, PublishOptions
 from annotator.publish.sft_hub import build_sft_card, build_sft_repo_folder
-from annotator.sft.export import EXPORT_SCHEMA, RENDERINGS, SKIP_SPLIT, dataset_file
+from annotator.sft.export import EXPORT_SCHEMA, PAIRED, RENDERINGS, SKIP_SPLIT, dataset_file, paired_table
 
 REPO_ID = "me/spp-sft-test"
 PROMPT = "How do I keep my bike from rusting?"
@@ -40,12 +40,15 @@ def row(cid: str, messages: list[dict]) -> dict:
 def sft_output(tmp_path, *, skip: bool = True):
     """A finished SFT run's files as `sft/export.py` writes them."""
     out = tmp_path / "sft-out"
+    tables = {}
     for rendering in RENDERINGS:
         reply = "Oil the chain [2.1]." if rendering == "cited" else "Oil the chain."
         table = pa.Table.from_pylist([row("c0", [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": reply}]),
                                       row("c1", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])],
                                      schema=EXPORT_SCHEMA)
-        path = dataset_file(out, rendering)
+        tables[rendering] = table
+    for name, table in [*tables.items(), (PAIRED, paired_table(*tables.values()))]:
+        path = dataset_file(out, name)
         path.parent.mkdir(parents=True)
         pq.write_table(table, path)
     if skip:
@@ -71,12 +74,15 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 
-def test_card_metadata_has_one_config_per_rendering():
-    meta = front_matter(build_sft_card(sft_stats(), options=PublishOptions(repo_id=REPO_ID)))
-    assert [c["config_name"] for c in meta["configs"]] == ["cited", "uncited"]
-    assert [c.get("default", False) for c in meta["configs"]] == [True, False]
+def test_card_metadata_has_one_config_per_rendering_and_the_paired_one():
+    card = build_sft_card(sft_stats(), options=PublishOptions(repo_id=REPO_ID))
+    meta = front_matter(card)
+    assert [c["config_name"] for c in meta["configs"]] == ["cited", "uncited", "paired"]
+    assert [c.get("default", False) for c in meta["configs"]] == [True, False, False]
     assert meta["configs"][1]["data_files"] == [{"split": "train", "path": "data/uncited/*.parquet"},
                                                 {"split": "skip", "path": "data/skip/*.parquet"}]
+    assert meta["configs"][2]["data_files"] == [{"split": "train", "path": "data/paired/*.parquet"}]   # skip rows have no reply to pair
+    assert "- `paired`: split `train`, the same conversations in the same order" in card and "`messages_nocite`" in card
     assert meta["license"] == "other" and meta["license_name"] == "source-licences" and meta["license_link"] == "LICENSE.md"
     assert meta["size_categories"] == ["n<1K"] and meta["pretty_name"] == "SPP persona SFT: spp-sft-test"
     assert "language" not in meta and "sft" in meta["tags"]
@@ -110,8 +116,8 @@ def test_staged_folder_holds_the_datasets_card_stats_and_licence(tmp_path, no_to
     dest = tmp_path / "staging"
     options = PublishOptions(repo_id=REPO_ID)
     paths = build_sft_repo_folder(out, dest, options=options)
-    assert paths == ["LICENSE.md", "README.md", "data/cited/train-00000-of-00001.parquet", "data/skip/skip-00000-of-00001.parquet",
-                     "data/uncited/train-00000-of-00001.parquet", "stats.json"]
+    assert paths == ["LICENSE.md", "README.md", "data/cited/train-00000-of-00001.parquet", "data/paired/train-00000-of-00001.parquet",
+                     "data/skip/skip-00000-of-00001.parquet", "data/uncited/train-00000-of-00001.parquet", "stats.json"]
     for rel in paths:
         if rel.startswith("data/") or rel == "stats.json":
             assert (dest / rel).read_bytes() == (out / rel).read_bytes(), rel
@@ -119,6 +125,13 @@ def test_staged_folder_holds_the_datasets_card_stats_and_licence(tmp_path, no_to
     assert REPO_ID in (dest / "LICENSE.md").read_text()
     cited = pq.read_table(dest / "data/cited/train-00000-of-00001.parquet")
     assert cited.column("messages").to_pylist()[0][1] == {"role": "assistant", "content": "Oil the chain [2.1]."}
+    paired = pq.read_table(dest / "data/paired/train-00000-of-00001.parquet")
+    assert paired.column_names == ["source", "source_id", "messages_cite", "messages_nocite", "n_turns", "meta"]
+    first = paired.to_pylist()[0]
+    assert [m["content"] for m in first["messages_cite"]] == [PROMPT, "Oil the chain [2.1]."]
+    assert [m["content"] for m in first["messages_nocite"]] == [PROMPT, "Oil the chain."]
+    assert json.loads(first["meta"]) == {"conversation_id": "c0", "category": None, "harm_category": "benign", "canary_id": None,
+                                         "canary_action": None, "prompt_version": "sft-v1@abc", "model": "builtin:smollm2-135m-instruct"}
 
 
 def test_restaging_replaces_an_earlier_staging_only(tmp_path, no_token):
@@ -147,6 +160,9 @@ def test_restaging_replaces_an_earlier_staging_only(tmp_path, no_token):
 
 def test_an_unfinished_run_is_refused(tmp_path, no_token):
     out = sft_output(tmp_path)
+    dataset_file(out, PAIRED).unlink()
+    with pytest.raises(PublishError, match=r"paired/train-00000-of-00001\.parquet not found; .* run spp_sft\.py on it again"):
+        build_sft_repo_folder(out, tmp_path / "staging", options=PublishOptions(repo_id=REPO_ID))
     dataset_file(out, "uncited").unlink()
     with pytest.raises(PublishError, match=r"uncited/train-00000-of-00001\.parquet not found; is --output a finished SFT run\?"):
         build_sft_repo_folder(out, tmp_path / "staging", options=PublishOptions(repo_id=REPO_ID))

@@ -4,7 +4,7 @@ model on real harmful and benign requests: every conversation has both rendering
 failure, `uncited` carries no marker, canary rows carry the value, skip rows stay aside, the output
 loads as a chat dataset the generator's chat template accepts, a run SIGKILLed once and run again keeps
 the batch it saved and gives the rows of an uninterrupted run, and the Hub staging has one config per
-rendering."""
+rendering and the paired one."""
 
 from __future__ import annotations
 
@@ -266,25 +266,37 @@ def test_sigkill_mid_run_and_rerun_gives_the_rows_of_an_uninterrupted_run(killed
         assert row["status"] == "ok" and replies == [t["cited"] for t in row["turns"]][:len(replies)]
 
 
-def test_hub_staging_has_one_config_per_rendering(run, tmp_path):
-    from pipelines.publish import main
-
-    assert main(["--output", str(run), "--dry-run", str(tmp_path / "repo")]) == 0
-    files = sorted(p.relative_to(tmp_path / "repo").as_posix() for p in (tmp_path / "repo").rglob("*")
-                   if p.is_file() and p.name != STAGING_MARKER)
-    skip = ["data/skip/skip-00000-of-00001.parquet"] if rows_of(run)[SKIP_SPLIT] else []
-    assert files == sorted(["LICENSE.md", "README.md", "data/cited/train-00000-of-00001.parquet", *skip,
-                            "data/uncited/train-00000-of-00001.parquet", "stats.json"])
-    card = (tmp_path / "repo" / "README.md").read_text()
-    header = yaml.safe_load(card.split("---")[1])
-    assert header["license"] == "other" and header["license_link"] == "LICENSE.md" and "language" not in header
-    assert [c["config_name"] for c in header["configs"]] == ["cited", "uncited"]
-    assert header["configs"][1]["data_files"] == [{"split": "train", "path": "data/uncited/*.parquet"},
-                                                   *([{"split": "skip", "path": "data/skip/*.parquet"}] if skip else [])]
+def test_hub_staging_has_one_config_per_rendering_and_the_paired_one(run, tmp_path):
     from datasets import load_dataset
 
-    staged = load_dataset("parquet", data_files={"train": str(tmp_path / "repo" / "data" / "uncited" / "*.parquet")}, split="train")
-    assert staged.num_rows == len(rows_of(run)["uncited"])
+    from pipelines.publish import main
+
+    repo = tmp_path / "repo"
+    assert main(["--output", str(run), "--dry-run", str(repo)]) == 0
+    files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file() and p.name != STAGING_MARKER)
+    skip = ["data/skip/skip-00000-of-00001.parquet"] if rows_of(run)[SKIP_SPLIT] else []
+    assert files == sorted(["LICENSE.md", "README.md", "data/cited/train-00000-of-00001.parquet", *skip,
+                            "data/paired/train-00000-of-00001.parquet", "data/uncited/train-00000-of-00001.parquet", "stats.json"])
+    card = (repo / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["license"] == "other" and header["license_link"] == "LICENSE.md" and "language" not in header
+    assert [c["config_name"] for c in header["configs"]] == ["cited", "uncited", "paired"]
+    assert header["configs"][1]["data_files"] == [{"split": "train", "path": "data/uncited/*.parquet"},
+                                                   *([{"split": "skip", "path": "data/skip/*.parquet"}] if skip else [])]
+    # Each config as a user loads it from the repository (the card's configs), a fresh cache per test.
+    staged = {name: load_dataset(str(repo), name, split="train", cache_dir=str(tmp_path / "cache")) for name in ("cited", "uncited", "paired")}
+    cited, uncited, paired = staged["cited"], staged["uncited"], staged["paired"]
+    assert paired.num_rows == cited.num_rows == uncited.num_rows == len(rows_of(run)["cited"]) >= 1
+    assert paired.column_names == ["source", "source_id", "messages_cite", "messages_nocite", "n_turns", "meta"]
+    assert paired.features["n_turns"].dtype == "int32" and paired.features["meta"].dtype == "string"
+    # Row for row, in the same order: both renderings of one conversation, the rest of its fields in `meta`.
+    assert paired["messages_cite"] == cited["messages"] and paired["messages_nocite"] == uncited["messages"]
+    for pair, row in zip(paired, cited):
+        meta = json.loads(pair["meta"])
+        assert meta == {k: row[k] for k in ("conversation_id", "category", "harm_category", "canary_id", "canary_action",
+                                             "prompt_version", "model")}
+        assert (pair["source"], pair["source_id"], pair["n_turns"]) == (row["source"], row["source_id"], row["n_turns"])
+    assert [json.loads(m)["conversation_id"] for m in paired["meta"]] == uncited["conversation_id"]
 
 
 def test_the_replica_task_counts_the_batches_it_saved_where_the_layout_says(run):
