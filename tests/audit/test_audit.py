@@ -2,7 +2,8 @@
 model; `demo_run`): `--plan` then the run it plans (projection and outcome side by side), the judge audit of the
 run's reflections with the built-in model as judge (strata, floor rule, stats, report, card,
 resume after SIGKILL), the OpenAI-compatible path against a real `vllm serve` on loopback, and the
-calibration ledger with the MiniLM test classifier as teacher of the fastText scorer."""
+ledger's judge path (the ledger with the MiniLM test classifier as teacher is tested on a run in
+object storage, `tests/behaviour/test_object_storage.py`)."""
 
 from __future__ import annotations
 
@@ -231,39 +232,8 @@ def test_audit_through_an_openai_compatible_vllm_server(demo_run, tmp_path):
             assert key.encode() not in path.read_bytes(), path
 
 
-@pytest.fixture(scope="module")
-def minilm_classifier() -> str:
-    from classifiers import build_test_classifier
-
-    return str(build_test_classifier.build(out=build_test_classifier.default_out()))
-
-
-def test_calibration_ledger_with_a_classifier_teacher(audit_run, minilm_classifier, tmp_path):
-    out = audit_run
-    audit(out, "--only", "ledger", "--set", "audit.ledger.teacher=classifier", "--set", f"audit.ledger.teacher_model={minilm_classifier}",
-          "--set", "audit.ledger.per_bucket=50", log=tmp_path / "ledger.log")
-    fig = stats_of(out)["audit"]["ledger"]
-    ledger = pq.read_table(out / LEDGER_FILE).to_pylist()
-    shards = pq.read_table(out / "shards", columns=["doc_id", "safety_score", "selected"]).to_pylist()
-    in_run = Counter(str(r["safety_score"]) for r in shards)
-    # per bucket: 50 documents, or all of a smaller bucket; each one a real document of that bucket
-    assert Counter(str(r["safety_score"]) for r in ledger) == {b: min(50, n) for b, n in in_run.items()}
-    by_id = {r["doc_id"]: r for r in shards}
-    assert all(by_id[r["doc_id"]]["safety_score"] == r["safety_score"] for r in ledger)
-    # the confusion table and the shares, recounted from the ledger
-    confusion = Counter((str(r["safety_score"]), str(r["teacher_score"])) for r in ledger)
-    assert {(b, t): n for b, row in fig["confusion"].items() for t, n in row.items() if n} == dict(confusion)
-    for b, v in fig["per_bucket"].items():
-        rows = [r for r in ledger if str(r["safety_score"]) == b]
-        assert v["teacher_bad"] == sum(r["teacher_score"] >= 3 for r in rows)
-        assert v["selected_in_run"] == sum(r["selected"] for r in shards if str(r["safety_score"]) == b)
-    selected = {b: v["selected_in_run"] for b, v in fig["per_bucket"].items()}
-    expected = sum(n * fig["per_bucket"][b]["teacher_bad_share"] for b, n in selected.items()) / sum(selected.values())
-    assert fig["estimated_truly_bad_share_of_selected"] == pytest.approx(expected, abs=1e-4)
-    assert fig["teacher"].startswith("classifier:")
-    assert "Calibration ledger" in (out / "report.html").read_text()
-    print(f"\nledger (MiniLM teaching fastText): precision of bad {fig['precision_of_bad']}, "
-          f"estimated truly bad among selected {fig['estimated_truly_bad_share_of_selected']}, confusion {fig['confusion']}")
+# The calibration ledger with a classifier teacher (no engine) is tested on a run in object storage:
+# tests/behaviour/test_object_storage.py.
 
 
 def test_ledger_judge_retries_and_records_failures(demo_run, tmp_path):

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -260,12 +261,24 @@ def test_the_calibration_ledger_audits_a_run_on_object_storage(s3, whole, tmp_pa
                            "--set", "audit.ledger.per_bucket=5"], cwd=REPO, env=s3.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ledger = pq.read_table(pa.BufferReader(s3.read("runs", "whole/audit/ledger.parquet"))).to_pylist()
-    shards = pa.concat_tables([pq.read_table(pa.BufferReader(v)) for k, v in whole["objects"].items() if k.startswith("shards/")])
-    scores = dict(zip(shards.column("doc_id").to_pylist(), shards.column("safety_score").to_pylist()))
-    assert ledger and all(scores[r["doc_id"]] == r["safety_score"] for r in ledger)
+    shards = pa.concat_tables([pq.read_table(pa.BufferReader(v)) for k, v in whole["objects"].items() if k.startswith("shards/")]).to_pylist()
+    by_id = {r["doc_id"]: r for r in shards}
+    # Per bucket: 5 documents, or all of a smaller bucket; each one a real document of that bucket.
+    assert Counter(str(r["safety_score"]) for r in ledger) == {b: min(5, n) for b, n in Counter(str(r["safety_score"]) for r in shards).items()}
+    assert all(by_id[r["doc_id"]]["safety_score"] == r["safety_score"] for r in ledger)
     stats = json.loads(s3.read("runs", "whole/stats.json"))
-    assert stats["audit"]["ledger"]["teacher"].startswith("classifier:") and sum(
-        v["sampled"] for v in stats["audit"]["ledger"]["per_bucket"].values()) == len(ledger)
+    fig = stats["audit"]["ledger"]
+    assert fig["teacher"].startswith("classifier:") and sum(v["sampled"] for v in fig["per_bucket"].values()) == len(ledger)
+    # The confusion table and the shares, recounted from the ledger.
+    confusion = Counter((str(r["safety_score"]), str(r["teacher_score"])) for r in ledger)
+    assert {(b, t): n for b, row in fig["confusion"].items() for t, n in row.items() if n} == dict(confusion)
+    for b, v in fig["per_bucket"].items():
+        rows = [r for r in ledger if str(r["safety_score"]) == b]
+        assert v["teacher_bad"] == sum(r["teacher_score"] >= 3 for r in rows)
+        assert v["selected_in_run"] == sum(r["selected"] for r in shards if str(r["safety_score"]) == b)
+    selected = {b: v["selected_in_run"] for b, v in fig["per_bucket"].items()}
+    expected = sum(n * fig["per_bucket"][b]["teacher_bad_share"] for b, n in selected.items()) / sum(selected.values())
+    assert fig["estimated_truly_bad_share_of_selected"] == pytest.approx(expected, abs=1e-4)
     assert b"Calibration ledger" in s3.read("runs", "whole/report.html")
     left = s3.objects("runs", "whole/")
     assert "whole/.spp-lock.json" not in left and not [k for k in left if k.startswith("whole/audit/_work/")]

@@ -11,19 +11,19 @@ import pytest
 
 from annotator.config import OutputConfig
 from annotator.core import layout
-from annotator.method.recipes import BUILTIN
+from annotator.method.recipes import load_recipe
 from annotator.output.megatron import read_indexed_dataset
 from annotator.output.tokenized import training_tokenizer
 from annotator.method.recipes import placed_streams
 from annotator.output.writer import PUBLISHED_COLUMNS, StreamWriter, TrainingText, chosen_mask, interleave_order, shard_columns
 
-SECTIONS = sorted(BUILTIN["reflection"].load_pack().constitution.ids)
+SECTIONS = sorted(load_recipe("reflection").load_pack().constitution.ids)
 TEXT = "Hello world. Another sentence follows here."
 PAUSE = len("Hello world.")
 
 
 def streams(*names: str, voices=("1p",)):
-    return placed_streams([(BUILTIN[n], BUILTIN[n].load_pack()) for n in names], voices=list(voices))
+    return placed_streams([(load_recipe(n), load_recipe(n).load_pack()) for n in names], voices=list(voices))
 
 
 def stream(name: str, field: str | None = None):
