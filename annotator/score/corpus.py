@@ -24,6 +24,7 @@ from annotator.core.checkpoint import write_atomically
 from annotator.score.store import read_unit_scored
 from annotator.config import SelectionConfig
 from annotator.generate.cache import EngineDocuments
+from annotator.score.language import UNDETERMINED
 from annotator.score.selection import TokenTotals
 from annotator.core.ray_adapter import items_dataset, run_stages
 from annotator.core.stages import Resources, Stage, UnitStage
@@ -68,6 +69,8 @@ class SummarizeUnit(UnitStage):
     def _summarize(self, unit: Unit, index: int) -> dict:
         out = storage.location(self.out_dir)
         table = read_unit_scored(out, unit, columns=["doc_id", "source_row", "safety_score", "safety_confidence", "token_length", "language"])
+        if "language" not in table.column_names:  # scored before language identification
+            table = table.append_column("language", pa.array([UNDETERMINED] * table.num_rows, pa.string()))
         unconfident = table.filter(pc.and_(pc.greater_equal(table.column("safety_score"), self.selection.bad_threshold),
                                            pc.less(table.column("safety_confidence"), self.selection.min_confidence)))
         if self.id_buckets is not None:
@@ -166,7 +169,8 @@ class CountForGeneration(EngineDocuments):
     resources = Resources(num_cpus=0.5, batch_size=1)
 
     def process_unit(self, unit: Unit, row: dict) -> list[dict]:
-        return [{"needs_generation": self.engine_documents(unit, columns=["doc_id", "safety_score", "safety_confidence"]).num_rows}]
+        columns = ["doc_id", "safety_score", "safety_confidence", "language"]
+        return [{"needs_generation": self.engine_documents(unit, columns=columns).num_rows}]
 
 
 def corpus_totals(out_dir: Path, units: list[Unit], *, selection: SelectionConfig, find_duplicates: bool) -> tuple[TokenTotals, dict[str, list[int]]]:

@@ -18,6 +18,9 @@ from annotator.core.stages import Resources, Stage
 from annotator.core.units import Unit
 from annotator.score.reader import REJECT_COLUMNS
 
+# Pass-1 columns added after runs already existed: a unit scored before them has none.
+LATER_COLUMNS = ("language", "language_score")
+
 
 def _counted(names) -> int:
     """Rows recorded in part names `<first>-<n>.parquet`."""
@@ -71,14 +74,22 @@ class WriteScored(Stage):
 
 
 def read_unit_scored(out_dir: Path, unit: Unit, *, columns: list[str] | None = None) -> pa.Table:
-    """All scored documents of a unit (all columns, or `columns` and `source_row`), in input order."""
+    """All scored documents of a unit (all columns, or `columns` and `source_row`), in input order.
+    A part scored before a LATER_COLUMNS column existed is read without it (a resumed run)."""
     if columns is not None and "source_row" not in columns:
         columns = [*columns, "source_row"]
-    parts = [storage.read_table(p, columns=columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"), key=str)]
+    parts = [_read_part(p, columns) for p in sorted((out_dir / SCORED / unit.key).glob("*.parquet"), key=str)]
     table = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({c: [] for c in columns or ()})
     if not table.num_rows:
         return table
     return table.take(pc.sort_indices(table.column("source_row")))
+
+
+def _read_part(path, columns: list[str] | None) -> pa.Table:
+    if columns is not None and any(c in LATER_COLUMNS for c in columns):
+        present = set(storage.read_schema(path).names)
+        columns = [c for c in columns if c in present or c not in LATER_COLUMNS]
+    return storage.read_table(path, columns=columns)
 
 
 def rejected_count(out_dir: Path, unit: Unit) -> int:

@@ -106,3 +106,16 @@ def test_selection_restricted_to_languages_or_matched_within_each(tmp_path):
     rows = select.process(many).to_pylist()
     share = {lang: sum(r["selected"] for r in rows if r["language"] == lang) / sum(r["language"] == lang for r in rows) for lang in ("de", "en", "fr")}
     assert share["de"] == 1.0 and 0.07 < share["en"] < 0.13 and share["fr"] == 0.0
+
+
+def test_a_unit_scored_before_language_identification_counts_as_undetermined(tmp_path):
+    """A run resumed across the version that added the language stage: its scored parts have no
+    `language` column; they are read without it and counted under `und`, not refused."""
+    from annotator.score.store import read_unit_scored
+
+    unit = _scored_unit(tmp_path, "u0", ["a", "b"], [0, 4], [0.9, 0.9], [10, 20])
+    for part in (tmp_path / SCORED / "u0").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns(["language"]), part)
+    assert "language" not in read_unit_scored(tmp_path, unit, columns=["doc_id", "language"]).column_names
+    [row] = _summaries(tmp_path, [unit], selection=SelectionConfig(), buckets=1)
+    assert json.loads(row["language_totals"]) == {"und": {"documents": {"0": 1, "4": 1}, "tokens": {"0": 10, "4": 20}, "unconfident": {}}}
