@@ -263,7 +263,8 @@ def test_model_output_that_does_not_parse_is_quarantined_and_the_document_kept(t
     read = ReadUnits(InputConfig(paths=["x"]), extra_columns={})
     docs = read.normalize(pa.table({"id": ["d0", "d1"], "text": ["A first document.", "A second one."]}), unit)
     scored = docs.append_column("token_length", pa.array([4, 3], pa.int32()))
-    for name, values in (("safety_score", [4, 0]), ("safety_confidence", [0.9, 0.9])):
+    for name, values in (("safety_score", [4, 0]), ("safety_confidence", [0.9, 0.9]),
+                         ("safety_probs", [[0, 0, 0, 0.1, 0.9, 0], [0.9, 0.1, 0, 0, 0, 0]])):
         scored = scored.append_column(name, pa.array(values))
     WriteScored(out_dir=str(tmp_path)).process(scored)
     cfg = RunConfig.model_validate({"input": {"paths": ["x"]}, "output": {"path": str(tmp_path), "tokenized": False}})
