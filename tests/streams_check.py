@@ -7,13 +7,14 @@ document, the masks; and the compact streams against the plain documents, in ord
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from annotator.config import OutputConfig
-from annotator.method.recipes import Recipe, run_recipes
+from annotator.method.recipes import Recipe, load_recipe, run_recipes
 from annotator.output.tokenized import annotation_block
 from annotator.core.tokens import TargetTokenizer, load_tokenizer
 
@@ -28,11 +29,16 @@ def megatron_dataset(prefix: Path):
 
 def run_recipe(out_dir: Path, name: str, info: dict) -> Recipe:
     """The recipe as the run's recorded config gives it (a built-in one or a file), checked
-    against what the training metadata says of it."""
+    against what the training metadata says of it; the built-in one of that name for an output
+    the writer made without a run record (the writer's own tests)."""
     from annotator.config import RunConfig
 
-    cfg = RunConfig.model_validate(json.loads((out_dir / "run.json").read_text())["config"])
-    recipe = next(r for r in run_recipes(cfg.generation) if r.name == name)
+    record = out_dir / "run.json"
+    if record.exists():
+        cfg = RunConfig.model_validate(json.loads(record.read_text())["config"])
+        recipe = next(r for r in run_recipes(cfg.generation) if r.name == name)
+    else:
+        recipe = replace(load_recipe(name), applies_to=info["applies_to"])
     assert (recipe.applies_to, recipe.placement) == (info["applies_to"], info["placement"]), name
     return recipe
 
