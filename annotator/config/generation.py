@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -178,12 +177,12 @@ class GenerationConfig(Section):
     @field_validator("recipes")
     @classmethod
     def _known_recipes(cls, recipes: list[str]) -> list[str]:
-        from annotator.method.recipes import builtin_recipes, load_recipe
+        from annotator.method.recipes import builtin_recipes, load_recipe, recipe_spec
 
         if not recipes:
             raise ValueError(f"name at least one recipe: a built-in one ({', '.join(builtin_recipes())}) or a recipe file")
         # A file is recorded by its absolute path, so the run's record names it wherever it is read.
-        specs = [str(Path(r).expanduser().resolve()) if r not in builtin_recipes() and Path(r).expanduser().is_file() else r for r in recipes]
+        specs = [recipe_spec(r) for r in recipes]
         names = [load_recipe(s).name for s in specs]  # a file's problems, with its line, at start
         if len(set(names)) != len(names):
             raise ValueError(f"recipes must have distinct names, got {names} from {recipes}")

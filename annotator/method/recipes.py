@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -159,6 +159,12 @@ def resolve_recipe_path(spec: str) -> Path:
     raise RecipeError(f"recipe {spec!r}: not a built-in recipe ({', '.join(builtin_recipes())}) and no such .yaml file")
 
 
+def recipe_spec(spec: str) -> str:
+    """How a run records a recipe: a built-in name as it is, a file by its absolute path."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec not in builtin_recipes() and path.is_file() else spec
+
+
 def _key_lines(text: str, path: Path) -> dict[str, int]:
     """1-based line of each top-level key and of each `columns:` entry (as `columns.<key>`)."""
     try:
@@ -192,7 +198,7 @@ def load_recipe(spec: str) -> Recipe:
             fail(key, f"unknown key {key!r} (known: {', '.join(RECIPE_KEYS)})")
     for key in ("name", "pack", "placement"):
         if not isinstance(data.get(key), str) or not data[key]:
-            raise RecipeError(f"{path}:{lines.get(key, 1)}: {key!r} is required (a string)")
+            fail(key, f"{key!r} is required (a string)")
     name = data["name"]
     if not _NAME.fullmatch(name):
         fail("name", f"name {name!r} must be lowercase letters, digits and _, starting with a letter (it names columns and streams)")
@@ -273,8 +279,6 @@ def run_recipes(gen) -> list[Recipe]:
     config's older per-recipe keys still apply to the built-in recipes: `generation.packs`
     overrides a recipe's pack (the reflection recipe's is `generation.prompt_pack`), and
     `annotations.apply_to` the annotations recipe's documents."""
-    from dataclasses import replace
-
     out = []
     for spec in gen.recipes:
         recipe = load_recipe(spec)

@@ -29,7 +29,7 @@ from annotator.generate.cache import generation_stage, plan_batches
 from annotator.output.finalize import attach_generations, failed_generations
 from annotator.generate.generator import FAILED_REPLY, SHARED_COLUMNS, generator_columns
 from annotator.method.prompt_packs import PackError
-from annotator.method.recipes import Recipe, builtin_recipes, load_recipe, run_recipes
+from annotator.method.recipes import Recipe, load_recipe, recipe_spec, run_recipes
 from annotator.core.ray_adapter import cluster_resources, run_stages
 from annotator.core.stages import Resources, UnitStage
 from annotator.output.stats import recipe_stats
@@ -85,7 +85,7 @@ def plan_added(out_dir: Path, names: list[str], *, given: RunConfig | None) -> t
         raise AddRecipeError(f"--add-recipe adds streams over the windows of a run; {out_dir} was written with output.layout={cfg.output.layout}")
     if not cfg.generation.enabled:
         raise AddRecipeError(f"{out_dir} is a score-and-select run (generation.enabled=false): it has no windows to add a recipe to")
-    specs = [str(Path(n).expanduser().resolve()) if n not in builtin_recipes() and Path(n).expanduser().is_file() else n for n in names]
+    specs = [recipe_spec(n) for n in names]
     try:
         added_names = [load_recipe(s).name for s in specs]
     except PackError as err:
