@@ -25,7 +25,7 @@ from annotator.score.store import read_unit_scored
 from annotator.config import SelectionConfig
 from annotator.generate.cache import EngineDocuments
 from annotator.score.language import UNDETERMINED
-from annotator.score.selection import TokenTotals
+from annotator.score.selection import TokenTotals, add_counts
 from annotator.core.ray_adapter import items_dataset, run_stages
 from annotator.core.stages import Resources, Stage, UnitStage
 from annotator.core.units import Unit, unit_json
@@ -89,8 +89,7 @@ class SummarizeUnit(UnitStage):
         def overall(name: str) -> dict[int, int]:
             out: dict[int, int] = {}
             for block in languages.values():
-                for score, n in block[name].items():
-                    out[score] = out.get(score, 0) + n
+                add_counts(out, block[name])
             return out
 
         return {
@@ -183,13 +182,11 @@ def corpus_totals(out_dir: Path, units: list[Unit], *, selection: SelectionConfi
     by_language: dict[str, dict[str, dict[int, int]]] = {}
     for row in run_stages(units_with_index(units), [summarize]):
         for into, column in ((documents, "score_documents"), (tokens, "score_tokens"), (unconfident, "unconfident_tokens")):
-            for score, n in json.loads(row[column]).items():
-                into[int(score)] = into.get(int(score), 0) + n
+            add_counts(into, json.loads(row[column]))
         for lang, block in json.loads(row["language_totals"]).items():
             mine = by_language.setdefault(lang, {"documents": {}, "tokens": {}, "unconfident": {}})
             for name, counts in block.items():
-                for score, n in counts.items():
-                    mine[name][int(score)] = mine[name].get(int(score), 0) + n
+                add_counts(mine[name], counts)
     duplicates: dict[str, list[int]] = {}
     if buckets is not None:
         found = items_dataset([{"bucket": b} for b in range(buckets)])

@@ -24,6 +24,13 @@ OTHER_LANGUAGE = "other_language"
 OTHER = "*"
 
 
+def add_counts(into: dict[int, int], counts: dict) -> dict[int, int]:
+    """Adds `{score: n}` counts (score keys as ints or, from JSON, strings) into `into`."""
+    for score, n in counts.items():
+        into[int(score)] = into.get(int(score), 0) + n
+    return into
+
+
 @dataclass(frozen=True)
 class TokenTotals:
     """Corpus totals from the scoring pass, per safety score. `unconfident_tokens`: per bad score,
@@ -46,8 +53,7 @@ class TokenTotals:
         def total(attr: str) -> dict[int, int]:
             out: dict[int, int] = {}
             for part in parts:
-                for k, v in getattr(part, attr).items():
-                    out[k] = out.get(k, 0) + v
+                add_counts(out, getattr(part, attr))
             return out
 
         return TokenTotals(documents=total("documents"), tokens=total("tokens"), unconfident_tokens=total("unconfident_tokens"),

@@ -86,10 +86,14 @@ def read_unit_scored(out_dir: Path, unit: Unit, *, columns: list[str] | None = N
 
 
 def _read_part(path, columns: list[str] | None) -> pa.Table:
-    if columns is not None and any(c in LATER_COLUMNS for c in columns):
+    """One read; a second one (after reading the footer) only for a part that lacks a LATER_COLUMNS column."""
+    try:
+        return storage.read_table(path, columns=columns)
+    except pa.ArrowInvalid:
         present = set(storage.read_schema(path).names)
-        columns = [c for c in columns if c in present or c not in LATER_COLUMNS]
-    return storage.read_table(path, columns=columns)
+        if columns is None or all(c in present for c in columns if c in LATER_COLUMNS):
+            raise
+        return storage.read_table(path, columns=[c for c in columns if c in present or c not in LATER_COLUMNS])
 
 
 def rejected_count(out_dir: Path, unit: Unit) -> int:
