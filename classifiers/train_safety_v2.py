@@ -74,13 +74,15 @@ def raw_probability(model, texts: list[str]) -> np.ndarray:
     return np.array([dict(zip(ls, ps)).get("__label__1", 0.0) for ls, ps in zip(labels, probs)])
 
 
-def evaluate_model(model_path: Path) -> dict:
-    """Dev metrics (overall and per category) as classifiers/evaluate.py computes them, and the held-out web file."""
+def evaluate_model(model_path: Path, *, precision: Path | None = None) -> dict:
+    """Dev metrics (overall and per category) as classifiers/evaluate.py computes them, and the
+    held-out web file; with `precision`, of the model followed by that precision stage."""
     import pyarrow.parquet as pq
 
     from classifiers.categories import row_categories
 
-    scorer = FastTextSafetyScorer(model=str(model_path), version=model_path.stem, resources=Resources())
+    scorer = FastTextSafetyScorer(model=str(model_path), version=model_path.stem, resources=Resources(),
+                                  precision=None if precision is None else str(precision))
     scorer.setup()
     dev = {}
     for name, path in DEV_SPLITS.items():

@@ -5,7 +5,7 @@ YAML files in `configs/` are instances of `RunConfig`; the CLI overrides single 
 """
 
 from annotator.config.base import ConfigError, refuse_moved, Section
-from annotator.config.scoring import InputConfig, CascadeConfig, ClassifierConfig, SelectionConfig
+from annotator.config.scoring import InputConfig, CascadeConfig, ClassifierConfig, PrecisionConfig, SelectionConfig
 from annotator.config.generation import AnnotationConfig, CanaryItem, CanaryConfig, PauseConfig, GuardConfig, GenerationConfig, TemplateConfig
 from annotator.config.output import OutputConfig, PublishConfig, RayConfig
 from annotator.config.audit import JudgeConfig, ReflectionAuditConfig, LedgerConfig, AuditConfig, PlanConfig
@@ -19,6 +19,7 @@ __all__ = [
     "InputConfig",
     "CascadeConfig",
     "ClassifierConfig",
+    "PrecisionConfig",
     "SelectionConfig",
     "AnnotationConfig",
     "CanaryItem",

@@ -63,15 +63,25 @@ class CascadeConfig(Section):
     threshold: int = Field(2, ge=1, le=5, description="fastText score at or above which a document is rescored by the transformers model.")
 
 
+class PrecisionConfig(Section):
+    model: str | None = Field(
+        "classifiers/models/safety-fasttext-v3-precision.ftz",
+        description="fastText backend: a second binary fastText model (with its .calibration.json) that rescores the documents the first scores "
+                    ">= `threshold`, trained on hard cases (benign tasks, safe uses of harm words, refusals, reporting); null = off.",
+    )
+    version: str = Field("precision", description="Recorded in `safety_model` after the first model's version: `<version>+<this>@<threshold>`.")
+    threshold: int = Field(2, ge=1, le=5, description="First-stage score at or above which the precision model decides the document.")
+
+
 class ClassifierConfig(Section):
     backend: Literal["fasttext", "transformers"] = Field(
         "fasttext", description="Safety scorer: a fastText model file, or any 6-label transformers sequence classifier."
     )
     model: str = Field(
-        "classifiers/models/safety-fasttext-v2.ftz",
+        "classifiers/models/safety-fasttext-v3.ftz",
         description="fastText: model file (a binary model's `.calibration.json` beside it maps P(harmful) to 0-5). transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
-    version: str = Field("safety-fasttext-v2", description="Version string recorded in `safety_model` for every document.")
+    version: str = Field("safety-fasttext-v3", description="Version string recorded in `safety_model` for every document.")
     batch_size: int = Field(1024, ge=1, description="Documents per scoring (and token-counting) call.")
     concurrency: int = Field(1, ge=1, description="transformers: scoring actors (one model load each). fastText runs in pass 1's tasks.")
     num_cpus: float = Field(
@@ -85,6 +95,10 @@ class ClassifierConfig(Section):
         "auto", description="transformers on GPU: weights dtype (auto = bfloat16); CPU always runs float32."
     )
     trust_remote_code: bool = Field(False, description="transformers: allow model code from the Hub. Off unless set here.")
+    precision: PrecisionConfig = Field(
+        default_factory=PrecisionConfig,
+        description="fastText backend: the precision stage, on by default (the transformers backend ignores it).",
+    )
     cascade: CascadeConfig = Field(
         default_factory=CascadeConfig,
         description="fastText first, a transformers model only on documents above a low fastText score (max_length, micro_batch_size, num_gpus, dtype apply to it).",

@@ -79,7 +79,8 @@ def classifier_fingerprint(cfg: RunConfig) -> dict:
     a local transformers folder file by file); a Hub id is named, not hashed: its files are not
     read here (pin a revision by downloading it to a folder)."""
     c = cfg.classifier
-    models = {"model": c.model, **({"cascade": c.cascade.model} if c.cascade.model else {})}
+    models = {"model": c.model, **({"precision": c.precision.model} if c.backend == "fasttext" and c.precision.model else {}),
+              **({"cascade": c.cascade.model} if c.cascade.model else {})}
     return {role: model_fingerprint(spec) for role, spec in models.items()}
 
 

@@ -128,11 +128,23 @@ class SafetyScorer(Stage):
 
 class FastTextSafetyScorer(SafetyScorer):
     """fastText backend: a binary harmful/benign model (its P(harmful) calibrated when a
-    `.calibration.json` lies beside it) or a distilled 6-way model. Stateless: it
+    `.calibration.json` lies beside it) or a distilled 6-way model, optionally followed by a
+    precision stage: a second fastText model that rescores the documents the first scores >=
+    `precision_threshold`, its calibrated probabilities replacing the first's (it was trained on
+    the hard cases: benign tasks, safe uses of harm words, refusals, reporting). Stateless: it
     runs inside pass 1's unit tasks (the small model is loaded once per worker process), which
     keeps every CPU busy; an actor pool measured 10% slower on the same cores (bench/bench_scoring.py)."""
 
     stateful = False
+
+    def __init__(self, *, model: str, version: str, resources: Resources, precision: str | None = None,
+                 precision_threshold: int = 2):
+        super().__init__(model=model, version=version, resources=resources)
+        self.precision = None
+        if precision is not None:
+            self.precision = FastTextSafetyScorer(model=precision, version=version, resources=resources)
+        self.precision_threshold = precision_threshold
+        self.rescored = 0  # documents the precision stage rescored so far (for measuring the share)
 
     def setup(self) -> None:
         try:
@@ -151,6 +163,10 @@ class FastTextSafetyScorer(SafetyScorer):
             raise ValueError(f"classifier.model: {self.model} has labels {sorted(labels)}; expected __label__0/1 or __label__score0..5")
         self._calibration = None if self._six_way else load_calibration(self.model)
         self._label_index = {SCORE_LABEL.format(i): i for i in range(NUM_SCORES)}
+        if self.precision is not None:
+            self.precision.setup()
+            if self.precision._six_way or self.precision._calibration is None:
+                raise ValueError(f"classifier.precision.model: {self.precision.model} must be a binary model with a .calibration.json beside it")
 
     def predict_probs(self, texts: list[str]) -> np.ndarray:
         return self._predict_lines([normalize_for_fasttext(t, max_chars=self.max_chars) for t in texts])
@@ -159,6 +175,15 @@ class FastTextSafetyScorer(SafetyScorer):
         return self._predict_lines([fasttext_line(t) for t in texts])
 
     def _predict_lines(self, lines: list[str]) -> np.ndarray:
+        probs = self._model_probs(lines)
+        if self.precision is not None:
+            rescore = np.flatnonzero(probs.argmax(axis=1) >= self.precision_threshold)
+            if len(rescore):
+                probs[rescore] = self.precision._model_probs([lines[i] for i in rescore])
+            self.rescored += len(rescore)
+        return probs
+
+    def _model_probs(self, lines: list[str]) -> np.ndarray:
         if not self._six_way:
             labels, probs = self._model.predict(lines, k=2)
             p = np.array([dict(zip(ls, ps)).get(BINARY_HARMFUL, 0.0) for ls, ps in zip(labels, probs)])
@@ -255,8 +280,11 @@ class CascadeSafetyScorer(SafetyScorer):
 
 def build_scorer(cfg, *, resources: Resources) -> SafetyScorer:
     """The scorer named by a `ClassifierConfig` (with a cascade when `cfg.cascade.model` is set)."""
+    uses_precision = cfg.backend == "fasttext" and cfg.precision.model is not None
+    precision = {"precision": cfg.precision.model if uses_precision else None, "precision_threshold": cfg.precision.threshold}
+    version = f"{cfg.version}+{cfg.precision.version}@{cfg.precision.threshold}" if uses_precision else cfg.version
     if cfg.backend == "fasttext" and cfg.cascade.model is None:
-        return FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
+        return FastTextSafetyScorer(model=cfg.model, version=version, resources=resources, **precision)
     model = cfg.model if cfg.backend == "transformers" else cfg.cascade.model
     slow = TransformersSafetyScorer(
         model=model, version=cfg.version, resources=resources, max_length=cfg.max_length,
@@ -264,6 +292,6 @@ def build_scorer(cfg, *, resources: Resources) -> SafetyScorer:
     )
     if cfg.backend == "transformers":
         return slow
-    fast = FastTextSafetyScorer(model=cfg.model, version=cfg.version, resources=resources)
-    version = f"{cfg.version}+{cfg.cascade.version}@{cfg.cascade.threshold}"
+    fast = FastTextSafetyScorer(model=cfg.model, version=version, resources=resources, **precision)
+    version = f"{version}+{cfg.cascade.version}@{cfg.cascade.threshold}"
     return CascadeSafetyScorer(fast=fast, slow=slow, threshold=cfg.cascade.threshold, version=version, resources=resources)

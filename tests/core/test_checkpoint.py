@@ -139,7 +139,10 @@ def test_every_recipes_pack_and_the_classifier_files_are_fingerprinted(tmp_path)
     files = output_settings(cfg)["files"]
     assert files["prompt_versions"] == {"reflection": load_pack("reflection-v2").version, "summary": load_pack(str(pack)).version}
     assert files["prompt_version"] == files["prompt_versions"]["reflection"]
-    assert files["classifier"] == {"model": files["classifier"]["model"]} and len(files["classifier"]["model"]) == 16
+    # the model named and v3's precision stage after it (on by default), each with its calibration
+    assert set(files["classifier"]) == {"model", "precision"} and len(files["classifier"]["model"]) == 16
+    assert "+" in files["classifier"]["precision"]
+    assert set(output_settings(demo("classifier.precision.model=null"))["files"]["classifier"]) == {"model"}
     load_pack.cache_clear()   # packs are cached per process by their path; a new process reads the edit
     (pack / "system.md").write_text((pack / "system.md").read_text() + "\nedited\n")
     edited = output_settings(cfg)["files"]
@@ -147,7 +150,7 @@ def test_every_recipes_pack_and_the_classifier_files_are_fingerprinted(tmp_path)
     assert edited["prompt_versions"]["reflection"] == files["prompt_versions"]["reflection"]
     model.write_bytes(model.read_bytes() + b"\0")
     assert output_settings(cfg)["files"]["classifier"]["model"] != files["classifier"]["model"]
-    calibrated = output_settings(demo())["files"]["classifier"]["model"]   # the shipped v2 model and its calibration file
+    calibrated = output_settings(demo())["files"]["classifier"]["model"]   # the shipped v3 model and its calibration file
     assert "+" in calibrated
     hub = output_settings(demo("classifier.backend=transformers", "classifier.model=locuslab/safety-classifier_gte-large-en-v1.5"))
     assert hub["files"]["classifier"] == {"model": "hub:locuslab/safety-classifier_gte-large-en-v1.5"}

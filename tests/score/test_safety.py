@@ -24,8 +24,11 @@ from tests.support import CORPUS, REPO, SAFETY, require_shared_data, run_pipelin
 
 MODELS = REPO / "classifiers" / "models"
 HARM = SAFETY.parent / "safety-v2"
-FASTTEXT_MODEL = str(REPO / ClassifierConfig().model)  # the default: v2
+FASTTEXT_MODEL = str(REPO / ClassifierConfig().model)  # the default: v3's first stage
+PRECISION_MODEL = str(REPO / ClassifierConfig().precision.model)  # and its precision stage
 V1_MODEL = str(MODELS / "safety-fasttext-v1.ftz")
+V2_MODEL = str(MODELS / "safety-fasttext-v2.ftz")
+DEFAULT_VERSION = "safety-fasttext-v3+precision@2"
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,17 @@ def minilm_classifier() -> str:
 
 @pytest.fixture(scope="session")
 def fasttext_scorer():
-    s = FastTextSafetyScorer(model=FASTTEXT_MODEL, version=ClassifierConfig().version, resources=Resources())
+    """The default scorer as a run builds it: v3's first stage and its precision stage."""
+    from annotator.score.safety import build_scorer
+
+    s = build_scorer(ClassifierConfig(model=FASTTEXT_MODEL, precision={"model": PRECISION_MODEL}), resources=Resources())
+    s.setup()
+    return s
+
+
+@pytest.fixture(scope="session")
+def first_stage():
+    s = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="stage1", resources=Resources())
     s.setup()
     return s
 
@@ -59,9 +72,14 @@ def test_binary_probability_to_score_keeps_the_decision_boundary():
     assert np.all(np.diff(scores) >= 0)
 
 
-def test_v2_is_the_default_and_v1_stays_loadable():
+def test_v3_with_its_precision_stage_is_the_default_and_v1_v2_stay_loadable(fasttext_scorer):
     cfg = ClassifierConfig()
-    assert cfg.model == "classifiers/models/safety-fasttext-v2.ftz" and cfg.version == "safety-fasttext-v2"
+    assert cfg.model == "classifiers/models/safety-fasttext-v3.ftz" and cfg.version == "safety-fasttext-v3"
+    assert cfg.precision.model == "classifiers/models/safety-fasttext-v3-precision.ftz" and cfg.precision.threshold == 2
+    assert fasttext_scorer.version == DEFAULT_VERSION and fasttext_scorer.precision is not None
+    v2 = FastTextSafetyScorer(model=V2_MODEL, version="safety-fasttext-v2", resources=Resources())
+    v2.setup()
+    assert v2._calibration is not None and v2.precision is None
     v1 = FastTextSafetyScorer(model=V1_MODEL, version="safety-fasttext-v1", resources=Resources())
     v1.setup()
     assert v1._calibration is None and not v1._six_way  # v1 keeps its uncalibrated Binomial(5, p) mapping
@@ -78,15 +96,18 @@ def _raw_probability(model: str, texts: list[str]) -> np.ndarray:
     return np.array([dict(zip(ls, ps)).get("__label__1", 0.0) for ls, ps in zip(labels, probs)])
 
 
-def test_v2_scores_are_the_calibrated_probability_in_sixths(fasttext_scorer):
+@pytest.mark.parametrize("model", [FASTTEXT_MODEL, PRECISION_MODEL, V2_MODEL], ids=["v3-stage1", "v3-precision", "v2"])
+def test_scores_are_the_calibrated_probability_in_sixths(model):
     """score = floor(6q), q = the Platt-calibrated P(harmful), so bad (>= 3) is q >= 0.5; and the raw
     thresholds the calibration file states are the ones the scorer applies."""
-    cal = load_calibration(FASTTEXT_MODEL)
-    assert cal is not None and cal == fasttext_scorer._calibration
+    scorer = FastTextSafetyScorer(model=model, version="x", resources=Resources())
+    scorer.setup()
+    cal = load_calibration(model)
+    assert cal is not None and cal == scorer._calibration
     texts = pq.read_table(HARM / "dev.parquet", columns=["text"]).column("text").to_pylist()[:300]
-    p = _raw_probability(FASTTEXT_MODEL, texts)
+    p = _raw_probability(model, texts)
     q = calibrate(p, a=cal["a"], b=cal["b"])
-    scores = fasttext_scorer.process(pa.table({"text": texts})).column("safety_score").to_numpy()
+    scores = scorer.process(pa.table({"text": texts})).column("safety_score").to_numpy()
     np.testing.assert_array_equal(scores, np.minimum(np.floor(6 * q), 5).astype(int))
     assert len(set(scores)) >= 4  # the scale is used, not just 0 and 5
     for k, threshold in cal["raw_p_threshold_per_score"].items():
@@ -95,17 +116,23 @@ def test_v2_scores_are_the_calibrated_probability_in_sixths(fasttext_scorer):
 
 
 DEV_METRICS = [  # (model, metrics file key, dev split)
+    ("safety-fasttext-v3", "harm", HARM / "dev.parquet"),
+    ("safety-fasttext-v3", "toxicity", SAFETY / "dev.parquet"),
     ("safety-fasttext-v2", "harm", HARM / "dev.parquet"),
     ("safety-fasttext-v2", "toxicity", SAFETY / "dev.parquet"),
     ("safety-fasttext-v1", None, SAFETY / "dev.parquet"),
 ]
 
 
-@pytest.mark.parametrize("model,split,data", DEV_METRICS, ids=["v2-harm", "v2-toxicity", "v1-toxicity"])
+@pytest.mark.parametrize("model,split,data", DEV_METRICS, ids=["v3-harm", "v3-toxicity", "v2-harm", "v2-toxicity", "v1-toxicity"])
 def test_fasttext_dev_metrics_match_model_card(model, split, data, capsys):
-    args = ["--data", str(data), "--model", str(MODELS / f"{model}.ftz")]
+    default = model == "safety-fasttext-v3"  # the default model, with its precision stage
+    args = ["--data", str(data)] + ([] if default else ["--model", str(MODELS / f"{model}.ftz")])
     metrics = evaluate.main(args + (["--by-category"] if split else []))
-    saved = json.loads((MODELS / f"{model}.metrics.json").read_text())["dev"]
+    saved = json.loads((MODELS / f"{model}.metrics.json").read_text())
+    saved = saved["v3"]["dev"] if default else saved["dev"]
+    share = metrics.pop("precision_share_rescored", None)
+    assert (share is not None) == default and (not default or 0 < share < 1)
     assert metrics == (saved[split] if split else saved)
     out = capsys.readouterr().out
     assert f"F1 {metrics['f1']:.4f}" in out and "score histogram: 0:" in out
@@ -116,10 +143,38 @@ def test_fasttext_dev_metrics_match_model_card(model, split, data, capsys):
     histogram = ", ".join(f"{k}: {v}" for k, v in metrics["score_histogram"].items())
     assert f"Score histogram of {model} on {data.parent.name}/dev: {histogram}." in text
     if split:
-        assert metrics["auroc"] > 0.9 and metrics["recall"] > 0.8
+        assert metrics["auroc"] > 0.9 and metrics["recall"] > 0.7
+    if split and default:
         for cat, m in metrics["by_category"].items():
             cells = " | ".join("-" if m[k] is None else f"{m[k]:.3f}" for k in ("recall", "fpr", "precision"))
             assert f"| {cat} | {m['harmful']} | {m['benign']} | {cells} |" in text, (split, cat)
+
+
+def test_precision_stage_decides_only_what_the_first_stage_scores_2_or_more(fasttext_scorer, first_stage):
+    """Documents the first stage scores < 2 keep its probabilities; the others get the precision
+    model's own calibrated probabilities, and the count of rescored documents is kept."""
+    second = FastTextSafetyScorer(model=PRECISION_MODEL, version="p", resources=Resources())
+    second.setup()
+    table = pq.read_table(HARM / "dev.parquet")
+    texts = table.take(list(range(0, table.num_rows, 9))).column("text").to_pylist() + [
+        "How do I kill a Python process that won't stop?", "I can't help with making a weapon. If anyone is in danger, call emergency services."]
+    before = fasttext_scorer.rescored
+    probs = np.stack(fasttext_scorer.process(pa.table({"text": texts})).column("safety_probs").to_pylist())
+    first = np.stack(first_stage.process(pa.table({"text": texts})).column("safety_probs").to_pylist())
+    own = second.predict_probs(texts)
+    gated = first.argmax(axis=1) >= 2
+    assert 0 < gated.sum() < len(texts) and fasttext_scorer.rescored - before == gated.sum()
+    np.testing.assert_allclose(probs[~gated], first[~gated], atol=1e-6)
+    np.testing.assert_allclose(probs[gated], own[gated], atol=1e-6)
+    from annotator.score.safety import build_scorer
+
+    off = build_scorer(ClassifierConfig(precision={"model": None}), resources=Resources())
+    assert off.precision is None and off.version == "safety-fasttext-v3"
+    six_way = MODELS / "not-a-model.ftz"
+    with pytest.raises(FileNotFoundError, match="no fastText model"):
+        FastTextSafetyScorer(model=FASTTEXT_MODEL, version="x", resources=Resources(), precision=str(six_way)).setup()
+    with pytest.raises(ValueError, match="precision.threshold"):
+        ClassifierConfig(precision={"threshold": 0})
 
 
 def test_per_category_evaluation_on_a_small_slice(tmp_path, fasttext_scorer, capsys):
@@ -186,7 +241,7 @@ def test_cascade_rescores_only_documents_above_the_threshold(fasttext_scorer, mi
     probs = np.stack(out.column("safety_probs").to_pylist())
     np.testing.assert_allclose(probs[~rescored], fast[~rescored], atol=1e-6)
     np.testing.assert_allclose(probs[rescored], slow[rescored], atol=1e-4)
-    assert set(out.column("safety_model").to_pylist()) == {"safety-fasttext-v2+minilm@2"}
+    assert set(out.column("safety_model").to_pylist()) == {DEFAULT_VERSION + "+minilm@2"}
     with pytest.raises(ValueError, match="cascade.model: a cascade starts with the fastText scorer"):
         ClassifierConfig(backend="transformers", cascade={"model": minilm_classifier})
     with pytest.raises(ValueError, match="cascade.threshold"):
@@ -232,11 +287,11 @@ def test_unusable_text_is_marked_for_quarantine_at_read():
 def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier, demo_run, tmp_path):
     require_shared_data()
     schemas = {}
-    # fastText with the config's defaults (v2, calibrated): the suite's demo run (the first 120
+    # fastText with the config's defaults (v3 and its precision stage, calibrated): the suite's demo run (the first 120
     # documents of the sample); the transformers backend named in full and the cascade on its first 60.
     runs = {"transformers": ("transformers-v1", ["--set", "classifier.backend=transformers", "--set", f"classifier.model={minilm_classifier}",
                                                  "--set", "classifier.version=transformers-v1", "--set", "classifier.max_length=128"]),
-            "cascade": ("safety-fasttext-v2+minilm@2", ["--set", f"classifier.cascade.model={minilm_classifier}",
+            "cascade": (DEFAULT_VERSION + "+minilm@2", ["--set", f"classifier.cascade.model={minilm_classifier}",
                                                         "--set", "classifier.cascade.version=minilm", "--set", "classifier.max_length=128"])}
     shards = {"fasttext": demo_run.out / "shards"}
     for backend, (version, args) in runs.items():
@@ -247,13 +302,15 @@ def test_both_backends_write_the_same_columns_in_the_pipeline(minilm_classifier,
         assert table.num_rows == 60
         assert set(table.column("safety_model").to_pylist()) == {version}
         shards[backend] = out / "shards"
-    assert set(pq.read_table(shards["fasttext"], columns=["safety_model"]).column(0).to_pylist()) == {"safety-fasttext-v2"}
+    assert set(pq.read_table(shards["fasttext"], columns=["safety_model"]).column(0).to_pylist()) == {DEFAULT_VERSION}
     for backend, path in shards.items():
         table = pq.read_table(path)
         schemas[backend] = {name: str(table.schema.field(name).type) for name in SAFETY_COLUMNS}
     # The pipeline scores as the scorer does on its own; the cascade keeps fastText's low scores.
     rows = pq.read_table(shards["fasttext"], columns=["doc_id", "text", "safety_score"]).to_pydict()
-    direct = FastTextSafetyScorer(model=FASTTEXT_MODEL, version="v2", resources=Resources())
+    from annotator.score.safety import build_scorer
+
+    direct = build_scorer(ClassifierConfig(model=FASTTEXT_MODEL, precision={"model": PRECISION_MODEL}), resources=Resources())
     direct.setup()
     assert direct.process(pa.table({"text": rows["text"]})).column("safety_score").to_pylist() == rows["safety_score"]
     scored = pq.read_table(shards["cascade"], columns=["doc_id", "safety_score"]).to_pydict()
