@@ -68,8 +68,8 @@ def check_output(out_dir, *, limit: int = LIMIT) -> dict:
     assert stats["tokens_out"] == sum(r["token_length"] for r in rows)
     assert stats["selected_by_reason"] == dict(Counter(r["selected_reason"] for r in rows))
     assert stats["reflection_status"] == dict(Counter(r["reflection_status"] for r in rows))
-    bad = [r for r in rows if r["safety_score"] >= 3]
-    assert all(r["selected"] and r["selected_reason"] == "bad" for r in bad)
+    bad = [r for r in rows if r["safety_score"] >= stats["config"]["selection"]["bad_threshold"]]
+    assert bad and all(r["is_bad"] and r["selected"] and r["selected_reason"] == "bad" for r in bad)
     assert len(stats["shards"]) == 2 * DEMO_UNITS  # 10 rows per unit, at most 7 per shard
     counts = check_streams(out_dir, charter_render=lambda t: render_citations(t, pack.sections))
     assert counts["windows"] == stats["selected_documents"] and counts["placed"] == with_reflection

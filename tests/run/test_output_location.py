@@ -190,7 +190,7 @@ def test_added_recipes_keep_the_runs_recipes_and_packs(tmp_path):
 def test_added_recipes_that_do_not_fit_are_refused_by_reason(tmp_path):
     out, _, plan = finished_run(tmp_path)
     refusals = {
-        "the config differs from the run .* selection.bad_threshold: 3 -> 4": (["summary"], config(tmp_path, "selection.bad_threshold=4")),
+        "the config differs from the run .* selection.bad_threshold: 2 -> 4": (["summary"], config(tmp_path, "selection.bad_threshold=4")),
         r"\['reflection'\] already in the run's recipes": (["reflection"], None),
         # annotations settings must match the run's, so apply_to=all is refused as a difference here ...
         r"generation.annotations.apply_to: 'selected' -> 'all'": (["annotations"], config(tmp_path, "generation.annotations.apply_to=all")),
