@@ -177,8 +177,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--model", default=ClassifierConfig().model, help="fastText model (default: the config's, v3)")
-    ap.add_argument("--precision", default=None,
-                    help="precision stage model, or `none` (default: the config's when --model is the default model, else none)")
+    ap.add_argument("--precision", default="default",
+                    help="precision stage model, `none`, or `default` (v3's beside the model when --model is v3, else none)")
     ap.add_argument("--batch-size", type=int, default=4096, help="documents per scoring batch in both runs")
     ap.add_argument("--layout", default="in-process", choices=["in-process", "separate"],
                     help="fastText: one task per unit reads and scores it (the pipeline's way), or reader and scorer "
@@ -207,9 +207,8 @@ def main() -> None:
         model = str(REPO / args.model)
         plain = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources())
         plain.setup()
-        default = ClassifierConfig()
-        precision = default.precision.model if args.precision is None and args.model == default.model else args.precision
-        precision = None if precision in (None, "none") else str(REPO / precision)
+        default = ClassifierConfig(model=args.model, precision={"model": None if args.precision == "none" else args.precision})
+        precision = None if default.precision.model is None else str(REPO / default.precision.model)
         # One CPU per task, as the pipeline's default `classifier.num_cpus`.
         staged = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources(num_cpus=1, batch_size=args.batch_size),
                                       precision=precision, precision_threshold=default.precision.threshold)

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--threshold", type=int, default=3)
     ap.add_argument("--by-category", action="store_true", help="also per category (needs a `source` column; else one category `all`)")
-    ap.add_argument("--precision", default=None,
-                    help="fastText precision stage (a model file, or `none`); default: the config's when --model is the default model, else none")
+    ap.add_argument("--precision", default="default",
+                    help="fastText precision stage: a model file, `none`, or `default` (v3's beside the model when --model is v3, else none)")
     ap.add_argument("--precision-threshold", type=int, default=2)
     ap.add_argument("--cascade", default=None, help="transformers model that rescores documents the fastText --model scores >= --cascade-threshold")
     ap.add_argument("--cascade-threshold", type=int, default=2)
@@ -67,19 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     texts, labels = read_labelled(args.data)
     cascade = {"model": args.cascade, "threshold": args.cascade_threshold}
-    default = ClassifierConfig()
-    # A model named by path is measured alone unless a precision stage is named too: the default
-    # precision stage belongs to the default model.
-    precision = default.precision.model if args.precision is None and args.model == default.model else args.precision
-    precision = None if precision in (None, "none") else precision
-    cfg = ClassifierConfig(backend=args.backend, model=args.model, version=Path(args.model).name, max_length=args.max_length,
-                           cascade=cascade, precision={"model": precision, "threshold": args.precision_threshold})
+    cfg = ClassifierConfig(backend=args.backend, model=args.model, version=Path(args.model).name, max_length=args.max_length, cascade=cascade,
+                           precision={"model": None if args.precision == "none" else args.precision, "threshold": args.precision_threshold})
+    precision = cfg.precision.model if args.backend == "fasttext" else None
     scorer = build_scorer(cfg, resources=Resources())
     scorer.setup()
     scores, probs = score_texts(scorer, texts)
     metrics = label_metrics(scores, probs, labels=labels, threshold=args.threshold)
     print(f"model {scorer.version} on {args.data} ({metrics['n']} rows), bad = score >= {args.threshold}")
-    if precision and args.backend == "fasttext":
+    if precision:
         fast = scorer.fast if args.cascade else scorer
         metrics["precision_share_rescored"] = round(fast.rescored / max(1, len(texts)), 4)
         print(f"precision stage: {fast.rescored} of {len(texts)} documents rescored by {precision} ({metrics['precision_share_rescored']:.2%})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -63,11 +65,17 @@ class CascadeConfig(Section):
     threshold: int = Field(2, ge=1, le=5, description="fastText score at or above which a document is rescored by the transformers model.")
 
 
+DEFAULT_MODEL = "classifiers/models/safety-fasttext-v3.ftz"
+# The precision stage trained with the default model, found beside it.
+DEFAULT_PRECISION = "safety-fasttext-v3-precision.ftz"
+
+
 class PrecisionConfig(Section):
     model: str | None = Field(
-        "classifiers/models/safety-fasttext-v3-precision.ftz",
+        "default",
         description="fastText backend: a second binary fastText model (with its .calibration.json) that rescores the documents the first scores "
-                    ">= `threshold`, trained on hard cases (benign tasks, safe uses of harm words, refusals, reporting); null = off.",
+                    ">= `threshold`, trained on hard cases (benign tasks, safe uses of harm words, refusals, reporting). `default`: v3's "
+                    "precision stage (beside the model) when `classifier.model` is v3, none after any other model; a file; null = off.",
     )
     version: str = Field("precision", description="Recorded in `safety_model` after the first model's version: `<version>+<this>@<threshold>`.")
     threshold: int = Field(2, ge=1, le=5, description="First-stage score at or above which the precision model decides the document.")
@@ -78,7 +86,7 @@ class ClassifierConfig(Section):
         "fasttext", description="Safety scorer: a fastText model file, or any 6-label transformers sequence classifier."
     )
     model: str = Field(
-        "classifiers/models/safety-fasttext-v3.ftz",
+        DEFAULT_MODEL,
         description="fastText: model file (a binary model's `.calibration.json` beside it maps P(harmful) to 0-5). transformers: model directory or Hub id (e.g. locuslab/safety-classifier_gte-large-en-v1.5).",
     )
     version: str = Field("safety-fasttext-v3", description="Version string recorded in `safety_model` for every document.")
@@ -103,6 +111,14 @@ class ClassifierConfig(Section):
         default_factory=CascadeConfig,
         description="fastText first, a transformers model only on documents above a low fastText score (max_length, micro_batch_size, num_gpus, dtype apply to it).",
     )
+
+    @model_validator(mode="after")
+    def _default_precision_follows_the_default_model(self) -> "ClassifierConfig":
+        if self.precision.model == "default":
+            first = Path(self.model)
+            default = self.backend == "fasttext" and first.name == Path(DEFAULT_MODEL).name
+            self.precision.model = str(first.with_name(DEFAULT_PRECISION)) if default else None
+        return self
 
     @model_validator(mode="after")
     def _cascade_starts_with_fasttext(self) -> "ClassifierConfig":

@@ -139,9 +139,10 @@ def test_every_recipes_pack_and_the_classifier_files_are_fingerprinted(tmp_path)
     files = output_settings(cfg)["files"]
     assert files["prompt_versions"] == {"reflection": load_pack("reflection-v2").version, "summary": load_pack(str(pack)).version}
     assert files["prompt_version"] == files["prompt_versions"]["reflection"]
-    # the model named and v3's precision stage after it (on by default), each with its calibration
-    assert set(files["classifier"]) == {"model", "precision"} and len(files["classifier"]["model"]) == 16
-    assert "+" in files["classifier"]["precision"]
+    assert files["classifier"] == {"model": files["classifier"]["model"]} and len(files["classifier"]["model"]) == 16
+    # the default: v3 and its precision stage after it, each with its calibration; null turns the stage off
+    default = output_settings(demo())["files"]["classifier"]
+    assert set(default) == {"model", "precision"} and "+" in default["precision"]
     assert set(output_settings(demo("classifier.precision.model=null"))["files"]["classifier"]) == {"model"}
     load_pack.cache_clear()   # packs are cached per process by their path; a new process reads the edit
     (pack / "system.md").write_text((pack / "system.md").read_text() + "\nedited\n")

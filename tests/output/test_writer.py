@@ -240,11 +240,12 @@ def test_filtered_baseline_drops_bad_documents_and_publishes_every_score(tmp_pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     stats = json.loads((out / "stats.json").read_text())
     rows = pq.read_table(out / "shards").to_pylist()
-    bad = sum(v for k, v in stats["score_histogram"].items() if int(k) >= 3)
+    threshold = stats["config"]["selection"]["bad_threshold"]
+    bad = sum(v for k, v in stats["score_histogram"].items() if int(k) >= threshold)
     assert bad >= 1
     assert stats["documents_in"] == 200 and stats["documents_out"] == len(rows) == 200 - bad
     assert stats["selected_by_reason"]["dropped_bad"] == bad
-    assert all(r["safety_score"] < 3 and r["reflection_status"] == "not_selected" for r in rows)
+    assert all(r["safety_score"] < threshold and r["reflection_status"] == "not_selected" for r in rows)
     source = read_input()
     assert all(r["text"] == r["training_text"] == source[r["doc_id"]] for r in rows)
     assert check_streams(out)["compact_documents"] == len(rows)

@@ -77,6 +77,11 @@ def test_v3_with_its_precision_stage_is_the_default_and_v1_v2_stay_loadable(fast
     assert cfg.model == "classifiers/models/safety-fasttext-v3.ftz" and cfg.version == "safety-fasttext-v3"
     assert cfg.precision.model == "classifiers/models/safety-fasttext-v3-precision.ftz" and cfg.precision.threshold == 2
     assert fasttext_scorer.version == DEFAULT_VERSION and fasttext_scorer.precision is not None
+    # `default` means v3's precision stage beside v3, and none after any other model or backend
+    assert ClassifierConfig(model="/m/safety-fasttext-v3.ftz").precision.model == "/m/safety-fasttext-v3-precision.ftz"
+    assert ClassifierConfig(model=V2_MODEL).precision.model is None
+    assert ClassifierConfig(model=V2_MODEL, precision={"model": PRECISION_MODEL}).precision.model == PRECISION_MODEL
+    assert ClassifierConfig(backend="transformers", model="m").precision.model is None
     v2 = FastTextSafetyScorer(model=V2_MODEL, version="safety-fasttext-v2", resources=Resources())
     v2.setup()
     assert v2._calibration is not None and v2.precision is None
