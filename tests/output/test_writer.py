@@ -268,4 +268,4 @@ def test_filtered_baseline_drops_bad_documents_and_publishes_every_score(tmp_pat
     for r in rows:   # the written documents: the shards' own columns
         assert (scores[r["doc_id"]]["safety_score"], scores[r["doc_id"]]["safety_probs"]) == (r["safety_score"], r["safety_probs"])
     dropped = set(scores) - {r["doc_id"] for r in rows}
-    assert len(dropped) == bad and all(scores[d]["safety_score"] >= 3 and len(scores[d]["safety_probs"]) == 6 for d in dropped)
+    assert len(dropped) == bad and all(scores[d]["safety_score"] >= threshold and len(scores[d]["safety_probs"]) == 6 for d in dropped)
