@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from annotator.config import ClassifierConfig, InputConfig  # noqa: E402
 from annotator.score.reader import ReadUnits, units_dataset  # noqa: E402
 from annotator.core.units import plan_input  # noqa: E402
-from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer  # noqa: E402
+from annotator.score.safety import FastTextSafetyScorer, TransformersSafetyScorer, SafetyScorer, build_scorer  # noqa: E402
 from annotator.core.ray_adapter import apply_stages, configure_backpressure  # noqa: E402
 from annotator.core.stages import TIMING_PREFIX, InProcess, Resources  # noqa: E402
 
@@ -207,13 +207,11 @@ def main() -> None:
         model = str(REPO / args.model)
         plain = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources())
         plain.setup()
-        default = ClassifierConfig(model=args.model, precision={"model": None if args.precision == "none" else args.precision})
-        precision = None if default.precision.model is None else str(REPO / default.precision.model)
+        cfg = ClassifierConfig(model=model, version=Path(model).stem, precision={"model": None if args.precision == "none" else args.precision})
+        precision = cfg.precision.model
         # One CPU per task, as the pipeline's default `classifier.num_cpus`.
-        staged = FastTextSafetyScorer(model=model, version=Path(model).stem, resources=Resources(num_cpus=1, batch_size=args.batch_size),
-                                      precision=precision, precision_threshold=default.precision.threshold)
-        whole = FastTextSafetyScorer(model=model, version="whole", resources=Resources(), precision=precision,
-                                     precision_threshold=default.precision.threshold)
+        staged = build_scorer(cfg, resources=Resources(num_cpus=1, batch_size=args.batch_size))
+        whole = build_scorer(cfg, resources=Resources())
         whole.setup()
         label = "whole scorer" if precision else "fasttext"
         # The machine's speed drifts by 10-20% over minutes (shared host): each repetition runs the

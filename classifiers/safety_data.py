@@ -121,7 +121,10 @@ def load_review() -> dict:
 def training_rows() -> Rows:
     """Every training row: harm train, toxicity train, reviewed web training files and their chunks."""
     web = read_web(WEB_TRAIN_FILES, review=load_review())[0]
-    parts = [read_labelled_dir(HARM_DIR, "train"), read_labelled_dir(TOXICITY_DIR, "train"), web, web_chunks(web)]
+    return concat_rows(read_labelled_dir(HARM_DIR, "train"), read_labelled_dir(TOXICITY_DIR, "train"), web, web_chunks(web))
+
+
+def concat_rows(*parts: Rows) -> Rows:
     return Rows(sum((p.text for p in parts), []), np.concatenate([p.label for p in parts]), sum((p.source for p in parts), []),
                 sum((p.group for p in parts), []), sum((p.category for p in parts), []))
 

@@ -31,7 +31,7 @@ from annotator.score.safety_eval import category_metrics, label_metrics, score_t
 from annotator.core.stages import Resources  # noqa: E402
 from classifiers.fasttext_training import DEFAULT_PARAMS, train_fasttext  # noqa: E402
 from classifiers.safety_data import (  # noqa: E402
-    CORPUS_DIR, HARM_DIR, TOXICITY_DIR, WEB_HELDOUT_FILES, expand, group_weights, in_calibration, training_rows,
+    CORPUS_DIR, HARM_DIR, TOXICITY_DIR, WEB_HELDOUT_FILES, Rows, expand, group_weights, in_calibration, training_rows,
 )
 
 # Chosen by leave-source-out validation on the training sources (train without 2-3 harmful and 2
@@ -67,6 +67,20 @@ def fit_platt(p: np.ndarray, y: np.ndarray, w: np.ndarray, *, iterations: int = 
         if np.abs(step).max() < 1e-9:
             break
     return float(theta[0]), float(theta[1])
+
+
+def calibration_file(a: float, b: float, *, rows: Rows, about: str) -> dict:
+    """What `<model>.calibration.json` holds: the Platt parameters, the rows they were fitted on,
+    and the raw probability at which each score starts."""
+    edges = [k / 6 for k in range(1, 6)]
+    return {
+        "method": "platt", "a": round(a, 6), "b": round(b, 6),
+        "about": "q = sigmoid(a * logit(p) + b), p = the model's P(harmful); score = floor(6q) capped at 5",
+        "fitted_on": {"rows": len(rows), "harmful": int(rows.label.sum()), "benign": int((rows.label == 0).sum()), "split": about,
+                      "weights": "training group weights, then each class scaled to half the total"},
+        "raw_p_threshold_per_score": {str(k): round(float(1 / (1 + np.exp(-(np.log(e / (1 - e)) - b) / a))), 4)
+                                      for k, e in zip(range(1, 6), edges)},
+    }
 
 
 def raw_probability(model, texts: list[str]) -> np.ndarray:
@@ -119,18 +133,7 @@ def train(out: Path, *, seed: int = 0) -> dict:
     for label in (0, 1):
         w[cal.label == label] *= 0.5 * w.sum() / w[cal.label == label].sum()
     a, b = fit_platt(p, cal.label.astype(float), w)
-    edges = [k / 6 for k in range(1, 6)]
-    calibration = {
-        "method": "platt",
-        "a": round(a, 6),
-        "b": round(b, 6),
-        "about": "q = sigmoid(a * logit(p) + b), p = the model's P(harmful); score = floor(6q) capped at 5",
-        "fitted_on": {"rows": len(cal), "harmful": int(cal.label.sum()), "benign": int((cal.label == 0).sum()),
-                      "split": "15% of the training rows by a hash of the normalised text, never trained on",
-                      "weights": "training group weights, then each class scaled to half the total"},
-        "raw_p_threshold_per_score": {str(k): round(float(1 / (1 + np.exp(-(np.log(e / (1 - e)) - b) / a))), 4)
-                                      for k, e in zip(range(1, 6), edges)},
-    }
+    calibration = calibration_file(a, b, rows=cal, about="15% of the training rows by a hash of the normalised text, never trained on")
     out.with_suffix(".calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
 
     groups, counts = np.unique(rows.group, return_counts=True)

@@ -29,8 +29,8 @@ from annotator.score.safety import FastTextSafetyScorer  # noqa: E402
 from annotator.score.safety_eval import auroc, score_texts  # noqa: E402
 from classifiers.fasttext_training import DEFAULT_PARAMS, train_fasttext  # noqa: E402
 from classifiers.hard_cases import FAMILIES, as_rows, build_hard_cases  # noqa: E402
-from classifiers.safety_data import QUALITY, Rows, expand, group_weights, in_calibration, training_rows  # noqa: E402
-from classifiers.train_safety_v2 import V2_PARAMS, evaluate_model, fit_platt, raw_probability  # noqa: E402
+from classifiers.safety_data import QUALITY, Rows, concat_rows, expand, group_weights, in_calibration, training_rows  # noqa: E402
+from classifiers.train_safety_v2 import V2_PARAMS, calibration_file, evaluate_model, fit_platt, raw_probability  # noqa: E402
 
 STAGE1_PARAMS = dict(V2_PARAMS)
 # Bigrams for the precision stage: the hard cases differ from harm in word pairs ("kill a
@@ -53,23 +53,6 @@ FOLDS = (
 # Each hard-case family counts as much as a capped source (GROUP_CAP effective rows at most).
 HARD_QUALITY = {(f"hard_{family}", label): 1.0 for family, label in FAMILIES.items()}
 WEB_REVIEW_V3 = Path(__file__).resolve().parent / "web_review_v3.json"
-
-
-def concat(*parts: Rows) -> Rows:
-    return Rows(sum((p.text for p in parts), []), np.concatenate([p.label for p in parts]), sum((p.source for p in parts), []),
-                sum((p.group for p in parts), []), sum((p.category for p in parts), []))
-
-
-def calibration_file(a: float, b: float, *, rows: Rows, about: str) -> dict:
-    edges = [k / 6 for k in range(1, 6)]
-    return {
-        "method": "platt", "a": round(a, 6), "b": round(b, 6),
-        "about": "q = sigmoid(a * logit(p) + b), p = the model's P(harmful); score = floor(6q) capped at 5",
-        "fitted_on": {"rows": len(rows), "harmful": int(rows.label.sum()), "benign": int((rows.label == 0).sum()), "split": about,
-                      "weights": "training group weights, then each class scaled to half the total"},
-        "raw_p_threshold_per_score": {str(k): round(float(1 / (1 + np.exp(-(np.log(e / (1 - e)) - b) / a))), 4)
-                                      for k, e in zip(range(1, 6), edges)},
-    }
 
 
 def fit_stage(rows: Rows, weights: np.ndarray, fit_idx: np.ndarray, *, out: Path, params: dict, seed: int):
@@ -159,7 +142,7 @@ def leave_source_out(work: Path, *, shares=(0.5, 0.6, 0.7, 0.8), seed: int = 0) 
     for k, (harmful, benign) in enumerate(FOLDS):
         left_out = set(harmful) | set(benign)
         kept = base.take([i for i, src in enumerate(base.source) if src not in left_out])
-        rows = concat(kept, as_rows([c for c in cases if c.source not in harmful]))
+        rows = concat_rows(kept, as_rows([c for c in cases if c.source not in harmful]))
         weights = group_weights(rows, quality={**QUALITY, **HARD_QUALITY})
         out_dir = work / f"fold{k}"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +173,7 @@ def _recall_fpr(flagged: np.ndarray, y: np.ndarray) -> dict:
 def train(out_dir: Path, *, seed: int = 0) -> dict:
     started = time.time()
     cases = build_hard_cases()
-    rows = concat(training_rows(), as_rows([c for c in cases if not c.dev]))
+    rows = concat_rows(training_rows(), as_rows([c for c in cases if not c.dev]))
     weights = group_weights(rows, quality={**QUALITY, **HARD_QUALITY})
     fitted = fit_v3(rows, weights, out_dir=out_dir, seed=seed)
     stage1_path, stage2_path = fitted["stage1"], fitted["stage2"]
