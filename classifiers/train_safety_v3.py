@@ -123,7 +123,7 @@ def fit_v3(rows: Rows, weights: np.ndarray, *, out_dir: Path, seed: int = 0, thr
     gated = cal_idx[gated_scores >= PRECISION_THRESHOLD]
     cal2 = calibrate_stage(stage2, rows, weights, gated, out=stage2_path, harmful_share=stage2_share,
                            about=f"the calibration rows stage 1 scores >= {PRECISION_THRESHOLD}: the documents the precision stage decides")
-    return {"stage1": stage1_path, "stage2": stage2_path, "stage2_model": stage2, "gated": gated, "fit_rows": len(fit_idx),
+    return {"stage1": stage1_path, "stage2": stage2_path, "first": first, "stage2_model": stage2, "gated": gated, "fit_rows": len(fit_idx),
             "calibration_rows": len(cal_idx), "lines_after_weighting": [lines1, lines2], "calibration": {"stage1": cal1, "stage2": cal2}}
 
 
@@ -149,9 +149,7 @@ def leave_source_out(work: Path, *, shares=(0.5, 0.6, 0.7, 0.8), seed: int = 0) 
         fitted = fit_v3(rows, weights, out_dir=out_dir, seed=seed, threads=2)
         test = harm.filter(pa.compute.is_in(harm.column("source"), pa.array(sorted(left_out))))
         texts, y = test.column("text").to_pylist(), np.array(test.column("label").to_pylist())
-        first = FastTextSafetyScorer(model=str(fitted["stage1"]), version="s1", resources=Resources())
-        first.setup()
-        s1, _ = score_texts(first, texts)
+        s1, _ = score_texts(fitted["first"], texts)
         fold = {"harmful_sources": list(harmful), "benign_sources": list(benign), "harmful": int(y.sum()), "benign": int((y == 0).sum()),
                 "stage1_alone": _recall_fpr(s1 >= 3, y)}
         for share in shares:
@@ -176,9 +174,7 @@ def train(out_dir: Path, *, seed: int = 0) -> dict:
     rows = concat_rows(training_rows(), as_rows([c for c in cases if not c.dev]))
     weights = group_weights(rows, quality={**QUALITY, **HARD_QUALITY})
     fitted = fit_v3(rows, weights, out_dir=out_dir, seed=seed)
-    stage1_path, stage2_path = fitted["stage1"], fitted["stage2"]
-    first = FastTextSafetyScorer(model=str(stage1_path), version="stage1", resources=Resources())
-    first.setup()
+    stage1_path, stage2_path, first = fitted["stage1"], fitted["stage2"], fitted["first"]
 
     scorer = FastTextSafetyScorer(model=str(stage1_path), version="v3", resources=Resources(), precision=str(stage2_path),
                                   precision_threshold=PRECISION_THRESHOLD)
