@@ -95,6 +95,19 @@ class GenerationConfig(Section):
     packs: dict[str, str] = Field(
         default_factory=dict, description="Other recipes' prompt packs by recipe name (default: each recipe's built-in pack)."
     )
+    prompt_layout: Literal["auto", "published", "shared"] = Field(
+        "auto",
+        description="How each recipe's prompt is laid out. published: system = the pack's method, user = the document and the task "
+                    "(the SPP runner's layout). shared: a system block common to the run's packs, the document as its own turn, the "
+                    "recipe's task last, so a document's recipes share its prefill (packs without a shared form stay published). "
+                    "auto: each pack's own choice (`prompt_layout` in its pack.yaml; a pack given by path is published unless it says so).",
+    )
+    block_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per vLLM KV-cache block, the grain at which requests share a cached prefix. auto: 32 on CPU (vLLM's "
+                    "CPU default, 128, makes every request that shares a document recompute up to 127 of its tokens), vLLM's "
+                    "default on GPUs.",
+    )
     rephrase_max_tokens: int = Field(1024, ge=16, description="Generated-token cap of a rephrase request (the rewrite replaces the document).")
     concurrency: int = Field(1, ge=1, description="vLLM replica actors.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 runs vLLM on CPU).")
@@ -200,7 +213,7 @@ class GenerationConfig(Section):
             raise ValueError("engine_process: inline runs one device per replica; tensor_parallel_size > 1 needs separate")
         return self
 
-    @field_validator("max_num_seqs", "max_batches_in_flight")
+    @field_validator("max_num_seqs", "max_batches_in_flight", "block_size")
     @classmethod
     def _positive_or_auto(cls, value):
         if value != "auto" and value < 1:
@@ -213,6 +226,13 @@ class GenerationConfig(Section):
         if self.engine_process != "auto":
             return self.engine_process == "inline"
         return not self.num_gpus and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+    @property
+    def engine_block_size(self) -> int | None:
+        """The KV-cache block size a replica's engine is started with (None: vLLM's default)."""
+        if self.block_size != "auto":
+            return self.block_size
+        return None if self.num_gpus else 32
 
     @property
     def engine_seqs(self) -> int:

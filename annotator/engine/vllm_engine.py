@@ -268,6 +268,8 @@ class Engine:
         )
         if cfg.max_num_seqs != "auto":
             kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.engine_block_size is not None:
+            kwargs["block_size"] = cfg.engine_block_size
         # vLLM reads this when the engine is built: 0 keeps the engine core and its worker in this process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.inline else "1"
         setup = None

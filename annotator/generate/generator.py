@@ -2,7 +2,9 @@
 
 Per document that needs the engine: one request per recipe that applies to it, all recipes'
 requests sharing the replica's engine calls (each pack's system prompt first and identical, so the
-prefix cache computes it once per replica). A recipe at the reading pause gets a seeded point inside
+prefix cache computes it once per replica). A document's requests are built one after another and
+reach the engine together, so in the shared prompt layout (`PromptPack.in_layout`) the second
+recipe finds the document in the cache the first one filled. A recipe at the reading pause gets a seeded point inside
 the content a training window keeps (recipes at the pause share it); the others see the whole kept
 content. Canaries (one per document, seeded) go to the recipes that take them. Replies go through
 `replies` (inline citations, budget cut, checks); a failed reply is retried with a new seed, then
@@ -224,8 +226,9 @@ class Generator(Stage):
             run.base_prompt_tokens = max([*prompts, canary])
             run.max_prefix_tokens = run.prompt_budget - run.base_prompt_tokens
             if run.max_prefix_tokens < 64:
+                shared = " (its shared layout's system block; generation.prompt_layout=published uses its own)" if run.pack.layout == "shared" else ""
                 raise ValueError(f"generation.max_model_len={cfg.max_model_len} leaves only {run.max_prefix_tokens} tokens for the "
-                                 f"document after the {run.pack.name} pack's prompt and a {run.max_new_tokens}-token reply")
+                                 f"document after the {run.pack.name} pack's prompt{shared} and a {run.max_new_tokens}-token reply")
         warm = [(m, run.schema) for run in self.runs for m in run.warm_messages()]
         engine.warm([m for m, _ in warm], [schema for _, schema in warm])
         self.guard = BudgetGuard(cfg)
@@ -313,8 +316,8 @@ class Generator(Stage):
         out, pending = self.build_requests(batch) if batch.num_rows else ({k: [] for k in self.columns}, [])
         first_request: list[str | None] = [None] * batch.num_rows
         for req in pending:
-            if first_request[req.row] is None:
-                first_request[req.row] = req.messages[-1]["content"]
+            if first_request[req.row] is None:  # the user turns: the document and the task (one turn when published)
+                first_request[req.row] = "\n\n".join(m["content"] for m in req.messages if m["role"] != "system")
         failed_reply: list[dict] = [{} for _ in range(batch.num_rows)]
         if pending:
             self._engine.begin_batch()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -32,6 +32,13 @@ CANARY_PLACEHOLDERS = ("instruction", "instruction_3p", "value", "id")
 # Reply formats: a JSON object of the pack's fields (structured outputs), plain text (one field),
 # or `key:value` tags (a JSON object of configured keys; the system template may name them as {keys}).
 FORMATS = ("json", "text", "tags")
+# How a request's prompt is laid out. published: system = the pack's method, user = the document and
+# the task (the SPP runner's layout). shared: system = a block several packs can hold word for word
+# (the constitution, guidelines, every track's instructions), then the document as its own user
+# turn, then the pack's task as a final user turn; requests of one document whose system block and
+# document turn match share their prefix in the engine's cache, so the document is computed once.
+PROMPT_LAYOUTS = ("published", "shared")
+SHARED_PARTS = ("system", "document", "task")
 CHECKS = ("voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention", "no_cutoff_mention",
           "no_prompt_echo")
 _SECTION_HEADING = re.compile(r"^#{2,6}[ \t]*§?(\d+\.\d+)\.?[ \t]+(\S[^\n]*?)[ \t#]*$", re.MULTILINE)
@@ -113,6 +120,23 @@ class PromptPack:
     charter_terms: tuple[str, ...] = ("constitution", "charter")
     format: str = "json"
     styles: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)        # system, document, task templates (shared layout)
+    shared_files: dict[str, str] = field(default_factory=dict)  # placeholders of the shared templates besides the pack's
+    default_layout: str = "published"                           # the pack's choice under generation.prompt_layout: auto
+    layout: str = "published"                                   # the layout this object builds prompts in
+    shared_version: str = ""                                    # the version in the shared layout (all files, `+shared`)
+    published_version: str = ""                                 # the version in the published layout
+
+    def in_layout(self, choice: str) -> "PromptPack":
+        """This pack in `choice`: published, shared (where it has a shared form), auto (its own
+        `prompt_layout`). Shared, its version ends `+shared`, so rows, cache and fingerprint differ."""
+        layout = self.default_layout if choice == "auto" else choice
+        if layout not in PROMPT_LAYOUTS:
+            raise PackError(f"prompt layout must be auto or one of {list(PROMPT_LAYOUTS)}, got {choice!r}")
+        layout = layout if self.shared else "published"
+        if layout == self.layout:
+            return self
+        return replace(self, layout=layout, version=self.shared_version if layout == "shared" else self.published_version)
 
     @property
     def voice_fields(self) -> tuple[str, ...]:
@@ -132,8 +156,11 @@ class PromptPack:
         return values
 
     def system_prompt(self, style: str | None = None, *, keys: list[str] = ()) -> str:
-        """Identical for every request of this pack (and style), so vLLM's prefix cache computes it once."""
+        """Identical for every request of this pack (and style), so vLLM's prefix cache computes it once;
+        in the shared layout, identical for every pack that names the same shared system text."""
         values = self._values()
+        if self.layout == "shared":
+            return fill(self.shared["system"], {**values, **self.shared_files})
         if self.styles:
             values["style"] = self.styles[style or sorted(self.styles)[0]]
         if self.format == "tags":
@@ -142,17 +169,26 @@ class PromptPack:
 
     def user_message(self, text: str, canary: Canary | None = None, *, language: str = "") -> str:
         text = guard_closer(text, text_closer(self.user_template))
-        block = ""
-        if canary is not None:
-            if self.canary_template is None:
-                raise PackError(f"{self.source}: a canary was assigned but the pack has no canary template")
-            block = fill(self.canary_template, canary_values(canary))
-        return fill(self.user_template, {**self._values(), "text": text, "canary": block, "language": language})
+        return fill(self.user_template, {**self._values(), "text": text, "canary": self._canary_block(canary), "language": language})
+
+    def _canary_block(self, canary: Canary | None) -> str:
+        if canary is not None and self.canary_template is None:
+            raise PackError(f"{self.source}: a canary was assigned but the pack has no canary template")
+        return fill(self.canary_template, canary_values(canary)) if canary is not None else ""
 
     def messages(self, text: str, canary: Canary | None = None, *, style: str | None = None, keys: list[str] = (),
                  language: str = "") -> list[dict]:
+        if self.layout == "shared":
+            return self._shared_messages(text, canary, keys=keys, language=language)
         return [{"role": "system", "content": self.system_prompt(style, keys=keys)},
                 {"role": "user", "content": self.user_message(text, canary, language=language)}]
+
+    def _shared_messages(self, text: str, canary: Canary | None, *, keys: list[str], language: str) -> list[dict]:
+        """System block, document turn, task turn: all but the task is the same for packs sharing the block."""
+        document = fill(self.shared["document"], {"text": guard_closer(text, text_closer(self.shared["document"]))})
+        values = {**self._values(), **self.shared_files, "canary": self._canary_block(canary), "language": language, "keys": ", ".join(keys)}
+        return [{"role": "system", "content": self.system_prompt()}, {"role": "user", "content": document},
+                {"role": "user", "content": fill(self.shared["task"], values)}]
 
 
 # Between a delimiter's first and second character, where it appears inside a document: the text
@@ -231,7 +267,7 @@ def load_pack(spec: str) -> PromptPack:
 
 
 _PACK_KEYS = {"name", "description", "constitution", "system", "user", "canary", "files", "fields", "voices", "checks",
-              "charter_terms", "format", "styles"}
+              "charter_terms", "format", "styles", "prompt_layout", "shared"}
 
 
 def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
@@ -278,19 +314,57 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     if not isinstance(styles_spec, dict):
         raise PackError(f"{manifest}: 'styles' must map style names to files")
     styles = {str(k): read(f"styles.{k}", v, required=True) for k, v in sorted(styles_spec.items())}
-
     known_static = {"charter", *files} if constitution is not None else set(files)
     _check_templates(system, user, canary=canary, where={role: w for role, (w, _) in contents.items()}, known_static=known_static,
                      styles=styles, fmt=fmt)
+    shared, shared_files, default_layout = _shared_form(data, manifest=manifest, read=read, static=known_static, fmt=fmt,
+                                                        has_canary=canary is not None, styles=styles)
+    terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
+    shape = (fields, sorted(voices.items()), sorted(checks.items()), fmt)
+    version = _version(str(name), {r: c for r, c in contents.items() if not r.startswith("shared.")}, shape=shape)
+    shared_version = _version(str(name), contents, shape=shape) + "+shared" if shared else ""
+    return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
+                      constitution=constitution, files=files, fields=fields, voices=voices, checks=checks, version=version,
+                      shared_version=shared_version, published_version=version,
+                      charter_terms=terms, format=fmt, styles=styles, shared=shared, shared_files=shared_files, default_layout=default_layout)
 
+
+def _version(name: str, contents: dict[str, tuple[str, str]], *, shape: tuple) -> str:
+    """name@ a hash of the files' text and the reply shape (the published layout's files only for
+    the published version, so adding a shared form leaves that version as it was)."""
     digest = hashlib.sha256(name.encode())
     for role in sorted(contents):
         digest.update(f"\x00{role}\x00".encode() + contents[role][1].encode("utf-8"))
-    digest.update(repr((fields, sorted(voices.items()), sorted(checks.items()), fmt)).encode())
-    terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
-    return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
-                      constitution=constitution, files=files, fields=fields, voices=voices, checks=checks,
-                      version=f"{name}@{digest.hexdigest()[:12]}", charter_terms=terms, format=fmt, styles=styles)
+    digest.update(repr(shape).encode())
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def _shared_form(data: dict, *, manifest: Path, read, static: set[str], fmt: str, has_canary: bool,
+                 styles: dict) -> tuple[dict[str, str], dict[str, str], str]:
+    """A manifest's `shared:` form (system, document, task templates and their own files) and its
+    `prompt_layout` (the layout it asks for under generation.prompt_layout: auto), checked."""
+    spec, layout, where = data.get("shared"), data.get("prompt_layout", "published"), f"{manifest}: shared"
+    if layout not in PROMPT_LAYOUTS or spec is None and layout == "shared":
+        raise PackError(f"{manifest}: prompt_layout must be one of {list(PROMPT_LAYOUTS)} (shared needs a 'shared:' form), got {layout!r}")
+    if spec is None:
+        return {}, {}, layout
+    if not isinstance(spec, dict) or set(spec) - {*SHARED_PARTS, "files"} or not isinstance(spec.get("files") or {}, dict) or styles:
+        raise PackError(f"{where} must map {', '.join(SHARED_PARTS)} (and files: placeholder names) to files or {{text: ...}}; "
+                        "a pack with styles has none")
+    shared_files = {str(k): read(f"shared.files.{k}", v, required=True) for k, v in sorted((spec.get("files") or {}).items())}
+    parts, known = {part: read(f"shared.{part}", spec.get(part), required=True) for part in SHARED_PARTS}, static | set(shared_files)
+    _check_placeholders(parts["system"], f"{where}.system", allowed=known, forbidden=(*REQUEST_PLACEHOLDERS, "keys"))
+    _check_placeholders(parts["document"], f"{where}.document", allowed={"text"}, forbidden=())
+    if parts["document"].count("{text}") != 1:
+        raise PackError(f"{where}.document: the document turn must contain {{text}} exactly once")
+    _check_placeholders(parts["task"], f"{where}.task", allowed=known | {"canary", "language"} | ({"keys"} if fmt == "tags" else set()),
+                        forbidden=())
+    if has_canary and "canary" not in placeholders(parts["task"]):
+        raise PackError(f"{where}.task: missing placeholder {{canary}}: the pack has a canary template")
+    unused = sorted(set(shared_files) - {n for t in parts.values() for n in placeholders(t)})
+    if unused:
+        raise PackError(f"{where}.files: {unused} named but no shared template uses them")
+    return parts, shared_files, layout
 
 
 def _reply_shape(data: dict, *, manifest: Path) -> tuple[tuple[str, ...], dict, str, dict]:

@@ -103,6 +103,7 @@ class Recipe:
     source: str = ""                             # the recipe file
     lines: tuple[tuple[str, int], ...] = ()      # (key, line in the file), for messages
     digest: str = ""                             # of the file's bytes
+    prompt_layout: str = "auto"                  # generation.prompt_layout: auto (the pack's choice), published, shared
 
     @property
     def place(self) -> Placement:
@@ -128,7 +129,8 @@ class Recipe:
         return f"{self.source}:{line}"
 
     def load_pack(self) -> PromptPack:
-        return load_pack(self.pack)
+        """The recipe's pack, building prompts in the run's layout (`PromptPack.in_layout`)."""
+        return load_pack(self.pack).in_layout(self.prompt_layout)
 
     def column(self, key: str) -> str:
         """The output column of a pack field or of a per-recipe fact (status, attempts,
@@ -288,7 +290,7 @@ def run_recipes(gen) -> list[Recipe]:
             recipe = replace(recipe, pack=gen.packs[recipe.name])
         if recipe.builtin and recipe.name == "annotations":
             recipe = replace(recipe, applies_to=gen.annotations.apply_to)
-        out.append(recipe)
+        out.append(replace(recipe, prompt_layout=gen.prompt_layout))
     return out
 
 

@@ -78,6 +78,7 @@ def recipe_stats(batch: pa.Table, *, recipe, pack, placed: list[str], tokenizer)
         out["attempts"] = attempt_counts(log)
     for key in ("generated_tokens", "prompt_tokens", "cached_prompt_tokens"):
         out[key] = int(sum(v or 0 for v in values(key) or []))
+    out["engine_documents"] = sum(1 for v in values("prompt_tokens") or [] if v)  # documents this recipe sent to the engine
     tok = (target_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer) if tokenizer is not None else None
     if pack.format != "tags" and tok is not None:
         texts = {f: [v for v, good in zip(values(f) or [], ok) if good and v] for f in placed}
@@ -184,6 +185,8 @@ def shard_stats(batch: pa.Table, *, written: pa.Table, tokenizer=None, recipes: 
             "prompt": column_total(batch, "gen_prompt_tokens"),
             "cached_prompt": column_total(batch, "gen_cached_prompt_tokens"),
             "output": column_total(batch, "gen_output_tokens"),
+            "documents": int(pc.sum(pc.greater(batch.column("gen_prompt_tokens"), 0).cast(pa.int64())).as_py() or 0)
+            if "gen_prompt_tokens" in batch.column_names else 0,
         },
         "stage_seconds": {
             c[len(TIMING_PREFIX):]: float(pc.sum(batch.column(c)).as_py() or 0.0)
@@ -303,6 +306,11 @@ def _timeline_points(timeline: dict | None, started_at: float | None) -> dict:
             "points": [[round(t, 2), n] for t, n in points]}
 
 
+def computed_per_document(prompt: int, cached: int, *, documents: int) -> float | None:
+    """Prompt tokens computed (prompt minus prefix-cached) per document, to one decimal."""
+    return round((prompt - cached) / documents, 1) if documents else None
+
+
 def finalize_stats(merged: dict, *, config=None, packs: dict | None = None, started_at: float | None = None) -> dict:
     """The report form of merged statistics: every merged counter, plus reflection outcomes and
     length quantiles, top annotation values, the throughput timeline (seconds since `started_at`),
@@ -350,6 +358,10 @@ def finalize_stats(merged: dict, *, config=None, packs: dict | None = None, star
             "generated_tokens": block.get("generated_tokens", 0),
             "prompt_tokens": block.get("prompt_tokens", 0),
             "prefix_cache_hit_rate": round(block.get("cached_prompt_tokens", 0) / block["prompt_tokens"], 4) if block.get("prompt_tokens") else None,
+            # Prompt tokens the engine computed (not read from its prefix cache) per document it was asked about.
+            "computed_prompt_tokens_per_document": computed_per_document(block.get("prompt_tokens", 0), block.get("cached_prompt_tokens", 0),
+                                                                         documents=block.get("engine_documents", 0)),
+            "prompt_layout": packs[name].layout if name in packs else None,
             "generated_tokens_per_engine_second": round(block.get("generated_tokens", 0) / engine_seconds, 2) if engine_seconds else None,
             "citations_by_section": block.get("citations_by_section", {}),
             "canaries": {"by_type": block.get("canary_type", {}), "value_present": block.get("canary_present", {})}

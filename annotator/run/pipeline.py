@@ -48,7 +48,7 @@ from annotator.core.tokens import TokenCounter
 from annotator.core.units import InputPlan, Unit, plan_input
 from annotator.output.report import write_report
 from annotator.core.ray_adapter import aggregate_stats
-from annotator.output.stats import finalize_stats
+from annotator.output.stats import computed_per_document, finalize_stats
 from annotator.output.stats_merge import merge_stats
 from annotator.core.statuses import OK, is_failed
 
@@ -427,6 +427,8 @@ def run_stats(cfg: RunConfig, out_dir: Path, *, plan: InputPlan, state: dict, ti
         "output_tokens_per_second": round(gen["output"] / gen_seconds, 1),
         "prompt_tokens_per_second": round(gen["prompt"] / gen_seconds, 1),
         "prefix_cache_hit_rate": round(gen["cached_prompt"] / gen["prompt"], 4) if gen["prompt"] else None,
+        # Every recipe of a document together: what the prompt layout decides (README, "Prompt layouts").
+        "computed_prompt_tokens_per_document": computed_per_document(gen["prompt"], gen["cached_prompt"], documents=gen.get("documents", 0)),
     }
     stats["config"] = cfg.model_dump(mode="json")
     stats["versions"] = _versions()

@@ -59,3 +59,17 @@ def test_cli_reports_bad_field_and_exits_2():
     assert proc.returncode == 2
     assert "selection.mode" in proc.stderr
     assert "token_matched" in proc.stderr  # the allowed values are listed
+
+
+def test_prompt_layout_and_kv_block_size():
+    demo = load_config(REPO / "configs" / "demo.yaml").generation
+    prod = load_config(REPO / "configs" / "production-gpu.yaml").generation
+    assert demo.prompt_layout == prod.prompt_layout == "auto"
+    # On CPU the cache is shared at 32-token blocks (vLLM's CPU default is 128); GPUs keep vLLM's default.
+    assert (demo.engine_block_size, prod.engine_block_size) == (32, None)
+    assert load_config(REPO / "configs" / "demo.yaml", overrides=["generation.block_size=64"]).generation.engine_block_size == 64
+    for bad, message in (("generation.prompt_layout=sideways", "generation.prompt_layout: Input should be 'auto', 'published' or 'shared'"),
+                         ("generation.block_size=0", "generation.block_size: Value error, must be >= 1 or 'auto'")):
+        with pytest.raises(ConfigError) as err:
+            load_config(REPO / "configs" / "demo.yaml", overrides=[bad])
+        assert message in str(err.value)

@@ -299,6 +299,23 @@ def test_finalize_reports_outcomes_accelerator_hours_and_versions():
     assert finalize_stats(merge_stats([{"blocks": 1, "reflection_tokens": {}, "reflection_tokens_measured": 0}]))["reflection_length_tokens"] is None
 
 
+def test_computed_prompt_tokens_per_document_per_recipe_and_their_layout():
+    from annotator.output.stats import recipe_stats
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides=["generation.recipes=[reflection, summary]",
+                                                                 "generation.prompt_layout=shared"])
+    resolved = resolve_run(cfg.generation, voices=["1p"])
+    recipe, pack = resolved.pairs[1]
+    batch = pa.table({"summary_status": ["ok", "ok", "not_selected"], "summary_prompt_tokens": [4000, 4100, 0],
+                      "summary_cached_prompt_tokens": [3950, 4040, 0], "summary_generated_tokens": [40, 50, 0]})
+    block = recipe_stats(batch, recipe=recipe, pack=pack, placed=[], tokenizer=None)
+    assert (block["engine_documents"], block["prompt_tokens"], block["cached_prompt_tokens"]) == (2, 8100, 7990)
+    final = finalize_stats(merge_stats([{"blocks": 1, "recipes": {"summary": block}}]), config=cfg, packs=resolved.packs)
+    assert final["recipes"]["summary"]["computed_prompt_tokens_per_document"] == 55.0   # (8100 - 7990) / 2
+    assert final["recipes"]["summary"]["prompt_layout"] == "shared"
+    assert final["recipes"]["summary"]["prompt_version"] == pack.version and pack.version.endswith("+shared")
+
+
 def test_timeline_keys_are_only_special_at_the_top_level():
     parts = [{"documents_in": 3, "finished_at": 100.5, "annotation_values": {"topic": {"finished_at": 2, "timeline": 1}}},
              {"documents_in": 4, "finished_at": 101.0, "annotation_values": {"topic": {"finished_at": 1}}}]

@@ -57,7 +57,10 @@ def args(corpus: Path) -> list[str]:
     return ["--config", "configs/demo.yaml", "--set", f"input.paths=['{corpus}/*.parquet']", "--set", "input.limit=null",
             "--set", "input.rows_per_unit=4", "--set", "selection.matched_token_ratio=2", "--set", "generation.batch_size=4",
             "--set", "generation.max_output_tokens=200", "--set", "generation.max_retries=0",
-            "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=4096",
+            "--set", "generation.rephrase_max_tokens=160", "--set", "generation.max_model_len=8192",
+            # The built-in recipes in the shared layout (a document's recipes share its prefill); the
+            # files-only recipe's pack has no shared form, so it (and the added copy) stay published.
+            "--set", "generation.prompt_layout=shared",
             "--set", "output.overwrite=false", "--set", f"generation.recipes={json.dumps([*FIRST, str(EXAMPLE)])}",
             "--set", "generation.reproducible=true"]  # a killed add is compared with an uninterrupted one, byte for byte
 
@@ -122,10 +125,19 @@ def test_six_recipes_from_one_engine_load_each_where_it_belongs(base_run):
     for name in FIRST:
         assert per[name]["reply_checks"]["requests"] >= (len(bad) if name == "rephrase" else len(chosen)) or name == "annotations"
         assert per[name]["prompt_tokens"] > 0 and per[name]["generated_tokens_per_engine_second"] > 0
-    for name in ("reflection", "reflection_end", "refusal_reflection"):
-        # Each recipe's long system prompt stays in the prefix cache beside the others' (prompts
-        # shorter than one of vLLM's cache blocks, like the annotator's, are not cached at all).
+    layouts = {name: per[name]["prompt_layout"] for name in per}
+    assert layouts == {**{n: "shared" for n in FIRST}, "rephrase": "published", "normative_note": "published"}
+    for name in ("reflection", "reflection_end", "refusal_reflection", "summary", "annotations"):
+        # The shared system block (~3,600 tokens) stays in the prefix cache beside the published packs'.
         assert per[name]["prefix_cache_hit_rate"] > 0.8, (name, per[name])
+    # One prefill per document: `reflection` (first) computes the document up to the pause point,
+    # `reflection_end` the rest of the kept content; the other shared recipes find both in the cache
+    # and compute only their task turn (plus the last, partly shared block of 32 tokens).
+    computed = {name: per[name]["computed_prompt_tokens_per_document"] for name in per}
+    print(f"\ncomputed prompt tokens per document: {computed}; run: {stats['generation_throughput']}")
+    for name in ("refusal_reflection", "summary", "annotations"):
+        assert computed[name] <= 100, computed
+    assert computed["reflection"] > 2 * computed["refusal_reflection"]
     assert per["summary"]["reply_checks"]["checks"].keys() == {"voices_present", "no_key_leak", "third_person", "no_charter_mention",
                                                                   "no_cutoff_mention", "no_prompt_echo"}
 
@@ -209,7 +221,10 @@ def uninterrupted_add(base_run, tmp_path_factory) -> Path:
 def test_a_killed_add_resumes_to_the_uninterrupted_add(added, uninterrupted_add):
     """The add above was SIGKILLed once a batch was saved: the second attempt reused that batch as
     it was (its replies are the ones written), generated only the rest, each document once, and wrote
-    what an uninterrupted add writes (that one on object storage: the same bytes as on disk)."""
+    what an uninterrupted add writes (that one on object storage: the same bytes as on disk). One
+    added recipe is in each prompt layout: preflection shared, the files-only note published."""
+    layouts = {name: r["prompt_layout"] for name, r in json.loads((added.out / "stats.json").read_text())["recipes"].items()}
+    assert (layouts["preflection"], layouts[LATE]) == ("shared", "published")
     assert shard_contents(added.out) == shard_contents(uninterrupted_add)
     assert content_stats(added.out) == content_stats(uninterrupted_add)
     assert added.saved
