@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -120,23 +120,12 @@ class PromptPack:
     charter_terms: tuple[str, ...] = ("constitution", "charter")
     format: str = "json"
     styles: dict[str, str] = field(default_factory=dict)
-    shared: dict[str, str] = field(default_factory=dict)        # system, document, task templates (shared layout)
-    shared_files: dict[str, str] = field(default_factory=dict)  # placeholders of the shared templates besides the pack's
+    shared_spec: dict = field(default_factory=dict)             # the manifest's `shared:` form, read by `layouts.in_layout`
     default_layout: str = "published"                           # the pack's choice under generation.prompt_layout: auto
     layout: str = "published"                                   # the layout this object builds prompts in
-    shared_version: str = ""                                    # the version in the shared layout (all files, `+shared`)
+    shared: dict[str, str] = field(default_factory=dict)        # system, document, task templates, once read (shared layout)
+    shared_files: dict[str, str] = field(default_factory=dict)  # placeholders of the shared templates besides the pack's
     published_version: str = ""                                 # the version in the published layout
-
-    def in_layout(self, choice: str) -> "PromptPack":
-        """This pack in `choice`: published, shared (where it has a shared form), auto (its own
-        `prompt_layout`). Shared, its version ends `+shared`, so rows, cache and fingerprint differ."""
-        layout = self.default_layout if choice == "auto" else choice
-        if layout not in PROMPT_LAYOUTS:
-            raise PackError(f"prompt layout must be auto or one of {list(PROMPT_LAYOUTS)}, got {choice!r}")
-        layout = layout if self.shared else "published"
-        if layout == self.layout:
-            return self
-        return replace(self, layout=layout, version=self.shared_version if layout == "shared" else self.published_version)
 
     @property
     def voice_fields(self) -> tuple[str, ...]:
@@ -270,11 +259,22 @@ _PACK_KEYS = {"name", "description", "constitution", "system", "user", "canary",
               "charter_terms", "format", "styles", "prompt_layout", "shared"}
 
 
+def read_entry(manifest: Path, role: str, *, entry) -> tuple[str, str]:
+    """(where, text) of a pack entry: a file relative to the manifest, or `{text: ...}` inline."""
+    if isinstance(entry, dict) and set(entry) == {"text"}:
+        return f"{manifest}#{role}", str(entry["text"])
+    if isinstance(entry, str):
+        p = (manifest.parent / entry).expanduser()
+        if not p.is_file():
+            raise PackError(f"{manifest}: {role} file {str(p)!r} does not exist")
+        return str(p), p.read_text(encoding="utf-8")
+    raise PackError(f"{manifest}: '{role}' must be a file path or {{text: ...}}")
+
+
 def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     unknown = sorted(set(data) - _PACK_KEYS)
     if unknown:
         raise PackError(f"{manifest}: unknown keys {unknown} (known: {sorted(_PACK_KEYS)})")
-    base = manifest.parent
     contents: dict[str, tuple[str, str]] = {}  # role -> (where, text), hashed into the version
 
     def read(role: str, entry, *, required: bool) -> str | None:
@@ -282,17 +282,8 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
             if required:
                 raise PackError(f"{manifest}: '{role}' is required")
             return None
-        if isinstance(entry, dict) and set(entry) == {"text"}:
-            where, text = f"{manifest}#{role}", str(entry["text"])
-        elif isinstance(entry, str):
-            p = (base / entry).expanduser()
-            if not p.is_file():
-                raise PackError(f"{manifest}: {role} file {str(p)!r} does not exist")
-            where, text = str(p), p.read_text(encoding="utf-8")
-        else:
-            raise PackError(f"{manifest}: '{role}' must be a file path or {{text: ...}}")
-        contents[role] = (where, text)
-        return text
+        contents[role] = read_entry(manifest, role, entry=entry)
+        return contents[role][1]
 
     name = data.get("name") or (manifest.parent.name if manifest.name == PACK_FILE else manifest.stem)
     system = read("system", data.get("system"), required=True)
@@ -317,21 +308,18 @@ def _build_pack(data: dict, *, manifest: Path) -> PromptPack:
     known_static = {"charter", *files} if constitution is not None else set(files)
     _check_templates(system, user, canary=canary, where={role: w for role, (w, _) in contents.items()}, known_static=known_static,
                      styles=styles, fmt=fmt)
-    shared, shared_files, default_layout = _shared_form(data, manifest=manifest, read=read, static=known_static, fmt=fmt,
-                                                        has_canary=canary is not None, styles=styles)
+    spec, default_layout = _shared_spec(data, manifest=manifest, styles=styles)
     terms = tuple(data.get("charter_terms") or ("constitution", "charter"))
-    shape = (fields, sorted(voices.items()), sorted(checks.items()), fmt)
-    version = _version(str(name), {r: c for r, c in contents.items() if not r.startswith("shared.")}, shape=shape)
-    shared_version = _version(str(name), contents, shape=shape) + "+shared" if shared else ""
+    version = _version(str(name), contents, shape=(fields, sorted(voices.items()), sorted(checks.items()), fmt))
     return PromptPack(name=str(name), source=str(manifest), system_template=system, user_template=user, canary_template=canary,
                       constitution=constitution, files=files, fields=fields, voices=voices, checks=checks, version=version,
-                      shared_version=shared_version, published_version=version,
-                      charter_terms=terms, format=fmt, styles=styles, shared=shared, shared_files=shared_files, default_layout=default_layout)
+                      charter_terms=terms, format=fmt, styles=styles, shared_spec=spec, default_layout=default_layout,
+                      published_version=version)
 
 
 def _version(name: str, contents: dict[str, tuple[str, str]], *, shape: tuple) -> str:
-    """name@ a hash of the files' text and the reply shape (the published layout's files only for
-    the published version, so adding a shared form leaves that version as it was)."""
+    """name@ a hash of the published layout's files and the reply shape (a shared form is not in
+    it: adding one leaves the version as it was)."""
     digest = hashlib.sha256(name.encode())
     for role in sorted(contents):
         digest.update(f"\x00{role}\x00".encode() + contents[role][1].encode("utf-8"))
@@ -339,32 +327,18 @@ def _version(name: str, contents: dict[str, tuple[str, str]], *, shape: tuple) -
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
-def _shared_form(data: dict, *, manifest: Path, read, static: set[str], fmt: str, has_canary: bool,
-                 styles: dict) -> tuple[dict[str, str], dict[str, str], str]:
-    """A manifest's `shared:` form (system, document, task templates and their own files) and its
-    `prompt_layout` (the layout it asks for under generation.prompt_layout: auto), checked."""
-    spec, layout, where = data.get("shared"), data.get("prompt_layout", "published"), f"{manifest}: shared"
+def _shared_spec(data: dict, *, manifest: Path, styles: dict) -> tuple[dict, str]:
+    """A manifest's `shared:` form, its shape only (its files are read when a run asks for the shared
+    layout, `layouts.in_layout`, so the published layout never depends on them), and its
+    `prompt_layout` (the layout it asks for under generation.prompt_layout: auto)."""
+    spec, layout = data.get("shared"), data.get("prompt_layout", "published")
     if layout not in PROMPT_LAYOUTS or spec is None and layout == "shared":
         raise PackError(f"{manifest}: prompt_layout must be one of {list(PROMPT_LAYOUTS)} (shared needs a 'shared:' form), got {layout!r}")
-    if spec is None:
-        return {}, {}, layout
-    if not isinstance(spec, dict) or set(spec) - {*SHARED_PARTS, "files"} or not isinstance(spec.get("files") or {}, dict) or styles:
-        raise PackError(f"{where} must map {', '.join(SHARED_PARTS)} (and files: placeholder names) to files or {{text: ...}}; "
-                        "a pack with styles has none")
-    shared_files = {str(k): read(f"shared.files.{k}", v, required=True) for k, v in sorted((spec.get("files") or {}).items())}
-    parts, known = {part: read(f"shared.{part}", spec.get(part), required=True) for part in SHARED_PARTS}, static | set(shared_files)
-    _check_placeholders(parts["system"], f"{where}.system", allowed=known, forbidden=(*REQUEST_PLACEHOLDERS, "keys"))
-    _check_placeholders(parts["document"], f"{where}.document", allowed={"text"}, forbidden=())
-    if parts["document"].count("{text}") != 1:
-        raise PackError(f"{where}.document: the document turn must contain {{text}} exactly once")
-    _check_placeholders(parts["task"], f"{where}.task", allowed=known | {"canary", "language"} | ({"keys"} if fmt == "tags" else set()),
-                        forbidden=())
-    if has_canary and "canary" not in placeholders(parts["task"]):
-        raise PackError(f"{where}.task: missing placeholder {{canary}}: the pack has a canary template")
-    unused = sorted(set(shared_files) - {n for t in parts.values() for n in placeholders(t)})
-    if unused:
-        raise PackError(f"{where}.files: {unused} named but no shared template uses them")
-    return parts, shared_files, layout
+    if spec is not None and (not isinstance(spec, dict) or set(spec) - {*SHARED_PARTS, "files"}
+                             or not isinstance(spec.get("files") or {}, dict) or styles):
+        raise PackError(f"{manifest}: shared must map {', '.join(SHARED_PARTS)} (and files: placeholder names) to files or "
+                        "{text: ...}; a pack with styles has none")
+    return dict(spec or {}), layout
 
 
 def _reply_shape(data: dict, *, manifest: Path) -> tuple[tuple[str, ...], dict, str, dict]:
@@ -392,12 +366,12 @@ def _check_templates(system: str, user: str, *, canary: str | None, where: dict[
                      styles: dict, fmt: str) -> None:
     """Every placeholder a template uses is known, and every file the pack names is used."""
     system_names = known_static | ({"style"} if styles else set()) | ({"keys"} if fmt == "tags" else set())
-    _check_placeholders(system, where["system"], allowed=system_names, forbidden=REQUEST_PLACEHOLDERS)
+    check_placeholders(system, where["system"], allowed=system_names, forbidden=REQUEST_PLACEHOLDERS)
     if styles and "style" not in placeholders(system):
         raise PackError(f"{where['system']}: missing placeholder {{style}}: the pack names styles {sorted(styles)}")
-    _check_placeholders(user, where["user"], allowed=known_static | set(REQUEST_PLACEHOLDERS), forbidden=())
+    check_placeholders(user, where["user"], allowed=known_static | set(REQUEST_PLACEHOLDERS), forbidden=())
     if canary is not None:
-        _check_placeholders(canary, where["canary"], allowed=set(CANARY_PLACEHOLDERS), forbidden=())
+        check_placeholders(canary, where["canary"], allowed=set(CANARY_PLACEHOLDERS), forbidden=())
     used = set(placeholders(system)) | set(placeholders(user))
     if "text" not in placeholders(user):
         raise PackError(f"{where['user']}: the user template must contain {{text}} (the document up to the pause point)")
@@ -410,7 +384,7 @@ def _check_templates(system: str, user: str, *, canary: str | None, where: dict[
         raise PackError(f"{where['user']}: uses {{canary}} but the pack has no 'canary' template")
 
 
-def _check_placeholders(template: str, where: str, *, allowed: set[str], forbidden) -> None:
+def check_placeholders(template: str, where: str, *, allowed: set[str], forbidden) -> None:
     for name in placeholders(template):
         if name in forbidden:
             raise PackError(f"{where}: {{{name}}} belongs in the user template (the system prompt must be the same for every request)")

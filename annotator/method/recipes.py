@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
+from annotator.method.layouts import in_layout
 from annotator.method.prompt_packs import VOICES, PackError, PromptPack, load_pack
 
 RECIPE_DIR = "recipe_files"
@@ -129,8 +130,8 @@ class Recipe:
         return f"{self.source}:{line}"
 
     def load_pack(self) -> PromptPack:
-        """The recipe's pack, building prompts in the run's layout (`PromptPack.in_layout`)."""
-        return load_pack(self.pack).in_layout(self.prompt_layout)
+        """The recipe's pack, building prompts in the run's layout (`layouts.in_layout`)."""
+        return in_layout(load_pack(self.pack), self.prompt_layout)
 
     def column(self, key: str) -> str:
         """The output column of a pack field or of a per-recipe fact (status, attempts,

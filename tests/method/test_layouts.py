@@ -1,4 +1,4 @@
-"""Prompt layouts: the published one (system = the pack's method, user = the document and the task)
+"""Prompt layouts (`annotator.method.layouts`): the published one (system = the pack's method, user = the document and the task)
 and the shared one (a system block the built-in packs hold word for word, the document as its own
 turn, the pack's task last); how a run picks each recipe's layout; broken shared forms refused at
 load, naming the file; and, on the generator's own tokenizer, that a document's recipes send the
@@ -17,6 +17,7 @@ from annotator.config import GenerationConfig
 from annotator.engine.models import resolve_model
 from annotator.engine.prompt_ids import PromptBuilder
 from annotator.generate.pause import pause_point
+from annotator.method.layouts import in_layout
 from annotator.method.prompt_packs import Canary, PackError, load_pack, resolve_pack_path
 from annotator.method.recipes import run_recipes
 from annotator.method.resolved import resolve_run
@@ -29,7 +30,7 @@ TASKS = ("reflection", "refusal_reflection", "preflection", "summary", "annotati
 
 
 def test_the_built_in_packs_share_one_system_block_and_one_document_turn():
-    packs = [load_pack(name).in_layout("shared") for name in SHARED_PACKS]
+    packs = [in_layout(load_pack(name), "shared") for name in SHARED_PACKS]
     assert [p.layout for p in packs] == ["shared"] * 5
     assert len({p.system_prompt() for p in packs}) == 1
     system = packs[0].system_prompt()
@@ -45,7 +46,7 @@ def test_the_built_in_packs_share_one_system_block_and_one_document_turn():
 
 
 def test_a_canary_goes_in_the_task_turn_and_the_document_turn_stays_shared():
-    reflection, summary = (load_pack(n).in_layout("shared") for n in ("reflection-v2", "summary-v1"))
+    reflection, summary = (in_layout(load_pack(n), "shared") for n in ("reflection-v2", "summary-v1"))
     canary = Canary(id="wren", value="a wren", instruction="mention a wren", instruction_3p="mention the wren")
     with_canary = reflection.messages("A page.", canary)
     assert with_canary[:2] == summary.messages("A page.")[:2]
@@ -55,16 +56,16 @@ def test_a_canary_goes_in_the_task_turn_and_the_document_turn_stays_shared():
 def test_layout_choice_versions_and_the_published_form():
     pack = load_pack("reflection-v2")
     assert pack.layout == "published" and [m["role"] for m in pack.messages("A page.")] == ["system", "user"]
-    shared = pack.in_layout("shared")
+    shared = in_layout(pack, "shared")
     assert shared.version.startswith("reflection-v2@") and shared.version.endswith("+shared") and shared.version != pack.version
-    assert shared.in_layout("published").version == pack.version
-    assert pack.in_layout("auto").layout == pack.default_layout
-    assert pack.in_layout("published").system_prompt() == pack.system_prompt() != shared.system_prompt()
+    assert in_layout(shared, "published").version == pack.version
+    assert in_layout(pack, "auto").layout == pack.default_layout
+    assert in_layout(pack, "published").system_prompt() == pack.system_prompt() != shared.system_prompt()
     # A pack without a shared form (the first reflection pack, rephrase) stays published.
-    assert load_pack("reflection-v1").in_layout("shared").layout == "published"
-    assert load_pack("rephrase-v1").in_layout("shared").version == load_pack("rephrase-v1").version
+    assert in_layout(load_pack("reflection-v1"), "shared").layout == "published"
+    assert in_layout(load_pack("rephrase-v1"), "shared").version == load_pack("rephrase-v1").version
     with pytest.raises(PackError, match="prompt layout must be auto or one of"):
-        pack.in_layout("sideways")
+        in_layout(pack, "sideways")
 
 
 def test_a_run_lays_out_each_recipe_as_its_config_says():
@@ -103,12 +104,12 @@ FORM = "shared:\n  system: shared-v1/system.md\n  document: shared-v1/document.m
 def test_a_pack_given_by_path_is_published_unless_it_opts_in(tmp_path):
     plain = load_pack(_pack_file(tmp_path, layout=None, shared=""))
     with_form = load_pack(_pack_file(tmp_path, layout=None, shared=FORM))
-    assert with_form.in_layout("auto").layout == "published" and plain.in_layout("shared").layout == "published"
+    assert in_layout(with_form, "auto").layout == "published" and in_layout(plain, "shared").layout == "published"
     # Adding a shared form leaves the published version as it was (a run in progress resumes).
     assert with_form.version == plain.version
     opted = load_pack(_pack_file(tmp_path, layout="shared", shared=FORM))
-    assert opted.in_layout("auto").layout == "shared"
-    assert opted.in_layout("auto").system_prompt() == load_pack("reflection-v2").in_layout("shared").system_prompt()
+    assert in_layout(opted, "auto").layout == "shared"
+    assert in_layout(opted, "auto").system_prompt() == in_layout(load_pack("reflection-v2"), "shared").system_prompt()
 
 
 @pytest.mark.parametrize("layout, shared, message", [
@@ -125,9 +126,18 @@ def test_a_pack_given_by_path_is_published_unless_it_opts_in(tmp_path):
 ])
 def test_a_broken_shared_form_is_refused_naming_the_file(tmp_path, layout, shared, message):
     spec = _pack_file(tmp_path, layout=layout, shared=shared)
-    with pytest.raises(PackError, match="mine.yaml") as err:
-        load_pack(spec)
+    with pytest.raises(PackError, match="mine.yaml") as err:  # its shape at load, its files when the shared layout is asked for
+        in_layout(load_pack(spec), "shared")
     assert message in str(err.value)
+
+
+def test_a_built_in_pack_copied_alone_still_loads_and_runs_published(tmp_path):
+    copy = shutil.copytree(resolve_pack_path("summary-v1"), tmp_path / "my-summary")
+    load_pack.cache_clear()
+    pack = load_pack(str(copy))
+    assert pack.version == load_pack("summary-v1").version and in_layout(pack, "published").messages("A page.")[0]["role"] == "system"
+    with pytest.raises(PackError, match=r"my-summary/pack.yaml: shared.files.charter file .*reflection-v2/constitution.md' does not exist"):
+        in_layout(pack, "shared")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +156,7 @@ def test_a_documents_recipes_send_the_same_ids_up_to_their_task_or_the_pause(bui
 
     tok = target_tokenizer("builtin:smollm2-135m-instruct")
     pages = [t for t in list(read_input().values())[:60] if 800 < len(t) < 6000][:8]
-    reflection, refusal, summary = (load_pack(n).in_layout("shared") for n in ("reflection-v2", "refusal-reflection-v1", "summary-v1"))
+    reflection, refusal, summary = (in_layout(load_pack(n), "shared") for n in ("reflection-v2", "refusal-reflection-v1", "summary-v1"))
     for page in pages:
         offsets = tok.offsets(page)
         pause = pause_point(page, offsets, fraction=0.5, max_prefix_tokens=4000, max_content_tokens=1920)
