@@ -1,10 +1,10 @@
 """The generation stage: every recipe of a run (`recipes.py`) from one engine load per replica.
 
-Per document that needs the engine: one request per recipe that applies to it, all recipes'
-requests sharing the replica's engine calls (each pack's system prompt first and identical, so the
-prefix cache computes it once per replica). A document's requests are built one after another and
-reach the engine together, so in the shared prompt layout (`method.layouts`) the second
-recipe finds the document in the cache the first one filled. A recipe at the reading pause gets a seeded point inside
+Per document that needs the engine: one request per recipe that applies to it, all recipes' requests
+sharing the replica's engine calls (each pack's system prompt first and identical, so the prefix
+cache computes it once per replica). A document's requests are built one after another and reach the
+engine together, so in the shared prompt layout (`method.layouts`) the second recipe finds the
+document in the cache the first one filled. A recipe at the reading pause gets a seeded point inside
 the content a training window keeps (recipes at the pause share it); the others see the whole kept
 content. Canaries (one per document, seeded) go to the recipes that take them. Replies go through
 `replies` (inline citations, budget cut, checks); a failed reply is retried with a new seed, then
