@@ -32,11 +32,7 @@ CANARY_PLACEHOLDERS = ("instruction", "instruction_3p", "value", "id")
 # Reply formats: a JSON object of the pack's fields (structured outputs), plain text (one field),
 # or `key:value` tags (a JSON object of configured keys; the system template may name them as {keys}).
 FORMATS = ("json", "text", "tags")
-# How a request's prompt is laid out. published: system = the pack's method, user = the document and
-# the task (the SPP runner's layout). shared: system = a block several packs can hold word for word
-# (the constitution, guidelines, every track's instructions), then the document as its own user
-# turn, then the pack's task as a final user turn; requests of one document whose system block and
-# document turn match share their prefix in the engine's cache, so the document is computed once.
+# How a request's prompt is laid out, and the parts of a pack's shared form: see `layouts`.
 PROMPT_LAYOUTS = ("published", "shared")
 SHARED_PARTS = ("system", "document", "task")
 CHECKS = ("voices_present", "no_key_leak", "voice_pairing", "third_person", "no_charter_mention", "no_cutoff_mention",
